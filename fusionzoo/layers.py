@@ -1,0 +1,275 @@
+"""Shared building blocks: attention, MLP, Transformer layer, masks, pooling, KV cache.
+
+Every fusion module builds on these (STYLE.md rule 7), so attention is written
+once, on ``torch.nn.functional.scaled_dot_product_attention``, and so is the
+key/value cache that caption generation uses.
+
+Mask convention everywhere in fusionzoo: boolean, ``True`` = a real token that
+may be attended to, ``False`` = padding. Attention masks given to
+:class:`Attention` are boolean ``(B, 1 or H, L_query, L_key)`` with the same
+meaning (the convention of ``scaled_dot_product_attention``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class KVCache:
+    """Keys and values of past positions, for incremental (token by token) decoding.
+
+    One object serves a whole model for one ``generate`` call. Attention layers
+    store their tensors under their own identity; fusion modules may keep other
+    per-sample state (for example an image stream computed once) in
+    :attr:`state`. ``offset`` counts the text positions already processed.
+    """
+
+    def __init__(self) -> None:
+        self._kv: dict[int, tuple[Tensor, Tensor]] = {}
+        self.state: dict[str, Tensor] = {}
+        self.offset: int = 0
+
+    def append(self, owner: nn.Module, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append new keys/values (B, H, L_new, Dh) of a self-attention; return all so far."""
+        key = id(owner)
+        if key in self._kv:
+            pk, pv = self._kv[key]
+            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        self._kv[key] = (k, v)
+        return k, v
+
+    def get_static(self, owner: nn.Module) -> tuple[Tensor, Tensor] | None:
+        """Keys/values of a cross-attention computed at the first step, or None."""
+        return self._kv.get(id(owner))
+
+    def put_static(self, owner: nn.Module, k: Tensor, v: Tensor) -> None:
+        self._kv[id(owner)] = (k, v)
+
+    def reorder(self, index: Tensor) -> None:
+        """Select batch rows (beam search): every cached tensor becomes ``t[index]``."""
+        self._kv = {k: (a.index_select(0, index), b.index_select(0, index)) for k, (a, b) in self._kv.items()}
+        self.state = {k: t.index_select(0, index) for k, t in self.state.items()}
+
+    def __len__(self) -> int:
+        return len(self._kv)
+
+
+class Attention(nn.Module):
+    """Multi-head attention (self or cross) on ``scaled_dot_product_attention``.
+
+    Args:
+        dim: width of the queries and of the output.
+        num_heads: number of heads; must divide ``dim``.
+        context_dim: width of the keys/values source for cross-attention
+            (defaults to ``dim``).
+        dropout: attention-probability dropout (training only).
+    """
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention width {dim} is not divisible by num_heads={num_heads}")
+        context_dim = context_dim or dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(context_dim, dim)
+        self.v = nn.Linear(context_dim, dim)
+        self.out = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def _heads(self, x: Tensor) -> Tensor:  # (B, L, D) -> (B, H, L, Dh)
+        b, l, _ = x.shape
+        return x.view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """
+        Args:
+            x: queries (B, L, D).
+            context: keys/values source (B, S, Dc) for cross-attention; ``None``
+                for self-attention over ``x``.
+            attn_mask: boolean (B, 1|H, L, S_total), True = may attend. With a
+                cache, ``S_total`` counts the cached positions too.
+            cache: for incremental decoding. Self-attention appends this call's
+                keys/values; cross-attention computes its keys/values once.
+        Returns:
+            (B, L, D)
+        """
+        b, l, d = x.shape
+        q = self._heads(self.q(x))
+        if context is None:
+            k, v = self._heads(self.k(x)), self._heads(self.v(x))
+            if cache is not None:
+                k, v = cache.append(self, k, v)
+        else:
+            kv = cache.get_static(self) if cache is not None else None
+            if kv is None:
+                kv = (self._heads(self.k(context)), self._heads(self.v(context)))
+                if cache is not None:
+                    cache.put_static(self, *kv)
+            k, v = kv
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out(y.transpose(1, 2).reshape(b, l, d))
+
+
+class MLP(nn.Module):
+    """Linear -> GELU -> dropout -> Linear."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int | None = None, dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, out_dim or in_dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.drop(F.gelu(self.fc1(x))))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm Transformer layer: self-attention, optional cross-attention, MLP.
+
+    Args:
+        dim: token width.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width as a multiple of ``dim``.
+        context_dim: width of the cross-attention source; ``None`` means no
+            cross-attention (an encoder layer).
+        dropout: dropout on attention probabilities and residual branches.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        context_dim: int | None = None,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, num_heads, dropout=dropout)
+        self.has_cross = context_dim is not None
+        if self.has_cross:
+            self.norm_cross = nn.LayerNorm(dim)
+            self.cross_attn = Attention(dim, num_heads, context_dim=context_dim, dropout=dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), dropout=dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        self_mask: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """x (B, L, D); masks boolean as in :class:`Attention`; returns (B, L, D)."""
+        x = x + self.drop(self.self_attn(self.norm1(x), attn_mask=self_mask, cache=cache))
+        if self.has_cross:
+            if context is None:
+                raise ValueError("this layer has cross-attention but no context was given")
+            x = x + self.drop(self.cross_attn(self.norm_cross(x), context, context_mask, cache=cache))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+# -- masks ---------------------------------------------------------------------
+
+
+def key_mask(valid: Tensor | None) -> Tensor | None:
+    """Key-padding mask (B, S) -> attention mask (B, 1, 1, S), broadcast over queries."""
+    if valid is None:
+        return None
+    return valid[:, None, None, :].bool()
+
+
+def causal_mask(valid: Tensor, num_queries: int | None = None, offset: int = 0) -> Tensor:
+    """Causal mask over text keys, combined with key padding.
+
+    Args:
+        valid: (B, S) key validity for all positions so far (cached + new).
+        num_queries: number of new query positions (defaults to S - offset).
+        offset: index of the first query position among the keys.
+    Returns:
+        boolean (B, 1, L, S): query i (absolute position offset+i) may attend key j
+        iff j <= offset+i and key j is valid.
+    """
+    s = valid.shape[1]
+    l = s - offset if num_queries is None else num_queries
+    q_pos = torch.arange(offset, offset + l, device=valid.device)[:, None]
+    k_pos = torch.arange(s, device=valid.device)[None, :]
+    allowed = k_pos <= q_pos  # (L, S)
+    return allowed[None, None] & valid[:, None, None, :].bool()
+
+
+def all_valid(x: Tensor) -> Tensor:
+    """A (B, L) mask of True for a (B, L, D) tensor with no padding."""
+    return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+
+
+# -- pooling -------------------------------------------------------------------
+
+
+def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean over dim 1 of (B, L, D) counting only positions where ``mask`` (B, L) is True."""
+    if mask is None:
+        return x.mean(dim=1)
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+
+def causal_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Running mean over valid positions: out[:, t] = mean of valid x[:, :t+1]. (B, L, D)."""
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return torch.cumsum(x * m, dim=1) / torch.cumsum(m, dim=1).clamp_min(1.0)
+
+
+class AttentionPool(nn.Module):
+    """Pool (B, L, D) to (B, D) with one learned query (masked softmax over positions)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.score = nn.Linear(dim, 1)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        s = self.score(x).squeeze(-1)  # (B, L)
+        if mask is not None:
+            s = s.masked_fill(~mask.bool(), torch.finfo(s.dtype).min)
+        w = s.softmax(dim=-1).unsqueeze(-1)
+        return (w * x).sum(dim=1)
+
+
+def sinusoidal_positions(length: int, dim: int) -> Tensor:
+    """Fixed sine/cosine position table (length, dim) of "Attention Is All You Need"."""
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(pos * div)
+    table[:, 1::2] = torch.cos(pos * div[: dim // 2])
+    return table
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT/ViT-style init: truncated-normal linear weights, zero biases, unit LayerNorm."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.trunc_normal_(m.weight, std=std)
