@@ -16,16 +16,19 @@ Extend the zoo with ``@fusionzoo.register_fusion("my_fusion")`` on a
 __version__ = "0.1.0"
 
 from .registry import (  # noqa: E402  (registries first: everything below registers into them)
+    DATASETS,
     FUSIONS,
     HEADS,
     TASKS,
     TEXT_ENCODERS,
     VISION_ENCODERS,
     RegistryError,
+    list_datasets,
     list_encoders,
     list_fusions,
     list_heads,
     list_tasks,
+    register_dataset,
     register_fusion,
     register_head,
     register_task,
@@ -39,6 +42,9 @@ from . import tasks  # noqa: E402,F401  (the repository's tasks/ folder, install
 from .model import FusionModel, create_model, load_model  # noqa: E402
 
 __all__ = [
+    "DATASETS",
+    "list_datasets",
+    "register_dataset",
     "FUSIONS",
     "HEADS",
     "TASKS",

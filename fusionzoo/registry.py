@@ -168,6 +168,7 @@ HEADS: Registry[type] = Registry("head", "fusionzoo.heads")
 VISION_ENCODERS: Registry[Callable[..., Any]] = Registry("vision encoder preset", "fusionzoo.encoders")
 TEXT_ENCODERS: Registry[Callable[..., Any]] = Registry("text encoder preset", "fusionzoo.encoders")
 TASKS: Registry[Any] = Registry("task", "fusionzoo.tasks")
+DATASETS: Registry[Callable[..., Any]] = Registry("dataset", "fusionzoo.datasets")
 
 
 def register_fusion(name: str, *, override: bool = False):
@@ -193,6 +194,15 @@ def register_text_encoder(name: str, *, override: bool = False):
 def register_task(name: str, *, override: bool = False):
     """Decorator for a task (data, collate and metrics) definition."""
     return TASKS.register(name, override=override)
+
+
+def register_dataset(name: str, *, override: bool = False):
+    """Decorator for a dataset loader (``easy-vqa``, ``vqa-v2``, ``coco-captions``, ...)."""
+    return DATASETS.register(name, override=override)
+
+
+def list_datasets(pattern: str = "*") -> list[str]:
+    return DATASETS.list(pattern)
 
 
 def list_fusions(pattern: str = "*") -> list[str]:

@@ -82,10 +82,15 @@ class FusionModule(nn.Module):
 
     out_dim: int
 
-    def __init__(self, text_dim: int, image_dim: int) -> None:
+    def __init__(self, text_dim: int, image_dim: int, **config: object) -> None:
+        """Subclasses pass their own hyperparameters as keywords, e.g.
+        ``super().__init__(text_dim, image_dim, dim=dim, num_layers=num_layers)``; they
+        are kept in :attr:`config` (JSON-serialisable) and written to ``config.json``,
+        so ``type(m)(m.text_dim, m.image_dim, **m.config)`` rebuilds the architecture."""
         super().__init__()
         self.text_dim = text_dim
         self.image_dim = image_dim
+        self.config: dict[str, object] = dict(config)
 
     def forward(
         self,

@@ -1,0 +1,33 @@
+"""Test-wide settings: offline hubs, temporary caches, deterministic threads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Nothing in the test suite may reach a model or dataset hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _temporary_caches(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Point the datasets cache at a temporary folder (never the user's ~/.cache)."""
+    cache = tmp_path_factory.mktemp("hf_datasets_cache")
+    os.environ["HF_DATASETS_CACHE"] = str(cache)
+
+
+@pytest.fixture
+def coco_mini() -> Path:
+    """The shared real-COCO slice; tests that need it skip cleanly without it."""
+    root = SHARED_DATA / "coco-vqa-mini"
+    if not root.is_dir():
+        pytest.skip(f"{root} not present (only in the project's CI and dev machines)")
+    return root
