@@ -214,6 +214,40 @@ def causal_mask(valid: Tensor, num_queries: int | None = None, offset: int = 0) 
     return allowed[None, None] & valid[:, None, None, :].bool()
 
 
+def prefix_causal_mask(
+    prefix_valid: Tensor,
+    text_valid: Tensor,
+    num_queries: int | None = None,
+    offset: int = 0,
+    prefix_queries: bool = True,
+) -> Tensor:
+    """Prefix-LM mask over keys ``[prefix (P); text (S)]`` (image prefix, causal text).
+
+    Prefix (image) queries see the valid prefix keys only; the text query at
+    absolute position p sees the valid prefix keys and the valid text keys j <= p.
+
+    Args:
+        prefix_valid: (B, P) validity of the prefix (image) keys.
+        text_valid: (B, S) validity of all text positions so far (cached + new).
+        num_queries: number of new text queries (defaults to S - offset).
+        offset: absolute position of the first new text query.
+        prefix_queries: whether the queries start with the P prefix positions
+            (a first decoding step, or a full forward) or are text only.
+    Returns:
+        boolean (B, 1, (P if prefix_queries else 0) + L, P + S).
+    """
+    b, p = prefix_valid.shape
+    s = text_valid.shape[1]
+    q_len = s - offset if num_queries is None else num_queries
+    prefix_keys = prefix_valid.bool()[:, None, None, :]  # (B, 1, 1, P)
+    text_rows = torch.cat([prefix_keys.expand(b, 1, q_len, p), causal_mask(text_valid, q_len, offset)], dim=-1)
+    if not prefix_queries:
+        return text_rows  # (B, 1, L, P + S)
+    no_text = torch.zeros(b, 1, p, s, dtype=torch.bool, device=prefix_valid.device)
+    prefix_rows = torch.cat([prefix_keys.expand(b, 1, p, p), no_text], dim=-1)
+    return torch.cat([prefix_rows, text_rows], dim=2)  # (B, 1, P + L, P + S)
+
+
 def all_valid(x: Tensor) -> Tensor:
     """A (B, L) mask of True for a (B, L, D) tensor with no padding."""
     return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
@@ -234,6 +268,25 @@ def causal_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Running mean over valid positions: out[:, t] = mean of valid x[:, :t+1]. (B, L, D)."""
     m = mask.to(x.dtype).unsqueeze(-1)
     return torch.cumsum(x * m, dim=1) / torch.cumsum(m, dim=1).clamp_min(1.0)
+
+
+def running_masked_mean(x: Tensor, mask: Tensor, cache: KVCache | None, key: str) -> Tensor:
+    """``masked_mean`` over every position seen so far, for incremental decoding.
+
+    Without a cache this is ``masked_mean(x, mask)``. With one, ``x`` (B, L, D) and
+    ``mask`` (B, L) cover only the new positions; the sum of valid rows and their
+    count are kept in ``cache.state[key + ".sum"]`` / ``[key + ".count"]``, so
+    calling step by step returns the mean over all valid positions so far. (B, D).
+    """
+    if cache is None:
+        return masked_mean(x, mask)
+    m = mask.to(x.dtype).unsqueeze(-1)  # (B, L, 1)
+    total, count = (x * m).sum(dim=1), m.sum(dim=1)  # (B, D), (B, 1)
+    if key + ".sum" in cache.state:
+        total = total + cache.state[key + ".sum"]
+        count = count + cache.state[key + ".count"]
+    cache.state[key + ".sum"], cache.state[key + ".count"] = total, count
+    return total / count.clamp_min(1.0)
 
 
 class AttentionPool(nn.Module):

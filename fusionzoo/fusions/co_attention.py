@@ -1,1 +1,168 @@
-"""Placeholder: being written."""
+"""Two-stream co-attention fusion (ViLBERT / METER).
+
+Follows the co-attention encoder of METER (Dou et al., "An Empirical Study of
+Training End-to-End Vision-and-Language Transformers", CVPR 2022), the
+two-stream design introduced by ViLBERT (Lu et al., NeurIPS 2019): a text
+stream and an image stream of ``num_layers`` layers each. In every layer
+
+* the text layer runs self-attention, cross-attention to the image stream's
+  states, then an MLP;
+* the image layer runs self-attention, cross-attention to the text stream's
+  states, then an MLP;
+
+and both cross-attentions read the other stream's states from the previous
+layer (the layer inputs), so the two streams advance together. Each stream
+ends with a LayerNorm, and ``pooled = Linear([text masked mean; image mean])``
+(METER concatenates the two streams' pooled vectors).
+
+Causal mode (caption decoding): text self-attention is causal, and the image
+stream cross-attends only to text position 0, the BOS token every caption
+starts with, so no text position can see a later one through the image. That
+position is read whatever its mask says, so causal decoding expects text
+position 0 to be a real token. The image stream is then computed once, at the
+first decoding step, and kept in the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..layers import (
+    KVCache,
+    TransformerLayer,
+    causal_mask,
+    init_weights,
+    key_mask,
+    masked_mean,
+    running_masked_mean,
+)
+from ..registry import register_fusion
+from .base import FusionModule, FusionOutput
+
+
+def causal_self_mask(valid: Tensor, num_queries: int, offset: int) -> Tensor:
+    """Causal text mask (B, 1, L, S) where each query may also always see itself.
+
+    Seeing itself changes nothing for a real token (its own key is valid) but
+    keeps a padded query's row from being all False, which would give NaN.
+    """
+    own = torch.arange(offset, offset + num_queries, device=valid.device)[:, None] == torch.arange(
+        valid.shape[1], device=valid.device
+    )[None, :]  # (L, S)
+    return causal_mask(valid, num_queries, offset) | own
+
+
+class CoAttentionLayer(nn.Module):
+    """One co-attention layer: a text and an image Transformer layer, each with cross-attention."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float) -> None:
+        super().__init__()
+        self.text = TransformerLayer(dim, num_heads, mlp_ratio, context_dim=dim, dropout=dropout)
+        self.image = TransformerLayer(dim, num_heads, mlp_ratio, context_dim=dim, dropout=dropout)
+
+
+class CoAttentionFusion(FusionModule):
+    """Two streams exchanging information through cross-attention in every layer.
+
+    Args:
+        text_dim: width Dt of the text token states.
+        image_dim: width Di of the image token states.
+        dim: width of both streams (``out_dim``).
+        num_layers: co-attention layers (each one text and one image layer).
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width as a multiple of ``dim``.
+        dropout: dropout after the projections and inside the layers.
+    """
+
+    def __init__(
+        self,
+        text_dim: int,
+        image_dim: int,
+        *,
+        dim: int = 256,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__(
+            text_dim, image_dim, dim=dim, num_layers=num_layers, num_heads=num_heads,
+            mlp_ratio=mlp_ratio, dropout=dropout,
+        )
+        if num_layers < 1:
+            raise ValueError(f"co_attention needs num_layers >= 1, got {num_layers}")
+        self.out_dim = dim
+        self.text_proj = nn.Linear(text_dim, dim)
+        self.image_proj = nn.Linear(image_dim, dim)
+        self.drop = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(CoAttentionLayer(dim, num_heads, mlp_ratio, dropout) for _ in range(num_layers))
+        self.text_norm = nn.LayerNorm(dim)
+        self.image_norm = nn.LayerNorm(dim)
+        self.pool = nn.Linear(2 * dim, dim)  # [text pooled; image pooled] -> joint vector
+        init_weights(self)
+
+    def forward(
+        self,
+        text: Tensor,
+        text_mask: Tensor,
+        image: Tensor,
+        image_mask: Tensor | None = None,
+        *,
+        causal: bool = False,
+        cache: KVCache | None = None,
+    ) -> FusionOutput:
+        """
+        Args:
+            text: (B, T, Dt) text token states (with a cache: the T new positions).
+            text_mask: (B, T) bool, True = real token (with a cache: all positions so far).
+            image: (B, N, Di) image token states.
+            image_mask: (B, N) bool or None.
+            causal: caption decoding (see the module docstring).
+            cache: for incremental decoding; advanced by T.
+        Returns:
+            FusionOutput with text_tokens (B, T, D), image_tokens (B, N, D), pooled (B, D).
+        """
+        self.check_inputs(text, text_mask, image, image_mask)
+        offset = self.check_step(text, text_mask, causal, cache)
+        num_new = text.shape[1]
+        new_mask = text_mask[:, offset:]  # (B, T)
+        text_self = causal_self_mask(text_mask, num_new, offset) if causal else key_mask(text_mask)
+        image_keys = key_mask(image_mask)  # (B, 1, 1, N) or None
+
+        t = self.drop(self.text_proj(text))  # (B, T, D)
+        if cache is None or offset == 0:
+            v = self.drop(self.image_proj(image))  # (B, N, D)
+            for i, layer in enumerate(self.layers):
+                if cache is not None:  # the image state this text layer reads, kept for later steps
+                    cache.state[f"co_attention.image_{i}"] = v
+                if causal:
+                    context, context_mask = t[:, :1], None  # BOS only: (B, 1, D)
+                else:
+                    context, context_mask = t, key_mask(text_mask)  # (B, T, D), (B, 1, 1, T)
+                t, v = (
+                    layer.text(t, text_self, v, image_keys, cache=cache),
+                    layer.image(v, image_keys, context, context_mask),
+                )
+            image_tokens = self.image_norm(v)  # (B, N, D)
+            image_pooled = masked_mean(image_tokens, image_mask)  # (B, D)
+            if cache is not None:
+                cache.state["co_attention.image_tokens"] = image_tokens
+                cache.state["co_attention.image_pooled"] = image_pooled
+        else:
+            # Later decoding steps: the image stream is done; the text layers' cross-attention
+            # keys/values were cached at the first step from these same image states.
+            for i, layer in enumerate(self.layers):
+                t = layer.text(t, text_self, cache.state[f"co_attention.image_{i}"], image_keys, cache=cache)
+            image_tokens = cache.state["co_attention.image_tokens"]
+            image_pooled = cache.state["co_attention.image_pooled"]
+
+        text_tokens = self.text_norm(t)  # (B, T, D)
+        text_pooled = running_masked_mean(text_tokens, new_mask, cache, "co_attention.text")  # (B, D)
+        pooled = self.pool(torch.cat([text_pooled, image_pooled], dim=-1))  # (B, D)
+        if cache is not None:
+            cache.offset += num_new
+        return FusionOutput(text_tokens=text_tokens, pooled=pooled, image_tokens=image_tokens)
+
+
+register_fusion("co_attention")(CoAttentionFusion)
