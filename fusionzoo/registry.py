@@ -10,7 +10,7 @@ Outside code adds entries two ways:
 * decorate a class in its own module with ``@fusionzoo.register_fusion("name")``
   and import that module before building a model;
 * ship an installed package that declares an entry point in the group
-  ``fusionzoo.fusions`` (``fusionzoo.heads``, ``fusionzoo.encoders``,
+  ``fusionzoo.fusions`` (``fusionzoo.heads``, ``fusionzoo.vision_encoders``, ``fusionzoo.text_encoders``,
   ``fusionzoo.tasks`` for the others). Entry points are loaded lazily, the first
   time a registry is listed or an unknown name is looked up.
 """
@@ -165,8 +165,8 @@ def _describe(obj: Any) -> str:
 
 FUSIONS: Registry[type] = Registry("fusion", "fusionzoo.fusions")
 HEADS: Registry[type] = Registry("head", "fusionzoo.heads")
-VISION_ENCODERS: Registry[Callable[..., Any]] = Registry("vision encoder preset", "fusionzoo.encoders")
-TEXT_ENCODERS: Registry[Callable[..., Any]] = Registry("text encoder preset", "fusionzoo.encoders")
+VISION_ENCODERS: Registry[Callable[..., Any]] = Registry("vision encoder preset", "fusionzoo.vision_encoders")
+TEXT_ENCODERS: Registry[Callable[..., Any]] = Registry("text encoder preset", "fusionzoo.text_encoders")
 TASKS: Registry[Any] = Registry("task", "fusionzoo.tasks")
 DATASETS: Registry[Callable[..., Any]] = Registry("dataset", "fusionzoo.datasets")
 

@@ -1,0 +1,333 @@
+"""Image encoders: any timm model as a token encoder with its own preprocessing.
+
+A fusion module needs image *tokens* (B, N, D) and a pooled vector (B, D).
+timm already separates the two (``forward_features`` and
+``forward_head(pre_logits=True)``, the design of pytorch-image-models), so a
+:class:`VisionEncoder` wraps one headless timm model (``num_classes=0``):
+
+* a CNN's last feature map (B, C, H, W) becomes H*W tokens of width C;
+* a ViT's tokens (B, N, D) are kept as they are, prefix/[CLS] tokens first.
+
+Each encoder carries the preprocessing its weights expect (input size, mean,
+std, interpolation, crop) as timm's resolved ``data_config``, so images are
+never normalised with another model's statistics.
+
+Specs (what :func:`build_vision_encoder` accepts and ``encoder.spec`` records):
+
+* a string: a registered preset (``fusionzoo.list_encoders()["vision"]``,
+  e.g. ``"efficientnet-lite0"``, ``"tiny"``) or any timm model name
+  (``timm.list_models()``);
+* ``{"preset": "tiny", "kwargs": {...}}``: a preset with builder arguments;
+* ``{"name": "resnet50", "checkpoint": "/path/weights.safetensors",
+  "kwargs": {"drop_path_rate": 0.1}}``: a timm model, optionally with its
+  pretrained weights from a local file (``.safetensors``/``.pth``/``.bin``),
+  and extra ``timm.create_model`` keyword arguments.
+
+Specs are JSON-serialisable; ``build_vision_encoder(encoder.spec,
+pretrained=False)`` rebuilds the same architecture with random weights (the
+caller then loads a state dict).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import timm
+import timm.data
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from ..registry import VISION_ENCODERS, RegistryError
+
+
+@dataclass
+class VisionOutput:
+    """What a :class:`VisionEncoder` returns.
+
+    Attributes:
+        tokens: (B, N, D) image token states: a CNN's last feature map
+            flattened row-major (N = H*W), or a ViT's tokens with its prefix
+            (class/register) tokens first.
+        pooled: (B, D_pool) timm's pooled pre-logits vector
+            (``forward_head(features, pre_logits=True)``). ``D_pool`` equals
+            ``D`` for ViTs, ResNets and EfficientNets; see
+            :attr:`VisionEncoder.pooled_dim`.
+    """
+
+    tokens: Tensor
+    pooled: Tensor
+
+
+class VisionEncoder(nn.Module):
+    """A headless timm model that returns image tokens and a pooled vector.
+
+    Args:
+        model: a timm model built with ``num_classes=0``.
+        spec: JSON-serialisable description that
+            ``build_vision_encoder(spec, pretrained=False)`` rebuilds.
+        data_config: timm data config (``input_size``, ``mean``, ``std``,
+            ``interpolation``, ``crop_pct``, ``crop_mode``); resolved from the
+            model when omitted.
+
+    Attributes:
+        out_dim: width D of the image tokens.
+        pooled_dim: width of ``pooled``. Equal to ``out_dim`` unless the timm
+            head has its own hidden layer (``head_hidden_size``, e.g.
+            MobileNetV3's 1280-wide head over 960-wide features).
+        frozen: whether :meth:`freeze` is in effect.
+    """
+
+    def __init__(self, model: nn.Module, spec: dict[str, Any], data_config: dict[str, Any] | None = None):
+        super().__init__()
+        if getattr(model, "num_classes", 0) != 0:
+            raise ValueError(
+                "VisionEncoder expects a headless timm model (num_classes=0), got "
+                f"num_classes={model.num_classes}"
+            )
+        self.model = model
+        self.spec = copy.deepcopy(spec)
+        self._eval_transform: Callable[[Image.Image], Tensor] | None = None
+        self.data_config = dict(data_config) if data_config is not None else resolve_data_config(model)
+        self.out_dim: int = int(model.num_features)
+        self.pooled_dim: int = int(getattr(model, "head_hidden_size", None) or model.num_features)
+        # timm's convention for the layout of forward_features() of 2-D maps.
+        self._channels_last = str(getattr(model, "output_fmt", "NCHW")) == "NHWC"
+        self.frozen = False
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """timm data config: ``input_size`` (C, H, W), ``mean``, ``std``, ``interpolation``, ``crop_pct``...
+
+        Setting it changes what :meth:`preprocess` and :meth:`transform` do.
+        """
+        return self._data_config
+
+    @data_config.setter
+    def data_config(self, config: dict[str, Any]) -> None:
+        self._data_config = dict(config)
+        self._eval_transform = None  # rebuilt from the new config on the next preprocess()
+
+    # -- forward ------------------------------------------------------------
+    def forward(self, pixel_values: Tensor) -> VisionOutput:
+        """Encode a batch of preprocessed images.
+
+        Args:
+            pixel_values: (B, 3, H, W) images normalised as :meth:`transform` does.
+
+        Returns:
+            :class:`VisionOutput` with tokens (B, N, D) and pooled (B, D_pool).
+        """
+        features = self.model.forward_features(pixel_values)  # (B, C, h, w), (B, h, w, C) or (B, N, D)
+        pooled = self.model.forward_head(features, pre_logits=True)  # (B, D_pool)
+        if features.ndim == 4:
+            if self._channels_last:
+                tokens = features.flatten(1, 2)  # (B, h*w, C)
+            else:
+                tokens = features.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        elif features.ndim == 3:
+            tokens = features  # (B, N, D)
+        else:
+            raise ValueError(
+                f"{self.spec}: forward_features returned shape {tuple(features.shape)}; expected a "
+                "feature map "
+                "(B, C, H, W) or tokens (B, N, D)"
+            )
+        return VisionOutput(tokens=tokens, pooled=pooled)
+
+    # -- preprocessing ------------------------------------------------------
+    def transform(self, train: bool = False) -> Callable[[Image.Image], Tensor]:
+        """timm's transform for this encoder's data config: PIL image -> (3, H, W) tensor.
+
+        ``train=True`` gives timm's training augmentation (random resized crop,
+        flip, ...), ``train=False`` the resize + centre crop used at evaluation.
+        """
+        return timm.data.create_transform(**self.data_config, is_training=train)
+
+    def preprocess(self, images: list[Image.Image]) -> Tensor:
+        """Evaluation preprocessing of PIL images into a (B, 3, H, W) float batch (on CPU).
+
+        Images of any mode (L, RGBA, P, ...) are converted to RGB first.
+        """
+        if isinstance(images, Image.Image):
+            images = [images]
+        if self._eval_transform is None:
+            self._eval_transform = self.transform(train=False)
+        return torch.stack([self._eval_transform(image.convert("RGB")) for image in images])  # (B, 3, H, W)
+
+    # -- freezing -----------------------------------------------------------
+    def freeze(self) -> None:
+        """Stop gradients and keep the encoder in eval mode (BatchNorm statistics, dropout off)."""
+        self.frozen = True
+        for p in self.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def unfreeze(self) -> None:
+        """Make every parameter trainable again; the mode follows the next ``.train()`` call."""
+        self.frozen = False
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> VisionEncoder:
+        """Like ``nn.Module.train``, except that a frozen encoder stays in eval mode."""
+        return super().train(mode and not self.frozen)
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec}, out_dim={self.out_dim}, frozen={self.frozen}"
+
+
+# -- data config ------------------------------------------------------------
+def resolve_data_config(model: nn.Module, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """timm's ``resolve_data_config`` with ``input_size`` matching the built model.
+
+    timm resolves ``input_size`` from the pretrained config, which does not
+    follow an ``img_size``/``in_chans`` given to ``create_model`` (a ViT built
+    with ``img_size=32`` still reports 160 for ``test_vit``). The model's own
+    patch-embedding size wins when it has a fixed one.
+    """
+    config = dict(timm.data.resolve_data_config(dict(overrides or {}), model=model))
+    channels, height, width = config["input_size"]
+    patch_embed = getattr(model, "patch_embed", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    if img_size is not None and not getattr(patch_embed, "dynamic_img_size", False):
+        height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    in_chans = getattr(model, "in_chans", None)
+    if in_chans is None:
+        first_conv = _first_conv(model)
+        in_chans = first_conv.in_channels if first_conv is not None else channels
+    config["input_size"] = (int(in_chans), int(height), int(width))
+    return config
+
+
+def _first_conv(model: nn.Module) -> nn.Conv2d | None:
+    name = getattr(model, "pretrained_cfg", {}).get("first_conv")
+    if isinstance(name, str):
+        module = model
+        for part in name.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, nn.Conv2d):
+            return module
+    return None
+
+
+# -- builders ---------------------------------------------------------------
+def create_timm_encoder(
+    name: str,
+    pretrained: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> VisionEncoder:
+    """Build a :class:`VisionEncoder` around ``timm.create_model(name, num_classes=0, **kwargs)``.
+
+    Args:
+        name: a timm model name (``timm.list_models()``), e.g. ``"resnet50"``,
+            ``"vit_base_patch16_224.augreg_in21k"``.
+        pretrained: load pretrained weights: from ``checkpoint`` when given,
+            else from the Hugging Face hub (needs internet or a warm cache).
+        checkpoint: local weights file for ``name`` (safetensors or a torch
+            state dict); used only when ``pretrained`` is True.
+        **kwargs: extra ``timm.create_model`` arguments (``img_size``,
+            ``drop_path_rate``, ...); must be JSON-serialisable to be saved.
+
+    Raises:
+        FileNotFoundError: ``checkpoint`` does not exist.
+        RuntimeError: the weights could not be had (offline, or a checkpoint
+            that does not fit the architecture); the message says what to do.
+    """
+    kwargs = dict(kwargs)
+    kwargs.pop("num_classes", None)  # always headless: heads live in fusionzoo.heads
+    spec: dict[str, Any] = {"name": name}
+    if checkpoint is not None:
+        spec["checkpoint"] = os.fspath(checkpoint)
+    if kwargs:
+        spec["kwargs"] = copy.deepcopy(kwargs)
+
+    if pretrained and checkpoint is not None:
+        path = os.fspath(checkpoint)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint for timm model {name!r} not found: {path!r}")
+        try:
+            model = timm.create_model(
+                name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=path), **kwargs
+            )
+        except Exception as exc:
+            raise RuntimeError(
+                f"could not load timm model {name!r} from checkpoint {path!r}: {exc}. Expected a "
+                f"safetensors or torch state dict saved from timm.create_model({name!r}, ...)."
+            ) from exc
+    elif pretrained:
+        try:
+            model = timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
+        except Exception as exc:
+            hub_id = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None) or name
+            raise RuntimeError(
+                f"could not get pretrained weights for timm model {name!r} ({type(exc).__name__}: {exc}). "
+                f"When offline: download them where there is internet (e.g. `hf download {hub_id}`) and "
+                f"pass the file as {{'name': {name!r}, 'checkpoint': '/path/model.safetensors'}}; "
+                f"or build with pretrained=False; or use an offline preset such as 'efficientnet-lite0' "
+                f"(presets: {', '.join(VISION_ENCODERS.list())})."
+            ) from exc
+    else:
+        model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    return VisionEncoder(model, spec)
+
+
+def build_vision_encoder(spec: str | dict[str, Any], pretrained: bool = True, **kwargs: Any) -> VisionEncoder:
+    """Build an image encoder from a preset name, a timm model name or a spec dict.
+
+    Args:
+        spec: ``"efficientnet-lite0"`` (a preset), ``"resnet50"`` (a timm
+            name), ``{"preset": ..., "kwargs": {...}}`` or ``{"name": ...,
+            "checkpoint": ..., "kwargs": {...}}`` (see the module docstring).
+        pretrained: load the preset's or timm's pretrained weights; False
+            builds the same architecture with random weights.
+        **kwargs: builder / ``timm.create_model`` arguments, merged over the
+            spec's ``kwargs``.
+
+    Raises:
+        RegistryError: ``spec`` names neither a preset nor a timm model; the
+            message lists the presets and the closest names.
+    """
+    if isinstance(spec, str):
+        spec = {"preset": spec} if spec in VISION_ENCODERS else {"name": spec}
+    if not isinstance(spec, dict):
+        raise TypeError(f"vision encoder spec must be a str or dict, got {type(spec).__name__}")
+    unknown_keys = set(spec) - {"preset", "name", "checkpoint", "kwargs"}
+    if ("preset" in spec) == ("name" in spec) or unknown_keys:
+        raise ValueError(
+            "vision encoder spec dict must have exactly one of 'preset' or 'name' (plus optional "
+            f"'checkpoint' and 'kwargs'), got {spec!r}"
+        )
+    merged = {**spec.get("kwargs", {}), **kwargs}
+
+    if "preset" in spec:
+        builder = VISION_ENCODERS.get(spec["preset"])
+        encoder = builder(pretrained=pretrained, **merged)
+        encoder.spec = {"preset": spec["preset"], **({"kwargs": copy.deepcopy(merged)} if merged else {})}
+        return encoder
+
+    name = spec["name"]
+    # timm accepts "arch", "arch.pretrained_tag" and hub/folder prefixes.
+    if not (timm.is_model(name) or name.startswith(("hf-hub:", "local-dir:"))):
+        raise _unknown_name(name)
+    return create_timm_encoder(name, pretrained=pretrained, checkpoint=spec.get("checkpoint"), **merged)
+
+
+def _unknown_name(name: str) -> RegistryError:
+    """The registry's unknown-preset error, extended with the closest timm model names."""
+    try:
+        VISION_ENCODERS.get(name)
+        preset_message = ""
+    except RegistryError as exc:
+        preset_message = str(exc)
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = f" Closest timm models: {', '.join(repr(c) for c in close)}." if close else ""
+    return RegistryError(
+        f"{preset_message} {name!r} is not a timm model name either (see timm.list_models()).{hint}"
+    )
