@@ -1,1 +1,18 @@
-"""Placeholder: being written."""
+"""Task heads over the fusion contract; importing this package registers them.
+
+* ``classification`` (:class:`ClassificationHead`): pooled vector -> label logits, cross-entropy.
+* ``vqa`` (:class:`VQAHead`): pooled vector -> answer logits, soft-score BCE.
+* ``captioning`` (:class:`CaptioningHead`): fused caption states -> tied LM head.
+
+Every head takes the :class:`~fusionzoo.fusions.base.FusionOutput` and, for a
+decision-level fusion, the fusion's ``vote``: ``head(features, vote=None) -> logits``,
+``head.loss(logits, labels) -> scalar``; ``Head.from_parts(fusion, text, vocabulary,
+**kwargs)`` builds one for ``create_model``. Each module's docstring says what its
+task means with each built-in fusion.
+"""
+
+from .captioning import CaptioningHead, caption_lm_loss
+from .classification import ClassificationHead
+from .vqa import VQAHead, vqa_bce_loss
+
+__all__ = ["CaptioningHead", "ClassificationHead", "VQAHead", "caption_lm_loss", "vqa_bce_loss"]
