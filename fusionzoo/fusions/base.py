@@ -116,6 +116,15 @@ class FusionModule(nn.Module):
         """
         raise TypeError(f"{type(self).__name__} fuses features, not decisions; it has no vote")
 
+    def aux_loss(self, output: FusionOutput) -> dict[str, Tensor]:
+        """Auxiliary losses this fusion adds to the task loss, from its own ``output``.
+
+        Each value is a scalar, already weighted; the model adds them to the task
+        loss and logs them under their names. Fusions without one return ``{}``
+        (the default); ALBEF returns its image-text contrastive loss ``{"itc": ...}``.
+        """
+        return {}
+
     @staticmethod
     def check_inputs(text: Tensor, text_mask: Tensor, image: Tensor, image_mask: Tensor | None) -> None:
         """Shape checks shared by all fusions, with messages that say what was expected."""
@@ -130,3 +139,22 @@ class FusionModule(nn.Module):
             raise ValueError(f"text_mask must be (B, T), got {tuple(text_mask.shape)}")
         if image_mask is not None and tuple(image_mask.shape) != tuple(image.shape[:2]):
             raise ValueError(f"image_mask must be (B, N) = {tuple(image.shape[:2])}, got {tuple(image_mask.shape)}")
+
+    @staticmethod
+    def check_step(text: Tensor, text_mask: Tensor, causal: bool, cache: KVCache | None) -> int:
+        """Check ``text_mask`` against the cache and return the first new position's index.
+
+        Without a cache ``text_mask`` is (B, T) for the T text positions. With one,
+        decoding is incremental: ``causal`` must be True and ``text_mask`` covers the
+        ``cache.offset`` positions already processed plus the T new ones.
+        """
+        if cache is not None and not causal:
+            raise ValueError("a KVCache is for left-to-right decoding only: call with causal=True")
+        offset = 0 if cache is None else cache.offset
+        if text_mask.shape[1] != offset + text.shape[1]:
+            where = f"{offset} cached + {text.shape[1]} new" if cache is not None else f"{text.shape[1]}"
+            raise ValueError(
+                f"text_mask must cover {where} = {offset + text.shape[1]} text positions, "
+                f"got shape {tuple(text_mask.shape)}"
+            )
+        return offset
