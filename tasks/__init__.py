@@ -38,4 +38,8 @@ for _spec in (
 ):
     register_task(_spec.name)(_spec)
 
-__all__ = ["TASKS", "TaskSpec"]
+# The dataset loaders register themselves (easy-vqa, vqa-v2, vqa-jsonl, coco-captions,
+# karpathy-captions, classification-jsonl, caption-match).
+from . import caption_data, classification_data, vqa_data  # noqa: E402,F401
+
+__all__ = ["TASKS", "TaskSpec", "caption_data", "classification_data", "vqa_data"]

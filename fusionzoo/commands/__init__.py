@@ -1,0 +1,5 @@
+"""Subcommands of the ``fusionzoo`` command line, one module per group.
+
+* :mod:`~fusionzoo.commands.train` -- ``train``, ``eval``, ``predict``;
+* :mod:`~fusionzoo.commands.score` -- ``score vqa``, ``score captions``.
+"""

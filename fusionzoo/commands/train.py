@@ -1,0 +1,151 @@
+"""``fusionzoo train``, ``fusionzoo eval`` and ``fusionzoo predict``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+CONFIG_HELP = """\
+configuration: an optional YAML file, then key=value overrides applied in order
+(nested: fusion_kwargs.num_layers=4). Main keys:
+  task            vqa | captioning | classification
+  fusion          a registered fusion (fusionzoo list)
+  data            a dataset name (easy-vqa, vqa-jsonl, vqa-v2, coco-captions,
+                  karpathy-captions, classification-jsonl, caption-match) or a path
+  data_dir        the dataset's root folder, where it needs one
+  vision, text    encoder presets (efficientnet-lite0, minilm-l6, tiny) or timm / hub names
+  output_dir      where checkpoints, metrics.json and the final model go
+  max_steps | epochs, batch_size, lr, seed, mixed_precision (no | bf16 | fp16)
+  freeze_encoders, save_every (steps), keep_last, resume (auto | PATH), init_from
+Every key: fusionzoo train --show-config.
+"""
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a fusion model on a task (Accelerate; resumable)",
+        description="Train a model for a task with a chosen fusion. Runs on one process, or on "
+        "several under `accelerate launch` / `torchrun -m fusionzoo train ...`. Writes checkpoints "
+        "(atomic, last K kept), metrics.json at each evaluation and the final model (save_pretrained) "
+        "to output_dir/final.",
+        epilog=CONFIG_HELP + "\nexample:\n  fusionzoo train task=vqa data=easy-vqa fusion=merged_transformer "
+        "max_steps=300 batch_size=64 output_dir=runs/vqa",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", help="YAML config file (optional) or the first key=value override")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("--show-config", action="store_true", help="print the resolved configuration and exit")
+    p.set_defaults(func=_run_train)
+
+
+def _split_config_args(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    overrides = list(args.overrides)
+    config = args.config
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        overrides.insert(0, config)
+        config = None
+    return config, overrides
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from ..training.config import ConfigError, load_config
+
+    path, overrides = _split_config_args(args)
+    try:
+        config = load_config(path, overrides)
+    except ConfigError as exc:
+        print(f"fusionzoo train: error: {exc}", file=sys.stderr)
+        return 2
+    if args.show_config:
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
+    from ..training.trainer import train
+
+    metrics = train(config)
+    print(json.dumps(metrics))
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="score a saved model on a dataset split",
+        description="Evaluate a model saved by `fusionzoo train` (its output_dir or output_dir/final) "
+        "on a dataset split; prints the scores as one JSON line at the end.",
+        epilog=CONFIG_HELP + "\nexample:\n  fusionzoo eval runs/vqa data=easy-vqa split=test",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", help="a saved model folder (with config.json) or a run's output_dir")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (data, data_dir, split, batch_size, ...)")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..training.config import ConfigError, from_dict, load_config
+
+    base = None
+    run_json = Path(args.checkpoint) / "run.json"
+    if not run_json.is_file():
+        run_json = Path(args.checkpoint).parent / "run.json"
+    try:
+        if run_json.is_file():
+            base = from_dict(json.loads(run_json.read_text())["config"], str(run_json))
+            base.max_eval_samples = None
+        config = load_config(None, args.overrides, base=base)
+    except ConfigError as exc:
+        print(f"fusionzoo eval: error: {exc}", file=sys.stderr)
+        return 2
+    from ..training.trainer import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, config)
+    print(json.dumps(metrics))
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="answer a question, label an image-text pair, or caption an image",
+        description="Run a saved model on one image: a VQA model answers --question, a classification "
+        "model labels the image with --question as its text, a captioning model writes a caption.",
+        epilog="examples:\n  fusionzoo predict runs/vqa/final --image photo.jpg --question 'what shape is it?'\n"
+        "  fusionzoo predict runs/cap/final --image photo.jpg --num-beams 3",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", help="a saved model folder (with config.json) or a run's output_dir")
+    p.add_argument("--image", required=True, help="path of the image")
+    p.add_argument("--question", help="the question (VQA) or text (classification)")
+    p.add_argument("--num-beams", type=int, default=3, help="beam size for captioning (default 3)")
+    p.add_argument("--max-new-tokens", type=int, default=20, help="longest caption in tokens (default 20)")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from PIL import Image, UnidentifiedImageError
+
+    from ..model import load_model
+
+    path = Path(args.checkpoint)
+    if not (path / "config.json").is_file() and (path / "final" / "config.json").is_file():
+        path = path / "final"
+    try:
+        image = Image.open(args.image)
+        image.load()
+    except (OSError, UnidentifiedImageError) as exc:
+        print(f"fusionzoo predict: error: cannot read image {args.image}: {exc}", file=sys.stderr)
+        return 2
+    model = load_model(path)
+    if model.task == "captioning":
+        print(model.generate([image], max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)[0])
+        return 0
+    if not args.question:
+        print(f"fusionzoo predict: error: a {model.task} model needs --question", file=sys.stderr)
+        return 2
+    print(model.predict([image], [args.question])[0])
+    return 0

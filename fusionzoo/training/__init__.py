@@ -1,0 +1,1 @@
+"""Training on HF Accelerate: config, optimiser, checkpoints and the train/eval loops."""

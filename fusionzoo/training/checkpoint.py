@@ -1,0 +1,149 @@
+"""Resumable checkpoints on top of ``Accelerator.save_state``, written atomically.
+
+Layout under ``output_dir``::
+
+    checkpoints/step-00000100/   accelerate state (model.safetensors, optimizer, scheduler,
+                                 RNG states per process) + progress.json
+    checkpoints/step-00000200/
+    final/                       save_pretrained export of the trained model
+
+A checkpoint is written into ``checkpoints/.tmp-step-...`` and renamed into place only
+once every process has finished writing, so a run killed at any moment leaves either
+a complete checkpoint or none (the previous ones stay). Only the last ``keep_last``
+checkpoints are kept. ``progress.json`` holds the step, the epoch and the position in
+the epoch (for ``skip_first_batches``), the full run config, the git commit and the
+package versions. Nothing is ever unpickled beyond what ``torch.load(weights_only=True)``
+allows (accelerate's own loader): no custom objects are registered for checkpointing.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+PROGRESS_FILE = "progress.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def git_commit() -> str | None:
+    """The commit of the fusionzoo source tree, or None outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def package_versions() -> dict[str, str]:
+    names = ["fusionzoo", "torch", "torchvision", "timm", "transformers", "accelerate",
+             "datasets", "evaluate", "safetensors", "numpy"]
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def run_metadata(config: dict[str, Any]) -> dict[str, Any]:
+    """What every checkpoint and result file carries: config, code version, packages."""
+    return {"config": config, "git_commit": git_commit(), "versions": package_versions()}
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class CheckpointManager:
+    """Saves, finds and prunes step checkpoints of one run.
+
+    Args:
+        output_dir: the run folder; checkpoints go to ``output_dir/checkpoints``.
+        keep_last: how many complete checkpoints to keep.
+    """
+
+    def __init__(self, output_dir: str | Path, keep_last: int = 2) -> None:
+        self.root = Path(output_dir) / "checkpoints"
+        self.keep_last = keep_last
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for p in self.root.iterdir():
+            m = _STEP_DIR.match(p.name)
+            if m and p.is_dir() and (p / PROGRESS_FILE).is_file():
+                found.append((int(m.group(1)), p))
+        return [p for _, p in sorted(found)]
+
+    def latest(self) -> Path | None:
+        ckpts = self.checkpoints()
+        return ckpts[-1] if ckpts else None
+
+    def save(self, accelerator: Any, step: int, progress: dict[str, Any]) -> Path:
+        """Save the accelerator state and ``progress`` as checkpoint ``step``, atomically."""
+        final = self.root / f"step-{step:08d}"
+        tmp = self.root / f".tmp-step-{step:08d}"
+        if accelerator.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_json_atomic(tmp / PROGRESS_FILE, progress)
+            if final.exists():  # an earlier attempt at the same step (resumed run): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._prune()
+        accelerator.wait_for_everyone()
+        return final
+
+    def _prune(self) -> None:
+        for old in self.checkpoints()[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    @staticmethod
+    def read_progress(checkpoint: str | Path) -> dict[str, Any]:
+        path = Path(checkpoint) / PROGRESS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{checkpoint} is not a complete fusionzoo checkpoint: {PROGRESS_FILE} is missing"
+            )
+        return json.loads(path.read_text())
+
+    def resolve_resume(self, resume: str | None) -> Path | None:
+        """``None`` -> None; ``auto`` -> latest checkpoint or None; a path -> that checkpoint."""
+        if resume is None or resume in ("", "no", "none", "false"):
+            return None
+        if resume == "auto":
+            return self.latest()
+        path = Path(resume)
+        self.read_progress(path)  # raises a clear error if incomplete
+        return path

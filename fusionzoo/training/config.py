@@ -1,0 +1,287 @@
+"""Run configuration: one typed dataclass, read from YAML and ``key=value`` overrides.
+
+``fusionzoo train CONFIG.yaml lr=3e-4 fusion=albef fusion_kwargs.num_layers=4``:
+the YAML file (optional) is read first, then each override in order. Every key is
+checked against :class:`TrainConfig`; an unknown key is an error that names the
+file (or the command line), the key, and the closest known keys; a value of the
+wrong type names the key and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the source, the key and what was expected."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training, evaluation or pretraining run needs. Saved in every checkpoint."""
+
+    # what to build
+    task: str = "vqa"
+    """``vqa``, ``captioning`` or ``classification``."""
+    fusion: str = "merged_transformer"
+    """A registered fusion name (``fusionzoo list``)."""
+    fusion_kwargs: dict = field(default_factory=dict)
+    """Hyperparameters of the fusion module (``dim``, ``num_layers``, ...)."""
+    head_kwargs: dict = field(default_factory=dict)
+    """Hyperparameters of the head."""
+    vision: str = "efficientnet-lite0"
+    """Vision encoder preset, timm model name, or ``tiny``."""
+    text: str = "minilm-l6"
+    """Text encoder preset, hub id or local folder, or ``tiny``."""
+    init_from: str | None = None
+    """A saved model or ALBEF pretraining output to initialise from (matching weights are loaded)."""
+    freeze_encoders: bool = True
+    """Keep the image and text encoders fixed (their features can then be cached)."""
+    max_text_len: int = 32
+
+    # data
+    data: str = "easy-vqa"
+    """A registered dataset name (``easy-vqa``, ``vqa-jsonl``, ...) or a path."""
+    data_dir: str | None = None
+    """Root folder of the dataset files, for datasets that need one."""
+    split: str = "test"
+    """The split ``eval`` scores."""
+    train_split: str = "train"
+    eval_split: str | None = None
+    """Split evaluated during training (``None``: the dataset's validation or test split)."""
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    answers_top_k: int = 3129
+    answers_min_count: int = 1
+    skip_bad: bool = False
+    """Skip bad entries (missing keys, unreadable images) and report how many, instead of stopping."""
+    only_present: bool = False
+    """Use only the images found on disk when annotations cover more."""
+    num_workers: int = 0
+
+    # optimisation
+    output_dir: str = "runs/default"
+    epochs: float = 1.0
+    max_steps: int | None = None
+    """If set, overrides ``epochs``."""
+    batch_size: int = 32
+    eval_batch_size: int | None = None
+    grad_accum: int = 1
+    lr: float = 1e-4
+    encoder_lr: float | None = None
+    """Learning rate of unfrozen encoders (default: ``lr / 10``)."""
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    cpu: bool = False
+    """Force CPU even when a GPU is present."""
+
+    # checkpoints, evaluation, logging
+    save_every: int | None = None
+    """Steps between checkpoints (``None``: at the end of each epoch)."""
+    keep_last: int = 2
+    resume: str | None = None
+    """``auto`` (latest checkpoint in output_dir) or a checkpoint folder."""
+    eval_every: int | None = None
+    """Steps between evaluations (``None``: at the end of each epoch)."""
+    log_every: int = 10
+    log_with: str | None = "auto"
+    """Accelerate tracker: ``auto`` (TensorBoard when installed), ``none``, ``tensorboard``, ..."""
+
+    # ALBEF pretraining
+    itc_weight: float = 1.0
+    itm_weight: float = 1.0
+    mlm_weight: float = 1.0
+    momentum_distill: bool = False
+    momentum: float = 0.995
+    queue_size: int = 0
+    distill_alpha: float = 0.4
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def effective_eval_batch_size(self) -> int:
+        return self.eval_batch_size or self.batch_size
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Convert ``value`` to the annotated type ``tp`` or raise a ConfigError naming ``key``."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{source}: key '{key}' expects {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value in allowed:
+            return value
+        if isinstance(value, bool) is False and str(value) in [str(a) for a in allowed]:
+            return allowed[[str(a) for a in allowed].index(str(value))]
+        raise ConfigError(f"{source}: key '{key}' must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{source}: key '{key}' expects true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{source}: key '{key}' expects an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{source}: key '{key}' expects an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{source}: key '{key}' expects a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"{source}: key '{key}' expects a string, got {value!r}")
+        return str(value)
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        if isinstance(value, str):
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError:
+                parsed = None
+            if isinstance(parsed, dict):
+                return parsed
+        raise ConfigError(f"{source}: key '{key}' expects a mapping, got {value!r}")
+    return value
+
+
+def _types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override value the way YAML would (``3e-4``, ``true``, ``[1, 2]``, ``null``)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply(config: TrainConfig, updates: dict[str, Any], source: str) -> TrainConfig:
+    """Apply ``updates`` (already parsed values) to ``config``; checks keys and types."""
+    hints = _types()
+    for key, value in updates.items():
+        top, _, sub = key.partition(".")
+        if top not in hints:
+            close = difflib.get_close_matches(top, list(hints), n=3)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ConfigError(f"{source}: unknown key '{top}'.{hint} Known keys: {', '.join(hints)}.")
+        if sub:  # fusion_kwargs.num_layers=4
+            current = getattr(config, top)
+            if not isinstance(current, dict):
+                raise ConfigError(f"{source}: key '{top}' is not a mapping, so '{key}' is not valid")
+            current = dict(current)
+            current[sub] = value
+            setattr(config, top, current)
+        else:
+            setattr(config, top, _coerce(value, hints[top], key, source))
+    return config
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["lr=3e-4", "fusion=albef"]`` -> ``{"lr": 3e-4, "fusion": "albef"}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"command line: override {item!r} is not of the form key=value")
+        out[key.strip()] = _parse_scalar(value)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: TrainConfig | None = None) -> TrainConfig:
+    """Read a YAML config (optional) and apply ``key=value`` overrides, in that order."""
+    config = base if base is not None else TrainConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+        apply(config, data, str(path))
+    if overrides:
+        apply(config, parse_overrides(overrides), "command line")
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    """Cross-field checks, with messages that say what is expected."""
+    if config.batch_size < 1:
+        raise ConfigError(f"key 'batch_size' must be >= 1, got {config.batch_size}")
+    if config.grad_accum < 1:
+        raise ConfigError(f"key 'grad_accum' must be >= 1, got {config.grad_accum}")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise ConfigError(f"key 'max_steps' must be >= 1, got {config.max_steps}")
+    if config.max_steps is None and config.epochs <= 0:
+        raise ConfigError(f"key 'epochs' must be > 0 when max_steps is not set, got {config.epochs}")
+    if config.keep_last < 1:
+        raise ConfigError(f"key 'keep_last' must be >= 1, got {config.keep_last}")
+    if config.lr <= 0:
+        raise ConfigError(f"key 'lr' must be > 0, got {config.lr}")
+    if config.save_every is not None and config.save_every < 1:
+        raise ConfigError(f"key 'save_every' must be >= 1 step, got {config.save_every}")
+
+
+def from_dict(data: dict[str, Any], source: str = "saved config") -> TrainConfig:
+    """Rebuild a config saved with :meth:`TrainConfig.to_dict` (unknown keys are errors)."""
+    return apply(TrainConfig(), data, source)

@@ -1,0 +1,64 @@
+"""Optimiser and schedule: AdamW with decay / no-decay groups, warmup then cosine.
+
+As in nanoGPT and BERT: weights of matrices (2-D and up) decay; biases, norms,
+embeddings' position/type tables and learned scalars (temperature) do not.
+Unfrozen encoders get their own learning rate (``encoder_lr``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def parameter_groups(
+    model: nn.Module, lr: float, weight_decay: float, encoder_lr: float | None = None,
+    encoder_prefixes: tuple[str, ...] = ("vision.", "text."),
+) -> list[dict]:
+    """Four groups at most: {fusion/head, encoders} x {decay, no decay}; frozen params skipped."""
+    encoder_lr = lr / 10 if encoder_lr is None else encoder_lr
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_encoder = name.startswith(encoder_prefixes)
+        no_decay = p.ndim < 2 or "position" in name or "type_embed" in name or "norm" in name.lower()
+        groups.setdefault((is_encoder, not no_decay), []).append(p)
+    out = []
+    for (is_encoder, decay), params in sorted(groups.items()):
+        out.append({
+            "params": params,
+            "lr": encoder_lr if is_encoder else lr,
+            "weight_decay": weight_decay if decay else 0.0,
+            "name": f"{'encoder' if is_encoder else 'fusion_head'}_{'decay' if decay else 'no_decay'}",
+        })
+    if not out:
+        raise ValueError("the model has no trainable parameters (everything is frozen)")
+    return out
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
+                    encoder_lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW over :func:`parameter_groups`, with the fused/foreach kernel where available."""
+    groups = parameter_groups(model, lr, weight_decay, encoder_lr)
+    device_type = next(p for g in groups for p in g["params"]).device.type
+    kwargs = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, **kwargs)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                  min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup from 0 to the base LR, then cosine decay to ``min_ratio`` x base LR."""
+    total_steps = max(1, total_steps)
+    warmup_steps = min(max(0, warmup_steps), total_steps)
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(1.0, progress)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,650 @@
+"""Shared pieces of the task datasets: errors, safe paths, lazy images, reports, collate helpers.
+
+Every loader in ``fusionzoo.tasks`` (``vqa_data``, ``caption_data``,
+``classification_data``) follows the same recipe:
+
+1. read an annotation file and check every entry against its schema; a bad entry
+   raises :class:`DataError` naming the file, the entry (``line 12`` for JSONL,
+   ``annotations[3] (id=1638)`` for JSON) and what was expected -- or, with
+   ``skip_bad=True``, is skipped and counted in a :class:`LoadReport`;
+2. turn each entry's image reference into a path under the image root, refusing
+   absolute paths and paths that climb out of the root (``..``);
+3. check that the images exist with one directory listing per folder (no stat
+   per file, no decoding); missing images are an error that says how many and
+   which, unless ``only_present=True`` (keep what is on disk) or ``skip_bad``;
+   ``verify_images=True`` additionally decodes each image once;
+4. store the rows -- image *paths*, never pixels -- in a ``datasets.Dataset`` per
+   split, inside a :class:`TaskData` with the split's metadata.
+
+Images are decoded only when an item is read, by :class:`ImageLoader` attached
+with ``Dataset.with_transform`` (see :meth:`TaskData.with_image_transform`). A
+corrupt file fails there with a :class:`DataError` naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from PIL import Image
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+#: Keys of a collated batch that ``FusionModel.forward`` takes; the others are metadata.
+MODEL_INPUTS: tuple[str, ...] = ("pixel_values", "input_ids", "attention_mask", "labels")
+
+#: Label id of an unlabeled example (a test split without answers or labels).
+NO_LABEL: int = -1
+
+#: Ignored target position for token-level losses (PyTorch's cross-entropy default).
+IGNORE_INDEX: int = -100
+
+#: Split names recognised at the end of a file stem (``yesno_train.jsonl`` -> ``train``).
+KNOWN_SPLITS: tuple[str, ...] = ("train", "val", "validation", "dev", "test", "restval", "minival")
+
+#: How many missing images / skipped entries an error or warning quotes.
+SHOW_FIRST: int = 5
+
+PathLike = str | os.PathLike
+
+
+# --------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------
+class DataError(ValueError):
+    """A problem with dataset files: names the file, the entry and what was expected.
+
+    Args:
+        problem: what is wrong ("missing key 'question'").
+        file: the annotation or image file concerned.
+        entry: which entry of the file ("line 12", "annotations[3] (id=1638)").
+        expected: what a correct file holds ("a string").
+        hint: what the user can do (a flag to pass).
+
+    The message reads ``"<file>, <entry>: <problem>; expected <expected>. <hint>"``.
+    The parts are kept as attributes for programs.
+    """
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        file: PathLike | None = None,
+        entry: str | None = None,
+        expected: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.problem = problem
+        self.file = None if file is None else str(file)
+        self.entry = entry
+        self.expected = expected
+        self.hint = hint
+        where = ", ".join(part for part in (self.file, entry) if part)
+        message = f"{where}: {problem}" if where else problem
+        if expected:
+            message += f"; expected {expected}"
+        if hint:
+            message += f". {hint}"
+        super().__init__(message)
+
+
+class UnknownSplitError(KeyError):
+    """A split name that the dataset does not have (message lists the ones it has)."""
+
+    def __str__(self) -> str:  # KeyError.__str__ would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+def jsonl_entry(lineno: int) -> str:
+    """Entry label of a JSONL line (1-based)."""
+    return f"line {lineno}"
+
+
+def json_entry(list_name: str, index: int, ident: Any = None, id_key: str = "id") -> str:
+    """Entry label of an item of a JSON list: ``annotations[3] (id=1638)``."""
+    label = f"{list_name}[{index}]"
+    return f"{label} ({id_key}={ident})" if ident is not None else label
+
+
+# --------------------------------------------------------------------------------------
+# Reading annotation files
+# --------------------------------------------------------------------------------------
+def _check_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise DataError(f"{what} not found", file=path, expected="an existing file")
+    if not path.is_file():
+        raise DataError(f"{what} is not a regular file", file=path, expected="a file, not a folder")
+    if path.stat().st_size == 0:
+        raise DataError(f"{what} is empty", file=path, expected=f"a non-empty {what}")
+
+
+def read_json(path: PathLike, *, what: str = "annotation file") -> Any:
+    """Parse a JSON file; a missing, empty or malformed file is a :class:`DataError`."""
+    path = Path(path)
+    _check_file(path, what)
+    try:
+        with path.open("r", encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})",
+            file=path,
+            expected="a JSON document",
+        ) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {what} ({exc})", file=path, expected="a readable UTF-8 file") from exc
+
+
+def iter_jsonl(path: PathLike, log: "ProblemLog") -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line number, object)`` for each non-blank line of a JSONL file.
+
+    A line that is not a JSON object goes to ``log`` (raised, or skipped and
+    counted with ``skip_bad``). An empty file, or one with only blank lines, is
+    a :class:`DataError`.
+    """
+    path = Path(path)
+    _check_file(path, "JSONL file")
+    seen = 0
+    try:
+        with path.open("r", encoding="utf-8") as handle:
+            for lineno, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                seen += 1
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    log.bad(DataError(f"not valid JSON ({exc.msg})", file=path, entry=jsonl_entry(lineno),
+                                      expected="one JSON object per line"))
+                    continue
+                if not isinstance(record, dict):
+                    log.bad(DataError(f"a JSON {type(record).__name__}, not an object", file=path,
+                                      entry=jsonl_entry(lineno), expected="one JSON object per line"))
+                    continue
+                yield lineno, record
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read JSONL file ({exc})", file=path, expected="a readable UTF-8 file") from exc
+    if seen == 0:
+        raise DataError("JSONL file has no entries (only blank lines)", file=path,
+                        expected="one JSON object per line")
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "an object",
+               bool: "true/false"}
+
+
+def _type_text(types: type | tuple[type, ...]) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
+
+
+def require(record: Any, key: str, types: type | tuple[type, ...], *, file: PathLike, entry: str) -> Any:
+    """``record[key]`` if it exists and has one of ``types``, else a :class:`DataError`.
+
+    ``bool`` is never accepted as an integer (JSON ``true`` is not a label id).
+    """
+    if not isinstance(record, dict):
+        raise DataError(f"a JSON {type(record).__name__}, not an object", file=file, entry=entry,
+                        expected=f"an object with key {key!r}")
+    if key not in record:
+        raise DataError(f"missing key {key!r}", file=file, entry=entry,
+                        expected=f"{key!r} holding {_type_text(types)}")
+    value = record[key]
+    wanted = types if isinstance(types, tuple) else (types,)
+    if (isinstance(value, bool) and bool not in wanted) or not isinstance(value, wanted):
+        raise DataError(f"key {key!r} is {type(value).__name__} {_short(value)}", file=file, entry=entry,
+                        expected=f"{key!r} holding {_type_text(types)}")
+    return value
+
+
+def require_str_list(record: Any, key: str, *, file: PathLike, entry: str, allow_empty: bool = False) -> list[str]:
+    """``record[key]`` checked to be a list of strings (non-empty unless ``allow_empty``)."""
+    value = require(record, key, list, file=file, entry=entry)
+    if not allow_empty and not value:
+        raise DataError(f"key {key!r} is an empty list", file=file, entry=entry,
+                        expected=f"{key!r} holding at least one string")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise DataError(f"{key}[{i}] is {type(item).__name__} {_short(item)}", file=file, entry=entry,
+                            expected=f"{key!r} holding a list of strings")
+    return value
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------
+# Bad entries: raise, or skip and count
+# --------------------------------------------------------------------------------------
+@dataclass
+class LoadReport:
+    """What a loader dropped from one split, and why.
+
+    Attributes:
+        bad_entries: entries skipped with ``skip_bad`` (wrong schema, unsafe path,
+            unreadable or corrupt image).
+        missing_images: entries dropped because their image is not on disk
+            (``only_present`` or ``skip_bad``).
+        kept: entries in the split after dropping.
+        examples: the first few messages, for the warning.
+    """
+
+    bad_entries: int = 0
+    missing_images: int = 0
+    kept: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> int:
+        """All dropped entries."""
+        return self.bad_entries + self.missing_images
+
+
+class ProblemLog:
+    """Collects entry-level errors of one split: raises them, or counts them with ``skip_bad``.
+
+    Args:
+        split: split name, for the warning.
+        skip_bad: skip bad entries instead of raising.
+    """
+
+    def __init__(self, split: str, skip_bad: bool) -> None:
+        self.split = split
+        self.skip_bad = skip_bad
+        self.report = LoadReport()
+
+    def bad(self, error: DataError) -> None:
+        """Raise ``error``, or (``skip_bad``) count it and keep its message for the warning."""
+        if not self.skip_bad:
+            raise error
+        self.report.bad_entries += 1
+        if len(self.report.examples) < SHOW_FIRST:
+            self.report.examples.append(str(error))
+
+    def missing(self, count: int, examples: Sequence[str]) -> None:
+        self.report.missing_images += count
+        for text in examples[: max(0, SHOW_FIRST - len(self.report.examples))]:
+            self.report.examples.append(text)
+
+    def finish(self, kept: int, source: PathLike) -> LoadReport:
+        """Record the kept count, warn about what was skipped, fail on an empty split."""
+        self.report.kept = kept
+        rep = self.report
+        if rep.bad_entries:
+            warnings.warn(
+                f"split {self.split!r} of {source}: skipped {rep.bad_entries} bad entries (skip_bad=True); "
+                f"first: {'; '.join(rep.examples[:SHOW_FIRST])}",
+                stacklevel=3,
+            )
+        if rep.missing_images:
+            logger.info("split %r of %s: %d entries without an image on disk were left out",
+                        self.split, source, rep.missing_images)
+        if kept == 0:
+            raise DataError(
+                f"split {self.split!r} has no usable entries"
+                + (f" ({rep.bad_entries} bad, {rep.missing_images} without images)" if rep.skipped else ""),
+                file=source,
+                expected="at least one valid entry",
+            )
+        return rep
+
+
+# --------------------------------------------------------------------------------------
+# Paths under an image root
+# --------------------------------------------------------------------------------------
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+
+
+def safe_join(root: PathLike, relative: str, *, file: PathLike, entry: str) -> str:
+    """``root/relative`` as a normalised string path, refusing paths that leave ``root``.
+
+    Raises:
+        DataError: ``relative`` is empty, absolute (``/x``, ``C:\\x``, ``\\\\host``) or
+            climbs out of ``root`` with ``..``.
+    """
+    if not relative or not relative.strip():
+        raise DataError("empty image path", file=file, entry=entry, expected="a path relative to the image root")
+    if os.path.isabs(relative) or relative.startswith(("/", "\\")) or _WINDOWS_DRIVE.match(relative):
+        raise DataError(f"absolute image path {relative!r}", file=file, entry=entry,
+                        expected=f"a path relative to the image root {root}")
+    root_text = os.path.normpath(os.fspath(root))
+    joined = os.path.normpath(os.path.join(root_text, relative))
+    if os.path.commonpath([root_text, joined]) != root_text or joined == root_text:
+        raise DataError(f"image path {relative!r} escapes the image root {root_text}", file=file, entry=entry,
+                        expected="a path inside the image root (no '..' that leaves it)")
+    return joined
+
+
+def find_image_dir(candidates: Iterable[Path], sample: str, *, file: PathLike, what: str) -> Path:
+    """The first existing folder of ``candidates`` that holds the relative path ``sample``.
+
+    Used when an annotation file does not say where its images live (COCO's
+    ``file_name`` is relative to a split folder that the user names or that sits
+    next to the annotations). Falls back to the first existing candidate, so
+    that the missing-image check reports what is missing.
+    """
+    candidates = list(dict.fromkeys(Path(c) for c in candidates))
+    existing = [c for c in candidates if c.is_dir()]
+    for folder in existing:
+        if (folder / sample).exists():
+            return folder
+    if existing:
+        return existing[0]
+    raise DataError(
+        f"no image folder found for {what}; looked in {', '.join(str(c) for c in candidates)}",
+        file=file,
+        expected="an existing folder; pass image_root=",
+    )
+
+
+def existing_files(paths: Iterable[str]) -> set[str]:
+    """The subset of ``paths`` that exist, from one ``os.scandir`` per parent folder (no per-file stat)."""
+    by_dir: dict[str, set[str]] = {}
+    for path in paths:
+        by_dir.setdefault(os.path.dirname(path), set()).add(path)
+    found: set[str] = set()
+    for folder, wanted in by_dir.items():
+        try:
+            with os.scandir(folder or ".") as entries:
+                names = {entry.name for entry in entries}
+        except OSError:
+            continue  # a missing or unreadable folder: none of its images are present
+        found.update(p for p in wanted if os.path.basename(p) in names)
+    return found
+
+
+def keep_present(
+    rows: list[dict[str, Any]],
+    log: ProblemLog,
+    *,
+    source: PathLike,
+    only_present: bool,
+    describe: Callable[[dict[str, Any]], str],
+    path_key: str = "image_path",
+) -> list[dict[str, Any]]:
+    """Drop rows whose image is not on disk, or raise when that is not allowed.
+
+    Args:
+        rows: parsed entries, each with ``row[path_key]`` an image path.
+        log: the split's problem log (counts what is dropped).
+        source: the annotation file, for messages.
+        only_present: keep only rows whose image exists (annotations covering
+            more images than were downloaded is then expected).
+        describe: ``row -> "line 12"``-style entry label for messages.
+    Raises:
+        DataError: some images are missing and neither ``only_present`` nor
+            ``skip_bad`` is set; the message says how many, the first few, and the flags.
+    """
+    present = existing_files(row[path_key] for row in rows)
+    missing = [row for row in rows if row[path_key] not in present]
+    if not missing:
+        return rows
+    examples = [f"{describe(row)}: {row[path_key]}" for row in missing[:SHOW_FIRST]]
+    if not (only_present or log.skip_bad):
+        unique = len({row[path_key] for row in missing})
+        raise DataError(
+            f"{len(missing)} of {len(rows)} entries of split {log.split!r} refer to images that are not on disk "
+            f"({unique} distinct files); first: {'; '.join(examples)}",
+            file=source,
+            expected="every referenced image under the image root",
+            hint="Pass only_present=True to use only the images that are present, or fix the image root",
+        )
+    log.missing(len(missing), examples)
+    return [row for row in rows if row[path_key] in present]
+
+
+def verify_rows(
+    rows: list[dict[str, Any]],
+    log: ProblemLog,
+    *,
+    source: PathLike,
+    describe: Callable[[dict[str, Any]], str],
+    path_key: str = "image_path",
+) -> list[dict[str, Any]]:
+    """Decode each distinct image once; rows with a corrupt image raise or (``skip_bad``) are dropped.
+
+    The error names the image file and the annotation entry (``line 2 of train.jsonl``).
+    """
+    status: dict[str, DataError | None] = {}
+    kept = []
+    for row in rows:
+        path = row[path_key]
+        if path not in status:
+            try:
+                open_image(path, entry=describe(row))
+                status[path] = None
+            except DataError as error:
+                status[path] = error
+        error = status[path]
+        if error is None:
+            kept.append(row)
+        else:
+            log.bad(DataError(error.problem, file=path, entry=f"{describe(row)} of {source}",
+                              expected=error.expected))
+    return kept
+
+
+# --------------------------------------------------------------------------------------
+# Images, decoded lazily
+# --------------------------------------------------------------------------------------
+def open_image(path: PathLike, *, entry: str | None = None) -> Image.Image:
+    """Open and fully decode an image as RGB.
+
+    Raises:
+        DataError: the file is missing, unreadable, or not a decodable image; the
+            message names the file and the dataset entry.
+    """
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # convert() forces the decode, so truncation shows here
+    except FileNotFoundError as exc:
+        raise DataError("image file not found", file=path, entry=entry, expected="an existing image file") from exc
+    except PermissionError as exc:
+        raise DataError("image file is not readable (permission denied)", file=path, entry=entry,
+                        expected="a readable image file") from exc
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot decode image ({type(exc).__name__}: {exc})", file=path, entry=entry,
+                        expected="a valid JPEG/PNG image") from exc
+
+
+@dataclass(frozen=True)
+class ImageLoader:
+    """``Dataset.with_transform`` function: opens each row's image and adds ``pixel_values``.
+
+    Picklable (a plain dataclass) so DataLoader workers can use it.
+
+    Args:
+        transform: ``PIL.Image -> Tensor (3, H, W)``, e.g. ``VisionEncoder.transform(train)``.
+        id_key: column that identifies a row in error messages (``question_id``, ``id``...).
+        path_key: column holding the image path.
+    """
+
+    transform: Callable[[Image.Image], Tensor]
+    id_key: str
+    path_key: str = "image_path"
+
+    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        ids = batch.get(self.id_key, [None] * len(batch[self.path_key]))
+        pixels = [
+            self.transform(open_image(path, entry=f"{self.id_key}={ident}"))  # (3, H, W)
+            for path, ident in zip(batch[self.path_key], ids)
+        ]
+        return {**batch, "pixel_values": pixels}
+
+
+# --------------------------------------------------------------------------------------
+# The loaded dataset
+# --------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class TaskData:
+    """Splits of one dataset with the metadata a model, trainer and benchmark need.
+
+    Attributes:
+        name: registry name of the loader (``easy-vqa``, ``coco-captions``, ...).
+        task: the task it serves (``vqa``, ``captioning``, ``classification``).
+        splits: split name -> ``datasets.Dataset`` of rows holding image paths.
+        image_root: folder the image paths are under.
+        metric: the task's headline metric name.
+        reports: split name -> :class:`LoadReport` (what was skipped).
+        id_key: the column that identifies a row.
+    """
+
+    name: str
+    task: str
+    splits: dict[str, Dataset]
+    image_root: Path
+    metric: str
+    reports: dict[str, LoadReport] = field(default_factory=dict)
+    id_key: str = "id"
+
+    def __getitem__(self, split: str) -> Dataset:
+        if split not in self.splits:
+            raise UnknownSplitError(
+                f"dataset {self.name!r} has no split {split!r}; it has {', '.join(self.splits) or '(none)'}"
+            )
+        return self.splits[split]
+
+    def __contains__(self, split: object) -> bool:
+        return split in self.splits
+
+    @property
+    def split_names(self) -> list[str]:
+        return list(self.splits)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Split -> number of entries dropped (bad entries and missing images)."""
+        return {split: report.skipped for split, report in self.reports.items()}
+
+    def with_image_transform(
+        self,
+        transform: Callable[[Image.Image], Tensor],
+        train_transform: Callable[[Image.Image], Tensor] | None = None,
+        train_splits: Sequence[str] = ("train",),
+    ) -> "TaskData":
+        """A copy whose splits decode images lazily and add ``pixel_values`` (3, H, W) to each item.
+
+        Args:
+            transform: image transform of evaluation splits (``encoder.transform(train=False)``).
+            train_transform: transform of the ``train_splits`` (augmentation); default ``transform``.
+        """
+        splits = {}
+        for split, dataset in self.splits.items():
+            chosen = train_transform if (train_transform is not None and split in train_splits) else transform
+            splits[split] = dataset.with_transform(ImageLoader(chosen, self.id_key))
+        return replace(self, splits=splits)
+
+    def describe(self) -> str:
+        sizes = ", ".join(f"{split}={len(ds):,}" for split, ds in self.splits.items())
+        return f"{self.name} ({self.task}, metric={self.metric}): {sizes}; images under {self.image_root}"
+
+
+def select_splits(available: Sequence[str], wanted: str | Sequence[str] | None, *, source: PathLike) -> list[str]:
+    """The requested split names in order (all ``available`` ones for ``None``); unknown ones fail."""
+    if wanted is None:
+        return list(available)
+    wanted = [wanted] if isinstance(wanted, str) else list(wanted)
+    unknown = [s for s in wanted if s not in available]
+    if unknown:
+        raise UnknownSplitError(
+            f"{source}: no split {', '.join(repr(s) for s in unknown)}; available: {', '.join(available) or '(none)'}"
+        )
+    return wanted
+
+
+def split_order(name: str) -> tuple[int, str]:
+    """Sort key that lists ``train`` first, then validation-like splits, then the rest by name."""
+    if name == "train":
+        return (0, name)
+    if name in ("val", "validation", "dev", "minival") or name.startswith(("val", "dev")):
+        return (1, name)
+    return (2, name)
+
+
+def split_from_stem(stem: str) -> str:
+    """Split name from a file stem: the last ``_``/``-`` part if it is a known split, else the stem.
+
+    ``yesno_train`` -> ``train``, ``dev_seen`` -> ``dev_seen``, ``test`` -> ``test``.
+    """
+    last = re.split(r"[_\-]", stem)[-1]
+    return last if last in KNOWN_SPLITS else stem
+
+
+def discover_files(folders: Sequence[Path], pattern: str, *, what: str) -> dict[str, Path]:
+    """Split name -> file for ``pattern`` in the first of ``folders`` that has matches."""
+    for folder in folders:
+        matches = sorted(folder.glob(pattern)) if folder.is_dir() else []
+        if matches:
+            files: dict[str, Path] = {}
+            for path in matches:
+                split = split_from_stem(path.stem)
+                if split in files:
+                    raise DataError(f"two {what} files map to split {split!r}: {files[split].name}, {path.name}",
+                                    file=folder, expected="one file per split; pass files={split: path}")
+                files[split] = path
+            return dict(sorted(files.items(), key=lambda item: split_order(item[0])))
+    raise DataError(
+        f"no {what} files ({pattern}) found in {', '.join(str(f) for f in folders)}",
+        expected=f"{pattern} files, or files={{split: path}}",
+    )
+
+
+def resolve_files(
+    files: Mapping[str, PathLike] | PathLike | None, default: Callable[[], dict[str, Path]]
+) -> dict[str, Path]:
+    """Normalise a ``files`` argument: mapping, a single file (split from its stem), or discovery."""
+    if files is None:
+        return default()
+    if isinstance(files, (str, os.PathLike)):
+        path = Path(files)
+        return {split_from_stem(path.stem): path}
+    return {str(split): Path(path) for split, path in files.items()}
+
+
+# --------------------------------------------------------------------------------------
+# Collate helpers
+# --------------------------------------------------------------------------------------
+Tokenize = Callable[..., Mapping[str, Tensor]]
+
+
+def stack_pixels(items: Sequence[Mapping[str, Any]]) -> Tensor | None:
+    """Stack the items' ``pixel_values`` (3, H, W) into (B, 3, H, W); None when items have none."""
+    if "pixel_values" not in items[0]:
+        return None
+    pixels = [item["pixel_values"] for item in items]
+    shapes = {tuple(p.shape) for p in pixels}
+    if len(shapes) != 1:
+        raise ValueError(f"images of one batch must share a shape after the transform, got {sorted(shapes)}")
+    return torch.stack(pixels)  # (B, 3, H, W)
+
+
+def tokenize_texts(tokenize: Tokenize, texts: Sequence[str], max_length: int) -> dict[str, Tensor]:
+    """Run a ``TextEncoder.tokenize``-like callable; returns ``input_ids``/``attention_mask`` (B, T)."""
+    tokens = tokenize(list(texts), max_length=max_length)
+    missing = {"input_ids", "attention_mask"} - set(tokens)
+    if missing:
+        raise ValueError(f"the tokenize callable must return input_ids and attention_mask; missing {sorted(missing)}")
+    return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a collated batch that ``FusionModel.forward(**inputs)`` takes."""
+    return {key: batch[key] for key in MODEL_INPUTS if key in batch}
+
+
+def rows_to_dataset(rows: list[dict[str, Any]], features: Any) -> Dataset:
+    """A ``datasets.Dataset`` from parsed rows with fixed, explicit features (deterministic schema)."""
+    columns = {name: [row[name] for row in rows] for name in features}
+    return Dataset.from_dict(columns, features=features)

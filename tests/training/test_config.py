@@ -1,0 +1,68 @@
+"""Run configuration: YAML + overrides, types, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fusionzoo.training.config import ConfigError, TrainConfig, from_dict, load_config, parse_overrides
+
+
+def test_defaults_without_file() -> None:
+    cfg = load_config(None, [])
+    assert cfg == TrainConfig()
+
+
+def test_yaml_then_overrides_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("task: captioning\nfusion: albef\nlr: 0.001\nbatch_size: 8\nfusion_kwargs: {dim: 64}\n")
+    cfg = load_config(path, ["lr=3e-4", "max_steps=50", "mixed_precision=bf16", "freeze_encoders=false",
+                             "fusion_kwargs.num_layers=3", "resume=auto", "eval_batch_size=null"])
+    assert cfg.task == "captioning" and cfg.fusion == "albef"
+    assert cfg.lr == pytest.approx(3e-4) and isinstance(cfg.lr, float)
+    assert cfg.max_steps == 50 and cfg.batch_size == 8
+    assert cfg.mixed_precision == "bf16" and cfg.freeze_encoders is False
+    assert cfg.fusion_kwargs == {"dim": 64, "num_layers": 3}
+    assert cfg.resume == "auto" and cfg.eval_batch_size is None
+
+
+def test_unknown_key_names_source_and_suggests(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: unknown key 'learning_rate'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"command line: unknown key 'batchsize'.*Did you mean 'batch_size'"):
+        load_config(None, ["batchsize=4"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("batch_size=many", "key 'batch_size' expects an integer, got 'many'"),
+        ("lr=fast", "key 'lr' expects a number"),
+        ("mixed_precision=fp8", "key 'mixed_precision' must be one of 'no', 'bf16', 'fp16'"),
+        ("freeze_encoders=maybe", "key 'freeze_encoders' expects true or false"),
+        ("batch_size=0", "key 'batch_size' must be >= 1"),
+        ("fusion_kwargs=3", "key 'fusion_kwargs' expects a mapping"),
+    ],
+)
+def test_bad_values(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, [override])
+
+
+def test_malformed_override_and_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        parse_overrides(["lr"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="bad.yaml: expected a mapping"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_round_trip_through_dict() -> None:
+    cfg = load_config(None, ["fusion=co_attention", "fusion_kwargs={\"dim\": 32}", "max_steps=7"])
+    assert from_dict(cfg.to_dict()) == cfg

@@ -1,0 +1,94 @@
+"""Optimiser groups, the warmup-cosine schedule and atomic checkpoint bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fusionzoo.training.checkpoint import CheckpointManager, run_metadata, write_json_atomic
+from fusionzoo.training.optim import build_optimizer, parameter_groups, warmup_cosine
+
+
+class Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.vision = nn.Linear(4, 4)
+        self.text = nn.Embedding(10, 4)
+        self.fusion = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+        self.temperature = nn.Parameter(torch.tensor(0.07))
+
+
+def test_parameter_groups_split_decay_and_encoders() -> None:
+    model = Toy()
+    groups = {g["name"]: g for g in parameter_groups(model, lr=1e-3, weight_decay=0.1)}
+    ids = {k: {id(p) for p in g["params"]} for k, g in groups.items()}
+    assert ids["fusion_head_decay"] == {id(model.fusion[0].weight)}
+    assert ids["fusion_head_no_decay"] == {id(model.fusion[0].bias), id(model.fusion[1].weight),
+                                          id(model.fusion[1].bias), id(model.temperature)}
+    assert ids["encoder_decay"] == {id(model.vision.weight), id(model.text.weight)}
+    assert groups["encoder_decay"]["lr"] == pytest.approx(1e-4)
+    assert groups["fusion_head_no_decay"]["weight_decay"] == 0.0
+    model.vision.requires_grad_(False)
+    model.text.requires_grad_(False)
+    names = {g["name"] for g in parameter_groups(model, 1e-3, 0.1)}
+    assert names == {"fusion_head_decay", "fusion_head_no_decay"}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        build_optimizer(model, 1e-3, 0.1)
+
+
+def test_warmup_cosine_values() -> None:
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = warmup_cosine(opt, total_steps=10, warmup_steps=2)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
+    assert lrs == pytest.approx(expected)
+
+
+def test_write_json_atomic_leaves_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "m.json"
+    write_json_atomic(target, {"x": 1})
+    write_json_atomic(target, {"x": 2})
+    assert json.loads(target.read_text()) == {"x": 2}
+    assert [p.name for p in target.parent.iterdir()] == ["m.json"]
+
+
+def test_run_metadata_has_versions() -> None:
+    meta = run_metadata({"lr": 1})
+    assert meta["config"] == {"lr": 1}
+    assert meta["versions"]["torch"] == torch.__version__.split("+")[0] or meta["versions"]["torch"].startswith(
+        torch.__version__.split("+")[0])
+
+
+def test_checkpoint_manager_save_prune_resume(tmp_path: Path) -> None:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(nn.Linear(3, 3))
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    assert manager.resolve_resume("auto") is None
+    for step in (10, 20, 30):
+        manager.save(accelerator, step, {"step": step})
+    names = [p.name for p in manager.checkpoints()]
+    assert names == ["step-00000020", "step-00000030"]
+    # An interrupted write (no progress.json) is never picked up for resuming.
+    (manager.root / ".tmp-step-00000040").mkdir()
+    (manager.root / "step-00000050").mkdir()
+    assert manager.resolve_resume("auto").name == "step-00000030"
+    assert CheckpointManager.read_progress(manager.latest())["step"] == 30
+    with pytest.raises(FileNotFoundError, match="not a complete fusionzoo checkpoint"):
+        manager.resolve_resume(str(manager.root / "step-00000050"))
+    # The saved weights are safetensors, loadable without pickle.
+    assert (manager.latest() / "model.safetensors").is_file()
+    del model

@@ -1,0 +1,156 @@
+"""The Accelerate training loop end to end, on easy-VQA with tiny encoders.
+
+These run the real command line in subprocesses: resume after SIGKILL, two gloo
+processes under torchrun, eval and predict on the saved model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusionzoo.training.config import load_config
+
+COMMON = [
+    "task=vqa", "data=easy-vqa", "fusion=merged_transformer", "vision=tiny", "text=tiny",
+    "batch_size=16", "max_train_samples=160", "fusion_kwargs.dim=32", "lr=1e-3", "log_with=none",
+    "log_every=1", "seed=3",
+]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _fusionzoo(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fusionzoo", *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def _losses(run: Path) -> dict[int, float]:
+    out = {}
+    for line in (run / "train_log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        out[record["step"]] = record["train/loss"]  # a step run twice (after a resume) keeps its last value
+    return out
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
+    args = [*COMMON, "max_steps=20", "save_every=3", "max_eval_samples=100"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    ref = _fusionzoo("train", *args, f"output_dir={straight}")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    proc = subprocess.Popen([sys.executable, "-m", "fusionzoo", "train", *args, f"output_dir={killed}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 240
+    target = killed / "checkpoints" / "step-00000012"  # mid-epoch: 10 batches an epoch
+    while not target.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.is_dir(), "the run ended before it could be killed"
+    assert not (killed / "final").exists()
+
+    resumed = _fusionzoo("train", *args, f"output_dir={killed}", "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    a, b = _losses(straight), _losses(killed)
+    assert sorted(a) == sorted(b) == list(range(1, 21))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), f"step {step}"
+    final_a = json.loads(resumed.stdout.strip().splitlines()[-1])
+    final_b = json.loads(ref.stdout.strip().splitlines()[-1])
+    assert final_a["accuracy"] == pytest.approx(final_b["accuracy"])
+    # Only the last keep_last (2) checkpoints remain, all complete.
+    ckpts = sorted(p.name for p in (killed / "checkpoints").iterdir())
+    assert ckpts == ["step-00000018", "step-00000020"]
+    run = json.loads((killed / "final" / "run.json").read_text())
+    assert run["config"]["max_steps"] == 20 and "torch" in run["versions"]
+
+
+def test_two_processes_agree_with_one(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    args = [*COMMON, "max_steps=6", "max_eval_samples=203", "cpu=true", f"output_dir={out}"]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "fusionzoo", "train", *args],
+        capture_output=True, text=True, timeout=400, env=ENV,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads((out / "final" / "run.json").read_text())
+    assert run["num_processes"] == 2
+    assert run["param_checksums"][0] == run["param_checksums"][1]
+    two = run["metrics"]
+    assert two["num_samples"] == 203  # an odd count: gather_for_metrics drops the padding duplicates
+
+    single = _fusionzoo("eval", str(out), "split=test", "max_eval_samples=203")
+    assert single.returncode == 0, single.stderr[-3000:]
+    one = json.loads(single.stdout.strip().splitlines()[-1])
+    assert one["num_samples"] == 203
+    assert one["accuracy"] == pytest.approx(two["accuracy"], abs=1e-6)
+
+
+def test_predict_on_saved_model(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    trained = _fusionzoo("train", *COMMON, "max_steps=2", "max_eval_samples=32", f"output_dir={out}")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    from fusionzoo.tasks.vqa_data import load_easy_vqa
+
+    data = load_easy_vqa(splits=["test"])
+    row = data["test"][0]
+    answers = json.loads((out / "final" / "config.json").read_text())["answers"]
+    result = _fusionzoo("predict", str(out), "--image", row["image_path"], "--question", row["question"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() in answers
+    missing = _fusionzoo("predict", str(out), "--image", str(tmp_path / "nope.png"), "--question", "what?")
+    assert missing.returncode == 2 and "cannot read image" in missing.stderr
+
+
+NAN_FUSION = '''
+import torch
+import fusionzoo
+from fusionzoo.fusions.early_concat import EarlyConcatFusion
+
+CALLS = {"n": 0}
+
+
+@fusionzoo.register_fusion("nan_after_three", override=True)
+class NanAfterThree(EarlyConcatFusion):
+    """Early concat whose output turns NaN from its fourth training forward on."""
+
+    def forward(self, text, text_mask, image, image_mask=None, *, causal=False, cache=None):
+        out = super().forward(text, text_mask, image, image_mask, causal=causal, cache=cache)
+        if self.training:
+            CALLS["n"] += 1
+            if CALLS["n"] > 3:
+                out.pooled = out.pooled * float("nan")
+        return out
+'''
+
+
+def test_nan_loss_stops_after_saving_last_good_state(tmp_path: Path) -> None:
+    from fusionzoo.plugins import import_plugin
+    from fusionzoo.registry import FUSIONS
+    from fusionzoo.training.trainer import NonFiniteLossError, train
+
+    plugin = tmp_path / "nan_fusion.py"
+    plugin.write_text(NAN_FUSION)
+    import_plugin(str(plugin))
+    try:
+        cfg = load_config(None, [*COMMON, "fusion=nan_after_three", "fusion_kwargs={}", "max_steps=10",
+                                 "max_eval_samples=16", f"output_dir={tmp_path / 'run'}"])
+        with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 3 .*last good state was saved"):
+            train(cfg)
+        saved = tmp_path / "run" / "checkpoints" / "step-00000003"
+        assert (saved / "model.safetensors").is_file()
+        progress = json.loads((saved / "progress.json").read_text())
+        assert progress["step"] == 3
+    finally:
+        FUSIONS.unregister("nan_after_three")
+        torch.set_grad_enabled(True)
