@@ -18,6 +18,14 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _one_thread_per_worker() -> None:
+    """Tiny tensors run fastest on one thread; the suite runs two workers (pytest -n 2) on 2 cores."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _temporary_caches(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Point the datasets cache at a temporary folder (never the user's ~/.cache)."""
     cache = tmp_path_factory.mktemp("hf_datasets_cache")

@@ -55,9 +55,16 @@ def make_accelerator(config: TrainConfig, with_trackers: bool = True):
                 log_with = None
         else:
             log_with = config.log_with
+    # Under torchrun / accelerate launch on a machine without a GPU, Accelerate only forms a
+    # process group (gloo, MULTI_CPU) when told to use the CPU; otherwise each process would
+    # train alone.
+    import os
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = config.cpu or (launched and not torch.cuda.is_available())
     return Accelerator(
         mixed_precision=config.mixed_precision,
-        cpu=config.cpu,
+        cpu=cpu,
         gradient_accumulation_steps=config.grad_accum,
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=str(Path(config.output_dir) / "logs")),
@@ -403,14 +410,28 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if eval_loader is not None:
         final_metrics = _eval_and_record(model, eval_loader, accelerator, config, step, epoch, out_dir, prepared)
     accelerator.wait_for_everyone()
-    # Every process must end with the same weights: compare a checksum across ranks.
-    checksum = torch.tensor([_param_checksum(accelerator.unwrap_model(model))], dtype=torch.float64,
-                            device=accelerator.device)
-    checksums = accelerator.gather(checksum).tolist()
-    if len(set(checksums)) != 1:
-        raise RuntimeError(f"processes ended with different weights (checksums {checksums})")
+    from accelerate.utils import DistributedType
+
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    checksums: list[float] = []
+    if sharded:
+        # Parameters are sharded across ranks: gather the full state dict (a collective call),
+        # load it into a fresh unsharded copy on the main process and export that.
+        state = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            export = _build_model(_without_init(config), data_probe)
+            export.load_state_dict(state)
+            export.save_pretrained(out_dir / "final")
+    else:
+        # Every process must end with the same weights: compare a checksum across ranks.
+        checksum = torch.tensor([_param_checksum(accelerator.unwrap_model(model))], dtype=torch.float64,
+                                device=accelerator.device)
+        checksums = accelerator.gather(checksum).tolist()
+        if len(set(checksums)) != 1:
+            raise RuntimeError(f"processes ended with different weights (checksums {checksums})")
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(out_dir / "final")
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(out_dir / "final")
         write_json_atomic(out_dir / "final" / "run.json", {
             **meta, "metrics": final_metrics, "step": step, "num_processes": accelerator.num_processes,
             "param_checksums": checksums,
@@ -418,6 +439,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final_metrics
+
+
+def _without_init(config: TrainConfig) -> TrainConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, init_from=None)
 
 
 def _param_checksum(model) -> float:

@@ -66,3 +66,15 @@ def test_malformed_override_and_yaml(tmp_path: Path) -> None:
 def test_round_trip_through_dict() -> None:
     cfg = load_config(None, ["fusion=co_attention", "fusion_kwargs={\"dim\": 32}", "max_steps=7"])
     assert from_dict(cfg.to_dict()) == cfg
+
+
+def test_example_accelerate_configs_parse() -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    from conftest import REPO_ROOT
+
+    fsdp = load_config_from_file(str(REPO_ROOT / "configs" / "accelerate" / "fsdp.yaml"))
+    ds = load_config_from_file(str(REPO_ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml"))
+    assert fsdp.distributed_type == DistributedType.FSDP and fsdp.num_processes == 8
+    assert ds.distributed_type == DistributedType.DEEPSPEED and ds.num_machines == 2

@@ -76,7 +76,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
 
 def test_two_processes_agree_with_one(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    args = [*COMMON, "max_steps=6", "max_eval_samples=203", "cpu=true", f"output_dir={out}"]
+    args = [*COMMON, "max_steps=6", "max_eval_samples=203", f"output_dir={out}"]  # the README form: no cpu=true
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
          "-m", "fusionzoo", "train", *args],
