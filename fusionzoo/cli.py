@@ -87,10 +87,12 @@ def _run_list(args: argparse.Namespace) -> int:
 
 # -- entry point -----------------------------------------------------------------------
 
-from .commands.train import _add_eval, _add_predict, _add_train  # noqa: E402
+from .commands.train import _add_eval, _add_predict, _add_pretrain, _add_train  # noqa: E402
 from .commands.score import _add_score  # noqa: E402
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_list, _add_train, _add_eval, _add_predict, _add_score]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_list, _add_train, _add_eval, _add_predict, _add_pretrain, _add_score,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,137 @@
+"""``fusionzoo score``: official VQA v2 accuracy and COCO caption scores of results files.
+
+Two subcommands, each printing one JSON object on stdout:
+
+* ``fusionzoo score vqa --questions Q.json --annotations A.json --results R.json``
+  -> ``{"overall", "perAnswerType", "perQuestionType"}``
+  (:func:`fusionzoo.tasks.vqa_eval.evaluate_vqa`);
+* ``fusionzoo score captions --annotations captions.json --results results.json``
+  -> ``{"Bleu_1", ..., "CIDEr", "SPICE": null, "notes": {"SPICE": ...}}``
+  (:func:`fusionzoo.tasks.caption_eval.score_captions`).
+
+Bad input exits with status 2 and one line on stderr naming the file and entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+VQA_EPILOG = """\
+files (the official VQA v2 schemas):
+  --questions    v2_OpenEnded_mscoco_<split>_questions.json
+                 {"questions": [{"image_id", "question", "question_id"}, ...]}
+  --annotations  v2_mscoco_<split>_annotations.json
+                 {"annotations": [{"question_id", "question_type", "answer_type",
+                   "answers": [{"answer", "answer_confidence", "answer_id"}] x 10}, ...]}
+  --results      [{"question_id": int, "answer": str}, ...], one per annotated question
+
+scoring, as the official evaluation: the predicted answer is normalised (punctuation,
+number words -> digits, articles dropped, contractions restored); its accuracy is
+min(1, #matching human answers / 3) averaged over the 10 leave-one-out subsets of the
+human answers; overall and per-type means are percentages with two decimals.
+
+example:
+  fusionzoo score vqa --questions v2_OpenEnded_mscoco_val2014_questions.json \\
+      --annotations v2_mscoco_val2014_annotations.json --results val_results.json
+"""
+
+CAPTIONS_EPILOG = """\
+files:
+  --annotations  COCO captions: {"images": [{"id", ...}], "annotations": [{"image_id", "caption"}, ...]}
+  --results      [{"image_id", "caption": str}, ...], one per image with reference captions
+
+scoring: pycocoevalcap's PTB tokenizer, then its BLEU-1..4, METEOR, ROUGE-L and CIDEr-D
+scorers (the COCO evaluation server's numbers). SPICE is not computed (it needs a model
+download) and is printed as null. Needs Java (`java -version`), e.g.
+`apt-get install default-jre-headless` or `conda install -c conda-forge openjdk`.
+
+example:
+  fusionzoo score captions --annotations captions_val2014.json --results captions_results.json
+"""
+
+
+def _add_score(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "score",
+        help="score results files: official VQA v2 accuracy or COCO caption metrics",
+        description="Score a results file against the official annotations and print the scores as JSON.",
+        epilog="run `fusionzoo score vqa --help` or `fusionzoo score captions --help` for the file formats",
+    )
+    p.set_defaults(func=lambda args: _missing_kind(p))
+    kinds = p.add_subparsers(dest="kind", metavar="{vqa,captions}")
+
+    vqa = kinds.add_parser(
+        "vqa",
+        help="official VQA v2 accuracy (overall, per answer type, per question type)",
+        description="Official VQA v2 accuracy of a results file, as the VQA evaluation code computes it.",
+        epilog=VQA_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    vqa.add_argument("--questions", required=True, type=Path, metavar="Q.json", help="the questions file of the split")
+    vqa.add_argument("--annotations", required=True, type=Path, metavar="A.json", help="the annotations file of the split")
+    vqa.add_argument("--results", required=True, type=Path, metavar="R.json", help="the predicted answers")
+    _add_output_options(vqa)
+    vqa.set_defaults(func=_run_score_vqa)
+
+    captions = kinds.add_parser(
+        "captions",
+        help="COCO caption scores: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap; needs Java)",
+        description="COCO caption scores of a results file against a COCO captions annotation file.",
+        epilog=CAPTIONS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    captions.add_argument("--annotations", required=True, type=Path, metavar="captions.json",
+                          help="COCO captions annotation file (reference captions)")
+    captions.add_argument("--results", required=True, type=Path, metavar="results.json",
+                          help="the generated captions")
+    _add_output_options(captions)
+    captions.set_defaults(func=_run_score_captions)
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", type=Path, metavar="PATH", help="also write the JSON scores to this file")
+    p.add_argument("--indent", type=int, default=2, help="JSON indentation (default: 2; 0 for one line)")
+
+
+def _missing_kind(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _emit(scores: dict, args: argparse.Namespace) -> int:
+    text = json.dumps(scores, indent=args.indent or None)
+    print(text)
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
+def _fail(exc: BaseException) -> int:
+    message = " ".join(str(exc).split())  # always one line
+    print(f"fusionzoo score: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _run_score_vqa(args: argparse.Namespace) -> int:
+    from fusionzoo.tasks.vqa_eval import ScoreInputError, evaluate_vqa
+
+    try:
+        scores = evaluate_vqa(args.questions, args.annotations, args.results)
+    except ScoreInputError as exc:
+        return _fail(exc)
+    return _emit(scores, args)
+
+
+def _run_score_captions(args: argparse.Namespace) -> int:
+    from fusionzoo.tasks.caption_eval import SPICE_NOTE, CaptionScorerError, JavaNotFoundError, score_captions
+    from fusionzoo.tasks.vqa_eval import ScoreInputError
+
+    try:
+        scores = score_captions(args.annotations, args.results)
+    except (ScoreInputError, JavaNotFoundError, CaptionScorerError, ImportError) as exc:
+        return _fail(exc)
+    return _emit({**scores, "notes": {"SPICE": SPICE_NOTE}}, args)

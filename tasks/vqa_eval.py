@@ -1,0 +1,542 @@
+"""VQA accuracy as the official VQA evaluation computes it, plus answer-vocabulary helpers.
+
+Follows Antol et al., 2015, "VQA: Visual Question Answering" (section 2, the
+accuracy metric) and the behaviour of the official evaluation code
+(GT-Vision-Lab/VQA, ``vqaEval.py``), re-implemented here:
+
+* **Answer processing.** Newlines and tabs become spaces and the answer is
+  stripped; then punctuation: each character of ``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !``
+  is deleted when it touches a space somewhere in the answer, or when the answer
+  contains a digit-comma-digit group (``1,000``), and is replaced by a space
+  otherwise; then periods not followed by a digit are deleted (so ``3.5`` keeps
+  its period). Then the answer is lower-cased and split on whitespace; the number
+  words ``none``/``zero`` .. ``ten`` become digits, the articles ``a``, ``an``,
+  ``the`` are dropped, and contractions written without their apostrophe
+  (``dont``) get it back (``don't``) from the official table.
+* **What is processed.** The official code applies all of that to the
+  *prediction*. The ten *human answers* are compared as stored, except that when
+  they are not all identical they go through the punctuation step (only that
+  step: no lower-casing, number mapping or article removal; the official
+  annotation files are already normalised). :func:`vqa_accuracy` does exactly
+  the same, so it agrees with the official numbers; :func:`normalize_answer` is
+  the full processing, used for predictions, answer vocabularies and soft
+  targets.
+* **Accuracy.** For each of the ``n`` leave-one-out subsets of the ``n`` (10)
+  human answers, ``min(1, #matches / 3)``; the question's accuracy is the mean
+  over the subsets. So 1 matching human answer scores 0.3, 2 score 0.6, 3 score
+  0.9 and 4 or more score 1.0. A question with a single human answer always
+  scores 0 (its only subset is empty): use :func:`exact_match_accuracy` for
+  one-answer datasets.
+* **Report.** ``overall``, ``perAnswerType`` and ``perQuestionType`` are means of
+  the per-question accuracies in percent, rounded to two decimals with Python's
+  ``round`` as the official code does. The official code needs a result for
+  every annotated question and no other; so does :func:`evaluate_vqa`.
+
+Bad input raises :class:`ScoreInputError`, whose message names the file, the
+entry and what was expected. This module needs only the standard library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+# --------------------------------------------------------------------------------------
+# Errors and input files (shared with caption_eval)
+# --------------------------------------------------------------------------------------
+#: How many offending ids an error message quotes.
+SHOW_FIRST = 5
+
+
+class ScoreInputError(ValueError):
+    """Bad input to a scorer: names the file, the entry and what was expected.
+
+    Args:
+        problem: what is wrong ("missing key 'answer'").
+        file: the file concerned, or a label such as ``"<results>"`` for in-memory input.
+        entry: which entry of the file (``"annotations[3] (question_id=1638)"``).
+        expected: what correct input holds ("a string").
+
+    The message is one line: ``"<file>, <entry>: <problem>; expected <expected>"``.
+    The parts are kept as attributes for programs.
+    """
+
+    def __init__(self, problem: str, *, file: str | None = None, entry: str | None = None,
+                 expected: str | None = None) -> None:
+        self.problem = problem
+        self.file = file
+        self.entry = entry
+        self.expected = expected
+        where = ", ".join(part for part in (file, entry) if part)
+        message = f"{where}: {problem}" if where else problem
+        if expected:
+            message += f"; expected {expected}"
+        super().__init__(message)
+
+
+def load_json_input(source: str | os.PathLike | Any, label: str) -> tuple[Any, str]:
+    """Read ``source`` if it is a path, else take it as already-loaded JSON.
+
+    Args:
+        source: a path to a JSON file, or the loaded object (dict or list).
+        label: the name used in errors for in-memory input (``"results"``).
+
+    Returns:
+        ``(data, name)``: the loaded object and the name errors should use
+        (the path, or ``"<label>"``).
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        return source, f"<{label}>"
+    path = Path(source)
+    if not path.is_file():
+        raise ScoreInputError(f"{label} file not found", file=str(path), expected="an existing JSON file")
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return json.load(handle), str(path)
+    except json.JSONDecodeError as exc:
+        raise ScoreInputError(f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
+                              file=str(path), expected=f"a JSON {label} file") from None
+    except UnicodeDecodeError as exc:
+        raise ScoreInputError(f"not UTF-8 text ({exc.reason})", file=str(path),
+                              expected=f"a JSON {label} file") from None
+
+
+def entry_label(list_name: str, index: int, key: str, record: Any) -> str:
+    """``"annotations[3] (question_id=1638)"``, or ``"annotations[3]"`` without the id."""
+    ident = record.get(key) if isinstance(record, Mapping) else None
+    return f"{list_name}[{index}] ({key}={ident!r})" if ident is not None else f"{list_name}[{index}]"
+
+
+def require_key(record: Any, key: str, types: type | tuple[type, ...], *, file: str, entry: str,
+                what: str) -> Any:
+    """``record[key]`` after checking that it exists and has one of ``types`` (bool is never an int)."""
+    if not isinstance(record, Mapping):
+        raise ScoreInputError(f"entry is a {type(record).__name__}", file=file, entry=entry,
+                              expected=f"a JSON object ({what})")
+    if key not in record:
+        raise ScoreInputError(f"missing key {key!r}", file=file, entry=entry, expected=what)
+    value = record[key]
+    allowed = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+        names = " or ".join(t.__name__ for t in allowed)
+        raise ScoreInputError(f"{key!r} is {type(value).__name__} {value!r:.60}", file=file, entry=entry,
+                              expected=f"{key!r} to be {names}")
+    return value
+
+
+def require_list(data: Any, key: str | None, *, file: str, what: str) -> list[Any]:
+    """The top-level list of a file: ``data[key]``, or ``data`` itself when ``key`` is None."""
+    if key is None:
+        if not isinstance(data, list):
+            raise ScoreInputError(f"the top level is a {type(data).__name__}", file=file,
+                                  expected=f"a JSON list ({what})")
+        return data
+    if not isinstance(data, Mapping) or key not in data:
+        found = f"keys {sorted(data)[:8]}" if isinstance(data, Mapping) else f"a {type(data).__name__}"
+        raise ScoreInputError(f"no top-level {key!r} list (found {found})", file=file, expected=what)
+    if not isinstance(data[key], list):
+        raise ScoreInputError(f"{key!r} is a {type(data[key]).__name__}", file=file, expected=f"a list ({what})")
+    return data[key]
+
+
+def quote_ids(ids: Iterable[Any]) -> str:
+    """The first few ids, for an error message."""
+    ids = list(ids)
+    shown = ", ".join(repr(i) for i in ids[:SHOW_FIRST])
+    return shown + (f", ... ({len(ids) - SHOW_FIRST} more)" if len(ids) > SHOW_FIRST else "")
+
+
+# --------------------------------------------------------------------------------------
+# The official answer processing
+# --------------------------------------------------------------------------------------
+#: Characters the punctuation step deletes or turns into spaces (the period is handled apart).
+PUNCTUATION: tuple[str, ...] = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",
+                                ">", "<", "@", "`", ",", "?", "!")
+
+#: Number words the official evaluation maps to digits.
+NUMBER_WORDS: dict[str, str] = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}
+
+#: Words the official evaluation drops.
+ARTICLES: frozenset[str] = frozenset({"a", "an", "the"})
+
+#: The official contractions table: a word written without its apostrophe(s) -> with them.
+#: Kept entry for entry, including its oddities: the capitalised keys (``Im``) can never
+#: match because words are lower-cased first, and ``somebody'd`` maps to ``somebodyd``.
+CONTRACTIONS: dict[str, str] = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've",
+    "hasnt": "hasn't", "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've",
+    "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've",
+    "I'dve": "I'd've", "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've",
+    "it'dve": "it'd've", "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't",
+    "mustve": "must've", "neednt": "needn't", "notve": "not've", "oclock": "o'clock",
+    "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at",
+    "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's",
+    "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've", "somebodyll": "somebody'll", "somebodys": "somebody's",
+    "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
+    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've",
+    "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's",
+    "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's",
+    "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
+    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're",
+    "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've",
+    "youll": "you'll", "youre": "you're", "youve": "you've",
+}
+
+# A digit-comma-digit group ("1,000"): when present, punctuation is deleted rather than spaced.
+_DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
+# The official period pattern, kept as written: "(?!<=\d)" is a lookahead that never
+# fires (a typo for a lookbehind), so in effect it deletes every period not followed
+# by a digit. The official call passes re.UNICODE (32) as `count`: at most 32 deletions.
+_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_PERIOD_MAX_DELETIONS = 32
+
+
+def clean_whitespace(text: str) -> str:
+    """Newlines and tabs to spaces, then strip (the first step for predictions)."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def process_punctuation(text: str) -> str:
+    """The official punctuation step (see the module docstring); case and words untouched."""
+    delete_all = _DIGIT_COMMA_DIGIT.search(text) is not None
+    out = text
+    for char in PUNCTUATION:
+        # the test looks at the *input* text, the replacement acts on the running output
+        if delete_all or (char + " ") in text or (" " + char) in text:
+            out = out.replace(char, "")
+        else:
+            out = out.replace(char, " ")
+    return _PERIOD.sub("", out, count=_PERIOD_MAX_DELETIONS)
+
+
+def process_digit_article(text: str) -> str:
+    """The official word step: lower-case, number words to digits, drop articles, restore contractions."""
+    words = [NUMBER_WORDS.get(word, word) for word in text.lower().split()]
+    words = [word for word in words if word not in ARTICLES]
+    return " ".join(CONTRACTIONS.get(word, word) for word in words)
+
+
+def normalize_answer(answer: str) -> str:
+    """The official processing of a predicted answer: whitespace, punctuation, then words.
+
+    >>> normalize_answer("Two dogs.")
+    '2 dogs'
+    >>> normalize_answer("dont know"), normalize_answer("3.5"), normalize_answer("1,000")
+    ("don't know", '3.5', '1000')
+    """
+    if not isinstance(answer, str):
+        raise TypeError(f"an answer must be a str, got {type(answer).__name__} {answer!r:.60}")
+    return process_digit_article(process_punctuation(clean_whitespace(answer)))
+
+
+# --------------------------------------------------------------------------------------
+# Accuracy of one question
+# --------------------------------------------------------------------------------------
+def _leave_one_out(candidate: str, answers: Sequence[str]) -> float:
+    """Mean over the ``len(answers)`` leave-one-out subsets of ``min(1, #matches / 3)``.
+
+    Summed subset by subset in the official order, so the floats agree bit for bit.
+    """
+    matches = sum(answer == candidate for answer in answers)
+    per_subset = [min(1.0, (matches - (answer == candidate)) / 3) for answer in answers]
+    return sum(per_subset) / len(per_subset)
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """Accuracy (0..1) of one predicted answer against the human answers of its question.
+
+    Args:
+        prediction: the model's answer, raw (it is processed with :func:`normalize_answer`).
+        answers: the human answers (10 in VQA v2), as stored in the annotation file.
+
+    Returns:
+        The mean over the leave-one-out subsets of ``min(1, #matches / 3)``; with
+        10 answers: 0.3 per matching answer, at most 1.0.
+
+    The human answers get the punctuation step only, and only when they are not
+    all identical, exactly as in the official evaluation (see the module docstring).
+    """
+    if isinstance(answers, str) or not isinstance(answers, Sequence):
+        raise TypeError(f"answers must be a list of strings, got {type(answers).__name__}")
+    if not answers:
+        raise ValueError("answers is empty; expected the human answers of the question (10 in VQA v2)")
+    references = list(answers)
+    if len(set(references)) > 1:
+        references = [process_punctuation(answer) for answer in references]
+    return _leave_one_out(normalize_answer(prediction), references)
+
+
+def answer_scores(answers: Sequence[str]) -> dict[str, float]:
+    """Soft score (0..1] of every distinct normalised answer of one question.
+
+    The VQA v2 soft target: each answer scores what predicting it would score
+    (:func:`vqa_accuracy`'s leave-one-out mean), computed on answers processed
+    with :func:`normalize_answer`. Empty answers (all punctuation) and answers
+    scoring 0 (a question with one answer) are left out.
+
+    >>> answer_scores(["2"] * 3 + ["two", "3"] + ["4"] * 5)
+    {'2': 1.0, '3': 0.3, '4': 1.0}
+    """
+    normalised = [normalize_answer(answer) for answer in answers]
+    scores = {candidate: _leave_one_out(candidate, normalised) for candidate in dict.fromkeys(normalised)}
+    return {candidate: score for candidate, score in scores.items() if candidate and score > 0}
+
+
+def soft_scores(answers: Sequence[str], vocab: Mapping[str, int]) -> dict[int, float]:
+    """Soft target of one question over an answer vocabulary: ``{answer index: score}``.
+
+    Args:
+        answers: the human answers of the question (any form; they are normalised).
+        vocab: normalised answer -> class index (e.g. ``{a: i for i, a in enumerate(build_answer_vocab(...))}``).
+
+    Returns:
+        The :func:`answer_scores` of the answers that are in ``vocab``, keyed by
+        their index; answers outside the vocabulary are dropped.
+
+    >>> soft_scores(["red"] * 2 + ["dark red"] * 8, {"red": 0, "blue": 1})
+    {0: 0.6}
+    """
+    if not isinstance(vocab, Mapping):
+        raise TypeError(f"vocab must map answer -> index (a dict), got {type(vocab).__name__}; "
+                        "build it with {answer: i for i, answer in enumerate(answers)}")
+    return {vocab[answer]: score for answer, score in answer_scores(answers).items() if answer in vocab}
+
+
+def build_answer_vocab(answer_lists: Iterable[Sequence[str]], top_k: int | None = 3129,
+                       min_count: int = 1) -> list[str]:
+    """The answer vocabulary: the ``top_k`` most frequent normalised answers.
+
+    Args:
+        answer_lists: the human answers of each training question.
+        top_k: vocabulary size (3,129 is the usual VQA v2 vocabulary); ``None`` keeps all.
+        min_count: drop answers given fewer times than this.
+
+    Returns:
+        Normalised answers, most frequent first, ties in alphabetical order (so the
+        result does not depend on the order of the questions). Every human answer
+        counts once; answers that normalise to an empty string are dropped.
+    """
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be a positive int or None, got {top_k}")
+    if min_count < 1:
+        raise ValueError(f"min_count must be >= 1, got {min_count}")
+    counts: Counter[str] = Counter()
+    for answers in answer_lists:
+        if isinstance(answers, str):
+            raise TypeError(f"answer_lists must hold one list of answers per question, got the string {answers!r:.60}")
+        counts.update(answer for answer in map(normalize_answer, answers) if answer)
+    ranked = sorted((item for item in counts.items() if item[1] >= min_count), key=lambda item: (-item[1], item[0]))
+    return [answer for answer, _ in ranked[:top_k]]
+
+
+def exact_match_accuracy(predictions: Sequence[str], answers: Sequence[str | Sequence[str]]) -> float:
+    """Fraction (0..1) of predictions equal to their answer after :func:`normalize_answer`.
+
+    For datasets with one answer per question (easy-VQA, the yes/no JSONL). Each
+    element of ``answers`` is the answer, or a list of acceptable answers (any
+    one matching counts).
+    """
+    if len(predictions) != len(answers):
+        raise ValueError(f"{len(predictions)} predictions but {len(answers)} answers; expected one answer per prediction")
+    if not predictions:
+        raise ValueError("no predictions to score")
+    correct = 0
+    for prediction, accepted in zip(predictions, answers):
+        accepted = [accepted] if isinstance(accepted, str) else accepted
+        correct += normalize_answer(prediction) in {normalize_answer(answer) for answer in accepted}
+    return correct / len(predictions)
+
+
+# --------------------------------------------------------------------------------------
+# Accuracy of a set of questions
+# --------------------------------------------------------------------------------------
+def _percent(values: Sequence[float], digits: int) -> float:
+    """The official aggregate: ``round(100 * sum / count, digits)``, in that order of operations."""
+    return round(100 * float(sum(values)) / len(values), digits)
+
+
+def score_vqa(predictions: Sequence[str], answer_lists: Sequence[Sequence[str]],
+              answer_types: Sequence[str] | None = None, question_types: Sequence[str] | None = None,
+              digits: int = 2) -> dict[str, Any]:
+    """The official report over many questions, from plain lists.
+
+    Args:
+        predictions: one raw predicted answer per question.
+        answer_lists: the human answers of each question.
+        answer_types: optional answer type per question (``yes/no``, ``number``, ``other``).
+        question_types: optional question type per question (``what color is the``, ...).
+        digits: decimals of the rounded percentages (the official 2).
+
+    Returns:
+        ``{"overall": %, "perAnswerType": {type: %}, "perQuestionType": {type: %}}``;
+        the per-type dicts are empty when the types are not given, and list the
+        types in order of first appearance.
+    """
+    count = len(predictions)
+    for name, values in (("answer_lists", answer_lists), ("answer_types", answer_types),
+                         ("question_types", question_types)):
+        if values is not None and len(values) != count:
+            raise ValueError(f"{count} predictions but {len(values)} {name}; expected one per prediction")
+    if count == 0:
+        raise ValueError("no predictions to score")
+    accuracies = [vqa_accuracy(prediction, answers) for prediction, answers in zip(predictions, answer_lists)]
+    report: dict[str, Any] = {"overall": _percent(accuracies, digits), "perAnswerType": {}, "perQuestionType": {}}
+    for key, types in (("perAnswerType", answer_types), ("perQuestionType", question_types)):
+        groups: dict[str, list[float]] = {}
+        for kind, accuracy in zip(types or (), accuracies):
+            groups.setdefault(kind, []).append(accuracy)
+        report[key] = {kind: _percent(values, digits) for kind, values in groups.items()}
+    return report
+
+
+_QUESTION_SCHEMA = "{'image_id', 'question', 'question_id'} (v2_OpenEnded_mscoco_<split>_questions.json)"
+_ANNOTATION_SCHEMA = ("{'question_id', 'question_type', 'answer_type', 'answers': [{'answer', ...}]} "
+                      "(v2_mscoco_<split>_annotations.json)")
+_RESULT_SCHEMA = "{'question_id': int, 'answer': str}"
+
+
+def _read_annotations(data: Any, file: str) -> dict[int, dict[str, Any]]:
+    """question_id -> {answers, answer_type, question_type, entry}, schema-checked."""
+    annotations: dict[int, dict[str, Any]] = {}
+    for index, record in enumerate(require_list(data, "annotations", file=file, what=_ANNOTATION_SCHEMA)):
+        entry = entry_label("annotations", index, "question_id", record)
+        question_id = require_key(record, "question_id", int, file=file, entry=entry, what=_ANNOTATION_SCHEMA)
+        if question_id in annotations:
+            raise ScoreInputError(f"question_id {question_id} appears twice (first at {annotations[question_id]['entry']})",
+                                  file=file, entry=entry, expected="one annotation per question")
+        answer_type = require_key(record, "answer_type", str, file=file, entry=entry, what=_ANNOTATION_SCHEMA)
+        question_type = require_key(record, "question_type", str, file=file, entry=entry, what=_ANNOTATION_SCHEMA)
+        answers = require_key(record, "answers", list, file=file, entry=entry, what=_ANNOTATION_SCHEMA)
+        if not answers:
+            raise ScoreInputError("'answers' is empty", file=file, entry=entry, expected="the human answers (10 in VQA v2)")
+        texts = [require_key(answer, "answer", str, file=file, entry=f"{entry}.answers[{j}]",
+                             what="{'answer': str, 'answer_confidence', 'answer_id'}")
+                 for j, answer in enumerate(answers)]
+        annotations[question_id] = {"answers": texts, "answer_type": answer_type,
+                                    "question_type": question_type, "entry": entry}
+    if not annotations:
+        raise ScoreInputError("'annotations' is empty", file=file, expected="at least one annotated question")
+    return annotations
+
+
+def _check_questions(data: Any, file: str, annotations: Mapping[int, Mapping[str, Any]], annotations_file: str) -> None:
+    """The questions file must hold exactly the annotated questions (same split)."""
+    question_ids: set[int] = set()
+    for index, record in enumerate(require_list(data, "questions", file=file, what=_QUESTION_SCHEMA)):
+        entry = entry_label("questions", index, "question_id", record)
+        question_ids.add(require_key(record, "question_id", int, file=file, entry=entry, what=_QUESTION_SCHEMA))
+        require_key(record, "question", str, file=file, entry=entry, what=_QUESTION_SCHEMA)
+    unasked = [qid for qid in annotations if qid not in question_ids]
+    if unasked:
+        raise ScoreInputError(f"{len(unasked)} annotated questions are not in the questions file {file} "
+                              f"(question_id {quote_ids(unasked)})", file=annotations_file,
+                              entry=annotations[unasked[0]]["entry"],
+                              expected="the questions and annotations files of the same split")
+    unanswered = sorted(question_ids.difference(annotations))
+    if unanswered:
+        raise ScoreInputError(f"{len(unanswered)} questions have no annotation in {annotations_file} "
+                              f"(question_id {quote_ids(unanswered)})", file=file,
+                              expected="the questions and annotations files of the same split")
+
+
+def _read_results(data: Any, file: str, annotations: Mapping[int, Any], annotations_file: str) -> dict[int, str]:
+    """question_id -> raw predicted answer; every annotated question exactly once."""
+    results: dict[int, str] = {}
+    first_entry: dict[int, str] = {}
+    for index, record in enumerate(require_list(data, None, file=file, what=f"[{_RESULT_SCHEMA}, ...]")):
+        entry = entry_label("results", index, "question_id", record)
+        question_id = require_key(record, "question_id", int, file=file, entry=entry, what=_RESULT_SCHEMA)
+        answer = require_key(record, "answer", str, file=file, entry=entry, what=_RESULT_SCHEMA)
+        if question_id not in annotations:
+            raise ScoreInputError(f"question_id {question_id} is not in the annotations ({annotations_file})",
+                                  file=file, entry=entry, expected="results only for annotated questions")
+        if question_id in results:
+            raise ScoreInputError(f"a second result for question_id {question_id} (first at {first_entry[question_id]})",
+                                  file=file, entry=entry, expected="one result per question")
+        results[question_id] = answer
+        first_entry[question_id] = entry
+    missing = [qid for qid in annotations if qid not in results]
+    if missing:
+        raise ScoreInputError(f"no result for {len(missing)} of {len(annotations)} annotated questions "
+                              f"(question_id {quote_ids(missing)})", file=file,
+                              expected="a result for every question of the annotations, as the official evaluation requires")
+    return results
+
+
+def evaluate_vqa(questions_json: str | os.PathLike | Mapping[str, Any],
+                 annotations_json: str | os.PathLike | Mapping[str, Any],
+                 results_json: str | os.PathLike | Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Official VQA v2 accuracy of a results file.
+
+    Args:
+        questions_json: ``v2_OpenEnded_mscoco_<split>_questions.json`` (path or loaded):
+            ``{"questions": [{"image_id", "question", "question_id"}, ...]}``.
+        annotations_json: ``v2_mscoco_<split>_annotations.json`` (path or loaded):
+            ``{"annotations": [{"question_id", "question_type", "answer_type",
+            "answers": [{"answer", "answer_confidence", "answer_id"}] * 10, ...}]}``.
+        results_json: the results (path or loaded): ``[{"question_id", "answer"}, ...]``,
+            one per annotated question.
+
+    Returns:
+        ``{"overall": %, "perAnswerType": {type: %}, "perQuestionType": {type: %}}``,
+        rounded to two decimals as the official evaluation reports.
+
+    Raises:
+        ScoreInputError: a missing key or wrong type (naming the file and entry),
+            questions and annotations of different splits, a result for an unknown
+            question or a repeated one, or questions without a result (how many).
+    """
+    annotations_data, annotations_file = load_json_input(annotations_json, "annotations")
+    annotations = _read_annotations(annotations_data, annotations_file)
+    questions_data, questions_file = load_json_input(questions_json, "questions")
+    _check_questions(questions_data, questions_file, annotations, annotations_file)
+    results_data, results_file = load_json_input(results_json, "results")
+    results = _read_results(results_data, results_file, annotations, annotations_file)
+    question_ids = list(annotations)  # the official order: that of the annotation file
+    return score_vqa(
+        [results[qid] for qid in question_ids],
+        [annotations[qid]["answers"] for qid in question_ids],
+        answer_types=[annotations[qid]["answer_type"] for qid in question_ids],
+        question_types=[annotations[qid]["question_type"] for qid in question_ids],
+    )
+
+
+__all__ = [
+    "ARTICLES",
+    "CONTRACTIONS",
+    "NUMBER_WORDS",
+    "PUNCTUATION",
+    "ScoreInputError",
+    "answer_scores",
+    "build_answer_vocab",
+    "clean_whitespace",
+    "evaluate_vqa",
+    "exact_match_accuracy",
+    "normalize_answer",
+    "process_digit_article",
+    "process_punctuation",
+    "score_vqa",
+    "soft_scores",
+    "vqa_accuracy",
+]
