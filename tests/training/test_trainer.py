@@ -154,3 +154,47 @@ def test_nan_loss_stops_after_saving_last_good_state(tmp_path: Path) -> None:
     finally:
         FUSIONS.unregister("nan_after_three")
         torch.set_grad_enabled(True)
+
+
+def _karpathy_fixture(root: Path, n_images: int = 8) -> None:
+    """A Karpathy-schema split file over small generated images (train 6 / val 1 / test 1)."""
+    from PIL import Image
+
+    words = ["red", "blue", "green", "black"]
+    images = []
+    for k in range(n_images):
+        image_id = 500 + k
+        filename = f"COCO_val2014_{image_id:012d}.jpg"
+        (root / "val2014").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), (60 * (k % 4), 30 * k % 255, 90)).save(root / "val2014" / filename)
+        split = "test" if k == n_images - 1 else "val" if k == n_images - 2 else "train"
+        sentences = [{"raw": f"a {words[k % 4]} square on a plain background {s}", "tokens": [], "imgid": k,
+                      "sentid": 10 * k + s} for s in range(2)]
+        images.append({"filepath": "val2014", "filename": filename, "imgid": k, "split": split,
+                       "sentences": sentences, "sentids": [s["sentid"] for s in sentences], "cocoid": image_id})
+    (root / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+
+
+def test_captioning_trains_generates_and_reports_caption_scores(tmp_path: Path) -> None:
+    from fusionzoo.model import load_model
+    from fusionzoo.training.trainer import evaluate_checkpoint, train
+
+    _karpathy_fixture(tmp_path / "data")
+    out = tmp_path / "run"
+    cfg = load_config(None, [
+        "task=captioning", "data=karpathy-captions", f"data_dir={tmp_path / 'data'}", "fusion=albef",
+        "vision=tiny", "text=tiny", "fusion_kwargs.dim=32", "batch_size=4", "max_steps=4", "lr=1e-3",
+        "log_with=none", f"output_dir={out}", "max_text_len=16",
+    ])
+    metrics = train(cfg)
+    for key in ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
+        assert key in metrics and metrics[key] >= 0.0
+    assert metrics["num_samples"] == 1  # the one val image
+    model = load_model(out / "final")
+    from PIL import Image
+
+    caption = model.generate([Image.new("RGB", (32, 32), (0, 0, 255))], max_new_tokens=5, num_beams=2)
+    assert isinstance(caption[0], str)
+    cfg.split = "test"
+    scored = evaluate_checkpoint(out, cfg)
+    assert scored["num_samples"] == 1 and "CIDEr" in scored
