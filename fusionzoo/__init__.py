@@ -11,11 +11,19 @@ Quick use::
 
 Extend the zoo with ``@fusionzoo.register_fusion("my_fusion")`` on a
 :class:`fusionzoo.FusionModule` subclass (see the README).
+
+Importing this package is light (no torch): the registries load their built-in
+entries on first use, and the model classes below are imported on first access.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .registry import (  # noqa: E402  (registries first: everything below registers into them)
+from .registry import (  # noqa: E402
     DATASETS,
     FUSIONS,
     HEADS,
@@ -35,16 +43,41 @@ from .registry import (  # noqa: E402  (registries first: everything below regis
     register_text_encoder,
     register_vision_encoder,
 )
-from .layers import KVCache  # noqa: E402
-from .fusions import FusionModule, FusionOutput  # noqa: E402
-from . import encoders, heads  # noqa: E402,F401
-from . import tasks  # noqa: E402,F401  (the repository's tasks/ folder, installed as fusionzoo.tasks)
-from .model import FusionModel, create_model, load_model  # noqa: E402
+
+# Public names that need torch, imported on first access (PEP 562).
+_LAZY = {
+    "FusionModel": "fusionzoo.model",
+    "ModelOutput": "fusionzoo.model",
+    "create_model": "fusionzoo.model",
+    "load_model": "fusionzoo.model",
+    "FusionModule": "fusionzoo.fusions.base",
+    "FusionOutput": "fusionzoo.fusions.base",
+    "KVCache": "fusionzoo.layers",
+}
+_SUBMODULES = {"encoders", "fusions", "heads", "layers", "losses", "model", "tasks", "training", "plugins"}
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from .fusions.base import FusionModule, FusionOutput
+    from .layers import KVCache
+    from .model import FusionModel, ModelOutput, create_model, load_model
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'fusionzoo' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)
+
 
 __all__ = [
     "DATASETS",
-    "list_datasets",
-    "register_dataset",
     "FUSIONS",
     "HEADS",
     "TASKS",
@@ -54,13 +87,16 @@ __all__ = [
     "FusionModule",
     "FusionOutput",
     "KVCache",
+    "ModelOutput",
     "RegistryError",
     "create_model",
+    "list_datasets",
     "list_encoders",
     "list_fusions",
     "list_heads",
     "list_tasks",
     "load_model",
+    "register_dataset",
     "register_fusion",
     "register_head",
     "register_task",

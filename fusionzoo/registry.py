@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib
 import importlib.metadata
 import logging
 from typing import Any, Callable, Generic, Iterator, TypeVar
@@ -48,11 +49,29 @@ class Registry(Generic[T]):
             entries that installed packages contribute.
     """
 
-    def __init__(self, kind: str, entry_point_group: str | None = None) -> None:
+    def __init__(self, kind: str, entry_point_group: str | None = None, builtins: str | None = None) -> None:
         self.kind = kind
         self.entry_point_group = entry_point_group
+        self.builtins = builtins
         self._entries: dict[str, T] = {}
         self._entry_points_loaded = False
+        self._builtins_loaded = builtins is None
+
+    def _load_builtins(self) -> None:
+        """Import the module that registers the built-in entries, once, on first use.
+
+        ``import fusionzoo`` stays light (no torch, no transformers), so ``fusionzoo
+        --help`` answers at once; the built-ins arrive the first time a registry is
+        read or written.
+        """
+        if self._builtins_loaded:
+            return
+        self._builtins_loaded = True  # set first: the import below registers into this registry
+        try:
+            importlib.import_module(self.builtins)  # type: ignore[arg-type]
+        except BaseException:
+            self._builtins_loaded = False
+            raise
 
     # -- registration -------------------------------------------------------
     def register(self, name: str, obj: T | None = None, *, override: bool = False):
@@ -70,6 +89,8 @@ class Registry(Generic[T]):
                 f"{self.kind} name must be a non-empty string of letters, digits, '_', '-' "
                 f"or '.', got {name!r}"
             )
+
+        self._load_builtins()  # so a user's name that clashes with a built-in is caught now
 
         def decorator(target: T) -> T:
             if name in self._entries and not override:
@@ -93,6 +114,7 @@ class Registry(Generic[T]):
 
     def unregister(self, name: str) -> T:
         """Remove and return an entry (mainly for tests and notebooks)."""
+        self._load_builtins()
         if name not in self._entries:
             raise self._unknown(name)
         return self._entries.pop(name)
@@ -104,6 +126,7 @@ class Registry(Generic[T]):
         Raises:
             RegistryError: with the registered names and the closest matches.
         """
+        self._load_builtins()
         if name not in self._entries:
             self._load_entry_points()
         if name not in self._entries:
@@ -112,10 +135,12 @@ class Registry(Generic[T]):
 
     def list(self, pattern: str = "*") -> list[str]:
         """Sorted registered names matching a shell-style wildcard ``pattern``."""
+        self._load_builtins()
         self._load_entry_points()
         return sorted(n for n in self._entries if fnmatch.fnmatchcase(n, pattern))
 
     def __contains__(self, name: object) -> bool:
+        self._load_builtins()
         self._load_entry_points()
         return name in self._entries
 
@@ -141,6 +166,7 @@ class Registry(Generic[T]):
     def _load_entry_points(self) -> None:
         if self._entry_points_loaded or self.entry_point_group is None:
             return
+        self._load_builtins()
         self._entry_points_loaded = True
         for ep in importlib.metadata.entry_points(group=self.entry_point_group):
             if ep.name in self._entries:
@@ -163,12 +189,15 @@ def _describe(obj: Any) -> str:
     return f"{module}.{qualname}"
 
 
-FUSIONS: Registry[type] = Registry("fusion", "fusionzoo.fusions")
-HEADS: Registry[type] = Registry("head", "fusionzoo.heads")
-VISION_ENCODERS: Registry[Callable[..., Any]] = Registry("vision encoder preset", "fusionzoo.vision_encoders")
-TEXT_ENCODERS: Registry[Callable[..., Any]] = Registry("text encoder preset", "fusionzoo.text_encoders")
-TASKS: Registry[Any] = Registry("task", "fusionzoo.tasks")
-DATASETS: Registry[Callable[..., Any]] = Registry("dataset", "fusionzoo.datasets")
+# Each registry imports the module holding its built-in entries on first use.
+FUSIONS: Registry[type] = Registry("fusion", "fusionzoo.fusions", builtins="fusionzoo.fusions")
+HEADS: Registry[type] = Registry("head", "fusionzoo.heads", builtins="fusionzoo.heads")
+VISION_ENCODERS: Registry[Callable[..., Any]] = Registry(
+    "vision encoder preset", "fusionzoo.vision_encoders", builtins="fusionzoo.encoders")
+TEXT_ENCODERS: Registry[Callable[..., Any]] = Registry(
+    "text encoder preset", "fusionzoo.text_encoders", builtins="fusionzoo.encoders")
+TASKS: Registry[Any] = Registry("task", "fusionzoo.tasks", builtins="fusionzoo.tasks")
+DATASETS: Registry[Callable[..., Any]] = Registry("dataset", "fusionzoo.datasets", builtins="fusionzoo.tasks")
 
 
 def register_fusion(name: str, *, override: bool = False):

@@ -69,7 +69,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
     assert final_a["accuracy"] == pytest.approx(final_b["accuracy"])
     # Only the last keep_last (2) checkpoints remain, all complete.
     ckpts = sorted(p.name for p in (killed / "checkpoints").iterdir())
-    assert ckpts == ["step-00000018", "step-00000020"]
+    assert ckpts == ["step-00000018", "step-00000020"], (ckpts, resumed.stdout[-2000:], resumed.stderr[-2000:])
     run = json.loads((killed / "final" / "run.json").read_text())
     assert run["config"]["max_steps"] == 20 and "torch" in run["versions"]
 
