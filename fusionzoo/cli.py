@@ -89,9 +89,10 @@ def _run_list(args: argparse.Namespace) -> int:
 
 from .commands.train import _add_eval, _add_predict, _add_pretrain, _add_train  # noqa: E402
 from .commands.score import _add_score  # noqa: E402
+from .commands.bench import _add_bench  # noqa: E402
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_list, _add_train, _add_eval, _add_predict, _add_pretrain, _add_score,
+    _add_list, _add_train, _add_eval, _add_predict, _add_pretrain, _add_score, _add_bench,
 ]
 
 

@@ -4,6 +4,13 @@ Every fusion module builds on these (STYLE.md rule 7), so attention is written
 once, on ``torch.nn.functional.scaled_dot_product_attention``, and so is the
 key/value cache that caption generation uses.
 
+Matrix products go through :class:`Linear` (:func:`linear`), an ``nn.Linear``
+that stays fast under bf16 autocast on CPUs without bf16 instructions (see
+:func:`cpu_has_native_bf16`, e.g. AMD Zen 3 or other AVX2-only CPUs). There
+PyTorch's bf16 matrix and attention kernels are a reference fallback 5-100x
+slower than fp32, so :class:`Linear` and :class:`Attention` compute in fp32
+instead; everywhere else (GPUs, CPUs with AVX512-BF16/AMX) autocast applies as usual.
+
 Mask convention everywhere in fusionzoo: boolean, ``True`` = a real token that
 may be attended to, ``False`` = padding. Attention masks given to
 :class:`Attention` are boolean ``(B, 1 or H, L_query, L_key)`` with the same
@@ -17,6 +24,71 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+# -- bf16 matrix products on CPUs without bf16 instructions ----------------------
+
+_NATIVE_BF16: bool | None = None
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether PyTorch has fast bf16 matrix kernels on this CPU.
+
+    True where oneDNN runs bf16 GEMMs (AVX512-BF16 / AMX, AVX-512 emulation, Arm
+    BF16); False on AVX2-only CPUs (e.g. AMD Zen 3, Intel before Skylake-X), where
+    ``torch.mm`` on bf16 falls back to a reference kernel. Checked once per process.
+    """
+    global _NATIVE_BF16
+    if _NATIVE_BF16 is None:
+        try:
+            _NATIVE_BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a PyTorch without the check: trust the ISA level
+            _NATIVE_BF16 = torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "NO AVX", "AVX", "AVX2")
+    return _NATIVE_BF16
+
+
+def _cpu_autocast_bf16() -> bool:
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return torch.is_autocast_cpu_enabled() and torch.get_autocast_cpu_dtype() == torch.bfloat16
+
+
+def bf16_is_slow_here(x: Tensor) -> bool:
+    """Whether bf16 work on ``x`` would hit PyTorch's slow CPU bf16 kernels.
+
+    True for a CPU tensor under CPU bf16 autocast (or a bf16 CPU tensor) on a CPU
+    where :func:`cpu_has_native_bf16` is False.
+    """
+    return (
+        x.device.type == "cpu"
+        and (x.dtype == torch.bfloat16 or _cpu_autocast_bf16())
+        and not cpu_has_native_bf16()
+    )
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear``, but in fp32 where bf16 would hit slow kernels (:func:`bf16_is_slow_here`).
+
+    There, with fp32 parameters, the product is computed from ``x`` in fp32 and the
+    result is fp32 (autocast would have made both bf16): on a CPU without bf16
+    instructions the fp32 kernels are 5-100x faster than PyTorch's bf16 fallback, and
+    converting activations back and forth would cost more than bf16 saves.
+    """
+    if weight.dtype == torch.float32 and bf16_is_slow_here(x):
+        with torch.autocast("cpu", enabled=False):
+            return F.linear(x.float(), weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state dict) computed by :func:`linear`.
+
+    Identical to ``nn.Linear`` except under CPU bf16 autocast on a CPU without bf16
+    instructions, where it computes in fp32 (see :func:`linear`).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class KVCache:
@@ -76,10 +148,10 @@ class Attention(nn.Module):
         context_dim = context_dim or dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(context_dim, dim)
-        self.v = nn.Linear(context_dim, dim)
-        self.out = nn.Linear(dim, dim)
+        self.q = Linear(dim, dim)
+        self.k = Linear(context_dim, dim)
+        self.v = Linear(context_dim, dim)
+        self.out = Linear(dim, dim)
         self.dropout = dropout
 
     def _heads(self, x: Tensor) -> Tensor:  # (B, L, D) -> (B, H, L, Dh)
@@ -118,9 +190,16 @@ class Attention(nn.Module):
                 if cache is not None:
                     cache.put_static(self, *kv)
             k, v = kv
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        if bf16_is_slow_here(q):  # like `linear`: fp32, not PyTorch's slow CPU bf16 attention
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(
+                    q.float(), k.float(), v.float(), attn_mask=attn_mask,
+                    dropout_p=self.dropout if self.training else 0.0,
+                )
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+            )
         return self.out(y.transpose(1, 2).reshape(b, l, d))
 
 
@@ -129,8 +208,8 @@ class MLP(nn.Module):
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int | None = None, dropout: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(in_dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, out_dim or in_dim)
+        self.fc1 = Linear(in_dim, hidden_dim)
+        self.fc2 = Linear(hidden_dim, out_dim or in_dim)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -294,7 +373,7 @@ class AttentionPool(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.score = nn.Linear(dim, 1)
+        self.score = Linear(dim, 1)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         s = self.score(x).squeeze(-1)  # (B, L)

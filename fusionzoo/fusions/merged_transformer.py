@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..layers import (
     KVCache,
+    Linear,
     TransformerLayer,
     all_valid,
     init_weights,
@@ -73,9 +74,9 @@ class MergedTransformerFusion(FusionModule):
         self.out_dim = dim
         self.max_text_len = max_text_len
         self.max_image_tokens = max_image_tokens
-        self.text_proj = nn.Linear(text_dim, dim)
+        self.text_proj = Linear(text_dim, dim)
         self.text_pos = nn.Embedding(max_text_len, dim)
-        self.image_proj = nn.Linear(image_dim, dim)
+        self.image_proj = Linear(image_dim, dim)
         self.image_pos = nn.Embedding(max_image_tokens, dim)
         self.token_type = nn.Embedding(2, dim)
         self.drop = nn.Dropout(dropout)
@@ -83,7 +84,7 @@ class MergedTransformerFusion(FusionModule):
             TransformerLayer(dim, num_heads, mlp_ratio, dropout=dropout) for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(dim)
-        self.pooler = nn.Linear(dim, dim)
+        self.pooler = Linear(dim, dim)
         init_weights(self)
 
     def forward(

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..fusions.base import FusionModule, FusionOutput
-from ..layers import init_weights
+from ..layers import Linear, init_weights, linear
 from ..registry import register_head
 from .classification import VoteFn
 
@@ -92,7 +92,7 @@ class LMPredictor(nn.Module):
     def __init__(self, in_dim: int, word_embeddings: nn.Embedding) -> None:
         super().__init__()
         width, vocab = word_embeddings.embedding_dim, word_embeddings.num_embeddings
-        self.transform = nn.Sequential(nn.Linear(in_dim, width), nn.GELU(), nn.LayerNorm(width))
+        self.transform = nn.Sequential(Linear(in_dim, width), nn.GELU(), nn.LayerNorm(width))
         self.bias = nn.Parameter(torch.zeros(vocab))
         init_weights(self.transform)
         # Kept out of the module tree (the text encoder owns it; it is tied, not copied).
@@ -100,7 +100,7 @@ class LMPredictor(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.transform(x)  # (..., T, width)
-        return F.linear(h, self._embeddings[0].weight, self.bias)  # (..., T, V)
+        return linear(h, self._embeddings[0].weight, self.bias)  # (..., T, V)
 
 
 class CaptioningHead(nn.Module):

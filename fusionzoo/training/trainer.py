@@ -39,8 +39,11 @@ class NonFiniteLossError(RuntimeError):
 # -- building blocks -------------------------------------------------------------------
 
 
-def make_accelerator(config: TrainConfig, with_trackers: bool = True):
-    """An Accelerator for this run (mixed precision, accumulation, seedable sampler, trackers)."""
+def make_accelerator(config: TrainConfig, with_trackers: bool = True, find_unused_parameters: bool | None = None):
+    """An Accelerator for this run (mixed precision, accumulation, seedable sampler, trackers).
+
+    ``find_unused_parameters`` (DDP) defaults to True for captioning only (see below).
+    """
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
 
@@ -72,7 +75,9 @@ def make_accelerator(config: TrainConfig, with_trackers: bool = True):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         # Captioning reads only the text positions: parts of some fusions that build the pooled
         # vector or the last image-stream layer get no gradient there, which DDP must be told.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.task == "captioning")],
+        kwargs_handlers=[DistributedDataParallelKwargs(
+            find_unused_parameters=config.task == "captioning" if find_unused_parameters is None
+            else find_unused_parameters)],
     )
 
 
@@ -248,16 +253,19 @@ def _build_model(config: TrainConfig, data):
         head_kwargs=dict(config.head_kwargs), max_text_len=config.max_text_len, **vocab_kwargs,
     )
     if config.init_from:
-        load_matching_weights(model, config.init_from)
+        load_matching_weights(model, config.init_from, verbose=True)
     return model
 
 
-def load_matching_weights(model, source: str | Path) -> dict[str, int]:
+def load_matching_weights(model, source: str | Path, verbose: bool = False) -> dict[str, int]:
     """Copy every tensor of a saved model (``model.safetensors``) whose name and shape match.
 
     Used to start a task from another task's or ALBEF pretraining's weights: the
-    encoders and fusion carry over, a head of another shape does not.
+    encoders and fusion carry over, a head of another shape does not. With
+    ``verbose`` the main process prints what was loaded, per top-level module.
     """
+    from collections import Counter
+
     import safetensors.torch
 
     path = Path(source)
@@ -273,7 +281,21 @@ def load_matching_weights(model, source: str | Path) -> dict[str, int]:
     matched = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(matched, strict=False)
     stats = {"loaded": len(matched), "skipped": len(saved) - len(matched), "missing": len(own) - len(matched)}
-    logger.info("init_from %s: %s", weights, stats)
+
+    def by_part(keys) -> str:  # "vision 294, text 101, fusion 40"
+        counts = Counter(key.split(".", 1)[0] for key in keys)
+        return ", ".join(f"{part} {n}" for part, n in counts.items()) or "none"
+
+    message = (f"init_from {weights}: loaded {stats['loaded']} tensors ({by_part(matched)}); skipped "
+               f"{stats['skipped']} saved tensors absent here or of another shape "
+               f"({by_part(k for k in saved if k not in matched)}); {stats['missing']} tensors of this model "
+               f"kept their initialisation ({by_part(k for k in own if k not in matched)})")
+    logger.info(message)
+    if verbose:
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            print(message, flush=True)
     return stats
 
 

@@ -1,0 +1,37 @@
+"""``fusionzoo bench``: every fusion trained and scored on the same tasks, on cached frozen-encoder features.
+
+::
+
+    from fusionzoo.bench import BenchConfig, run_bench
+    rows = run_bench(BenchConfig(suite="easy-vqa", quick=True, out="bench-results"))
+
+Modules, in the order a run uses them:
+
+* :mod:`~fusionzoo.bench.suites` -- the suites (``easy-vqa``, ``coco``) and their tasks;
+* :mod:`~fusionzoo.bench.cache` / :mod:`~fusionzoo.bench.features` -- the feature cache
+  and the extraction it avoids;
+* :mod:`~fusionzoo.bench.baselines` -- the text-only and image-only reference rows;
+* :mod:`~fusionzoo.bench.loop` -- the training / inference loop over cached features;
+* :mod:`~fusionzoo.bench.scoring` -- metrics and per-type breakdowns;
+* :mod:`~fusionzoo.bench.runner` -- :func:`run_bench`, which ties them together;
+* :mod:`~fusionzoo.bench.report` -- results.json, results.md, run.json and the plots.
+"""
+
+from .baselines import REFERENCES, ImageOnlyReference, TextOnlyReference
+from .cache import FeatureCache, cache_key, fingerprint_files, fingerprint_module, fingerprint_texts
+from .runner import BenchConfig, run_bench
+from .suites import SUITES
+
+__all__ = [
+    "REFERENCES",
+    "SUITES",
+    "BenchConfig",
+    "FeatureCache",
+    "ImageOnlyReference",
+    "TextOnlyReference",
+    "cache_key",
+    "fingerprint_files",
+    "fingerprint_module",
+    "fingerprint_texts",
+    "run_bench",
+]

@@ -1,0 +1,306 @@
+"""A lean training and evaluation loop over cached encoder features.
+
+Why not :mod:`fusionzoo.training.trainer`: the general trainer decodes images,
+runs the encoders and carries Accelerate's distributed machinery, checkpoints and
+resumption -- what fine-tuning needs. With frozen encoders and features already
+in memory a benchmark step is only "gather rows, run fusion + head, step", and on
+a 2-core CPU every millisecond of data loading and bookkeeping per step shows in
+the wall time. This loop is that and nothing more: one process, index tensors
+into the memory-mapped feature arrays, AdamW with the project's decay groups
+(:func:`~fusionzoo.training.optim.build_optimizer`) and warmup-cosine schedule
+(:func:`~fusionzoo.training.optim.warmup_cosine`), gradient clipping, optional
+autocast. The models it trains are ordinary :class:`~fusionzoo.model.FusionModel` s
+fed through ``forward(image_states=..., text_states=...)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..model import FusionModel
+from ..training.optim import build_optimizer, warmup_cosine
+from .suites import BenchError
+
+#: ``--mixed-precision`` values.
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
+# --------------------------------------------------------------------------------------
+# Batches from cached features
+# --------------------------------------------------------------------------------------
+@dataclass
+class FeatureView:
+    """The samples of one split as rows of the cached feature arrays.
+
+    Attributes:
+        image_tokens: (U_img, N, Di) float16, one row per distinct image (memory-mapped).
+        image_rows: (S,) long, the image row of each sample.
+        text_states: (U_txt, T, Dt) float16 text states, or None (captioning evaluation).
+        text_ids: (U_txt, T) token ids of the same texts.
+        text_mask: (U_txt, T) bool, True = real token.
+        text_rows: (S,) long, the text row of each sample.
+        labels: (S, A) soft scores (VQA), (S,) label ids (classification) or None.
+    """
+
+    image_tokens: Tensor
+    image_rows: Tensor
+    text_states: Tensor | None = None
+    text_ids: Tensor | None = None
+    text_mask: Tensor | None = None
+    text_rows: Tensor | None = None
+    labels: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.image_rows)
+
+    def batch(self, index: Tensor, device: torch.device) -> dict[str, Tensor]:
+        """Model inputs of samples ``index`` (B,): image states, trimmed text, labels."""
+        out = {"image_states": self.image_tokens[self.image_rows[index]].to(device, torch.float32)}  # (B, N, Di)
+        if self.text_rows is not None:
+            rows = self.text_rows[index]  # (B,)
+            mask = self.text_mask[rows]  # (B, T)
+            width = int(mask.sum(dim=1).max())  # drop padding every text of the batch has
+            out["attention_mask"] = mask[:, :width].to(device)  # (B, t)
+            out["input_ids"] = self.text_ids[rows, :width].to(device, torch.long)  # (B, t)
+            out["text_states"] = self.text_states[rows, :width].to(device, torch.float32)  # (B, t, Dt)
+        if self.labels is not None:
+            out["labels"] = self.labels[index].to(device)
+        return out
+
+
+def as_tensor(array: np.ndarray) -> Tensor:
+    """A tensor sharing memory with a (memory-mapped, copy-on-write) numpy array."""
+    return torch.from_numpy(array) if array.flags.writeable else torch.from_numpy(np.array(array))
+
+
+# --------------------------------------------------------------------------------------
+# Precision and memory
+# --------------------------------------------------------------------------------------
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (AMX or AVX-512 BF16)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"amx_bf16", "avx512_bf16"} & flags)
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where bfloat16 is fast (CUDA with bf16, CPUs with AMX / AVX-512 BF16), else ``no``.
+
+    On a CPU without those instructions bfloat16 matmuls are emulated and several
+    times *slower* than float32 (measured 6.5x for a 1024-wide Linear on the
+    2-core AVX2 machine of the README's reference numbers).
+    """
+    if precision not in PRECISIONS:
+        raise BenchError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        if precision == "fp16" and device.type == "cpu":
+            raise BenchError("--mixed-precision fp16 needs a CUDA device; on CPU use bf16 or no")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "no"
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context of a resolved precision (``no`` = plain float32)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def _rss_bytes() -> int:
+    """Resident set size of this process now (Linux), else its peak so far."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """Peak *extra* memory while the block runs, in MB.
+
+    CUDA: ``max_memory_allocated`` over what was allocated at the start. CPU: the
+    process's resident memory, sampled every 5 ms by a thread, over what it was at
+    the start -- the block's own working memory (weights, optimiser state,
+    activations), not the cached features already in memory.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._base = 0
+        self._peak = 0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        self._base = self._peak = _rss_bytes()
+
+        def sample() -> None:
+            while not self._stop.wait(0.005):
+                self._peak = max(self._peak, _rss_bytes())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join()
+            peak = max(self._peak, _rss_bytes())
+        self.peak_mb = max(0.0, (peak - self._base) / 2**20)
+
+
+# --------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------
+@dataclass
+class TrainStats:
+    """What one training run reports: wall seconds, optimiser steps, the mean loss of the last 10% of steps."""
+
+    seconds: float
+    steps: int
+    final_loss: float
+
+
+def _batches(count: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """``steps`` index batches: epochs of shuffled indices, the last partial batch of each kept."""
+    done = 0
+    while done < steps:
+        order = torch.randperm(count, generator=generator)
+        for begin in range(0, count, batch_size):
+            if done == steps:
+                return
+            yield order[begin: begin + batch_size]
+            done += 1
+
+
+def train_model(
+    model: FusionModel,
+    view: FeatureView,
+    *,
+    epochs: float,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    warmup: float,
+    precision: str,
+    device: torch.device,
+    seed: int,
+    desc: str = "train",
+    progress: bool = True,
+) -> TrainStats:
+    """Train the fusion and head of ``model`` on ``view`` (the encoders are frozen and never run).
+
+    Args:
+        epochs: passes over the split (fractions allowed; at least one step).
+        batch_size: samples per step.
+        lr, weight_decay: AdamW settings (no decay on biases, norms, embeddings' tables).
+        warmup: fraction of the steps spent warming the learning rate up, then cosine to 0.
+        precision: a resolved precision (``no``, ``bf16``, ``fp16``).
+        device: where the model and batches live.
+        seed: seeds the shuffling (the model was built under its own seed).
+        desc: progress bar label.
+    """
+    steps = max(1, round(math.ceil(len(view) / batch_size) * epochs))
+    optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay)
+    schedule = warmup_cosine(optimizer, steps, warmup_steps=round(warmup * steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    model.train()
+    start = time.perf_counter()
+    with tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False) as bar:
+        for index in _batches(len(view), batch_size, steps, generator):
+            with autocast(precision, device):
+                loss = model(**view.batch(index, device)).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: the loss became {loss.item()} at step {len(losses)}; "
+                                         "lower the learning rate or use --mixed-precision no")
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            if len(losses) % 10 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-10:]):.4f}")
+    seconds = time.perf_counter() - start
+    tail = losses[-max(1, len(losses) // 10):]
+    return TrainStats(seconds=seconds, steps=len(losses), final_loss=float(np.mean(tail)))
+
+
+# --------------------------------------------------------------------------------------
+# Inference
+# --------------------------------------------------------------------------------------
+@torch.inference_mode()
+def predict_logits(model: FusionModel, view: FeatureView, *, batch_size: int, precision: str,
+                   device: torch.device) -> tuple[Tensor, float]:
+    """Logits (S, C) of every sample of ``view`` (float32, CPU) and the seconds the forward passes took."""
+    model.eval()
+    outputs, seconds = [], 0.0
+    for begin in range(0, len(view), batch_size):
+        index = torch.arange(begin, min(begin + batch_size, len(view)))
+        inputs = view.batch(index, device)
+        inputs.pop("labels", None)
+        start = time.perf_counter()
+        with autocast(precision, device):
+            logits = model(**inputs).logits  # (B, C)
+        logits = logits.float().cpu()
+        seconds += time.perf_counter() - start
+        outputs.append(logits)
+    return torch.cat(outputs), seconds
+
+
+@torch.inference_mode()
+def generate_captions(model: FusionModel, view: FeatureView, *, batch_size: int, precision: str,
+                      device: torch.device, max_new_tokens: int = 20, num_beams: int = 1) -> tuple[list[str], float]:
+    """A caption per sample (image) of ``view`` and the seconds generation took (text encoder run live)."""
+    model.eval()
+    captions: list[str] = []
+    seconds = 0.0
+    for begin in range(0, len(view), batch_size):
+        index = torch.arange(begin, min(begin + batch_size, len(view)))
+        image = view.batch(index, device)["image_states"]  # (B, N, Di)
+        start = time.perf_counter()
+        with autocast(precision, device):
+            ids = model.generate_ids(image_states=image, max_new_tokens=max_new_tokens, num_beams=num_beams)
+        seconds += time.perf_counter() - start
+        texts = model.text.tokenizer.batch_decode(ids.cpu().tolist(), skip_special_tokens=True)
+        captions.extend(text.strip() for text in texts)
+    return captions, seconds

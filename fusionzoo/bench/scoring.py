@@ -1,0 +1,73 @@
+"""Scores of the benchmark's tasks from predictions, with per-type breakdowns.
+
+* VQA: exact match of the predicted answer (one gold answer per question:
+  easy-VQA, the COCO yes/no questions) or VQA v2 accuracy (ten answers), via
+  :mod:`fusionzoo.tasks.vqa_eval`; in percent, overall and per answer / question type.
+* Classification: accuracy and macro-F1 (percent), ROC-AUC (0..1) via
+  :func:`fusionzoo.tasks.classification_data.classification_metrics`, and the
+  accuracy per gold label.
+* Captioning: pycocoevalcap's BLEU-1/4, METEOR, ROUGE-L and CIDEr-D via
+  :func:`fusionzoo.tasks.caption_eval.score_caption_dicts` (needs Java).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..tasks.vqa_eval import normalize_answer, score_vqa
+from .suites import BenchTask, SplitData
+
+#: pycocoevalcap key -> the name the benchmark reports.
+CAPTION_NAMES = {"Bleu_1": "BLEU-1", "Bleu_4": "BLEU-4", "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr"}
+
+
+def _per_group(correct: Sequence[float], groups: Sequence[str]) -> dict[str, float]:
+    """Mean of ``correct`` (0..1) per group, in percent, groups sorted by name."""
+    sums: dict[str, list[float]] = {}
+    for value, group in zip(correct, groups):
+        sums.setdefault(group, []).append(value)
+    return {group: 100.0 * float(np.mean(values)) for group, values in sorted(sums.items())}
+
+
+def score_vqa_predictions(task: BenchTask, split: SplitData, logits: torch.Tensor) -> dict[str, object]:
+    """``accuracy`` (%), ``per_answer_type`` and ``per_question_type`` (%) of argmax answers."""
+    predictions = [task.vocabulary[i] for i in logits.argmax(dim=-1).tolist()]
+    if task.scoring == "vqa":
+        report = score_vqa(predictions, split.answers, split.groups.get("answer_type"),
+                           split.groups.get("question_type"))
+        return {"accuracy": report["overall"], "per_answer_type": report["perAnswerType"],
+                "per_question_type": report["perQuestionType"]}
+    correct = [float(normalize_answer(p) in {normalize_answer(a) for a in gold})
+               for p, gold in zip(predictions, split.answers)]
+    metrics: dict[str, object] = {"accuracy": 100.0 * float(np.mean(correct))}
+    for name in ("answer_type", "question_type"):
+        if name in split.groups:
+            metrics[f"per_{name}"] = _per_group(correct, split.groups[name])
+    return metrics
+
+
+def score_classification_predictions(split: SplitData, logits: torch.Tensor) -> dict[str, object]:
+    """``accuracy``, ``macro_f1`` (%), ``roc_auc`` (two classes) and ``per_label`` accuracy (%)."""
+    from ..tasks.classification_data import classification_metrics
+
+    labels = split.labels.numpy()
+    metrics: dict[str, object] = {}
+    for name, value in classification_metrics(logits.numpy(), labels).items():
+        metrics[name] = 100.0 * value if name in ("accuracy", "macro_f1") else float(value)
+    correct = (logits.argmax(dim=-1).numpy() == labels).astype(float)
+    if "label" in split.groups:
+        metrics["per_label"] = _per_group(correct.tolist(), split.groups["label"])
+    return metrics
+
+
+def score_caption_predictions(split: SplitData, captions: Sequence[str]) -> dict[str, object]:
+    """BLEU-1, BLEU-4, METEOR, ROUGE-L, CIDEr of one caption per test image."""
+    from ..tasks.caption_eval import score_caption_dicts
+
+    res = {image_id: [caption or "."] for image_id, caption in zip(split.image_ids, captions)}
+    gts = {image_id: split.references[image_id] for image_id in res}
+    scores = score_caption_dicts(gts, res)
+    return {name: float(scores[key]) for key, name in CAPTION_NAMES.items()}

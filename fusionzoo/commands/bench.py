@@ -1,0 +1,90 @@
+"""``fusionzoo bench``: train and score every fusion on a suite of tasks and write a report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+BENCH_EPILOG = """\
+suites:
+  easy-vqa  (default) easy-VQA from its PyPI package: 38,575 train / 9,673 test questions,
+            13 answers; six fusions plus text-only and image-only reference rows
+  coco      needs --data-dir (e.g. ../shared/data/coco-vqa-mini): tasks coco-yesno (real
+            yes/no VQA), coco-captioning (Karpathy split; BLEU-4, METEOR, ROUGE-L, CIDEr;
+            needs Java) and coco-match (image-caption match classification)
+
+Encoders: efficientnet-lite0 and minilm-l6, frozen. Their outputs are computed once and
+cached on disk (memory-mapped, float16), keyed by a hash of the encoder weights, the
+preprocessing and the inputs; a second run skips extraction and says so.
+
+Report in --out: results.json (one object per task x fusion), results.md (the tables),
+run.json (machine, wall time, cache hits), captions.json (captioning), PNG plots.
+
+examples:
+  fusionzoo bench                                  easy-VQA, every fusion, one seed
+  fusionzoo bench --quick --out /tmp/bench         a few hundred samples per task (a minute)
+  fusionzoo bench --suite coco --data-dir ../shared/data/coco-vqa-mini
+  fusionzoo bench --fusions co_attention,albef,text_only --seeds 0 1 2 --epochs 3
+"""
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="benchmark every fusion on easy-VQA (default) or real COCO tasks; writes a report",
+        description="Train each fusion (plus text-only and image-only references) on frozen, cached "
+        "encoder features and score it on the test split; print a summary line per task and write "
+        "results.json, results.md, run.json and plots.",
+        epilog=BENCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--suite", default="easy-vqa", choices=["easy-vqa", "coco"], help="which suite (default: easy-vqa)")
+    p.add_argument("--data-dir", type=Path, help="data folder of the coco suite (coco-vqa-mini layout)")
+    p.add_argument("--fusions", type=_names, metavar="A,B,...",
+                   help="comma-separated fusions; text_only and image_only are the references "
+                   "(default: every registered fusion and both references)")
+    p.add_argument("--tasks", type=_names, metavar="A,B,...", help="comma-separated tasks of the suite (default: all)")
+    p.add_argument("--epochs", type=float, help="epochs for every task (default: each task's tuned setting)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
+                   help="one model per seed, scores averaged with their spread (default: 0)")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="report folder (default: bench-results/)")
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+                   help="autocast precision; auto = bf16 where it is fast (CUDA, CPUs with AMX/AVX-512 BF16), "
+                   "else float32 (default: auto)")
+    p.add_argument("--quick", action="store_true", help="a few hundred samples per task (tests, smoke runs)")
+    p.add_argument("--cache-dir", type=Path,
+                   help="feature cache folder (default: $FUSIONZOO_CACHE or ~/.cache/fusionzoo/features)")
+    p.add_argument("--no-cache", action="store_true", help="extract features in memory; never read or write the cache")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument("--image-size", type=int, help="encoder input size in pixels (default: the suite's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a CPU that
+    # other processes also use, spinning threads made training up to 10x slower (measured on
+    # the 2-core machine of the README's numbers); on an idle machine it costs nothing measurable.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from ..bench import BenchConfig, run_bench
+    from ..bench.suites import BenchError
+    from ..tasks.common import DataError
+
+    config = BenchConfig(
+        suite=args.suite, data_dir=args.data_dir, fusions=args.fusions, tasks=args.tasks, epochs=args.epochs,
+        seeds=list(args.seeds), out=args.out, mixed_precision=args.mixed_precision, quick=args.quick,
+        cache_dir=args.cache_dir, no_cache=args.no_cache, device=args.device, image_size=args.image_size,
+        progress=not args.no_progress,
+    )
+    try:
+        run_bench(config)
+    except (BenchError, DataError) as exc:
+        print(f"fusionzoo bench: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,1056 @@
+"""ALBEF-style pretraining on image-caption pairs: ITC + ITM + MLM, on Accelerate.
+
+Follows Li et al., "Align before Fuse: Vision and Language Representation
+Learning with Momentum Distillation" (NeurIPS 2021). The model is the zoo's
+vision encoder, a bidirectional text encoder and a fusion whose output carries
+ITC embeddings (``aux["image_embed"]``, ``aux["text_embed"]``, as ``albef``
+does), plus an ITM head and an MLM head. For a batch of B local pairs
+(G = B x processes pairs in the global batch), one training step is:
+
+1. **Encode.** Image tokens (B, N, Di); text states (B, T, Dt) of the caption
+   and of its masked copy (BERT's 15% masking, 80/10/10, drawn before the
+   forward pass from an explicit generator).
+2. **ITC.** The fusion runs once on the clean pairs; its unit-norm embeddings
+   are compared with the G embeddings of the global batch (and, with
+   ``momentum_distill``, those of a queue): a symmetric cross-entropy over
+   similarity / temperature (the fusion's learnable temperature, or one owned
+   here when the fusion has none). With ``momentum_distill`` the columns are
+   the features of momentum (EMA) copies of the encoders, the fusion and the
+   MLM head, a queue of ``queue_size`` past features is appended, and the
+   targets are ALBEF's ``alpha * softmax(momentum similarities) + (1 - alpha) *
+   one-hot``, ``alpha`` ramped from 0 to ``distill_alpha`` over the first epoch.
+   Captions of the same image (COCO has five) are positives of each other: the
+   hard targets spread uniformly over the columns of the row's image id (as
+   BLIP does), which is one-hot when no image repeats.
+3. **ITM.** For each image a hard-negative text, and for each text a
+   hard-negative image, is drawn from the global batch with probability
+   ``softmax(similarity)`` over the pairs of other images. The ITM head scores
+   the pooled fused state of the B positives (the ITC pass) and of the 2B
+   negatives.
+4. **MLM.** The fusion runs on the masked text with the image; the MLM head
+   predicts the original tokens at the selected positions (distilled towards
+   the momentum model's predictions with weight ``alpha`` when
+   ``momentum_distill``, as ALBEF does).
+
+``loss = itc_weight * itc + itm_weight * itm + mlm_weight * mlm``; each part is
+logged on its own.
+
+Several processes. Each process keeps to its own B pairs: its ITC rows, its
+masked texts and its 3B ITM pairs; what crosses processes is gathered
+(``ProcessView``):
+
+* the ITC embeddings, with a differentiable all-gather
+  (``torch.distributed.nn.functional.all_gather``): each process contrasts its
+  rows with the G columns of the global batch, and as DDP averages gradients
+  the update is exactly that of one process holding the global batch;
+* the momentum features (no gradient), which also fill the queue, so the queue
+  is the same on every process;
+* for ITM, the image tokens and the text states with their masks (texts
+  padded to the longest), with ``accelerator.gather`` and no gradient. A
+  negative drawn from another process's batch is taken from this copy, while
+  the local rows keep their gradient; so the ITM forward runs on local pairs
+  only, a remote negative trains the fusion and the ITM head here, and each
+  example's encoders get their gradient on the process that owns it.
+
+Batches are full (``drop_last``), so every process gathers the same shapes.
+
+Randomness. Masking and negative sampling draw from a ``torch.Generator``
+seeded from ``(seed, process index, step, micro-batch)``, dropout from the
+global RNG that Accelerate checkpoints, and the data order depends only on
+``(seed, epoch)``, so a run resumed from a checkpoint continues exactly as an
+uninterrupted one.
+
+Frozen encoders. A frozen vision encoder gives the same tokens every time an
+image comes back (five captions per COCO image, every epoch), so each image is
+encoded once before training (:class:`ImageFeatureCache`) and batches carry
+its tokens instead of pixels.
+
+Output. ``output_dir/final/`` holds ``model.safetensors`` whose encoder and
+fusion tensors have FusionModel's names (``vision.*``, ``text.*``,
+``fusion.*``), so ``fusionzoo train ... init_from=<output_dir>`` starts any
+task from them, plus the heads (``itm.head.*``, ``mlm.head.*``), a
+``config.json`` saying what it is, and the tokenizer.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from ..encoders import TextEncoder, VisionEncoder, build_text_encoder, build_vision_encoder
+from ..fusions.albef import MAX_TEMPERATURE, MIN_TEMPERATURE, clamp_straight_through
+from ..fusions.base import FusionModule
+from ..losses import IGNORE_INDEX, ITMLoss, MLMLoss, itm_loss, mask_tokens, mlm_loss, sample_hard_negatives
+from ..registry import FUSIONS
+from .checkpoint import CheckpointManager, run_metadata, write_json_atomic
+from .config import ConfigError, TrainConfig
+from .optim import build_optimizer, warmup_cosine
+from .trainer import NonFiniteLossError, _param_checksum, load_matching_weights, load_task_data, make_accelerator
+
+logger = logging.getLogger(__name__)
+
+#: ``kind`` in the config.json of a pretraining export.
+PRETRAIN_KIND = "fusionzoo-pretraining"
+#: Defaults of ``fusionzoo pretrain`` that differ from ``fusionzoo train``'s.
+PRETRAIN_DEFAULTS = {"task": "pretrain", "fusion": "albef", "data": "karpathy-captions", "output_dir": "runs/pretrain"}
+ITC_KEYS = ("image_embed", "text_embed")
+
+
+def pretrain_base_config() -> TrainConfig:
+    """The configuration ``fusionzoo pretrain`` starts from before the YAML file and overrides."""
+    return TrainConfig(**PRETRAIN_DEFAULTS)
+
+
+# -- seeds and processes ---------------------------------------------------------------
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from its parts, e.g. ``(seed, process, step, micro)``; stable across runs and machines."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def make_generator(*parts: int | str) -> torch.Generator:
+    """A CPU generator seeded with :func:`derive_seed` of ``parts`` (draws are moved to the data's device)."""
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+def _all_gather_with_grad(x: Tensor) -> Tensor:
+    """``torch.distributed`` all-gather along dim 0 whose backward sends each process its rows' gradients."""
+    import torch.distributed.nn.functional as distributed_autograd
+
+    return torch.cat(distributed_autograd.all_gather(x.contiguous()))
+
+
+class ProcessView:
+    """How a pretraining step sees the batches of the other processes.
+
+    Args:
+        index: this process's rank.
+        count: number of processes.
+        all_gather: concatenates a tensor of the same shape on every process
+            along dim 0, without gradient (``accelerator.gather``).
+        all_gather_with_grad: the same, differentiable: the gradient that each
+            process's loss puts on a gathered row goes back to the process that
+            owns it (``torch.distributed.nn.functional.all_gather``).
+    """
+
+    def __init__(self, index: int = 0, count: int = 1, all_gather: Callable[[Tensor], Tensor] | None = None,
+                 all_gather_with_grad: Callable[[Tensor], Tensor] | None = None) -> None:
+        if count > 1 and (all_gather is None or all_gather_with_grad is None):
+            raise ValueError(f"a view of {count} processes needs all_gather and all_gather_with_grad functions")
+        self.index, self.count = index, count
+        self._all_gather, self._all_gather_with_grad = all_gather, all_gather_with_grad
+
+    @classmethod
+    def from_accelerator(cls, accelerator: Any) -> "ProcessView":
+        return cls(accelerator.process_index, accelerator.num_processes, accelerator.gather, _all_gather_with_grad)
+
+    def all_finite(self, value: Tensor) -> bool:
+        """Whether ``value`` is finite on every process (one decision that all processes share)."""
+        finite = torch.isfinite(value.detach()).all().reshape(1).long()  # (1,)
+        if self.count == 1:
+            return bool(finite)
+        return bool(self._all_gather(finite).all())
+
+    def gather_with_grad(self, local: Tensor) -> Tensor:
+        """(B, ...) on each process -> (count * B, ...), differentiable through every row.
+
+        Used for the ITC embeddings: with each process's loss the mean over its own
+        rows and DDP averaging the gradients, the update is exactly that of one
+        process holding the whole global batch.
+        """
+        if self.count == 1:
+            return local
+        return self._all_gather_with_grad(local)
+
+    def gather(self, local: Tensor, pad_dim: int | None = None) -> Tensor:
+        """(B, ...) on each process -> (count * B, ...), process order; the local rows keep their gradient.
+
+        Args:
+            local: this process's rows; the same shape on every process except
+                along ``pad_dim``.
+            pad_dim: a dimension whose size may differ between processes (text
+                length); it is zero-padded (False for masks) to the largest.
+        """
+        if self.count == 1:
+            return local
+        if local.dtype == torch.bool:
+            return self.gather(local.long(), pad_dim).bool()
+        if pad_dim is not None:
+            size = torch.tensor([local.shape[pad_dim]], device=local.device)
+            longest = int(self._all_gather(size).max())
+            pad = [0, 0] * (local.dim() - 1 - pad_dim) + [0, longest - local.shape[pad_dim]]
+            local = F.pad(local, pad)  # keeps the gradient
+        wire = local.detach().float() if local.is_floating_point() else local.detach()  # gloo has no bf16
+        everyone = self._all_gather(wire.contiguous()).to(local.dtype)  # (count * B, ...) no gradient
+        b = local.shape[0]
+        start = self.index * b
+        return torch.cat([everyone[:start], local, everyone[start + b:]])  # (count * B, ...)
+
+
+# -- the model -------------------------------------------------------------------------
+
+
+@dataclass
+class PretrainOutput:
+    """What :meth:`PretrainModel.forward` returns.
+
+    Attributes:
+        loss: scalar to backpropagate, the weighted sum of ``losses``.
+        losses: the unweighted objectives: ``"itc"``, ``"itm"``, ``"mlm"`` (an
+            objective whose weight is 0 is skipped, except ITC, which ITM needs).
+        metrics: scalars for logging only: ``"temperature"`` and
+            ``"itm_accuracy"`` (fraction of the 3B ITM pairs classified right).
+    """
+
+    loss: Tensor
+    losses: dict[str, Tensor]
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean over rows of ``-sum_j targets[i, j] * log_softmax(logits)[i, j]``; (R, C) each -> scalar."""
+    return -(F.log_softmax(logits, dim=-1) * targets).sum(dim=-1).mean()
+
+
+def _itc_targets(same_image: Tensor, momentum_sim: Tensor | None, alpha: float) -> Tensor:
+    """(B, C) targets: uniform over each row's matching columns, mixed with ``softmax(momentum_sim)`` by ``alpha``.
+
+    ``same_image`` (B, C) bool marks the columns that show the row's image (its own
+    pair, and other captions of the same image); without repeated images it is one-hot.
+    """
+    hard = same_image.float() / same_image.sum(dim=1, keepdim=True)  # (B, C) rows sum to 1
+    if momentum_sim is None or alpha == 0:
+        return hard
+    return alpha * momentum_sim.softmax(dim=-1) + (1 - alpha) * hard
+
+
+def _negative_candidates(sim: Tensor, same_image: Tensor, positives: Tensor) -> Tensor:
+    """``sim`` (B, G) with other captions of a row's own image ruled out (-inf) as its hard negatives.
+
+    A row whose columns all show its image keeps them (any column but the positive may then be
+    drawn); :func:`~fusionzoo.losses.sample_hard_negatives` rules out the positive itself.
+    """
+    rows = torch.arange(sim.shape[0], device=sim.device)
+    blocked = same_image.clone()  # (B, G)
+    blocked[rows, positives] = False
+    has_other_image = (~same_image).any(dim=1, keepdim=True)  # (B, 1)
+    return sim.detach().masked_fill(blocked & has_other_image, float("-inf"))
+
+
+def _probe_aux(fusion: FusionModule, name: str) -> dict[str, Tensor]:
+    """Run ``fusion`` on two dummy pairs and return its aux, or fail saying what pretraining needs."""
+    was_training = fusion.training
+    fusion.eval()
+    try:
+        with torch.no_grad():
+            text = torch.zeros(2, 3, fusion.text_dim)  # (2, T, Dt)
+            image = torch.zeros(2, 4, fusion.image_dim)  # (2, N, Di)
+            aux = fusion(text, torch.ones(2, 3, dtype=torch.bool), image).aux
+    finally:
+        fusion.train(was_training)
+    missing = [k for k in ITC_KEYS if k not in aux]
+    if missing:
+        raise ValueError(
+            f"pretraining needs a fusion whose output aux has ITC embeddings {list(ITC_KEYS)} (as 'albef' "
+            f"does); fusion {name!r} gives aux keys {sorted(aux)}, missing {missing}. Use fusion=albef."
+        )
+    if aux["image_embed"].shape != aux["text_embed"].shape or aux["image_embed"].dim() != 2:
+        raise ValueError(
+            f"fusion {name!r}: expected aux image_embed and text_embed of one shape (B, E), got "
+            f"{tuple(aux['image_embed'].shape)} and {tuple(aux['text_embed'].shape)}"
+        )
+    return aux
+
+
+class PretrainModel(nn.Module):
+    """Encoders, an ITC-capable fusion and the ITM / MLM heads, trained with ALBEF's three objectives.
+
+    Args:
+        vision: image encoder (``tokens`` (B, N, Di)).
+        text: bidirectional text encoder with a mask token.
+        fusion: a fusion whose aux has ``image_embed`` / ``text_embed`` (B, E).
+        itm: the ITM head (``ITMLoss(fusion.out_dim)``; its ``head`` is used, the
+            negatives are drawn here from the global batch).
+        mlm: the MLM head (``MLMLoss(fusion.out_dim, text.vocab_size)``).
+        config: JSON-safe description written to ``config.json``.
+        itc_weight, itm_weight, mlm_weight: loss weights (>= 0); an ITM or MLM
+            weight of 0 skips that objective and freezes its head.
+        momentum_distill: keep EMA copies and distil ITC and MLM towards them.
+        momentum: EMA decay of the momentum copies (ALBEF: 0.995).
+        queue_size: past momentum features kept as extra ITC negatives (0: none).
+    """
+
+    def __init__(
+        self,
+        vision: VisionEncoder,
+        text: TextEncoder,
+        fusion: FusionModule,
+        itm: ITMLoss,
+        mlm: MLMLoss,
+        config: dict[str, Any],
+        *,
+        itc_weight: float = 1.0,
+        itm_weight: float = 1.0,
+        mlm_weight: float = 1.0,
+        momentum_distill: bool = False,
+        momentum: float = 0.995,
+        queue_size: int = 0,
+    ) -> None:
+        super().__init__()
+        if text.causal:
+            raise ValueError("pretraining needs a bidirectional text encoder (MLM reads both sides); got a causal one")
+        if text.mask_token_id is None:
+            raise ValueError(f"MLM needs a tokenizer with a mask token; text encoder {text.spec} has none")
+        if min(itc_weight, itm_weight, mlm_weight) < 0 or max(itc_weight, itm_weight, mlm_weight) == 0:
+            raise ValueError(
+                f"loss weights must be >= 0 and not all 0, got itc={itc_weight}, itm={itm_weight}, mlm={mlm_weight}"
+            )
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if queue_size < 0 or (queue_size and not momentum_distill):
+            raise ValueError(f"queue_size={queue_size}: the queue holds momentum features; it needs "
+                             "momentum_distill=true and queue_size >= 0")
+        self.vision, self.text, self.fusion, self.itm, self.mlm = vision, text, fusion, itm, mlm
+        self.config = json.loads(json.dumps(config))
+        self.itc_weight, self.itm_weight, self.mlm_weight = itc_weight, itm_weight, mlm_weight
+        self.momentum_decay = momentum
+        self.queue_size = queue_size
+        for weight, head in ((itm_weight, itm), (mlm_weight, mlm)):
+            if weight == 0:
+                head.requires_grad_(False)  # unused: no gradient, not in the optimizer
+
+        aux = _probe_aux(fusion, config.get("fusion", {}).get("name", type(fusion).__name__))
+        self.embed_dim = int(aux["image_embed"].shape[-1])
+        # A fusion without its own temperature gets one here (ALBEF's initial 0.07, clamped the same way).
+        self.itc_temperature = None if "temperature" in aux else nn.Parameter(torch.tensor(0.07))
+        special = sorted(set(text.tokenizer.all_special_ids) | {text.pad_token_id})
+        self.register_buffer("special_ids", torch.tensor(special, dtype=torch.long), persistent=False)
+
+        # Momentum copies: of the fusion and MLM head always, of an encoder only when it trains
+        # (a frozen one is its own momentum copy).
+        self.momentum: nn.ModuleDict | None = None
+        if momentum_distill:
+            copies = {"fusion": fusion, "mlm": mlm}
+            if not vision.frozen:
+                copies["vision"] = vision
+            if not text.frozen:
+                copies["text"] = text
+            self.momentum = nn.ModuleDict({k: copy.deepcopy(m) for k, m in copies.items()})
+            self.momentum.requires_grad_(False)
+            self.momentum.train(False)
+        if queue_size:
+            self.register_buffer("image_queue", torch.zeros(queue_size, self.embed_dim))  # (Q, E)
+            self.register_buffer("text_queue", torch.zeros(queue_size, self.embed_dim))  # (Q, E)
+            self.register_buffer("id_queue", torch.full((queue_size,), -1, dtype=torch.long))  # (Q,) image ids
+            self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # next row to write
+            self.register_buffer("queue_len", torch.zeros((), dtype=torch.long))  # rows filled so far
+
+    # -- modes, momentum, queue ---------------------------------------------------
+    def train(self, mode: bool = True) -> "PretrainModel":
+        """As ``nn.Module.train``; the momentum copies always stay in eval mode (no dropout in the targets)."""
+        super().train(mode)
+        if self.momentum is not None:
+            self.momentum.train(False)
+        return self
+
+    def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        if self.momentum is None:
+            return []
+        return [(getattr(self, name), copy_) for name, copy_ in self.momentum.items()]
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """``ema = momentum * ema + (1 - momentum) * online`` for every momentum parameter; buffers copied."""
+        for online, ema in self._momentum_pairs():
+            ema_params = list(ema.parameters())
+            online_params = [p.detach() for p in online.parameters()]
+            torch._foreach_lerp_(ema_params, online_params, 1.0 - self.momentum_decay)
+            for ema_buffer, buffer in zip(ema.buffers(), online.buffers()):
+                ema_buffer.copy_(buffer)
+
+    @torch.no_grad()
+    def reset_momentum(self) -> None:
+        """Make the momentum copies equal to the online modules (after loading weights) and empty the queue."""
+        for online, ema in self._momentum_pairs():
+            ema.load_state_dict(online.state_dict())
+        if self.queue_size:
+            self.queue_ptr.zero_()
+            self.queue_len.zero_()
+            self.id_queue.fill_(-1)
+
+    @torch.no_grad()
+    def _enqueue(self, image_embed: Tensor, text_embed: Tensor, image_ids: Tensor | None) -> None:
+        """Write the (G, E) momentum features of the global batch (and their (G,) image ids) into the queue."""
+        rows = image_embed.shape[0]
+        keep = min(rows, self.queue_size)
+        index = (self.queue_ptr + torch.arange(keep, device=self.queue_ptr.device)) % self.queue_size  # (keep,)
+        self.image_queue[index] = image_embed[rows - keep:].float()
+        self.text_queue[index] = text_embed[rows - keep:].float()
+        self.id_queue[index] = -1 if image_ids is None else image_ids[rows - keep:]  # -1: never a positive
+        self.queue_ptr.copy_((self.queue_ptr + keep) % self.queue_size)
+        self.queue_len.copy_(torch.clamp(self.queue_len + keep, max=self.queue_size))
+
+    # -- masking (outside forward: it draws random numbers) --------------------------
+    def mask_text(self, input_ids: Tensor, attention_mask: Tensor, generator: torch.Generator,
+                  probability: float = 0.15) -> tuple[Tensor, Tensor]:
+        """BERT's 80/10/10 masking of the non-special tokens; ``(masked_ids, labels)``, each (B, T)."""
+        special = torch.isin(input_ids, self.special_ids.to(input_ids.device))  # (B, T)
+        return mask_tokens(input_ids, mask_token_id=self.text.mask_token_id, vocab_size=self.text.vocab_size,
+                           special_tokens_mask=special, generator=generator, probability=probability,
+                           attention_mask=attention_mask)
+
+    # -- the three objectives --------------------------------------------------------
+    def _embeddings(self, aux: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """ITC image and text embeddings (B, E), float32, and the clamped temperature ()."""
+        if self.itc_temperature is not None:
+            temperature = clamp_straight_through(self.itc_temperature, MIN_TEMPERATURE, MAX_TEMPERATURE)
+        else:
+            temperature = aux["temperature"]
+        return aux["image_embed"].float(), aux["text_embed"].float(), temperature.float()
+
+    def forward(
+        self,
+        *,
+        pixel_values: Tensor | None = None,
+        image_states: Tensor | None = None,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        masked_ids: Tensor,
+        mlm_labels: Tensor,
+        generator: torch.Generator,
+        image_ids: Tensor | None = None,
+        alpha: float = 0.0,
+        processes: ProcessView | None = None,
+    ) -> PretrainOutput:
+        """One pretraining pass over B local image-caption pairs (see the module docstring).
+
+        Args:
+            pixel_values: (B, 3, H, W) images, or
+            image_states: (B, N, Di) their tokens from the frozen vision encoder (cached).
+            input_ids: (B, T) caption ids; attention_mask: (B, T) 1 = real token.
+            masked_ids: (B, T) the captions after :meth:`mask_text`; mlm_labels:
+                (B, T) their targets, -100 where not selected.
+            generator: randomness of the hard-negative draws.
+            image_ids: (B,) long ids of the images. Pairs that share an image
+                (two captions of one photo) are then positives of each other in
+                ITC, never each other's ITM negatives (as in BLIP); without ids
+                only the pair itself is.
+            alpha: distillation weight of this step (0 without ``momentum_distill``).
+            processes: the other processes' batches (default: this one alone).
+        Returns:
+            :class:`PretrainOutput`.
+        """
+        procs = processes or ProcessView()
+        b = input_ids.shape[0]
+        text_mask = attention_mask.bool()  # (B, T)
+        distill = self.momentum is not None and self.training  # evaluation scores the online model alone
+
+        # 1. Encode and fuse the clean pairs (ITC embeddings and the ITM positives).
+        if (pixel_values is None) == (image_states is None):
+            raise ValueError("pass exactly one of pixel_values (B, 3, H, W) or image_states (B, N, Di)")
+        if image_states is not None and not self.vision.frozen:
+            raise ValueError("image_states (cached image tokens) bypass the vision encoder; it must be frozen")
+        image = self.vision(pixel_values).tokens if image_states is None else image_states  # (B, N, Di)
+        text = self.text(input_ids, attention_mask).states  # (B, T, Dt)
+        fused = self.fusion(text, text_mask, image)
+        image_embed, text_embed, temperature = self._embeddings(fused.aux)  # (B, E), (B, E), ()
+
+        momentum_image = None
+        if distill:
+            with torch.no_grad():
+                m = self.momentum
+                momentum_image = m["vision"](pixel_values).tokens if "vision" in m else image.detach()  # (B, N, Di)
+                m_text = m["text"](input_ids, attention_mask).states if "text" in m else text.detach()  # (B, T, Dt)
+                m_aux = m["fusion"](m_text, text_mask, momentum_image).aux
+                m_image_embed, m_text_embed = m_aux["image_embed"].float(), m_aux["text_embed"].float()
+
+        # 2. ITC: local rows against the global batch (momentum features and the queue when distilling).
+        offset = procs.index * b
+        positives = torch.arange(offset, offset + b, device=input_ids.device)  # (B,) columns of the positives
+        if distill:
+            image_columns = procs.gather(m_image_embed)  # (G, E)
+            text_columns = procs.gather(m_text_embed)  # (G, E)
+            if self.queue_size:
+                filled = int(self.queue_len)
+                image_columns = torch.cat([image_columns, self.image_queue[:filled]])  # (G + Q', E)
+                text_columns = torch.cat([text_columns, self.text_queue[:filled]])  # (G + Q', E)
+        else:
+            image_columns = procs.gather_with_grad(image_embed)  # (G, E), every row with its gradient
+            text_columns = procs.gather_with_grad(text_embed)  # (G, E)
+        g = procs.count * b
+        sim_i2t = image_embed @ text_columns.t() / temperature  # (B, C)
+        sim_t2i = text_embed @ image_columns.t() / temperature  # (B, C)
+        momentum_i2t = momentum_t2i = None
+        if distill:
+            with torch.no_grad():
+                momentum_i2t = m_image_embed @ text_columns.t() / temperature.detach()  # (B, C)
+                momentum_t2i = m_text_embed @ image_columns.t() / temperature.detach()  # (B, C)
+        columns = sim_i2t.shape[1]
+        if image_ids is None:
+            same_image = F.one_hot(positives, columns).bool()  # (B, C) only the pair itself
+            column_ids = None
+        else:
+            column_ids = procs.gather(image_ids)  # (G,)
+            queued = self.id_queue[: columns - g] if columns > g else column_ids[:0]  # (Q',)
+            same_image = image_ids[:, None] == torch.cat([column_ids, queued])[None, :]  # (B, C)
+        targets_i2t = _itc_targets(same_image, momentum_i2t, alpha)  # (B, C)
+        targets_t2i = _itc_targets(same_image, momentum_t2i, alpha)  # (B, C)
+        losses = {"itc": (_soft_cross_entropy(sim_i2t, targets_i2t) + _soft_cross_entropy(sim_t2i, targets_t2i)) / 2}
+        metrics = {"temperature": temperature.detach()}
+        if not procs.all_finite(losses["itc"]):
+            # No negatives can be drawn from non-finite similarities: return the loss as it is,
+            # on every process alike, and let the caller stop.
+            return PretrainOutput(loss=self.itc_weight * losses["itc"], losses=losses, metrics=metrics)
+
+        # 3. ITM: B positives (the pass above) and 2B hard negatives drawn from the global batch.
+        if self.itm_weight > 0:
+            candidates_i2t = _negative_candidates(sim_i2t[:, :g], same_image[:, :g], positives)  # (B, G)
+            candidates_t2i = _negative_candidates(sim_t2i[:, :g], same_image[:, :g], positives)  # (B, G)
+            neg_text = sample_hard_negatives(candidates_i2t, generator, positives)  # (B,) a wrong text per image
+            neg_image = sample_hard_negatives(candidates_t2i, generator, positives)  # (B,) a wrong image per text
+            all_text = procs.gather(text, pad_dim=1)  # (G, T', Dt)
+            all_mask = procs.gather(text_mask, pad_dim=1)  # (G, T')
+            all_image = procs.gather(image)  # (G, N, Di)
+            own_text, own_mask = all_text[offset:offset + b], all_mask[offset:offset + b]  # (B, T', Dt), (B, T')
+            # Pairs (text_neg(i), image_i) then (text_i, image_neg(i)).
+            negatives = self.fusion(
+                torch.cat([all_text[neg_text], own_text]),  # (2B, T', Dt)
+                torch.cat([all_mask[neg_text], own_mask]),  # (2B, T')
+                torch.cat([image, all_image[neg_image]]),  # (2B, N, Di)
+            )
+            logits = self.itm.head(torch.cat([fused.pooled, negatives.pooled])).float()  # (3B, 2)
+            labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)])
+            labels = labels.to(logits.device)  # (3B,) 1 = matching pair
+            losses["itm"] = itm_loss(logits, labels)
+            metrics["itm_accuracy"] = (logits.argmax(-1) == labels).float().mean().detach()
+
+        # 4. MLM: the masked caption through the text encoder and the fusion, predicted where selected.
+        if self.mlm_weight > 0:
+            selected = mlm_labels != IGNORE_INDEX  # (B, T)
+            masked = self.text(masked_ids, attention_mask).states  # (B, T, Dt)
+            fused_masked = self.fusion(masked, text_mask, image)
+            token_logits = self.mlm.head(fused_masked.text_tokens[selected]).float()  # (M, V) selected positions only
+            loss_mlm = mlm_loss(token_logits, mlm_labels[selected])
+            if distill and alpha > 0 and bool(selected.any()):
+                with torch.no_grad():
+                    m = self.momentum
+                    m_masked = m["text"](masked_ids, attention_mask).states if "text" in m else masked.detach()
+                    m_tokens = m["fusion"](m_masked, text_mask, momentum_image).text_tokens[selected]  # (M, D)
+                    soft = m["mlm"].head(m_tokens).float().softmax(dim=-1)  # (M, V)
+                loss_mlm = (1 - alpha) * loss_mlm + alpha * _soft_cross_entropy(token_logits, soft)
+            losses["mlm"] = loss_mlm
+
+        if distill and self.queue_size:
+            self._enqueue(image_columns[:g], text_columns[:g], column_ids)
+        weights = {"itc": self.itc_weight, "itm": self.itm_weight, "mlm": self.mlm_weight}
+        loss = sum(weights[name] * value for name, value in losses.items())
+        return PretrainOutput(loss=loss, losses=losses, metrics=metrics)
+
+    # -- export -----------------------------------------------------------------------
+    def export_state_dict(self) -> dict[str, Tensor]:
+        """Online weights under FusionModel's names (vision.*, text.*, fusion.*) plus itm.* and mlm.*.
+
+        Momentum copies and the queue are training state (in the checkpoints), not part of the export.
+        """
+        skip = ("momentum.", "image_queue", "text_queue", "id_queue", "queue_ptr", "queue_len")
+        state = self.state_dict()
+        return {k: v.detach().cpu().clone().contiguous() for k, v in state.items() if not k.startswith(skip)}
+
+    def save_pretrained(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``model.safetensors``, ``config.json`` (last), ``text_encoder/`` and ``tokenizer/``, atomically."""
+        from .. import __version__
+        from ..model import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, _publish
+
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        config = {"format_version": FORMAT_VERSION, "fusionzoo_version": __version__, **self.config, **(extra or {})}
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-", dir=directory.parent))
+        try:
+            safetensors.torch.save_file(self.export_state_dict(), str(staging / WEIGHTS_NAME),
+                                        metadata={"kind": PRETRAIN_KIND})
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(staging / WEIGHTS_NAME, 0o666 & ~umask)  # safetensors writes it private (0600)
+            self.text.save_config(staging)
+            (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+            _publish(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return directory
+
+
+def build_pretrain_model(config: TrainConfig, pretrained: bool = True) -> PretrainModel:
+    """Build the encoders, the fusion named by ``config.fusion`` and the ITM / MLM heads.
+
+    Args:
+        config: a run config (``vision``, ``text``, ``fusion``, ``fusion_kwargs``,
+            ``freeze_encoders``, ``max_text_len``, the loss weights, ``momentum_distill``,
+            ``momentum``, ``queue_size``).
+        pretrained: load the encoders' pretrained weights.
+    Raises:
+        ValueError: the fusion has no ITC embeddings, the tokenizer no mask token, ...
+    """
+    vision = build_vision_encoder(config.vision, pretrained=pretrained)
+    text = build_text_encoder(config.text, pretrained=pretrained, causal=False)
+    if config.max_text_len > text.max_length:
+        raise ValueError(f"max_text_len={config.max_text_len} exceeds the {text.max_length} positions of "
+                         f"text encoder {text.spec}")
+    fusion_cls = FUSIONS.get(config.fusion)
+    fusion = fusion_cls(text.out_dim, vision.out_dim, **dict(config.fusion_kwargs))
+    if config.freeze_encoders:
+        vision.freeze()
+        text.freeze()
+    itm = ITMLoss(fusion.out_dim)
+    mlm = MLMLoss(fusion.out_dim, text.vocab_size)
+    model_config = {
+        "kind": PRETRAIN_KIND,
+        "fusion": {"name": config.fusion, "config": fusion.config},
+        "vision": {"spec": vision.spec, "data_config": vision.data_config},
+        "text": {"spec": text.spec},
+        "max_text_len": config.max_text_len,
+        "freeze_encoders": config.freeze_encoders,
+        "objectives": {
+            "itc_weight": config.itc_weight, "itm_weight": config.itm_weight, "mlm_weight": config.mlm_weight,
+            "momentum_distill": config.momentum_distill, "momentum": config.momentum,
+            "queue_size": config.queue_size, "distill_alpha": config.distill_alpha,
+        },
+        "weights": {
+            "vision.*, text.*, fusion.*": "FusionModel's names: `fusionzoo train ... init_from=<this folder>` "
+                                          "loads them into a model of any task",
+            "itm.head.*": "image-text matching head (Linear(dim, 2))",
+            "mlm.head.*": "masked-language-modelling head",
+        },
+    }
+    return PretrainModel(
+        vision, text, fusion, itm, mlm, model_config,
+        itc_weight=config.itc_weight, itm_weight=config.itm_weight, mlm_weight=config.mlm_weight,
+        momentum_distill=config.momentum_distill, momentum=config.momentum, queue_size=config.queue_size,
+    )
+
+
+# -- data ------------------------------------------------------------------------------
+
+
+@dataclass
+class PretrainData:
+    """Caption pairs made ready for a pretraining model.
+
+    Attributes:
+        train, eval: caption-pair datasets (``eval`` None without an evaluation split).
+        collate: batch function; gives ``pixel_values``, or ``image_states`` from
+            the cache when the vision encoder is frozen.
+        eval_split: name of the evaluated split.
+        cache: the image-feature cache, or None.
+    """
+
+    train: Any
+    eval: Any | None
+    collate: Callable[[list[dict[str, Any]]], dict[str, Tensor]]
+    eval_split: str | None
+    cache: "ImageFeatureCache | None" = None
+
+
+class ImageFeatureCache:
+    """Image tokens of a frozen vision encoder, computed once per image.
+
+    A frozen encoder (eval mode) gives the same tokens each time an image comes
+    back (COCO has five captions per image, and every epoch repeats them), so
+    :func:`prepare_pretrain_data` encodes each image once and batches carry
+    ``image_states`` (B, N, Di) instead of pixels.
+
+    Args:
+        image_ids: (M,) long ids of the cached images.
+        states: (M, N, Di) their image tokens (on CPU; batches are moved to the device with the rest).
+    """
+
+    def __init__(self, image_ids: Tensor, states: Tensor) -> None:
+        self.row = {int(i): k for k, i in enumerate(image_ids.tolist())}
+        self.states = states
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def __getitem__(self, image_ids: Tensor) -> Tensor:
+        """(B,) image ids -> (B, N, Di) cached tokens."""
+        missing = [int(i) for i in image_ids.tolist() if int(i) not in self.row]
+        if missing:
+            raise KeyError(f"images {missing[:5]} are not in the feature cache")
+        return self.states[torch.tensor([self.row[int(i)] for i in image_ids.tolist()])]
+
+
+@dataclass
+class CachedImageCollate:
+    """A caption collate whose batches take their ``image_states`` from an :class:`ImageFeatureCache`."""
+
+    collate: Callable[[list[dict[str, Any]]], dict[str, Tensor]]
+    cache: ImageFeatureCache
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Tensor]:
+        batch = self.collate(items)  # pairs without pixels: input_ids, attention_mask, labels, image_id
+        batch["image_states"] = self.cache[batch["image_id"]]  # (B, N, Di)
+        return batch
+
+
+@torch.no_grad()
+def cache_image_features(vision: VisionEncoder, images: Any, batch_size: int, accelerator: Any) -> ImageFeatureCache:
+    """Encode every image row of ``images`` (items with ``image_id`` and ``pixel_values``) once.
+
+    Runs on ``accelerator.device`` under its autocast; every process builds the full cache.
+    """
+    if not vision.frozen:
+        raise ValueError("only a frozen vision encoder's features can be cached")
+    vision.to(accelerator.device)
+    loader = DataLoader(images, batch_size=batch_size, shuffle=False,
+                        collate_fn=lambda items: ([it["image_id"] for it in items],
+                                                  torch.stack([it["pixel_values"] for it in items])))
+    ids, states = [], []
+    for image_ids, pixels in loader:
+        with accelerator.autocast():
+            tokens = vision(pixels.to(accelerator.device)).tokens  # (b, N, Di)
+        ids.extend(image_ids)
+        states.append(tokens.float().cpu())
+    return ImageFeatureCache(torch.tensor(ids, dtype=torch.long), torch.cat(states))
+
+
+def _limit(dataset: Any, n: int | None, seed: int) -> Any:
+    if n is None or n >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(n))
+
+
+def _image_rows(data: Any, splits: list[str], wanted: set[int]) -> Any:
+    """The image rows of ``splits`` whose ``image_id`` is in ``wanted``, as one dataset."""
+    from datasets import concatenate_datasets
+
+    parts = []
+    for split in dict.fromkeys(splits):
+        ids = data[split].with_format(None)["image_id"]
+        parts.append(data[split].select([i for i, image_id in enumerate(ids) if image_id in wanted]))
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def load_caption_data(config: TrainConfig) -> Any:
+    """The caption dataset named by ``config.data`` / ``config.data_dir``; fails clearly for other kinds."""
+    data = load_task_data(dataclasses.replace(config, task="captioning"))
+    if not hasattr(data, "pairs"):
+        raise ValueError(
+            f"pretraining needs image-caption pairs; data={config.data!r} gave {type(data).__name__}. Use "
+            "data=karpathy-captions or data=coco-captions with data_dir=<folder>, or a caption folder as data=PATH."
+        )
+    return data
+
+
+def prepare_pretrain_data(config: TrainConfig, model: PretrainModel, accelerator: Any | None = None,
+                          data: Any | None = None) -> PretrainData:
+    """Image-caption pairs of ``config.train_split`` (and of an evaluation split), with transforms and collate.
+
+    With a frozen vision encoder and an ``accelerator``, each image is encoded once
+    (:class:`ImageFeatureCache`) and the pairs are loaded without their pixels.
+
+    Args:
+        data: the loaded caption dataset (default: :func:`load_caption_data`).
+    """
+    if data is None:
+        data = load_caption_data(config)
+    if config.train_split not in data:
+        raise ValueError(f"data={config.data!r} has no split {config.train_split!r}; it has {data.split_names}")
+    eval_split = config.eval_split
+    if eval_split is None:
+        eval_split = next((s for s in ("val", "validation", "test") if s in data), None)
+    collate = data.collator(model.text.tokenize, config.max_text_len)
+    with_pixels = data.with_image_transform(model.vision.transform(train=False))
+    use_cache = model.vision.frozen and accelerator is not None
+    source = data if use_cache else with_pixels  # cached: pairs without pixels, their images encoded once
+
+    train = _limit(source.pairs(config.train_split), config.max_train_samples, config.seed)
+    eval_pairs = None
+    if eval_split is not None and config.max_eval_samples != 0:
+        eval_pairs = _limit(source.pairs(eval_split), config.max_eval_samples, config.seed)
+    if not use_cache:
+        return PretrainData(train=train, eval=eval_pairs, collate=collate, eval_split=eval_split)
+
+    wanted = set(train.with_format(None)["image_id"])
+    splits = [config.train_split]
+    if eval_pairs is not None:
+        wanted |= set(eval_pairs.with_format(None)["image_id"])
+        splits.append(eval_split)
+    images = _image_rows(with_pixels, splits, wanted)
+    cache = cache_image_features(model.vision, images, config.effective_eval_batch_size, accelerator)
+    return PretrainData(train=train, eval=eval_pairs, collate=CachedImageCollate(collate, cache),
+                        eval_split=eval_split, cache=cache)
+
+
+# -- one step, evaluation --------------------------------------------------------------
+
+
+def _forward(model: nn.Module, unwrapped: PretrainModel, batch: dict[str, Tensor], generator: torch.Generator,
+             alpha: float, processes: ProcessView) -> PretrainOutput:
+    """Mask the captions with ``generator``, then run the model (which draws its negatives from it too)."""
+    masked_ids, mlm_labels = unwrapped.mask_text(batch["input_ids"], batch["attention_mask"], generator)
+    return model(pixel_values=batch.get("pixel_values"), image_states=batch.get("image_states"),
+                 input_ids=batch["input_ids"],
+                 attention_mask=batch["attention_mask"], masked_ids=masked_ids, mlm_labels=mlm_labels,
+                 generator=generator, image_ids=batch.get("image_id"), alpha=alpha, processes=processes)
+
+
+@torch.no_grad()
+def evaluate_pretraining(model: nn.Module, loader: DataLoader, accelerator: Any, seed: int) -> dict[str, float]:
+    """Mean ITC / ITM / MLM losses and ITM accuracy of the online model over ``loader`` (eval mode).
+
+    Masks and negatives are drawn from generators seeded by ``(seed, process, "eval", batch)``,
+    so the same model always gets the same scores. Each batch counts with its global size.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    processes = ProcessView.from_accelerator(accelerator)
+    was_training = unwrapped.training
+    model.eval()
+    sums: dict[str, float] = {}
+    batches, samples = 0, 0
+    try:
+        for i, batch in enumerate(loader):
+            generator = make_generator(seed, accelerator.process_index, "eval", i)
+            with accelerator.autocast():
+                out = _forward(model, unwrapped, batch, generator, 0.0, processes)
+            values = {**out.losses, **{k: v for k, v in out.metrics.items() if k != "temperature"}}
+            stacked = torch.stack([v.detach().float() for v in values.values()])[None]  # (1, K)
+            mean = accelerator.gather(stacked).mean(0)  # (K,) over processes
+            for name, value in zip(values, mean.tolist()):
+                sums[name] = sums.get(name, 0.0) + value
+            batches += 1
+            samples += len(batch["input_ids"]) * accelerator.num_processes
+    finally:
+        if was_training:
+            model.train()
+    metrics = {name: total / max(1, batches) for name, total in sums.items()}
+    metrics["num_samples"] = float(samples)
+    return metrics
+
+
+# -- the loop --------------------------------------------------------------------------
+
+
+def _check_config(config: TrainConfig, num_processes: int) -> None:
+    for key in ("itc_weight", "itm_weight", "mlm_weight"):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"key '{key}' must be >= 0, got {getattr(config, key)}")
+    if not 0.0 <= config.distill_alpha <= 1.0:
+        raise ConfigError(f"key 'distill_alpha' must be in [0, 1], got {config.distill_alpha}")
+    if config.batch_size * num_processes < 2:
+        raise ConfigError(f"key 'batch_size': ITC and ITM need at least 2 pairs in the global batch, got "
+                          f"{config.batch_size} x {num_processes} process(es)")
+
+
+def pretrain(config: TrainConfig) -> dict[str, Any]:
+    """Pretrain with ITC + ITM + MLM on the caption pairs of ``config.data``; export to ``output_dir/final``.
+
+    Returns:
+        ``{"train": last logged train losses, "eval": final evaluation (or {}), "step": steps done}``.
+    """
+    from accelerate.utils import DistributedType, set_seed
+    from tqdm.auto import tqdm
+
+    # ITC alone reads only the fusion's projections: DDP must then be told that its layers get no gradient.
+    accelerator = make_accelerator(config, find_unused_parameters=config.itm_weight == 0 and config.mlm_weight == 0)
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ConfigError("fusionzoo pretrain runs on one or several processes with DDP; FSDP and DeepSpeed "
+                          "are not supported (the momentum update and the export read full parameters)")
+    _check_config(config, accelerator.num_processes)
+    set_seed(config.seed)
+    out_dir = Path(config.output_dir)
+    meta = run_metadata(config.to_dict())
+
+    model = build_pretrain_model(config)
+    if config.init_from:
+        load_matching_weights(model, config.init_from, verbose=True)
+        model.reset_momentum()  # the momentum copies start from the loaded weights
+    with accelerator.main_process_first():
+        captions = load_caption_data(config)
+    data = prepare_pretrain_data(config, model, accelerator, captions)
+    if data.cache is not None:
+        accelerator.print(f"encoded {len(data.cache)} images once with the frozen vision encoder "
+                          f"(tokens {tuple(data.cache.states.shape[1:])})")
+    global_batch = config.batch_size * accelerator.num_processes
+    if len(data.train) < global_batch:
+        raise ConfigError(f"split {config.train_split!r} has {len(data.train)} pairs, fewer than one global batch "
+                          f"({config.batch_size} x {accelerator.num_processes}); lower batch_size")
+
+    generator = torch.Generator().manual_seed(config.seed)
+    # Full batches only: every process gathers the same shapes and ITC always has B x processes columns.
+    train_loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, collate_fn=data.collate,
+                              num_workers=config.num_workers, generator=generator, drop_last=True)
+    eval_loader = None
+    if data.eval is not None and len(data.eval) >= config.effective_eval_batch_size * accelerator.num_processes:
+        eval_loader = DataLoader(data.eval, batch_size=config.effective_eval_batch_size, shuffle=False,
+                                 collate_fn=data.collate, num_workers=config.num_workers, drop_last=True)
+
+    optimizer = build_optimizer(model, config.lr, config.weight_decay, config.encoder_lr)
+    batches_per_epoch = len(train_loader) // accelerator.num_processes  # what prepare() leaves each process
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / config.grad_accum))
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    # A prepared scheduler steps once per process at each optimizer step: count in those units.
+    scale = accelerator.num_processes
+    scheduler = warmup_cosine(optimizer, total_steps * scale, int(config.warmup_ratio * total_steps) * scale)
+
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+    unwrapped: PretrainModel = accelerator.unwrap_model(model)
+    processes = ProcessView.from_accelerator(accelerator)
+
+    manager = CheckpointManager(out_dir, config.keep_last)
+    step, epoch, batches_done = 0, 0, 0
+    resume_from = manager.resolve_resume(config.resume)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        progress = CheckpointManager.read_progress(resume_from)
+        step, epoch, batches_done = progress["step"], progress["epoch"], progress["batches_in_epoch"]
+        accelerator.print(f"resumed from {resume_from} at step {step} (epoch {epoch}, batch {batches_done})")
+
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out_dir / "run.json", meta)
+    if config.log_with not in (None, "none", "no"):
+        try:
+            accelerator.init_trackers("fusionzoo-pretrain", config={k: v for k, v in config.to_dict().items()
+                                                                    if isinstance(v, (int, float, str, bool))})
+        except Exception as exc:  # a tracker that cannot start must not stop training
+            logger.warning("could not start trackers: %s", exc)
+
+    def save(step_: int, epoch_: int, batches_: int) -> Path:
+        return manager.save(accelerator, step_, {"step": step_, "epoch": epoch_, "batches_in_epoch": batches_,
+                                                 "total_steps": total_steps, **meta})
+
+    def distill_alpha(step_: int) -> float:
+        """ALBEF's ramp: from 0 to ``distill_alpha`` over the first epoch."""
+        if not config.momentum_distill:
+            return 0.0
+        return config.distill_alpha * min(1.0, step_ / steps_per_epoch)
+
+    bar = tqdm(total=total_steps, initial=step, desc=f"pretrain {config.fusion}",
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    model.train()
+    samples_seen, t0 = 0, time.perf_counter()
+    running: dict[str, float] = {}
+    last_logs: dict[str, float] = {}
+    micro = 0  # micro-batch within the current optimizer step (gradient accumulation)
+    done = step >= total_steps
+    while not done:
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        loader = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
+        for batch in loader:
+            generator_ = make_generator(config.seed, accelerator.process_index, step, micro)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    out = _forward(model, unwrapped, batch, generator_, distill_alpha(step), processes)
+                loss = out.loss
+                if not processes.all_finite(loss):  # decided together: saving is a collective call
+                    path = save(step, epoch, batches_done)  # parameters are still the last good step's
+                    parts = ", ".join(f"{k}={v.item():.4g}" for k, v in out.losses.items())
+                    raise NonFiniteLossError(
+                        f"loss is {loss.item()} ({parts}) at step {step} (epoch {epoch}, batch {batches_done}); "
+                        f"the last good state was saved to {path}. Try a lower lr, max_grad_norm, or "
+                        f"mixed_precision=no."
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            batches_done += 1
+            micro += 1
+            samples_seen += len(batch["input_ids"]) * accelerator.num_processes
+            for name, value in {"loss": loss, **out.losses, **out.metrics}.items():
+                running[name] = running.get(name, 0.0) + value.detach().float().item()
+            running["_n"] = running.get("_n", 0.0) + 1
+            if not accelerator.sync_gradients:
+                continue
+            unwrapped.momentum_update()
+            micro = 0
+            step += 1
+            bar.update(1)
+            if step % config.log_every == 0 or step == total_steps:
+                n = running.pop("_n")
+                names = sorted(running)  # the same on every process: averaged over processes
+                means = torch.tensor([running[k] / n for k in names], dtype=torch.float64, device=accelerator.device)
+                logs = {f"train/{k}": v for k, v in zip(names, accelerator.reduce(means, "mean").tolist())}
+                logs["train/lr"] = scheduler.get_last_lr()[0]
+                logs["train/alpha"] = distill_alpha(step - 1)
+                logs["train/samples_per_second"] = samples_seen / max(1e-9, time.perf_counter() - t0)
+                running, last_logs = {}, logs
+                accelerator.log(logs, step=step)
+                if accelerator.is_main_process:
+                    with open(out_dir / "train_log.jsonl", "a") as f:
+                        f.write(json.dumps({"step": step, **logs}) + "\n")
+                postfix = {k: f"{logs[f'train/{k}']:.3f}" for k in ("loss", "itc", "itm", "mlm") if f"train/{k}" in logs}
+                bar.set_postfix(postfix | {"sps": f"{logs['train/samples_per_second']:.1f}"})
+            if config.save_every and step % config.save_every == 0 and step < total_steps:
+                save(step, epoch, batches_done)
+            if config.eval_every and eval_loader is not None and step % config.eval_every == 0 and step < total_steps:
+                _eval_and_record(model, eval_loader, accelerator, config, step, epoch, out_dir)
+            if step >= total_steps:
+                done = True
+                break
+        else:
+            epoch += 1
+            batches_done = 0
+            if not config.save_every and not done:
+                save(step, epoch, 0)
+    bar.close()
+
+    save(step, epoch, batches_done)
+    final_eval: dict[str, Any] = {}
+    if eval_loader is not None:
+        final_eval = _eval_and_record(model, eval_loader, accelerator, config, step, epoch, out_dir)
+    accelerator.wait_for_everyone()
+    checksum = torch.tensor([_param_checksum(unwrapped)], dtype=torch.float64, device=accelerator.device)
+    checksums = accelerator.gather(checksum).tolist()
+    if len(set(checksums)) != 1:
+        raise RuntimeError(f"processes ended with different weights (checksums {checksums})")
+    train_losses = {k.removeprefix("train/"): v for k, v in last_logs.items()}
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(out_dir / "final")
+        write_json_atomic(out_dir / "final" / "run.json", {
+            **meta, "train": train_losses, "eval": final_eval, "step": step,
+            "num_processes": accelerator.num_processes, "param_checksums": checksums,
+        })
+        accelerator.print(f"pretrained model saved to {out_dir / 'final'} "
+                          f"(fine-tune with: fusionzoo train task=... init_from={out_dir})")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {"train": train_losses, "eval": final_eval, "step": step}
+
+
+def _eval_and_record(model: nn.Module, loader: DataLoader, accelerator: Any, config: TrainConfig, step: int,
+                     epoch: int, out_dir: Path) -> dict[str, Any]:
+    """Evaluate the pretraining losses and append them to ``output_dir/metrics.json``."""
+    metrics = evaluate_pretraining(model, loader, accelerator, config.seed)
+    record = {"step": step, "epoch": epoch, **metrics}
+    accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+    if accelerator.is_main_process:
+        path = out_dir / "metrics.json"
+        history = json.loads(path.read_text())["history"] if path.is_file() else []
+        history.append(record)
+        write_json_atomic(path, {"latest": record, "history": history, "git_commit": run_metadata({})["git_commit"]})
+        accelerator.print(f"eval step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return record

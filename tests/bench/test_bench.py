@@ -1,0 +1,183 @@
+"""``fusionzoo bench``: the feature cache and its key, the references, and ``--quick`` end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fusionzoo.bench import FeatureCache, cache_key, fingerprint_files, fingerprint_module, fingerprint_texts
+from fusionzoo.bench.baselines import ImageOnlyReference, TextOnlyReference
+from fusionzoo.bench.features import image_preprocessing
+from fusionzoo.bench.suites import easy_vqa_question_type, question_prefix, vqa_answer_type
+from fusionzoo.cli import main
+from fusionzoo.encoders import build_vision_encoder
+from fusionzoo.layers import KVCache
+
+RESULT_KEYS = {"task", "fusion", "metrics", "params_trainable", "params_total", "train_seconds",
+               "eval_samples_per_second", "peak_memory_mb", "seeds", "config"}
+
+
+# --------------------------------------------------------------------------------------
+# Cache keys and entries
+# --------------------------------------------------------------------------------------
+def test_cache_key_changes_with_weights_preprocessing_and_inputs(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    vision = build_vision_encoder("tiny", pretrained=False)
+    images = []
+    for i in range(2):
+        path = tmp_path / f"{i}.png"
+        path.write_bytes(b"not decoded by the key" * (i + 1))
+        images.append(str(path))
+    weights = fingerprint_module(vision)
+    config = image_preprocessing(vision, 32)
+    inputs = fingerprint_files(images)
+    key = cache_key({"weights": weights, "spec": vision.spec}, config, inputs)
+
+    assert key == cache_key({"weights": fingerprint_module(vision), "spec": vision.spec},
+                            image_preprocessing(vision, 32), fingerprint_files(images))  # deterministic
+    # preprocessing: size, normalisation, crop
+    assert key != cache_key({"weights": weights, "spec": vision.spec}, image_preprocessing(vision, 48), inputs)
+    assert key != cache_key({"weights": weights, "spec": vision.spec}, {**config, "mean": (0.4, 0.5, 0.5)}, inputs)
+    assert key != cache_key({"weights": weights, "spec": vision.spec}, image_preprocessing(vision, 32, crop=True),
+                            inputs)
+    # encoder: one weight changed, or another architecture
+    with torch.no_grad():
+        next(vision.parameters()).view(-1)[0] += 1e-3
+    assert fingerprint_module(vision) != weights
+    assert key != cache_key({"weights": fingerprint_module(vision), "spec": vision.spec}, config, inputs)
+    assert key != cache_key({"weights": weights, "spec": {"preset": "other"}}, config, inputs)
+    # inputs: another file list, a file rewritten
+    assert key != cache_key({"weights": weights, "spec": vision.spec}, config, fingerprint_files(images[:1]))
+    Path(images[0]).write_bytes(b"changed content, changed size")
+    assert fingerprint_files(images) != inputs
+    assert fingerprint_texts(["ab", "c"]) != fingerprint_texts(["a", "bc"])
+
+
+def test_feature_cache_builds_once_then_memory_maps(tmp_path: Path) -> None:
+    calls = []
+
+    def build(write):
+        calls.append(1)
+        write("tokens", np.arange(24, dtype=np.float16).reshape(2, 3, 4))
+        return {"images": 2}
+
+    cache = FeatureCache(tmp_path / "cache")
+    first = cache.get_or_build("image-test", "a" * 40, build, {"what": "test"})
+    second = FeatureCache(tmp_path / "cache").get_or_build("image-test", "a" * 40, build, {"what": "test"})
+    assert len(calls) == 1 and not first.hit and second.hit
+    assert isinstance(second["tokens"], np.memmap) and second["tokens"].dtype == np.float16
+    np.testing.assert_array_equal(second["tokens"], first["tokens"])
+    assert (cache.hits, cache.misses) == (0, 1)
+
+    other = cache.get_or_build("image-test", "b" * 40, build, {"what": "test"})  # another key: rebuilt
+    assert len(calls) == 2 and not other.hit
+    (first.path / "meta.json").unlink()  # an incomplete entry is never read
+    FeatureCache(tmp_path / "cache").get_or_build("image-test", "a" * 40, build, {"what": "test"})
+    assert len(calls) == 3
+
+    off = FeatureCache(tmp_path / "off", enabled=False)
+    off.get_or_build("image-test", "a" * 40, build, {"what": "test"})
+    assert not (tmp_path / "off").exists() and off.misses == 1
+
+
+# --------------------------------------------------------------------------------------
+# References and question types
+# --------------------------------------------------------------------------------------
+def test_references_read_one_modality_only() -> None:
+    torch.manual_seed(0)
+    text, mask = torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool)
+    image = torch.randn(2, 3, 6)
+    text_only, image_only = TextOnlyReference(8, 6, dim=4).eval(), ImageOnlyReference(8, 6, dim=4).eval()
+    assert torch.equal(text_only(text, mask, image).pooled, text_only(text, mask, image + 1).pooled)
+    assert torch.equal(image_only(text, mask, image).pooled, image_only(text + 1, mask, image).pooled)
+    # causal decoding with a cache gives the full pass's states, position by position
+    for module in (text_only, image_only):
+        full = module(text, mask, image, causal=True)
+        cache = KVCache()
+        steps = [module(text[:, t: t + 1], mask[:, : t + 1], image, causal=True, cache=cache).text_tokens
+                 for t in range(5)]
+        torch.testing.assert_close(torch.cat(steps, dim=1), full.text_tokens)
+
+
+def test_question_types() -> None:
+    assert easy_vqa_question_type("what shape is in the image?") == "what shape"
+    assert easy_vqa_question_type("what is the teal shape?") == "what shape"
+    assert easy_vqa_question_type("what is the color of the circle?") == "what color"
+    assert easy_vqa_question_type("is there a blue shape in the image?") == "yes/no color"
+    assert easy_vqa_question_type("is no triangle present?") == "yes/no shape, negated"
+    assert easy_vqa_question_type("does the image not contain a red shape?") == "yes/no color, negated"
+    assert vqa_answer_type("Yes") == "yes/no" and vqa_answer_type("two") == "number"
+    assert question_prefix("Is this a cat?") == "is this"
+
+
+# --------------------------------------------------------------------------------------
+# The command, end to end
+# --------------------------------------------------------------------------------------
+def _rows(out: Path) -> list[dict]:
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_bench_quick_easy_vqa_writes_report_and_reuses_cache(tmp_path: Path, capsys) -> None:
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    args = ["bench", "--quick", "--no-progress", "--out", str(out), "--cache-dir", str(cache)]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert "2 misses" in first and "easy-vqa (accuracy" in first  # extracted; one summary line per task
+
+    rows = _rows(out)
+    assert len(rows) == 8 and all(set(row) == RESULT_KEYS for row in rows)
+    assert [r["fusion"] for r in rows[-2:]] == ["text_only", "image_only"]
+    assert [r["config"]["reference"] for r in rows] == [False] * 6 + [True] * 2
+    for row in rows:
+        assert 0 <= row["metrics"]["accuracy"] <= 100 and row["seeds"] == [0]
+        assert row["params_trainable"] < row["params_total"] and row["eval_samples_per_second"] > 0
+        assert len(row["metrics"]["per_question_type"]) == 6
+    for name in ("results.md", "run.json", "score_easy-vqa.png", "per_type_easy-vqa.png", "score_vs_params.png",
+                 "score_vs_throughput.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    markdown = (out / "results.md").read_text()
+    assert "| fusion | accuracy |" in markdown and "text_only (reference)" in markdown
+    assert json.loads((out / "run.json").read_text())["cache"]["misses"] == 2
+
+    # A second run (other fusions, two seeds) finds every feature in the cache.
+    again = tmp_path / "again"
+    assert main([*args[:-4], "--out", str(again), "--cache-dir", str(cache), "--fusions", "late_voting,text_only",
+                 "--seeds", "0", "1"]) == 0
+    assert "extraction skipped" in capsys.readouterr().out
+    run = json.loads((again / "run.json").read_text())
+    assert (run["cache"]["hits"], run["cache"]["misses"]) == (2, 0)
+    rows = _rows(again)
+    assert [r["fusion"] for r in rows] == ["late_voting", "text_only"]
+    assert rows[0]["seeds"] == [0, 1] and "accuracy_std" in rows[0]["metrics"]
+
+
+@pytest.mark.slow
+def test_bench_quick_coco(tmp_path: Path, coco_mini: Path, capsys) -> None:
+    out = tmp_path / "out"
+    fusions = "early_concat,late_voting,text_only"
+    assert main(["bench", "--suite", "coco", "--data-dir", str(coco_mini), "--quick", "--no-progress",
+                 "--fusions", fusions, "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    printed = capsys.readouterr().out
+    rows = _rows(out)
+    assert [(r["task"], r["fusion"]) for r in rows] == [
+        (task, fusion) for task in ("coco-yesno", "coco-captioning", "coco-match") for fusion in fusions.split(",")]
+    assert all(set(row) == RESULT_KEYS for row in rows)
+    for row in rows:
+        assert row["task"] in printed
+        if row["task"] == "coco-captioning":
+            assert {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr"} <= set(row["metrics"])
+    assert (out / "captions.json").is_file() and (out / "score_coco-captioning.png").is_file()
+
+
+def test_bench_rejects_bad_options(tmp_path: Path, capsys) -> None:
+    assert main(["bench", "--fusions", "no_such_fusion", "--out", str(tmp_path)]) == 2
+    assert "unknown fusion(s) 'no_such_fusion'" in capsys.readouterr().err
+    assert main(["bench", "--suite", "coco", "--out", str(tmp_path)]) == 2
+    assert "needs --data-dir" in capsys.readouterr().err
+    assert main(["bench", "--tasks", "coco-match", "--out", str(tmp_path)]) == 2
+    assert "has no task(s) 'coco-match'" in capsys.readouterr().err
