@@ -313,16 +313,16 @@ def run_row(task: BenchTask, fusion: str, settings: TrainSettings, features: Fea
     test_view = features.view(task.test, task.causal_text)
     text = encoders["causal_text"] if task.causal_text else encoders["text"]
     kwargs = fusion_kwargs_for(fusion)
-    stats = features.stats(task.train, task.causal_text)
+    feature_stats = features.stats(task.train, task.causal_text)
     per_seed, seconds, throughput, memory, losses = [], [], [], [], []
     params = (0, 0)
     for seed in seeds:
         torch.manual_seed(seed)
         model = build_bench_model(task, fusion, encoders["vision"], text, kwargs, settings.max_text_len,
-                                  stats).to(device)
+                                  feature_stats).to(device)
         params = count_parameters(model)
         with PeakMemory(device) as peak:
-            stats = train_model(model, train_view, epochs=settings.epochs, batch_size=settings.batch_size,
+            train_stats = train_model(model, train_view, epochs=settings.epochs, batch_size=settings.batch_size,
                                 lr=settings.lr, weight_decay=settings.weight_decay, warmup=settings.warmup,
                                 precision=precision, device=device, seed=seed,
                                 desc=f"{task.name} {fusion} seed {seed}", progress=progress)
@@ -342,10 +342,10 @@ def run_row(task: BenchTask, fusion: str, settings: TrainSettings, features: Fea
         else:
             metrics = score_classification_predictions(task.test, logits)
         per_seed.append(metrics)
-        seconds.append(stats.seconds)
+        seconds.append(train_stats.seconds)
         throughput.append(len(test_view) / max(eval_seconds, 1e-9))
         memory.append(peak.peak_mb)
-        losses.append(stats.final_loss)
+        losses.append(train_stats.final_loss)
         del model
     metrics = _mean_metrics(per_seed)
     metrics["final_train_loss"] = float(np.mean(losses))
