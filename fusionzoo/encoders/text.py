@@ -109,6 +109,9 @@ class TextEncoder(nn.Module):
                 f"text encoder {spec}: the tokenizer has {len(tokenizer)} tokens but the embedding "
                 f"table only {self.vocab_size} rows"
             )
+        # transformers 5 renamed the key/value cache argument and output from
+        # ``past_key_values`` to ``cache`` (the old name is deprecated); 4.x knows only the old one.
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.frozen = False
 
     # -- forward ------------------------------------------------------------
@@ -138,14 +141,12 @@ class TextEncoder(nn.Module):
             )
         if attention_mask is not None:
             attention_mask = attention_mask.long()  # HF expects 0/1 integers
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-        )
+        cache_kwargs: dict[str, Any] = {"use_cache": use_cache}
+        if past_key_values is not None:
+            cache_kwargs[self._cache_arg] = past_key_values
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, **cache_kwargs)
         return TextOutput(
-            states=out.last_hidden_state, past_key_values=out.past_key_values if use_cache else None
+            states=out.last_hidden_state, past_key_values=getattr(out, self._cache_arg, None) if use_cache else None
         )
 
     # -- tokens -------------------------------------------------------------
