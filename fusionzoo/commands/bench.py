@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -68,10 +67,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a CPU that
-    # other processes also use, spinning threads made training up to 10x slower (measured on
-    # the 2-core machine of the README's numbers); on an idle machine it costs nothing measurable.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP's wait policy is left as it is: OMP_WAIT_POLICY=PASSIVE (idle threads sleep) made
+    # the benchmark's small training steps 1.65x slower on an idle 2-core machine (24.9 s against
+    # 15.2 s for half an epoch of early_concat); it helps only when other processes share the cores.
     from ..bench import BenchConfig, run_bench
     from ..bench.suites import BenchError
     from ..tasks.common import DataError
