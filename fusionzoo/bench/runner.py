@@ -323,9 +323,9 @@ def run_row(task: BenchTask, fusion: str, settings: TrainSettings, features: Fea
         params = count_parameters(model)
         with PeakMemory(device) as peak:
             train_stats = train_model(model, train_view, epochs=settings.epochs, batch_size=settings.batch_size,
-                                lr=settings.lr, weight_decay=settings.weight_decay, warmup=settings.warmup,
-                                precision=precision, device=device, seed=seed,
-                                desc=f"{task.name} {fusion} seed {seed}", progress=progress)
+                                      lr=settings.lr, weight_decay=settings.weight_decay, warmup=settings.warmup,
+                                      precision=precision, device=device, seed=seed,
+                                      desc=f"{task.name} {fusion} seed {seed}", progress=progress)
             if task.task == "captioning":
                 captions, eval_seconds = generate_captions(
                     model, test_view, batch_size=settings.eval_batch_size, precision=precision, device=device,
