@@ -486,13 +486,16 @@ def measure_peaks(device: torch.device, cfg: BenchConfig) -> dict[str, Any]:
     (the larger of the two bf16 figures): the reference for the bf16 MFU.
     """
     peaks: dict[str, Any] = {"fp32": matmul_peak(device, cfg, "fp32"), "bf16": matmul_peak(device, cfg, "bf16")}
-    bf16 = peaks["bf16"]["gflops"]
     if device.type == "cpu" and not cpu_has_native_bf16():
         peaks["bf16_via_fp32"] = matmul_peak(device, cfg, "bf16_via_fp32")
-        bf16 = max(bf16, peaks["bf16_via_fp32"]["gflops"])
-    peaks["fp32_gflops"] = peaks["fp32"]["gflops"]
-    peaks["bf16_gflops"] = bf16
+    set_reference_peaks(peaks)
     return peaks
+
+
+def set_reference_peaks(peaks: dict[str, Any]) -> None:
+    """``fp32_gflops`` and ``bf16_gflops`` (the faster of the two bf16 ways) from the measured kinds."""
+    peaks["fp32_gflops"] = peaks["fp32"]["gflops"]
+    peaks["bf16_gflops"] = max(peaks[k]["gflops"] for k in ("bf16", "bf16_via_fp32") if k in peaks)
 
 
 def recheck_peaks(peaks: dict[str, Any], device: torch.device, cfg: BenchConfig) -> None:
@@ -508,8 +511,7 @@ def recheck_peaks(peaks: dict[str, Any], device: torch.device, cfg: BenchConfig)
         gflops = matmul_peak(device, replace(cfg, peak_sizes=sizes), kind)["gflops"]
         peaks[kind].setdefault("rechecks", []).append(gflops)
         peaks[kind]["gflops"] = max(peaks[kind]["gflops"], gflops)
-    peaks["fp32_gflops"] = peaks["fp32"]["gflops"]
-    peaks["bf16_gflops"] = max(peaks[k]["gflops"] for k in ("bf16", "bf16_via_fp32") if k in peaks)
+    set_reference_peaks(peaks)
 
 
 def add_mfu(results: list["FusionResult"], vilt: dict[str, Any] | None, peaks: dict[str, Any]) -> None:
