@@ -383,7 +383,9 @@ class FusionModel(nn.Module):
             past = out.past_key_values
             fused = self.fusion(out.states, mask.bool(), image, image_mask, causal=True, cache=cache)
         last = _last_position(fused)  # the head only needs the newest position
-        logits = self.head(last, vote=self._vote())[:, -1]  # (B', V)
+        logits = self.head(last, vote=self._vote())[:, -1]  # (B', V), or (B', V') over the head's output_ids
+        if hasattr(self.head, "full_vocabulary"):
+            logits = self.head.full_vocabulary(logits)  # (B', V)
         return logits.double().log_softmax(dim=-1), past
 
     # -- checkpoints ----------------------------------------------------------

@@ -67,6 +67,11 @@ from .classification import VoteFn
 IGNORE_INDEX = -100
 
 
+#: The logit :meth:`CaptioningHead.full_vocabulary` gives tokens outside a head's ``output_ids``:
+#: zero probability in any float type (``exp(-1e4)`` underflows), yet finite.
+EXCLUDED_LOGIT = -1e4
+
+
 def caption_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Teacher-forcing next-token cross-entropy.
 
@@ -89,7 +94,7 @@ class LMPredictor(nn.Module):
     ``word_embeddings`` is shared, not owned: its weight stays the text encoder's.
     """
 
-    def __init__(self, in_dim: int, word_embeddings: nn.Embedding) -> None:
+    def __init__(self, in_dim: int, word_embeddings: nn.Embedding, output_ids: Tensor | None = None) -> None:
         super().__init__()
         width, vocab = word_embeddings.embedding_dim, word_embeddings.num_embeddings
         self.transform = nn.Sequential(Linear(in_dim, width), nn.GELU(), nn.LayerNorm(width))
@@ -97,10 +102,14 @@ class LMPredictor(nn.Module):
         init_weights(self.transform)
         # Kept out of the module tree (the text encoder owns it; it is tied, not copied).
         self._embeddings = (word_embeddings,)
+        self.register_buffer("output_ids", output_ids, persistent=False)  # (V',) sorted ids, or None
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.transform(x)  # (..., T, width)
-        return linear(h, self._embeddings[0].weight, self.bias)  # (..., T, V)
+        weight = self._embeddings[0].weight
+        if self.output_ids is None:
+            return linear(h, weight, self.bias)  # (..., T, V)
+        return linear(h, weight[self.output_ids], self.bias[self.output_ids])  # (..., T, V')
 
 
 class CaptioningHead(nn.Module):
@@ -113,20 +122,46 @@ class CaptioningHead(nn.Module):
         num_modalities: ``None`` for a feature-level fusion (one predictor on
             ``text_tokens``); ``K`` for a decision-level fusion (one predictor per
             modality on ``modality_text_tokens[:, k]``, combined by the vote).
+        output_ids: token ids the head may predict (e.g. every token of the
+            training captions, their end token included); None = the whole
+            vocabulary. With them, :meth:`forward` scores only these V' tokens
+            (logits (B, T, V'), column j = token ``output_ids[j]``), :meth:`loss`
+            maps the labels to columns, and :meth:`full_vocabulary` spreads
+            logits back over the vocabulary (the others at :data:`EXCLUDED_LOGIT`)
+            for generation. MiniLM's 30,522-token projection and softmax were most
+            of a captioning training step; COCO captions use a few thousand tokens.
     """
 
     loss_name: ClassVar[str] = "lm"
     causal: ClassVar[bool] = True
     vote_activation: ClassVar[str] = "softmax"
 
-    def __init__(self, in_dim: int, word_embeddings: nn.Embedding, num_modalities: int | None = None) -> None:
+    def __init__(self, in_dim: int, word_embeddings: nn.Embedding, num_modalities: int | None = None,
+                 output_ids: Sequence[int] | None = None) -> None:
         super().__init__()
         if num_modalities is not None and num_modalities < 1:
             raise ValueError(f"num_modalities must be None (feature-level) or >= 1, got {num_modalities}")
         self.in_dim = in_dim
         self.vocab_size = word_embeddings.num_embeddings
         self.num_modalities = num_modalities
-        self.predictors = nn.ModuleList(LMPredictor(in_dim, word_embeddings) for _ in range(num_modalities or 1))
+        if output_ids is not None:
+            ids = torch.as_tensor(sorted(set(int(i) for i in output_ids)), dtype=torch.long)
+            if len(ids) == 0 or ids[0] < 0 or ids[-1] >= self.vocab_size:
+                raise ValueError(f"output_ids must be non-empty token ids in [0, {self.vocab_size}), got "
+                                 f"{len(ids)} ids in [{ids.min().item() if len(ids) else None}, "
+                                 f"{ids.max().item() if len(ids) else None}]")
+        else:
+            ids = None
+        self.output_ids = ids.tolist() if ids is not None else None
+        if ids is not None:  # token id -> column of the restricted logits (-1: not predictable)
+            column = torch.full((self.vocab_size,), -1, dtype=torch.long)
+            column[ids] = torch.arange(len(ids))
+            self.register_buffer("_column", column, persistent=False)
+            self.register_buffer("_ids", ids.clone(), persistent=False)
+        self.predictors = nn.ModuleList(
+            LMPredictor(in_dim, word_embeddings, None if ids is None else ids.clone())
+            for _ in range(num_modalities or 1)
+        )
 
     @classmethod
     def from_parts(
@@ -149,7 +184,7 @@ class CaptioningHead(nn.Module):
                 ``modality_text_tokens`` (B, K, T, D) for a decision-level fusion.
             vote: the fusion's ``vote`` (required for a decision-level fusion).
         Returns:
-            logits (B, T, V); position ``t`` scores token ``t + 1``.
+            logits (B, T, V), or (B, T, V') over ``output_ids``; position ``t`` scores token ``t + 1``.
         """
         if self.num_modalities is None:
             return self.predictors[0](features.text_tokens)  # (B, T, V)
@@ -168,13 +203,29 @@ class CaptioningHead(nn.Module):
         return vote(logits, activation=self.vote_activation)  # (B, T, V)
 
     def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Next-token loss of logits (B, T, V) against caption ids (B, T) (-100 = ignore)."""
+        """Next-token loss of logits (B, T, V or V') against caption ids (B, T) (-100 = ignore)."""
         if labels.dtype != torch.long or labels.shape != logits.shape[:2]:
             raise ValueError(
                 f"caption labels must be a LongTensor of shape {tuple(logits.shape[:2])} (token ids, "
                 f"{IGNORE_INDEX} at padding), got dtype {labels.dtype} and shape {tuple(labels.shape)}"
             )
+        if self.output_ids is not None:
+            targets = labels[:, 1:]
+            real = targets != IGNORE_INDEX
+            columns = self._column[targets.clamp_min(0)]  # (B, T-1)
+            if bool((real & (columns < 0)).any()):
+                missing = sorted(set(targets[real & (columns < 0)].tolist()))[:10]
+                raise ValueError(f"caption labels contain token ids this head cannot predict (not in its "
+                                 f"output_ids): {missing}")
+            labels = torch.cat([labels[:, :1], torch.where(real, columns, IGNORE_INDEX)], dim=1)
         return caption_lm_loss(logits, labels)
+
+    def full_vocabulary(self, logits: Tensor) -> Tensor:
+        """Logits (..., V') over ``output_ids`` as logits (..., V) over the vocabulary; unchanged without them."""
+        if self.output_ids is None or logits.shape[-1] == self.vocab_size:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.vocab_size), EXCLUDED_LOGIT)
+        return full.index_copy(-1, self._ids, logits)
 
 
 register_head("captioning")(CaptioningHead)

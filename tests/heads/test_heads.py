@@ -12,7 +12,7 @@ from torch import Tensor, nn
 import fusionzoo
 from fusionzoo.fusions.base import FusionModule, FusionOutput
 from fusionzoo.heads import CaptioningHead, ClassificationHead, VQAHead, caption_lm_loss, vqa_bce_loss
-from fusionzoo.heads.captioning import IGNORE_INDEX
+from fusionzoo.heads.captioning import EXCLUDED_LOGIT, IGNORE_INDEX
 
 
 class DummyVotingFusion(FusionModule):
@@ -124,6 +124,37 @@ def test_lm_head_is_tied_to_the_word_embeddings() -> None:
     assert all(p is not embeddings.weight for p in head.parameters())
     logits.sum().backward()
     assert embeddings.weight.grad is not None
+
+
+def test_lm_head_output_ids_restrict_the_vocabulary() -> None:
+    torch.manual_seed(0)
+    embeddings = nn.Embedding(11, 6)
+    full = CaptioningHead(in_dim=4, word_embeddings=embeddings)
+    head = CaptioningHead(in_dim=4, word_embeddings=embeddings, output_ids=[7, 2, 9, 2])
+    head.load_state_dict(full.state_dict())  # same parameters; output_ids is not saved state
+    assert head.output_ids == [2, 7, 9] and not any("ids" in k or "column" in k for k in head.state_dict())
+    tokens = torch.randn(2, 3, 4)
+    features = FusionOutput(text_tokens=tokens, pooled=tokens[:, 0])
+    logits, reference = head(features), full(features)
+    keep = torch.tensor([2, 7, 9])
+    assert logits.shape == (2, 3, 3)  # columns = output_ids, in order
+    torch.testing.assert_close(logits, reference[..., keep])
+    # Spread back over the vocabulary: the kept tokens' logits, zero probability elsewhere.
+    spread = head.full_vocabulary(logits)
+    others = torch.ones(11, dtype=torch.bool)
+    others[keep] = False
+    torch.testing.assert_close(spread[..., keep], reference[..., keep])
+    assert (spread[..., others] == EXCLUDED_LOGIT).all() and spread.softmax(-1)[..., others].max() == 0
+    # The loss maps token ids to columns: equal to the full-vocabulary loss with the others excluded.
+    labels = torch.tensor([[1, 7, 9], [1, 2, IGNORE_INDEX]])
+    torch.testing.assert_close(head.loss(logits, labels), caption_lm_loss(spread, labels))
+    head.loss(logits, labels).backward()
+    assert torch.isfinite(head.predictors[0].bias.grad).all()
+    assert head.predictors[0].bias.grad[others].abs().max() == 0  # excluded tokens get no gradient
+    with pytest.raises(ValueError, match="cannot predict"):
+        head.loss(logits, torch.tensor([[1, 5, 9], [1, 2, 7]]))  # 5 is not an output id
+    with pytest.raises(ValueError, match=r"output_ids must be non-empty token ids in \[0, 11\)"):
+        CaptioningHead(in_dim=4, word_embeddings=embeddings, output_ids=[3, 11])
 
 
 @pytest.mark.parametrize("head_cls", [ClassificationHead, VQAHead])
