@@ -63,11 +63,22 @@ def score_classification_predictions(split: SplitData, logits: torch.Tensor) -> 
     return metrics
 
 
+#: What a caption without a word is scored as (see :func:`score_caption_predictions`).
+NO_CAPTION = "nocaption"
+
+
 def score_caption_predictions(split: SplitData, captions: Sequence[str]) -> dict[str, object]:
     """BLEU-1, BLEU-4, METEOR, ROUGE-L, CIDEr of one caption per test image."""
     from ..tasks.caption_eval import score_caption_dicts
 
-    res = {image_id: [caption or "."] for image_id, caption in zip(split.image_ids, captions)}
+    # A model may write nothing, or only punctuation (the PTB tokeniser leaves no word): such a
+    # caption is scored as the placeholder word, which no reference contains -- a score near 0
+    # for that image, where the strict scorer would reject the whole file -- and counted.
+    wordless = [not any(ch.isalnum() for ch in caption) for caption in captions]
+    res = {image_id: [NO_CAPTION if empty else caption]
+           for image_id, caption, empty in zip(split.image_ids, captions, wordless)}
     gts = {image_id: split.references[image_id] for image_id in res}
     scores = score_caption_dicts(gts, res)
-    return {name: float(scores[key]) for key, name in CAPTION_NAMES.items()}
+    metrics: dict[str, object] = {name: float(scores[key]) for key, name in CAPTION_NAMES.items()}
+    metrics["wordless_captions"] = float(sum(wordless))
+    return metrics

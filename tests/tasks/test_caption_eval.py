@@ -221,3 +221,21 @@ def test_evaluate_module_loads_offline_and_matches(scored: dict[str, Any], priva
     result = module.compute(predictions=list(CANDIDATES.values()), references=list(REFERENCES.values()))
     assert result == pytest.approx(scored, abs=1e-9)
     assert any(private_evaluate_modules.rglob("coco_caption.py"))
+
+
+@needs_java
+def test_bench_scores_a_wordless_caption_as_a_miss_not_an_error() -> None:
+    from fusionzoo.bench.scoring import NO_CAPTION, score_caption_predictions
+    from fusionzoo.bench.suites import SplitData
+
+    references = {1: ["a dog runs on the grass", "a brown dog running"], 2: ["a red bus on a street"]}
+    split = SplitData(image_paths=["a.jpg", "b.jpg"], texts=None, image_ids=[1, 2], references=references)
+    metrics = score_caption_predictions(split, ["a dog runs on the grass", " . ,"])
+    assert metrics["wordless_captions"] == 1.0
+    # Scored as if image 2 got the placeholder word, which no reference contains.
+    same = score_caption_predictions(split, ["a dog runs on the grass", NO_CAPTION])
+    assert same["wordless_captions"] == 0.0
+    assert {k: v for k, v in metrics.items() if k != "wordless_captions"} == \
+        {k: v for k, v in same.items() if k != "wordless_captions"}
+    assert 0 < metrics["CIDEr"] < score_caption_predictions(split, ["a dog runs on the grass",
+                                                                     "a red bus on a street"])["CIDEr"]
