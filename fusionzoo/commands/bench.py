@@ -62,6 +62,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cache", action="store_true", help="extract features in memory; never read or write the cache")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--image-size", type=int, help="encoder input size in pixels (default: the suite's)")
+    p.add_argument("--jobs", type=int, metavar="N",
+                   help="rows (task x fusion) trained at once, each in a worker process with its share of the "
+                        "CPU threads (default: 2 on a CPU with 2+ cores, 1 on CUDA)")
+    p.add_argument("--image-grid", type=int, metavar="G",
+                   help="average-pool the encoder's token grid to GxG tokens before the fusions "
+                        "(default: the suite's; 0 = keep every token)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_bench)
 
@@ -78,6 +84,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         suite=args.suite, data_dir=args.data_dir, fusions=args.fusions, tasks=args.tasks, epochs=args.epochs,
         seeds=list(args.seeds), out=args.out, mixed_precision=args.mixed_precision, quick=args.quick,
         cache_dir=args.cache_dir, no_cache=args.no_cache, device=args.device, image_size=args.image_size,
+        image_grid=args.image_grid, jobs=args.jobs,
         progress=not args.no_progress,
     )
     try:

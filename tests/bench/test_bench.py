@@ -12,7 +12,9 @@ import torch
 from fusionzoo.bench import FeatureCache, cache_key, fingerprint_files, fingerprint_module, fingerprint_texts
 from fusionzoo.bench.baselines import ImageOnlyReference, TextOnlyReference
 from fusionzoo.bench.features import image_preprocessing
-from fusionzoo.bench.suites import easy_vqa_question_type, question_prefix, vqa_answer_type
+from fusionzoo.bench import runner
+from fusionzoo.bench.runner import pool_image_tokens
+from fusionzoo.bench.suites import BenchError, easy_vqa_question_type, question_prefix, vqa_answer_type
 from fusionzoo.cli import main
 from fusionzoo.encoders import build_vision_encoder
 from fusionzoo.layers import KVCache
@@ -145,15 +147,18 @@ def test_bench_quick_easy_vqa_writes_report_and_reuses_cache(tmp_path: Path, cap
     assert json.loads((out / "run.json").read_text())["cache"]["misses"] == 2
 
     # A second run (other fusions, two seeds) finds every feature in the cache.
+    # (the first run trained two rows at a time in worker processes, this one in-process)
+    assert {r["config"]["jobs"] for r in rows} == {2}
     again = tmp_path / "again"
     assert main([*args[:-4], "--out", str(again), "--cache-dir", str(cache), "--fusions", "late_voting,text_only",
-                 "--seeds", "0", "1"]) == 0
+                 "--seeds", "0", "1", "--jobs", "1"]) == 0
     assert "extraction skipped" in capsys.readouterr().out
     run = json.loads((again / "run.json").read_text())
     assert (run["cache"]["hits"], run["cache"]["misses"]) == (2, 0)
     rows = _rows(again)
     assert [r["fusion"] for r in rows] == ["late_voting", "text_only"]
     assert rows[0]["seeds"] == [0, 1] and "accuracy_std" in rows[0]["metrics"]
+    assert rows[0]["config"]["jobs"] == 1
 
 
 @pytest.mark.slow
@@ -181,3 +186,56 @@ def test_bench_rejects_bad_options(tmp_path: Path, capsys) -> None:
     assert "needs --data-dir" in capsys.readouterr().err
     assert main(["bench", "--tasks", "coco-match", "--out", str(tmp_path)]) == 2
     assert "has no task(s) 'coco-match'" in capsys.readouterr().err
+    assert main(["bench", "--image-grid", "-1", "--out", str(tmp_path)]) == 2
+    assert "--image-grid must be >= 0" in capsys.readouterr().err
+    assert main(["bench", "--jobs", "0", "--out", str(tmp_path)]) == 2
+    assert "--jobs must be >= 1" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# Token pooling, per-row settings, workers
+# --------------------------------------------------------------------------------------
+def test_pool_image_tokens_averages_grid_regions() -> None:
+    torch.manual_seed(0)
+    tokens = torch.randn(3, 16, 5).half()  # 3 images, a 4x4 grid, 5 channels
+    pooled = pool_image_tokens(tokens.numpy(), 2)
+    assert pooled.shape == (3, 4, 5) and pooled.dtype == torch.float16
+    grid = tokens.float().view(3, 4, 4, 5)  # (U, row, col, D), row-major as the vision encoder flattens
+    for r in range(2):
+        for c in range(2):
+            expected = grid[:, 2 * r: 2 * r + 2, 2 * c: 2 * c + 2].mean(dim=(1, 2))  # (U, D)
+            torch.testing.assert_close(pooled[:, 2 * r + c].float(), expected, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(pool_image_tokens(tokens, 1)[:, 0].float(), tokens.float().mean(dim=1),
+                               atol=2e-3, rtol=2e-3)  # grid 1: the global average pool
+    assert pool_image_tokens(tokens, None) is tokens and pool_image_tokens(tokens, 0) is tokens
+    assert pool_image_tokens(tokens, 4) is tokens  # not smaller than the grid: unchanged
+    with pytest.raises(BenchError, match="not a square grid"):
+        pool_image_tokens(torch.zeros(1, 17, 4), 2)  # e.g. a ViT's [CLS] + 4x4 patches
+
+
+def test_row_settings_and_fusion_kwargs_precedence(monkeypatch) -> None:
+    monkeypatch.setitem(runner.TASK_SETTINGS, "t", runner.TrainSettings(epochs=4, batch_size=32, lr=1e-3))
+    monkeypatch.setitem(runner.FUSION_SETTINGS, "t", {"albef": {"epochs": 6, "lr": 2e-3}})
+    assert runner.settings_for("t", "early_concat") == runner.TASK_SETTINGS["t"]
+    albef = runner.settings_for("t", "albef")
+    assert (albef.epochs, albef.batch_size, albef.lr) == (6, 32, 2e-3)
+    assert runner.settings_for("t", "albef", epochs=0.5).epochs == 0.5  # --epochs wins
+    assert runner.settings_for("t", "albef", quick=True).epochs == runner.QUICK_EPOCHS
+
+    monkeypatch.setattr(runner, "COMMON_FUSION_KWARGS", {"dim": 128, "num_layers": 1})
+    monkeypatch.setitem(runner.TASK_FUSION_KWARGS, "t", {"*": {"dim": 64}, "albef": {"num_layers": 2}})
+    monkeypatch.setitem(runner.FUSION_KWARGS, "albef", {"dim": 32})
+    assert runner.fusion_kwargs_for("early_concat", "t") == {"dim": 64, "num_layers": 1}
+    assert runner.fusion_kwargs_for("albef", "t") == {"dim": 32, "num_layers": 2}
+    assert runner.fusion_kwargs_for("early_concat", "other") == {"dim": 128, "num_layers": 1}
+
+
+def test_resolve_jobs() -> None:
+    cpu = torch.device("cpu")
+    assert runner.resolve_jobs(3, cpu, rows=2) == 2  # never more workers than rows
+    assert runner.resolve_jobs(None, torch.device("cuda"), rows=8) == 1
+    assert 1 <= runner.resolve_jobs(None, cpu, rows=8) <= 2
+    with pytest.raises(BenchError, match="--jobs must be >= 1"):
+        runner.resolve_jobs(0, cpu, rows=8)
+    with pytest.raises(BenchError, match="with a CUDA device use --jobs 1"):
+        runner.resolve_jobs(2, torch.device("cuda"), rows=8)
