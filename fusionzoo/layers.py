@@ -78,7 +78,21 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if weight.dtype == torch.float32 and bf16_is_slow_here(x):
         with torch.autocast("cpu", enabled=False):
             return F.linear(x.float(), weight, bias)
+    rows = x.numel() // max(1, x.shape[-1])
+    if x.device.type == "cpu" and rows <= FEW_ROWS and weight.shape[0] >= WIDE_OUTPUT:
+        # A few rows through a very wide matrix (an LM head while decoding) is a pass over the
+        # weight; computed as weight @ x^T it ran 2x faster (5.7 against 11.5 ms for 6 rows x
+        # MiniLM's 30,522 x 384 embedding in fp32 on the 2-core CPU of the README).
+        flat = x.reshape(rows, x.shape[-1])  # (R, Din)
+        out = torch.mm(weight, flat.T) if bias is None else torch.addmm(bias[:, None], weight, flat.T)  # (Dout, R)
+        return out.T.contiguous().view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
+
+
+#: :func:`linear` takes the ``weight @ x^T`` path for at most this many rows ...
+FEW_ROWS = 32
+#: ... into at least this many outputs.
+WIDE_OUTPUT = 4096
 
 
 class Linear(nn.Linear):
@@ -277,7 +291,32 @@ class TransformerLayer(nn.Module):
         cache: KVCache | None = None,
     ) -> Tensor:
         """x (B, L, D); masks boolean as in :class:`Attention`; returns (B, L, D)."""
-        x = x + self.drop(self.self_attn(self.norm1(x), attn_mask=self_mask, cache=cache))
+        return self.forward_queries(x, None, self_mask, context, context_mask, cache)
+
+    def forward_queries(
+        self,
+        x: Tensor,
+        queries: slice | None,
+        self_mask: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """The layer's output at positions ``queries`` of ``x`` (B, L, D) only: (B, L_q, D).
+
+        Every position is still a key and value of the self-attention; only the
+        queries, the cross-attention and the MLP are limited to ``queries`` (None =
+        all). A model that reads one position of its last layer (a [CLS] pooler)
+        skips the rest of that layer's work this way. ``self_mask`` must have a
+        query axis of 1 or of the selected positions.
+        """
+        if queries is None:
+            x = x + self.drop(self.self_attn(self.norm1(x), attn_mask=self_mask, cache=cache))
+        else:
+            if cache is not None:
+                raise ValueError("forward_queries with a query subset does not take a cache")
+            h = self.norm1(x)  # (B, L, D)
+            x = x[:, queries] + self.drop(self.self_attn(h[:, queries], context=h, attn_mask=self_mask))
         if self.has_cross:
             if context is None:
                 raise ValueError("this layer has cross-attention but no context was given")

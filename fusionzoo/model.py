@@ -202,7 +202,10 @@ class FusionModel(nn.Module):
         text_mask = attention_mask.bool()  # (B, T)
         if text_states is None:
             text_states = self.text(input_ids, attention_mask).states  # (B, T, Dt)
-        fused = self.fusion(text_states, text_mask, image, image_mask, causal=self.head.causal)
+        # A feature-level classification / VQA head reads only `pooled`; fusions that can, skip the rest.
+        pooled_only = self.fusion.supports_pooled_only and getattr(self.head, "reads_pooled_only", False)
+        extra = {"pooled_only": True} if pooled_only else {}
+        fused = self.fusion(text_states, text_mask, image, image_mask, causal=self.head.causal, **extra)
         logits = self.head(fused, vote=self._vote())
 
         if labels is None and self.head.causal:

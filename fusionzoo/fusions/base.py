@@ -79,6 +79,9 @@ class FusionModule(nn.Module):
     num_modalities: ClassVar[int] = 1
     #: Set by the registry decorator.
     registry_name: ClassVar[str] = ""
+    #: True for fusions whose ``forward`` takes ``pooled_only=True`` (the caller reads
+    #: ``pooled`` alone, so the fusion may skip work whose only use is the token states).
+    supports_pooled_only: ClassVar[bool] = False
 
     out_dim: int
 

@@ -53,6 +53,8 @@ class MergedTransformerFusion(FusionModule):
         max_image_tokens: size of the learned image position table.
     """
 
+    supports_pooled_only = True
+
     def __init__(
         self,
         text_dim: int,
@@ -96,6 +98,7 @@ class MergedTransformerFusion(FusionModule):
         *,
         causal: bool = False,
         cache: KVCache | None = None,
+        pooled_only: bool = False,
     ) -> FusionOutput:
         """
         Args:
@@ -105,6 +108,11 @@ class MergedTransformerFusion(FusionModule):
             image_mask: (B, N) bool or None.
             causal: prefix-LM decoding (see the module docstring).
             cache: for incremental decoding; advanced by T.
+            pooled_only: the caller reads ``pooled`` alone (a classification or VQA
+                head; :class:`~fusionzoo.model.FusionModel` sets it): the last layer
+                runs for the first text position only (about 1/6 less work at 6
+                layers), and ``text_tokens`` is that position alone (B, 1, D), with
+                no ``image_tokens``. Ignored in causal mode or with a cache.
         Returns:
             FusionOutput with text_tokens (B, T, D), image_tokens (B, N, D) and
             pooled (B, D) = tanh(Linear(state at text position 0)).
@@ -144,6 +152,12 @@ class MergedTransformerFusion(FusionModule):
             x = self.drop(t)  # (B, T, D); cached keys are [image; earlier text]
             mask = prefix_causal_mask(image_valid, text_mask, num_new, offset, prefix_queries=False)
 
+        if pooled_only and first and cache is None and not causal:
+            # Only the pooler's input is wanted: the last layer runs for the [CLS] query alone.
+            for layer in self.layers[:-1]:
+                x = layer(x, mask)
+            cls = self.norm(self.layers[-1].forward_queries(x, slice(n, n + 1), mask))  # (B, 1, D)
+            return FusionOutput(text_tokens=cls, pooled=torch.tanh(self.pooler(cls[:, 0])))
         for layer in self.layers:
             x = layer(x, mask, cache=cache)  # one attention call per layer
         x = self.norm(x)

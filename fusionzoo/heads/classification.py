@@ -118,6 +118,11 @@ class ClassificationHead(nn.Module):
         num_modalities = fusion.num_modalities if fusion.decision_level else None
         return cls(fusion.out_dim, len(vocabulary), num_modalities=num_modalities, **kwargs)
 
+    @property
+    def reads_pooled_only(self) -> bool:
+        """True for a feature-level head: it reads ``FusionOutput.pooled`` and nothing else."""
+        return self.num_modalities is None
+
     def forward(self, features: FusionOutput, vote: VoteFn | None = None) -> Tensor:
         """
         Args:

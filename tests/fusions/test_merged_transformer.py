@@ -66,3 +66,48 @@ def test_one_attention_call_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
         model(text[:, :2], mask[:, :2], image, causal=True, cache=cache)
         model(text[:, 2:3], mask[:, :3], image, causal=True, cache=cache)
     assert len(calls) == 2 * len(model.layers)
+
+
+def test_pooled_only_runs_the_last_layer_for_cls_and_matches_the_full_pass() -> None:
+    torch.manual_seed(0)
+    fusion = MergedTransformerFusion(16, 24, dim=32, num_layers=3, num_heads=4, dropout=0.0)
+    text, image = torch.randn(2, 5, 16), torch.randn(2, 4, 24)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False  # padding must still be masked as a key
+    full = fusion(text, mask, image)
+    fast = fusion(text, mask, image, pooled_only=True)
+    torch.testing.assert_close(fast.pooled, full.pooled)
+    assert fast.text_tokens.shape == (2, 1, 32) and fast.image_tokens is None
+    torch.testing.assert_close(fast.text_tokens[:, 0], full.text_tokens[:, 0])
+    # Same gradients for every parameter the pooled vector depends on.
+    grads_full = torch.autograd.grad(full.pooled.square().sum(), list(fusion.parameters()), allow_unused=True)
+    grads_fast = torch.autograd.grad(fast.pooled.square().sum(), list(fusion.parameters()), allow_unused=True)
+    for (name, _), a, b in zip(fusion.named_parameters(), grads_full, grads_fast):
+        if a is None:
+            assert b is None, name
+        else:
+            torch.testing.assert_close(b if b is not None else torch.zeros_like(a), a, msg=name)
+    # Causal mode ignores the flag (every text position is a prediction there).
+    causal = fusion(text, mask, image, causal=True, pooled_only=True)
+    assert causal.text_tokens.shape == (2, 5, 32)
+
+
+def test_vqa_model_asks_merged_transformer_for_pooled_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fusionzoo
+
+    torch.manual_seed(0)
+    model = fusionzoo.create_model("vqa", "merged_transformer", vision="tiny", text="tiny", pretrained=False,
+                                   answers=["yes", "no"], fusion_kwargs={"dim": 32, "num_layers": 2})
+    seen = []
+    original = MergedTransformerFusion.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("pooled_only", False))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MergedTransformerFusion, "forward", spy)
+    batch = {"pixel_values": torch.randn(2, 3, 32, 32), "input_ids": torch.randint(5, 90, (2, 6)),
+             "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    model.eval()
+    logits = model(**batch).logits
+    assert seen == [True] and logits.shape == (2, 2)
