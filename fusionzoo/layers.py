@@ -116,18 +116,32 @@ class KVCache:
     """
 
     def __init__(self) -> None:
-        self._kv: dict[int, tuple[Tensor, Tensor]] = {}
+        self._kv: dict[int, tuple[Tensor, Tensor]] = {}  # static (cross-attention) keys/values
+        self._grown: dict[int, tuple[Tensor, Tensor, int]] = {}  # self-attention: buffers, positions used
         self.state: dict[str, Tensor] = {}
         self.offset: int = 0
 
     def append(self, owner: nn.Module, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append new keys/values (B, H, L_new, Dh) of a self-attention; return all so far."""
-        key = id(owner)
-        if key in self._kv:
-            pk, pv = self._kv[key]
-            k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-        self._kv[key] = (k, v)
-        return k, v
+        """Append new keys/values (B, H, L_new, Dh) of a self-attention; return all so far.
+
+        The positions live in buffers with room to spare (doubled when full), so a
+        decoding step writes its one new position instead of copying every past one
+        (``torch.cat`` was the largest cost of cached decoding after the matmuls).
+        """
+        key, new = id(owner), k.shape[2]
+        kbuf, vbuf, used = self._grown.get(key, (None, None, 0))
+        if kbuf is None or used + new > kbuf.shape[2]:
+            capacity = max(2 * (used + new), 16)
+            grown_k = k.new_empty(*k.shape[:2], capacity, k.shape[3])
+            grown_v = v.new_empty(*v.shape[:2], capacity, v.shape[3])
+            if kbuf is not None:
+                grown_k[:, :, :used], grown_v[:, :, :used] = kbuf[:, :, :used], vbuf[:, :, :used]
+            kbuf, vbuf = grown_k, grown_v
+        kbuf[:, :, used: used + new] = k
+        vbuf[:, :, used: used + new] = v
+        used += new
+        self._grown[key] = (kbuf, vbuf, used)
+        return kbuf[:, :, :used], vbuf[:, :, :used]
 
     def get_static(self, owner: nn.Module) -> tuple[Tensor, Tensor] | None:
         """Keys/values of a cross-attention computed at the first step, or None."""
@@ -139,10 +153,13 @@ class KVCache:
     def reorder(self, index: Tensor) -> None:
         """Select batch rows (beam search): every cached tensor becomes ``t[index]``."""
         self._kv = {k: (a.index_select(0, index), b.index_select(0, index)) for k, (a, b) in self._kv.items()}
+        # Whole buffers, spare room included: the next append writes in place instead of growing.
+        self._grown = {k: (a.index_select(0, index), b.index_select(0, index), n)
+                       for k, (a, b, n) in self._grown.items()}
         self.state = {k: t.index_select(0, index) for k, t in self.state.items()}
 
     def __len__(self) -> int:
-        return len(self._kv)
+        return len(self._kv) + len(self._grown)
 
 
 class Attention(nn.Module):

@@ -50,3 +50,22 @@ def test_bf16_attention_on_cpu_matches_fp32() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = attention(x)  # the math kernel (see Attention.forward)
     torch.testing.assert_close(low.float(), attention(x), atol=5e-2, rtol=5e-2)
+
+
+def test_kv_cache_appends_in_place_grows_and_reorders() -> None:
+    from fusionzoo.layers import KVCache
+
+    torch.manual_seed(0)
+    cache, owner = KVCache(), torch.nn.Linear(1, 1)
+    steps = [torch.randn(3, 2, n, 4) for n in (5, 1, 1, 20, 1)]  # the 4th outgrows the first buffer
+    for i, k in enumerate(steps):
+        keys, values = cache.append(owner, k, -k)
+        expected = torch.cat(steps[: i + 1], dim=2)
+        torch.testing.assert_close(keys, expected)
+        torch.testing.assert_close(values, -expected)
+    index = torch.tensor([2, 2, 0])  # beam search: rows 2, 2, 0 survive
+    cache.reorder(index)
+    new = torch.randn(3, 2, 1, 4)
+    keys, _ = cache.append(owner, new, new)
+    torch.testing.assert_close(keys, torch.cat([expected[index], new], dim=2))
+    assert len(cache) == 1
