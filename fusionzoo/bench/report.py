@@ -124,16 +124,25 @@ def markdown(rows: Sequence[dict[str, Any]], run: dict[str, Any]) -> str:
             continue
         first = task_rows[0]
         columns = COLUMNS[first["config"]["model_task"]]
+        schedule = lambda r: (f"{r['config']['epochs']:g} x {r['config']['batch_size']}, "  # noqa: E731
+                              f"lr {r['config']['lr']:g}, dim {r['config']['fusion_kwargs'].get('dim', '-')}")
+        varies = len({schedule(r) for r in task_rows}) > 1
         lines += [f"## {task}", "", run["task_descriptions"].get(task, ""), "",
-                  f"trained on {first['config']['train_samples']:,} samples for {first['config']['epochs']:g} "
-                  f"epochs (batch {first['config']['batch_size']}, lr {first['config']['lr']:g}), scored on "
-                  f"{first['config']['test_samples']:,} test samples", ""]
+                  f"trained on {first['config']['train_samples']:,} samples"
+                  + ("" if varies else f" for {first['config']['epochs']:g} epochs (batch "
+                     f"{first['config']['batch_size']}, lr {first['config']['lr']:g})")
+                  + f", scored on {first['config']['test_samples']:,} test samples"
+                  + ("; each fusion's epochs x batch, learning rate and width in the table" if varies else ""), ""]
         header = ["fusion", *columns, "trainable params", "train s", "eval samples/s", "peak MB"]
+        if varies:
+            header.append("epochs x batch, lr, dim")
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in task_rows:
             cells = [_label(row), *[_with_std(row["metrics"], c) for c in columns], _count(row["params_trainable"]),
                      f"{row['train_seconds']:.1f}", f"{row['eval_samples_per_second']:,.0f}",
                      f"{row['peak_memory_mb']:.0f}"]
+            if varies:
+                cells.append(schedule(row))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         for breakdown in BREAKDOWNS:

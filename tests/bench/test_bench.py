@@ -144,6 +144,7 @@ def test_bench_quick_easy_vqa_writes_report_and_reuses_cache(tmp_path: Path, cap
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     markdown = (out / "results.md").read_text()
     assert "| fusion | accuracy |" in markdown and "text_only (reference)" in markdown
+    assert "epochs x batch, lr, dim" in markdown  # the fusions train on their own schedules
     assert json.loads((out / "run.json").read_text())["cache"]["misses"] == 2
 
     # A second run (other fusions, two seeds) finds every feature in the cache.
