@@ -38,7 +38,8 @@ def test_fused_qkv_projection_equals_separate_linears() -> None:
     torch.testing.assert_close(attention(x, attn_mask=mask), expected)
     # Cross-attention: k and v from the context in one product.
     context = torch.randn(2, 3, 16)
-    k, v = (attention.k(context).view(2, 3, 4, 4).transpose(1, 2), attention.v(context).view(2, 3, 4, 4).transpose(1, 2))
+    k = attention.k(context).view(2, 3, 4, 4).transpose(1, 2)
+    v = attention.v(context).view(2, 3, 4, 4).transpose(1, 2)
     expected = attention.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 5, 16))
     torch.testing.assert_close(attention(x, context), expected)
 

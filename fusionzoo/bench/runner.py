@@ -225,7 +225,8 @@ def resolve_device(device: str) -> torch.device:
 def fusion_kwargs_for(fusion: str, task: str | None = None) -> dict[str, Any]:
     """The fusion's constructor arguments in the benchmark: common, then the task's, then the fusion's."""
     per_task = TASK_FUSION_KWARGS.get(task or "", {})
-    return {**COMMON_FUSION_KWARGS, **per_task.get("*", {}), **per_task.get(fusion, {}), **FUSION_KWARGS.get(fusion, {})}
+    return {**COMMON_FUSION_KWARGS, **per_task.get("*", {}), **per_task.get(fusion, {}),
+            **FUSION_KWARGS.get(fusion, {})}
 
 
 def settings_for(task: str, fusion: str, epochs: float | None = None, quick: bool = False) -> TrainSettings:
@@ -300,7 +301,10 @@ class Features:
         return {"text_mean": text_mean, "text_std": text_std, "image_mean": image_mean, "image_std": image_std}
 
     def token_ids(self, split: SplitData, causal: bool) -> list[int]:
-        """The distinct token ids of the texts of ``split`` (padding excluded): a captioning head's output vocabulary."""
+        """The distinct token ids of the texts of ``split`` (padding excluded).
+
+        A captioning head's output vocabulary: every token it is trained to predict.
+        """
         arrays, row = self.texts[causal]
         rows = torch.as_tensor(sorted({row[t] for t in split.texts}), dtype=torch.long)
         ids = torch.as_tensor(arrays["input_ids"][rows]).long()  # (R, T)

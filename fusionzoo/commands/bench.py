@@ -49,7 +49,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated fusions; text_only and image_only are the references "
                    "(default: every registered fusion and both references)")
     p.add_argument("--tasks", type=_names, metavar="A,B,...", help="comma-separated tasks of the suite (default: all)")
-    p.add_argument("--epochs", type=float, help="epochs for every task (default: each task's tuned setting)")
+    p.add_argument("--epochs", type=float,
+                   help="epochs for every task (default: the tuned setting of each task and fusion)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
                    help="one model per seed, scores averaged with their spread (default: 0)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="report folder (default: bench-results/)")
