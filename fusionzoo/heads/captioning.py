@@ -144,20 +144,17 @@ class CaptioningHead(nn.Module):
         self.in_dim = in_dim
         self.vocab_size = word_embeddings.num_embeddings
         self.num_modalities = num_modalities
-        if output_ids is not None:
-            ids = torch.as_tensor(sorted(set(int(i) for i in output_ids)), dtype=torch.long)
-            if len(ids) == 0 or ids[0] < 0 or ids[-1] >= self.vocab_size:
+        self.output_ids = sorted(set(int(i) for i in output_ids)) if output_ids is not None else None
+        ids = None
+        if self.output_ids is not None:
+            if not self.output_ids or self.output_ids[0] < 0 or self.output_ids[-1] >= self.vocab_size:
+                span = f" in [{self.output_ids[0]}, {self.output_ids[-1]}]" if self.output_ids else ""
                 raise ValueError(f"output_ids must be non-empty token ids in [0, {self.vocab_size}), got "
-                                 f"{len(ids)} ids in [{ids.min().item() if len(ids) else None}, "
-                                 f"{ids.max().item() if len(ids) else None}]")
-        else:
-            ids = None
-        self.output_ids = ids.tolist() if ids is not None else None
-        if ids is not None:  # token id -> column of the restricted logits (-1: not predictable)
-            column = torch.full((self.vocab_size,), -1, dtype=torch.long)
+                                 f"{len(self.output_ids)} ids{span}")
+            ids = torch.as_tensor(self.output_ids, dtype=torch.long)
+            column = torch.full((self.vocab_size,), -1, dtype=torch.long)  # token id -> logit column, -1: none
             column[ids] = torch.arange(len(ids))
             self.register_buffer("_column", column, persistent=False)
-            self.register_buffer("_ids", ids.clone(), persistent=False)
         self.predictors = nn.ModuleList(
             LMPredictor(in_dim, word_embeddings, None if ids is None else ids.clone())
             for _ in range(num_modalities or 1)
@@ -225,7 +222,7 @@ class CaptioningHead(nn.Module):
         if self.output_ids is None or logits.shape[-1] == self.vocab_size:
             return logits
         full = logits.new_full((*logits.shape[:-1], self.vocab_size), EXCLUDED_LOGIT)
-        return full.index_copy(-1, self._ids, logits)
+        return full.index_copy(-1, self.predictors[0].output_ids, logits)  # the ids, on the head's device
 
 
 register_head("captioning")(CaptioningHead)
