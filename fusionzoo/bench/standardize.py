@@ -86,12 +86,21 @@ class StandardizedFusion(FusionModule):
             self.register_buffer(f"{name}_shift", shift.float().clone())
             self.register_buffer(f"{name}_scale", scale.float().clone())
 
+    @property
+    def supports_pooled_only(self) -> bool:  # type: ignore[override]
+        """As the inner fusion: the wrapper passes ``pooled_only`` on."""
+        return self.inner.supports_pooled_only
+
     def forward(self, text: Tensor, text_mask: Tensor, image: Tensor, image_mask: Tensor | None = None, *,
-                causal: bool = False, cache: KVCache | None = None) -> FusionOutput:
-        """As the inner fusion, on ``(text - shift) * scale`` (B, T, Dt) and ``(image - shift) * scale`` (B, N, Di)."""
+                causal: bool = False, cache: KVCache | None = None, pooled_only: bool = False) -> FusionOutput:
+        """As the inner fusion, on ``(text - shift) * scale`` (B, T, Dt) and ``(image - shift) * scale`` (B, N, Di).
+
+        ``pooled_only=True`` is passed on (only then: a fusion without the option never sees it).
+        """
         text = (text - self.text_shift.to(text.dtype)) * self.text_scale.to(text.dtype)  # (B, T, Dt)
         image = (image - self.image_shift.to(image.dtype)) * self.image_scale.to(image.dtype)  # (B, N, Di)
-        return self.inner(text, text_mask, image, image_mask, causal=causal, cache=cache)
+        extra = {"pooled_only": True} if pooled_only else {}
+        return self.inner(text, text_mask, image, image_mask, causal=causal, cache=cache, **extra)
 
     def vote(self, logits: Tensor, activation: str = "softmax") -> Tensor:
         return self.inner.vote(logits, activation)

@@ -92,12 +92,17 @@ def test_pooled_only_runs_the_last_layer_for_cls_and_matches_the_full_pass() -> 
     assert causal.text_tokens.shape == (2, 5, 32)
 
 
-def test_vqa_model_asks_merged_transformer_for_pooled_only(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("standardized", [False, True], ids=["plain", "bench-wrapper"])
+def test_vqa_model_asks_merged_transformer_for_pooled_only(monkeypatch: pytest.MonkeyPatch,
+                                                           standardized: bool) -> None:
     import fusionzoo
+    from fusionzoo.bench.standardize import StandardizedFusion
 
     torch.manual_seed(0)
     model = fusionzoo.create_model("vqa", "merged_transformer", vision="tiny", text="tiny", pretrained=False,
                                    answers=["yes", "no"], fusion_kwargs={"dim": 32, "num_layers": 2})
+    if standardized:  # the benchmark wraps every fusion; the wrapper must pass the flag on
+        model.fusion = StandardizedFusion(model.fusion)
     seen = []
     original = MergedTransformerFusion.forward
 
