@@ -92,3 +92,24 @@ def test_checkpoint_manager_save_prune_resume(tmp_path: Path) -> None:
     # The saved weights are safetensors, loadable without pickle.
     assert (manager.latest() / "model.safetensors").is_file()
     del model
+
+
+def test_build_optimizer_updates_like_the_reference_adamw() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    reference = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    reference.load_state_dict(model.state_dict())
+    fast = build_optimizer(model, 1e-2, 0.1)
+    # The plain per-parameter loop, with the same decay groups.
+    slow = torch.optim.AdamW(parameter_groups(reference, 1e-2, 0.1), betas=(0.9, 0.999), eps=1e-8,
+                             foreach=False, fused=False)
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 4):
+        assert fast.param_groups[0]["fused"]  # the fused CPU kernel exists from torch 2.4
+    for _ in range(3):
+        x = torch.randn(4, 6)
+        for net, opt in ((model, fast), (reference, slow)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
