@@ -133,6 +133,12 @@ def markdown(rows: Sequence[dict[str, Any]], run: dict[str, Any]) -> str:
                      f"{first['config']['batch_size']}, lr {first['config']['lr']:g})")
                   + f", scored on {first['config']['test_samples']:,} test samples"
                   + ("; each fusion's epochs x batch, learning rate and width in the table" if varies else ""), ""]
+        prior = run.get("question_prior", {}).get(task)
+        if prior and prior["seen_in_train"]:
+            lines += [f"question prior: {prior['seen_in_train']:,} of {prior['test_questions']:,} test questions "
+                      f"({100 * prior['seen_in_train'] / prior['test_questions']:.0f}%) are asked in the train split "
+                      f"too; answering them with the train split's commonest answer to the same question scores "
+                      f"{prior['train_answer_accuracy']:.1f}% (the ceiling of memorising questions)", ""]
         header = ["fusion", *columns, "trainable params", "train s", "eval samples/s", "peak MB"]
         if varies:
             header.append("epochs x batch, lr, dim")

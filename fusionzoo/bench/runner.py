@@ -52,7 +52,12 @@ from .loop import (
     train_model,
 )
 from .standardize import StandardizedFusion, channel_stats
-from .scoring import score_caption_predictions, score_classification_predictions, score_vqa_predictions
+from .scoring import (
+    question_prior,
+    score_caption_predictions,
+    score_classification_predictions,
+    score_vqa_predictions,
+)
 from .suites import SUITES, BenchError, BenchTask, SplitData, load_tasks
 
 logger = logging.getLogger(__name__)
@@ -638,6 +643,7 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
         "suite": config.suite,
         "tasks": [task.name for task in tasks],
         "task_descriptions": {task.name: task.description for task in tasks},
+        "question_prior": {task.name: prior for task in tasks if (prior := question_prior(task)) is not None},
         "headline_metrics": {task.name: task.metric for task in tasks},
         "fusions": fusions,
         "seeds": list(config.seeds),

@@ -49,6 +49,35 @@ def score_vqa_predictions(task: BenchTask, split: SplitData, logits: torch.Tenso
     return metrics
 
 
+def question_prior(task: BenchTask) -> dict[str, float] | None:
+    """How far the train split's answers to the same question predict the test answers (VQA tasks).
+
+    A question matches when its text does (case and spacing ignored). For the test
+    questions that the train split asks too, the commonest train answer to the same
+    question (soft scores summed) is scored like a model's prediction. This is the
+    ceiling of a model that memorises questions, and it explains the text-only row:
+    on easy-VQA every test question is a train template; on VQA v2-style data, where
+    the same question is asked of two similar images with opposite answers, a split by
+    image puts the two on either side and the train answer is mostly wrong.
+
+    Returns:
+        ``test_questions``, ``seen_in_train`` and, when any is seen, ``train_answer_accuracy``
+        (%, as the task scores); None for a task that is not VQA.
+    """
+    if task.task != "vqa" or task.train.labels is None or not task.test.texts or not task.train.texts:
+        return None
+    key = lambda text: " ".join(text.lower().split())  # noqa: E731
+    group: dict[str, int] = {}
+    ids = torch.as_tensor([group.setdefault(key(q), len(group)) for q in task.train.texts], dtype=torch.long)
+    totals = torch.zeros(len(group), task.train.labels.shape[1]).index_add_(0, ids, task.train.labels.float())
+    seen = [i for i, q in enumerate(task.test.texts) if key(q) in group]
+    out: dict[str, float] = {"test_questions": len(task.test), "seen_in_train": len(seen)}
+    if seen:
+        logits = totals[torch.as_tensor([group[key(task.test.texts[i])] for i in seen], dtype=torch.long)]
+        out["train_answer_accuracy"] = float(score_vqa_predictions(task, task.test.subset(seen), logits)["accuracy"])
+    return out
+
+
 def score_classification_predictions(split: SplitData, logits: torch.Tensor) -> dict[str, object]:
     """``accuracy``, ``macro_f1`` (%), ``roc_auc`` (two classes) and ``per_label`` accuracy (%)."""
     from ..tasks.classification_data import classification_metrics

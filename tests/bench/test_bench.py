@@ -116,6 +116,28 @@ def test_question_types() -> None:
     assert question_prefix("Is this a cat?") == "is this"
 
 
+def test_question_prior_scores_the_train_answer_of_the_same_question() -> None:
+    from fusionzoo.bench.scoring import question_prior
+    from fusionzoo.bench.suites import BenchTask, SplitData
+
+    vocab = ["no", "yes"]
+    onehot = lambda answers: torch.tensor([[float(a == v) for v in vocab] for a in answers])  # noqa: E731
+    train_q = ["Is this a cat?", "is this a  cat?", "Is this a cat?", "Is it red?", "Is it big?"]
+    train_a = ["yes", "yes", "no", "no", "yes"]
+    test_q = ["is this a cat?", "Is it red?", "Is it big?", "Is it new?"]  # the last is never asked in train
+    test_a = ["no", "yes", "yes", "yes"]
+    split = lambda q, a: SplitData(image_paths=[f"{i}.png" for i in range(len(q))], texts=q,  # noqa: E731
+                                   labels=onehot(a), answers=[[x] for x in a])
+    task = BenchTask(name="t", task="vqa", metric="accuracy", vocabulary=vocab, train=split(train_q, train_a),
+                     test=split(test_q, test_a))
+    prior = question_prior(task)
+    # cat: train says yes (2 of 3), test no -> wrong; red: train no, test yes -> wrong; big: yes, yes -> right.
+    assert prior == {"test_questions": 4, "seen_in_train": 3, "train_answer_accuracy": pytest.approx(100 / 3)}
+    captioning = BenchTask(name="c", task="captioning", metric="CIDEr", vocabulary=None,
+                           train=split(train_q, train_a), test=split(test_q, test_a))
+    assert question_prior(captioning) is None
+
+
 # --------------------------------------------------------------------------------------
 # The command, end to end
 # --------------------------------------------------------------------------------------
@@ -145,7 +167,10 @@ def test_bench_quick_easy_vqa_writes_report_and_reuses_cache(tmp_path: Path, cap
     markdown = (out / "results.md").read_text()
     assert "| fusion | accuracy |" in markdown and "text_only (reference)" in markdown
     assert "epochs x batch, lr, dim" in markdown  # the fusions train on their own schedules
-    assert json.loads((out / "run.json").read_text())["cache"]["misses"] == 2
+    run = json.loads((out / "run.json").read_text())
+    assert run["cache"]["misses"] == 2
+    prior = run["question_prior"]["easy-vqa"]  # templated questions: the test split's are asked in train too
+    assert 0 < prior["seen_in_train"] <= prior["test_questions"] and "question prior: " in markdown
 
     # A second run (other fusions, two seeds) finds every feature in the cache.
     # (the first run trained two rows at a time in worker processes, this one in-process)
