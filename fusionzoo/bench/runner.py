@@ -114,6 +114,7 @@ FUSION_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
         "attention_weighted": {"epochs": 6, "batch_size": 128},
         "albef": {"epochs": 6, "batch_size": 256, "lr": 2e-3},
         "merged_transformer": {"epochs": 3},
+        "co_attention": {"batch_size": 128, "lr": 2e-3},  # as accurate as 64 at 1e-3, a third less time
         "late_voting": {"epochs": 1, "batch_size": 128},
         "text_only": {"epochs": 1, "batch_size": 256},
         "image_only": {"epochs": 1, "batch_size": 256},
