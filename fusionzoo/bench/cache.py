@@ -88,12 +88,14 @@ def fingerprint_files(paths: Iterable[str]) -> str:
     """Hex digest of image paths with their size and modification time (as ``make`` does).
 
     A file replaced in place gets a new mtime and so a new key; content is not
-    read, which keeps the check cheap for thousands of images.
+    read, which keeps the check cheap for thousands of images. Paths are hashed
+    resolved (absolute, links followed), so ``../shared/x.jpg`` from one folder and
+    ``/work/shared/x.jpg`` name the same entry.
     """
     digest = hashlib.blake2b(digest_size=20)
     for path in paths:
         stat = os.stat(path)
-        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 

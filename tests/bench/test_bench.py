@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,10 @@ def test_cache_key_changes_with_weights_preprocessing_and_inputs(tmp_path: Path)
     Path(images[0]).write_bytes(b"changed content, changed size")
     assert fingerprint_files(images) != inputs
     assert fingerprint_texts(["ab", "c"]) != fingerprint_texts(["a", "bc"])
+    # the same files spelt another way (relative, with "..") are the same inputs
+    relative = [os.path.relpath(p) for p in images]
+    spelt = [str(Path(p).parent / ".." / Path(p).parent.name / Path(p).name) for p in images]
+    assert fingerprint_files(relative) == fingerprint_files(spelt) == fingerprint_files(images)
 
 
 def test_feature_cache_builds_once_then_memory_maps(tmp_path: Path) -> None:
