@@ -626,7 +626,7 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
             for t, task in enumerate(tasks) for fusion in fusions]
     jobs = resolve_jobs(config.jobs, device, len(work))
     captions: dict[str, Any] = {}
-    done: dict[int, list[tuple[int, dict[str, Any]]]] = {t: [] for t in range(len(tasks))}
+    finished: dict[int, dict[str, Any]] = {}  # index in `work` -> row; rows finish in any order
     rows_start = time.perf_counter()
     for index, row, row_captions in run_rows(work, tasks, features, encoders, config, precision, device, jobs):
         t = work[index][0]
@@ -634,11 +634,11 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
         for task_name, per_fusion in row_captions.items():
             captions.setdefault(task_name, {}).update(per_fusion)
         logger.info("%s %s: %s", tasks[t].name, row["fusion"], row["metrics"].get(tasks[t].metric))
-        done[t].append((index, row))
-        if len(done[t]) == len(fusions):
-            task_rows = [r for _, r in sorted(done[t], key=lambda pair: pair[0])]
-            echo(summary_line(tasks[t], task_rows, time.perf_counter() - rows_start))
-    rows = [row for t in range(len(tasks)) for _, row in sorted(done[t], key=lambda pair: pair[0])]
+        finished[index] = row
+        of_task = [i for i, (task_index, _, _) in enumerate(work) if task_index == t]
+        if all(i in finished for i in of_task):
+            echo(summary_line(tasks[t], [finished[i] for i in of_task], time.perf_counter() - rows_start))
+    rows = [finished[i] for i in range(len(work))]  # `work` is in task, then fusion order
 
     run_info = {
         "suite": config.suite,
