@@ -21,8 +21,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
+from .version import __version__  # noqa: F401
 from .registry import (  # noqa: E402
     DATASETS,
     FUSIONS,

@@ -5,20 +5,23 @@ Learning with Momentum Distillation", NeurIPS 2021):
 
 * **ITC**, image-text contrastive: a symmetric InfoNCE over in-batch pairs of
   unit-norm image and text embeddings divided by a learnable temperature,
-  optionally against the soft targets of momentum distillation
-  (:func:`itc_loss`, :class:`ITCLoss`, :func:`itc_similarities`,
-  :func:`momentum_targets`).
+  optionally against gathered columns and the soft targets of momentum
+  distillation (:func:`itc_similarities`, :func:`itc_targets`,
+  :func:`contrastive_loss`; :func:`itc_loss` is the in-batch case).
 * **ITM**, image-text matching: a binary head on the fused [CLS] state, trained
   on the positive pairs and on one hard negative per image and per text, drawn
   with probability ``softmax(similarity)`` over the other pairs of the batch
-  (:func:`sample_hard_negatives`, :class:`ITMLoss`, :func:`itm_loss`).
+  (:func:`hard_negative_candidates`, :func:`sample_hard_negatives`,
+  :class:`ITMLoss`, :func:`itm_loss`).
 * **MLM**, masked language modelling on the fused text states, with BERT's
   80/10/10 corruption (:func:`mask_tokens`, :class:`MLMHead`,
   :class:`MLMLoss`, :func:`mlm_loss`).
 
 Every module is a thin wrapper over its plain function (the TorchMultimodal
-convention, STYLE.md). Nothing here draws random numbers on its own: sampling
-takes a ``torch.Generator`` argument (STYLE.md rule 9). A CPU generator may
+convention). This is the one implementation: ALBEF's fusion calls :func:`itc_loss`
+for its auxiliary loss, pretraining calls the same pieces with the columns it
+gathers from every process. Nothing here draws random numbers on its own: sampling
+takes a ``torch.Generator`` argument. A CPU generator may
 drive tensors on any device; the draws are made on the generator's device and
 moved, so a seed gives the same draws on CPU and GPU.
 """
@@ -26,14 +29,10 @@ moved, so a seed gives the same draws on CPU and GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-if TYPE_CHECKING:  # typing only: fusions import this module (ALBEF's ITC), not the reverse
-    from .fusions.base import FusionModule
 
 IGNORE_INDEX = -100  # label of positions that no loss reads (PyTorch's cross-entropy default)
 
@@ -46,18 +45,28 @@ def _draw_device(generator: torch.Generator | None, fallback: torch.device) -> t
 # -- ITC: image-text contrastive -------------------------------------------------
 
 
-def itc_similarities(image_embed: Tensor, text_embed: Tensor, temperature: Tensor | float) -> tuple[Tensor, Tensor]:
-    """Scaled cosine similarities of every image with every text and back.
+def itc_similarities(
+    image_embed: Tensor,
+    text_embed: Tensor,
+    temperature: Tensor | float,
+    *,
+    image_columns: Tensor | None = None,
+    text_columns: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Scaled cosine similarities of each image with every text column, and of each text with every image column.
 
     Args:
-        image_embed: (B, E) unit-norm image embeddings.
+        image_embed: (B, E) unit-norm image embeddings (the rows).
         text_embed: (B, E) unit-norm text embeddings; row i is paired with image i.
-            To use negatives from other processes, pass the gathered embeddings
-            (B_global, E) on both sides.
         temperature: scalar (float or 0-d tensor), > 0.
+        image_columns: (C, E) the images each text is compared with; default
+            ``image_embed`` (in-batch). Pretraining passes the embeddings gathered
+            from every process, and with momentum distillation the momentum
+            features and the queue.
+        text_columns: (C, E) the texts each image is compared with; default ``text_embed``.
     Returns:
-        ``(sim_i2t, sim_t2i)``, each (B, B): ``sim_i2t[i, j] = <image_i, text_j> / temperature``
-        and ``sim_t2i = sim_i2t.T``.
+        ``(sim_i2t, sim_t2i)``, each (B, C): ``sim_i2t[i, j] = <image_i, text_col_j> / temperature``,
+        ``sim_t2i[i, j] = <text_i, image_col_j> / temperature``. In-batch, ``sim_t2i = sim_i2t.T``.
     """
     if image_embed.dim() != 2 or text_embed.dim() != 2 or image_embed.shape != text_embed.shape:
         raise ValueError(
@@ -66,81 +75,98 @@ def itc_similarities(image_embed: Tensor, text_embed: Tensor, temperature: Tenso
         )
     if not torch.is_tensor(temperature) and temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    sim_i2t = image_embed @ text_embed.t() / temperature  # (B, B)
-    return sim_i2t, sim_i2t.t()
+    text_columns = text_embed if text_columns is None else text_columns
+    image_columns = image_embed if image_columns is None else image_columns
+    for name, columns in (("image_columns", image_columns), ("text_columns", text_columns)):
+        if columns.dim() != 2 or columns.shape[1] != image_embed.shape[1]:
+            raise ValueError(f"{name} must be (C, {image_embed.shape[1]}), got {tuple(columns.shape)}")
+    sim_i2t = image_embed @ text_columns.t() / temperature  # (B, C)
+    sim_t2i = text_embed @ image_columns.t() / temperature  # (B, C)
+    return sim_i2t, sim_t2i
 
 
-def momentum_targets(sim_i2t_m: Tensor, sim_t2i_m: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-    """ALBEF's momentum-distillation targets for :func:`itc_loss`.
+def itc_targets(same_image: Tensor, momentum_sim: Tensor | None = None, alpha: float = 0.0) -> Tensor:
+    """ITC targets (B, C): uniform over each row's matching columns, mixed with ``softmax(momentum_sim)``.
 
-    ``targets = alpha * softmax(sim_momentum) + (1 - alpha) * one_hot(diagonal)``,
-    for each direction.
+    ``targets = alpha * softmax(momentum_sim) + (1 - alpha) * same_image / same_image.sum(1)``:
+    with one-hot ``same_image`` (no repeated images) and ``alpha`` > 0 this is ALBEF's
+    momentum distillation; with several captions of one image marked, they are
+    positives of each other (as BLIP does).
 
     Args:
-        sim_i2t_m: (B, B) image-to-text similarities of the momentum model.
-        sim_t2i_m: (B, B) text-to-image similarities of the momentum model.
+        same_image: (B, C) bool, True at the columns that show the row's image
+            (its own pair at least).
+        momentum_sim: (B, C) similarities of the momentum model, or None.
         alpha: distillation weight in [0, 1] (ALBEF: 0.4, ramped up in the first epoch).
     Returns:
-        ``(targets_i2t, targets_t2i)``, each (B, B), rows summing to 1, no gradient.
+        (B, C) rows summing to 1, no gradient.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if same_image.dim() != 2 or not bool(same_image.any(dim=1).all()):
+        raise ValueError("same_image must be (B, C) with at least one True column (the positive) in every row")
     with torch.no_grad():
-        eye = torch.eye(sim_i2t_m.shape[0], sim_i2t_m.shape[1], device=sim_i2t_m.device, dtype=sim_i2t_m.dtype)
-        targets_i2t = alpha * sim_i2t_m.softmax(dim=1) + (1 - alpha) * eye  # (B, B)
-        targets_t2i = alpha * sim_t2i_m.softmax(dim=1) + (1 - alpha) * eye  # (B, B)
-    return targets_i2t, targets_t2i
+        hard = same_image.float() / same_image.sum(dim=1, keepdim=True)  # (B, C)
+        if momentum_sim is None or alpha == 0:
+            return hard
+        if momentum_sim.shape != same_image.shape:
+            raise ValueError(f"momentum_sim must be {tuple(same_image.shape)}, got {tuple(momentum_sim.shape)}")
+        return alpha * momentum_sim.float().softmax(dim=-1) + (1 - alpha) * hard
 
 
-def _soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean over rows of ``-sum_j targets[i, j] * log_softmax(logits)[i, j]``."""
-    return -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
+def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean over rows of ``-sum_j targets[i, j] * log_softmax(logits)[i, j]``; (R, C) each -> scalar."""
+    return -(F.log_softmax(logits, dim=-1) * targets).sum(dim=-1).mean()
 
 
-def itc_loss(
-    image_embed: Tensor,
-    text_embed: Tensor,
-    temperature: Tensor | float,
-    soft_targets: tuple[Tensor, Tensor] | None = None,
-) -> Tensor:
-    """Symmetric InfoNCE: the mean of the image->text and text->image cross-entropies.
+def contrastive_loss(sim_i2t: Tensor, sim_t2i: Tensor, targets_i2t: Tensor, targets_t2i: Tensor) -> Tensor:
+    """Symmetric contrastive loss: the mean of the image->text and text->image soft cross-entropies.
+
+    Args:
+        sim_i2t, sim_t2i: (B, C) similarities from :func:`itc_similarities`.
+        targets_i2t, targets_t2i: (B, C) rows summing to 1 (:func:`itc_targets`).
+    Returns:
+        scalar ``(CE(sim_i2t, targets_i2t) + CE(sim_t2i, targets_t2i)) / 2``.
+    """
+    for name, sim, target in (("i2t", sim_i2t, targets_i2t), ("t2i", sim_t2i, targets_t2i)):
+        if target.shape != sim.shape:
+            raise ValueError(f"targets_{name} must be {tuple(sim.shape)} like sim_{name}, got {tuple(target.shape)}")
+    return (soft_cross_entropy(sim_i2t, targets_i2t) + soft_cross_entropy(sim_t2i, targets_t2i)) / 2
+
+
+def itc_loss(image_embed: Tensor, text_embed: Tensor, temperature: Tensor | float) -> Tensor:
+    """In-batch symmetric InfoNCE: image i's positive is text i and back, every other pair a negative.
 
     Args:
         image_embed: (B, E) unit-norm image embeddings.
         text_embed: (B, E) unit-norm text embeddings, row i paired with image i.
         temperature: scalar > 0 (ALBEF's is learnable, clamped to [0.001, 0.5]).
-        soft_targets: ``(targets_i2t, targets_t2i)``, each (B, B) with rows
-            summing to 1 (see :func:`momentum_targets`); ``None`` means one-hot
-            targets on the diagonal.
     Returns:
-        scalar loss ``(CE(sim_i2t, targets_i2t) + CE(sim_t2i, targets_t2i)) / 2``.
+        scalar: :func:`contrastive_loss` with one-hot targets on the diagonal.
     """
     sim_i2t, sim_t2i = itc_similarities(image_embed, text_embed, temperature)  # (B, B) each
-    if soft_targets is None:
-        positives = torch.arange(sim_i2t.shape[0], device=sim_i2t.device)  # (B,)
-        return (F.cross_entropy(sim_i2t, positives) + F.cross_entropy(sim_t2i, positives)) / 2
-    targets_i2t, targets_t2i = soft_targets
-    for name, t in (("targets_i2t", targets_i2t), ("targets_t2i", targets_t2i)):
-        if t.shape != sim_i2t.shape:
-            raise ValueError(f"soft target {name} must be (B, B) = {tuple(sim_i2t.shape)}, got {tuple(t.shape)}")
-    return (_soft_cross_entropy(sim_i2t, targets_i2t) + _soft_cross_entropy(sim_t2i, targets_t2i)) / 2
-
-
-class ITCLoss(nn.Module):
-    """Module form of :func:`itc_loss` (no parameters: the temperature lives in the fusion)."""
-
-    def forward(
-        self,
-        image_embed: Tensor,
-        text_embed: Tensor,
-        temperature: Tensor | float,
-        soft_targets: tuple[Tensor, Tensor] | None = None,
-    ) -> Tensor:
-        """Shapes as in :func:`itc_loss`; returns a scalar."""
-        return itc_loss(image_embed, text_embed, temperature, soft_targets)
+    eye = torch.eye(sim_i2t.shape[0], dtype=torch.bool, device=sim_i2t.device)  # (B, B)
+    targets = itc_targets(eye)
+    return contrastive_loss(sim_i2t, sim_t2i, targets, targets)
 
 
 # -- ITM: image-text matching with hard negatives ---------------------------------
+
+
+def hard_negative_candidates(sim: Tensor, same_image: Tensor, positives: Tensor) -> Tensor:
+    """``sim`` (B, C) with the other captions of a row's own image ruled out (-inf) as its hard negatives.
+
+    A row whose columns all show its image keeps them (any column but the positive may then
+    be drawn); :func:`sample_hard_negatives` rules out the positive itself.
+
+    Args:
+        sim: (B, C) similarities; same_image: (B, C) bool; positives: (B,) column of each row's pair.
+    """
+    rows = torch.arange(sim.shape[0], device=sim.device)
+    blocked = same_image.clone()  # (B, C)
+    blocked[rows, positives] = False
+    has_other_image = (~same_image).any(dim=1, keepdim=True)  # (B, 1)
+    return sim.detach().masked_fill(blocked & has_other_image, float("-inf"))
 
 
 def sample_hard_negatives(
@@ -201,24 +227,24 @@ class ITMOutput:
     """What :class:`ITMLoss` returns.
 
     Attributes:
-        loss: scalar cross-entropy over the 3B pairs.
-        logits: (3B, 2) ITM logits; rows ``[0, B)`` positives ``(text_i, image_i)``,
-            ``[B, 2B)`` ``(text_{negative_text_index[i]}, image_i)``,
-            ``[2B, 3B)`` ``(text_i, image_{negative_image_index[i]})``.
-        labels: (3B,) long, 1 for the positives and 0 for the negatives.
-        negative_text_index: (B,) the hard-negative text drawn for each image.
-        negative_image_index: (B,) the hard-negative image drawn for each text.
+        loss: scalar cross-entropy over the P positive and N negative pairs.
+        logits: (P + N, 2) ITM logits, positives first.
+        labels: (P + N,) long, 1 for the positives and 0 for the negatives.
+        accuracy: () fraction of the pairs classified right (no gradient).
     """
 
     loss: Tensor
     logits: Tensor
     labels: Tensor
-    negative_text_index: Tensor
-    negative_image_index: Tensor
+    accuracy: Tensor
 
 
 class ITMLoss(nn.Module):
-    """ALBEF's image-text matching: a 2-way head on the fused pooled state, hard negatives.
+    """ALBEF's image-text matching: a 2-way head on the fused pooled state of matching and hard-negative pairs.
+
+    The caller fuses the pairs (pretraining draws the negatives with
+    :func:`hard_negative_candidates` and :func:`sample_hard_negatives` from the
+    global batch); this module scores them.
 
     Args:
         dim: the fusion's ``out_dim`` (width of ``pooled``).
@@ -228,48 +254,13 @@ class ITMLoss(nn.Module):
         super().__init__()
         self.head = nn.Linear(dim, 2)
 
-    def forward(
-        self,
-        fusion: FusionModule,
-        text: Tensor,
-        text_mask: Tensor,
-        image: Tensor,
-        image_mask: Tensor | None,
-        sim_i2t: Tensor,
-        sim_t2i: Tensor,
-        generator: torch.Generator | None,
-    ) -> ITMOutput:
-        """Fuse positives and hard negatives in one batched call and score them.
-
-        Args:
-            fusion: the fusion module (run bidirectionally, ``causal=False``).
-            text: (B, T, Dt) text token states; text_mask: (B, T) bool.
-            image: (B, N, Di) image token states; image_mask: (B, N) bool or None.
-            sim_i2t: (B, B) image-to-text similarities (e.g. from :func:`itc_similarities`),
-                used to draw a negative text for each image.
-            sim_t2i: (B, B) text-to-image similarities, to draw a negative image for each text.
-            generator: randomness of the draws (texts first, then images).
-        Returns:
-            :class:`ITMOutput` with logits (3B, 2) and labels (3B,).
-        """
-        b = text.shape[0]
-        neg_text = sample_hard_negatives(sim_i2t, generator)  # (B,) a wrong text for each image
-        neg_image = sample_hard_negatives(sim_t2i, generator)  # (B,) a wrong image for each text
-
-        # Three blocks of pairs: (text_i, image_i), (text_neg(i), image_i), (text_i, image_neg(i)).
-        texts = torch.cat([text, text[neg_text], text], dim=0)  # (3B, T, Dt)
-        text_masks = torch.cat([text_mask, text_mask[neg_text], text_mask], dim=0)  # (3B, T)
-        images = torch.cat([image, image, image[neg_image]], dim=0)  # (3B, N, Di)
-        image_masks = None
-        if image_mask is not None:
-            image_masks = torch.cat([image_mask, image_mask, image_mask[neg_image]], dim=0)  # (3B, N)
-
-        fused = fusion(texts, text_masks, images, image_masks)
-        logits = self.head(fused.pooled)  # (3B, 2)
-        labels = torch.cat(
-            [torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]
-        ).to(logits.device)  # (3B,)
-        return ITMOutput(itm_loss(logits, labels), logits, labels, neg_text, neg_image)
+    def forward(self, positive: Tensor, negative: Tensor) -> ITMOutput:
+        """positive (P, D), negative (N, D) pooled fused states -> :class:`ITMOutput` over the P + N pairs."""
+        logits = self.head(torch.cat([positive, negative])).float()  # (P + N, 2)
+        labels = torch.cat([torch.ones(len(positive), dtype=torch.long),
+                            torch.zeros(len(negative), dtype=torch.long)]).to(logits.device)  # (P + N,)
+        accuracy = (logits.detach().argmax(-1) == labels).float().mean()
+        return ITMOutput(itm_loss(logits, labels), logits, labels, accuracy)
 
 
 # -- MLM: masked language modelling ------------------------------------------------
@@ -380,8 +371,9 @@ class MLMOutput:
     """What :class:`MLMLoss` returns.
 
     Attributes:
-        loss: scalar cross-entropy over the labelled positions.
-        logits: (B, T, V) vocabulary logits at every text position.
+        loss: scalar cross-entropy over the labelled positions (mixed with the
+            distillation term when soft targets are given).
+        logits: (..., V) vocabulary logits at the positions passed in.
     """
 
     loss: Tensor
@@ -400,25 +392,45 @@ class MLMLoss(nn.Module):
         super().__init__()
         self.head = MLMHead(dim, vocab_size)
 
-    def forward(self, text_tokens: Tensor, labels: Tensor) -> MLMOutput:
-        """text_tokens (B, T, D) from a fusion run on masked text; labels (B, T) from :func:`mask_tokens`."""
-        logits = self.head(text_tokens)  # (B, T, V)
-        return MLMOutput(mlm_loss(logits, labels), logits)
+    def forward(self, text_tokens: Tensor, labels: Tensor, soft_targets: Tensor | None = None,
+                alpha: float = 0.0) -> MLMOutput:
+        """Predict the original tokens of a fusion run on masked text.
+
+        Args:
+            text_tokens: (B, T, D) fused states of the masked text, or (M, D) those
+                at the selected positions only (cheaper: the vocabulary product
+                runs for M rows).
+            labels: (B, T) from :func:`mask_tokens`, or (M,) for the selected rows.
+            soft_targets: (M, V) the momentum model's predicted distributions at
+                the selected positions (ALBEF's MLM distillation), or None.
+            alpha: weight of the distillation term: ``(1 - alpha) * CE + alpha * soft CE``.
+        """
+        logits = self.head(text_tokens).float()  # (..., V)
+        loss = mlm_loss(logits, labels)
+        if soft_targets is not None and alpha > 0:
+            selected = logits[labels != IGNORE_INDEX]  # (M, V)
+            if soft_targets.shape != selected.shape:
+                raise ValueError(f"soft_targets must be {tuple(selected.shape)} (labelled positions, vocabulary), "
+                                 f"got {tuple(soft_targets.shape)}")
+            loss = (1 - alpha) * loss + alpha * soft_cross_entropy(selected, soft_targets)
+        return MLMOutput(loss, logits)
 
 
 __all__ = [
     "IGNORE_INDEX",
-    "ITCLoss",
     "ITMLoss",
     "ITMOutput",
     "MLMHead",
     "MLMLoss",
     "MLMOutput",
+    "contrastive_loss",
+    "hard_negative_candidates",
     "itc_loss",
     "itc_similarities",
+    "itc_targets",
     "itm_loss",
     "mask_tokens",
     "mlm_loss",
-    "momentum_targets",
     "sample_hard_negatives",
+    "soft_cross_entropy",
 ]

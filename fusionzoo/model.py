@@ -403,7 +403,7 @@ class FusionModel(nn.Module):
         Returns:
             the folder, as a Path.
         """
-        from . import __version__
+        from .version import __version__
 
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():

@@ -9,16 +9,17 @@ import torch
 
 from fusionzoo.fusions.albef import AlbefFusion
 from fusionzoo.losses import (
-    ITCLoss,
     ITMLoss,
     MLMHead,
     MLMLoss,
+    contrastive_loss,
+    hard_negative_candidates,
     itc_loss,
     itc_similarities,
+    itc_targets,
     itm_loss,
     mask_tokens,
     mlm_loss,
-    momentum_targets,
     sample_hard_negatives,
 )
 
@@ -58,7 +59,6 @@ def test_itc_loss_value_and_symmetry() -> None:
     assert got.item() == pytest.approx(expected, rel=1e-6)
     # Symmetric in its two modalities, and the module equals its function twin.
     assert itc_loss(TEXT, IMAGE, TEMP).item() == pytest.approx(expected, rel=1e-6)
-    assert ITCLoss()(IMAGE, TEXT, torch.tensor(TEMP)).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_itc_soft_targets_by_hand() -> None:
@@ -66,25 +66,44 @@ def test_itc_soft_targets_by_hand() -> None:
     targets_t2i = [[0.9, 0.1], [0.5, 0.5]]
     i2t = (soft_ce(SIM_I2T[0], targets_i2t[0]) + soft_ce(SIM_I2T[1], targets_i2t[1])) / 2
     t2i = (soft_ce(SIM_T2I[0], targets_t2i[0]) + soft_ce(SIM_T2I[1], targets_t2i[1])) / 2
-    got = itc_loss(IMAGE, TEXT, TEMP, soft_targets=(torch.tensor(targets_i2t), torch.tensor(targets_t2i)))
+    sim_i2t, sim_t2i = itc_similarities(IMAGE, TEXT, TEMP)
+    got = contrastive_loss(sim_i2t, sim_t2i, torch.tensor(targets_i2t), torch.tensor(targets_t2i))
     assert got.item() == pytest.approx((i2t + t2i) / 2, rel=1e-6)
-    # One-hot soft targets give the plain loss.
+    # One-hot targets give the plain in-batch loss.
     eye = torch.eye(2)
-    assert itc_loss(IMAGE, TEXT, TEMP, soft_targets=(eye, eye)).item() == pytest.approx(
+    assert contrastive_loss(sim_i2t, sim_t2i, eye, eye).item() == pytest.approx(
         itc_loss(IMAGE, TEXT, TEMP).item(), rel=1e-6
     )
 
 
-def test_momentum_targets_by_hand() -> None:
-    # Row softmax of [0, ln 3] is [0.25, 0.75]; alpha 0.4: 0.4 * [0.25, 0.75] + 0.6 * [1, 0] = [0.7, 0.3].
+def test_itc_against_gathered_columns_by_hand() -> None:
+    """Rows are this process's pairs, columns the global batch: row i's positive sits at offset + i."""
+    extra_text = torch.tensor([[0.0, 1.0]])  # a third column, as if from another process
+    extra_image = torch.tensor([[0.8, 0.6]])
+    sim_i2t, sim_t2i = itc_similarities(IMAGE, TEXT, TEMP, image_columns=torch.cat([IMAGE, extra_image]),
+                                        text_columns=torch.cat([TEXT, extra_text]))
+    # image @ [text; extra].T / 0.5: row 0 [2, 1.2, 0], row 1 [0, 1.6, 2]; text rows against images likewise.
+    assert torch.allclose(sim_i2t, torch.tensor([[2.0, 1.2, 0.0], [0.0, 1.6, 2.0]]))
+    assert torch.allclose(sim_t2i, torch.tensor([[2.0, 0.0, 1.6], [1.2, 1.6, 1.92]]))
+    same = torch.tensor([[True, False, False], [False, True, False]])
+    targets = itc_targets(same)
+    expected = (ce([2.0, 1.2, 0.0], 0) + ce([0.0, 1.6, 2.0], 1) + ce([2.0, 0.0, 1.6], 0) + ce([1.2, 1.6, 1.92], 1)) / 4
+    assert contrastive_loss(sim_i2t, sim_t2i, targets, targets).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_itc_targets_by_hand() -> None:
+    # Momentum rows: softmax of [0, ln 3] is [0.25, 0.75]; alpha 0.4: 0.4 * [0.25, 0.75] + 0.6 * [1, 0] = [0.7, 0.3].
     sim_m = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]])
-    targets_i2t, targets_t2i = momentum_targets(sim_m, sim_m.t(), alpha=0.4)
-    assert torch.allclose(targets_i2t, torch.tensor([[0.7, 0.3], [0.2, 0.8]]))
-    # t2i: rows of sim_m.T are [0, 0] -> [0.5, 0.5] and [ln 3, 0] -> [0.75, 0.25].
-    assert torch.allclose(targets_t2i, torch.tensor([[0.8, 0.2], [0.3, 0.7]]))
-    assert torch.allclose(targets_i2t.sum(1), torch.ones(2))
+    eye = torch.eye(2, dtype=torch.bool)
+    assert torch.allclose(itc_targets(eye, sim_m, alpha=0.4), torch.tensor([[0.7, 0.3], [0.2, 0.8]]))
+    assert torch.allclose(itc_targets(eye, sim_m, alpha=0.0), torch.eye(2))
+    # Two captions of one image in the columns: the hard target spreads over both.
+    same = torch.tensor([[True, True, False], [False, False, True]])
+    assert torch.allclose(itc_targets(same), torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]))
     with pytest.raises(ValueError, match="alpha"):
-        momentum_targets(sim_m, sim_m, alpha=1.5)
+        itc_targets(eye, sim_m, alpha=1.5)
+    with pytest.raises(ValueError, match="at least one True"):
+        itc_targets(torch.tensor([[True, False], [False, False]]))
 
 
 def test_itc_shape_errors() -> None:
@@ -92,8 +111,11 @@ def test_itc_shape_errors() -> None:
         itc_loss(IMAGE, TEXT[:1], TEMP)
     with pytest.raises(ValueError, match="temperature"):
         itc_loss(IMAGE, TEXT, 0.0)
-    with pytest.raises(ValueError, match="soft target"):
-        itc_loss(IMAGE, TEXT, TEMP, soft_targets=(torch.eye(3), torch.eye(2)))
+    sim_i2t, sim_t2i = itc_similarities(IMAGE, TEXT, TEMP)
+    with pytest.raises(ValueError, match="targets_i2t"):
+        contrastive_loss(sim_i2t, sim_t2i, torch.eye(3), torch.eye(2))
+    with pytest.raises(ValueError, match="text_columns"):
+        itc_similarities(IMAGE, TEXT, TEMP, text_columns=torch.zeros(3, 5))
 
 
 # -- hard negatives ------------------------------------------------------------
@@ -169,47 +191,38 @@ def tiny_albef() -> AlbefFusion:
     return AlbefFusion(12, 10, dim=16, embed_dim=8, num_layers=1, num_heads=2)
 
 
-def test_itm_forward_on_albef() -> None:
+def test_itm_loss_module_scores_positives_then_negatives() -> None:
     b, t, n = 4, 5, 3
     g = torch.Generator().manual_seed(0)
     text, image = torch.randn(b, t, 12, generator=g), torch.randn(b, n, 10, generator=g)
     text_mask = torch.arange(t)[None, :] < torch.tensor([5, 3, 4, 2])[:, None]
-    image_mask = torch.arange(n)[None, :] < torch.tensor([3, 2, 3, 1])[:, None]
-    fusion = tiny_albef()
+    fusion = tiny_albef().eval()  # no dropout: each row can be recomputed alone below
     itm = ITMLoss(fusion.out_dim)
 
-    aux = fusion(text, text_mask, image, image_mask).aux
-    sim_i2t, sim_t2i = itc_similarities(aux["image_embed"], aux["text_embed"], aux["temperature"])
-    out = itm(fusion, text, text_mask, image, image_mask, sim_i2t, sim_t2i, torch.Generator().manual_seed(1))
+    fused = fusion(text, text_mask, image)
+    sim_i2t, sim_t2i = itc_similarities(fused.aux["image_embed"], fused.aux["text_embed"], fused.aux["temperature"])
+    same = torch.eye(b, dtype=torch.bool)
+    positives = torch.arange(b)
+    draw = torch.Generator().manual_seed(1)
+    neg_text = sample_hard_negatives(hard_negative_candidates(sim_i2t, same, positives), draw, positives)
+    neg_image = sample_hard_negatives(hard_negative_candidates(sim_t2i, same, positives), draw, positives)
+    assert (neg_text != positives).all() and (neg_image != positives).all()
+    negatives = fusion(torch.cat([text[neg_text], text]), torch.cat([text_mask[neg_text], text_mask]),
+                       torch.cat([image, image[neg_image]]))
+    out = itm(fused.pooled, negatives.pooled)
     assert out.logits.shape == (3 * b, 2)
     assert torch.equal(out.labels, torch.tensor([1] * b + [0] * (2 * b)))
-    assert torch.isfinite(out.loss) and out.loss.dim() == 0
-    assert (out.negative_text_index != torch.arange(b)).all()
-    assert (out.negative_image_index != torch.arange(b)).all()
     assert out.loss.item() == pytest.approx(itm_loss(out.logits, out.labels).item())
+    expected_accuracy = (out.logits.argmax(-1) == out.labels).float().mean().item()
+    assert out.accuracy.item() == pytest.approx(expected_accuracy)
 
     out.loss.backward()
     assert itm.head.weight.grad is not None and torch.isfinite(itm.head.weight.grad).all()
     assert fusion.text_proj.weight.grad is not None and fusion.text_proj.weight.grad.abs().sum() > 0
     assert fusion.image_proj.weight.grad is not None and fusion.image_proj.weight.grad.abs().sum() > 0
-
-
-def test_itm_pairs_are_the_documented_ones() -> None:
-    """Row blocks: (t_i, v_i), (t_neg(i), v_i), (t_i, v_neg(i)); checked pair by pair in eval mode."""
-    b, t, n = 3, 4, 2
-    g = torch.Generator().manual_seed(5)
-    text, image = torch.randn(b, t, 12, generator=g), torch.randn(b, n, 10, generator=g)
-    text_mask = torch.arange(t)[None, :] < torch.tensor([4, 2, 3])[:, None]
-    fusion, itm = tiny_albef().eval(), ITMLoss(16)
-    sim = torch.randn(b, b, generator=g)
-    with torch.no_grad():
-        out = itm(fusion, text, text_mask, image, None, sim, sim.t(), torch.Generator().manual_seed(2))
-        for i in range(b):
-            nt, ni = out.negative_text_index[i], out.negative_image_index[i]
-            pairs = [(i, i, i), (b + i, nt, i), (2 * b + i, i, ni)]
-            for row, ti, vi in pairs:
-                alone = itm.head(fusion(text[ti : ti + 1], text_mask[ti : ti + 1], image[vi : vi + 1]).pooled)
-                assert torch.allclose(out.logits[row], alone[0], atol=1e-5), (row, ti, vi)
+    with torch.no_grad():  # each row is the head on its own pair's pooled state
+        alone = itm.head(fusion(text[neg_text[0]][None], text_mask[neg_text[0]][None], image[:1]).pooled)
+        assert torch.allclose(out.logits[b], alone[0].float(), atol=1e-5)
 
 
 # -- MLM -----------------------------------------------------------------------
@@ -294,3 +307,19 @@ def test_mlm_head_and_loss_module() -> None:
     assert out.loss.item() == pytest.approx(mlm_loss(head(tokens), labels).item())
     out.loss.backward()
     assert tokens.grad is not None and torch.isfinite(tokens.grad).all()
+
+
+def test_mlm_distillation_mixes_hard_and_soft_targets_by_hand() -> None:
+    torch.manual_seed(0)
+    loss = MLMLoss(4, 3)
+    tokens = torch.randn(2, 4)  # two selected positions
+    labels = torch.tensor([2, 0])
+    soft = torch.tensor([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0]])
+    rows = loss.head(tokens).tolist()
+    hard = (ce(rows[0], 2) + ce(rows[1], 0)) / 2
+    distilled = (soft_ce(rows[0], soft[0].tolist()) + soft_ce(rows[1], soft[1].tolist())) / 2
+    got = loss(tokens, labels, soft, alpha=0.4).loss.item()
+    assert got == pytest.approx(0.6 * hard + 0.4 * distilled, rel=1e-5)
+    assert loss(tokens, labels).loss.item() == pytest.approx(hard, rel=1e-5)
+    with pytest.raises(ValueError, match="soft_targets"):
+        loss(tokens, labels, soft[:1], alpha=0.4)

@@ -32,7 +32,7 @@ def test_six_builtin_fusions_are_registered() -> None:
 
 
 def test_fusion_registry_name_is_its_file_name() -> None:
-    # STYLE.md rule 1: fusions/co_attention.py registers co_attention.
+    # One fusion family per file, named after it: fusions/co_attention.py registers co_attention.
     for name in BUILTIN_FUSIONS:
         assert fusionzoo.FUSIONS.get(name).__module__ == f"fusionzoo.fusions.{name}"
 

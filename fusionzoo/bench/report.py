@@ -18,7 +18,6 @@ Files written to the output folder:
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence

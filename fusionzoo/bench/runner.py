@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 
 from ..encoders import TextEncoder, VisionEncoder, build_text_encoder, build_vision_encoder
 from ..model import FusionModel
-from ..registry import FUSIONS, HEADS, TASKS
+from ..registry import FUSIONS, HEADS
+from ..tasks import get_task
 from .baselines import REFERENCES
 from .cache import FeatureCache
 from .features import image_features, image_preprocessing, text_features
@@ -54,9 +55,6 @@ from .loop import (
 from .standardize import StandardizedFusion, channel_stats
 from .scoring import (
     question_prior,
-    score_caption_predictions,
-    score_classification_predictions,
-    score_vqa_predictions,
 )
 from .suites import SUITES, BenchError, BenchTask, SplitData, load_tasks
 
@@ -263,7 +261,8 @@ def build_bench_model(task: BenchTask, fusion: str, vision: VisionEncoder, text:
     fusion_module = fusion_cls(text.out_dim, vision.out_dim, **fusion_kwargs)
     if stats is not None:
         fusion_module = StandardizedFusion(fusion_module, **stats)
-    head_name = TASKS.get(task.task).head
+    task_object = get_task(task.task)
+    head_name = task_object.head
     head = HEADS.get(head_name).from_parts(fusion_module, text, task.vocabulary, **(head_kwargs or {}))
     config: dict[str, Any] = {
         "task": task.task,
@@ -274,7 +273,7 @@ def build_bench_model(task: BenchTask, fusion: str, vision: VisionEncoder, text:
         "max_text_len": max_text_len,
         "freeze_encoders": True,
     }
-    key = TASKS.get(task.task).vocabulary_key
+    key = task_object.vocabulary_key
     if key:
         config[key] = list(task.vocabulary)
     return FusionModel(vision, text, fusion_module, head, config)
@@ -414,7 +413,8 @@ def run_row(task: BenchTask, fusion: str, settings: TrainSettings, features: Fea
     kwargs = fusion_kwargs_for(fusion, task.name)
     feature_stats = features.stats(task.train, task.causal_text)
     # Captioning: predict only the tokens of the training captions (their [SEP] end token included).
-    head_kwargs = {"output_ids": features.token_ids(task.train, True)} if task.task == "captioning" else None
+    task_object = get_task(task.task)
+    head_kwargs = {"output_ids": features.token_ids(task.train, True)} if task_object.generates_text else None
     per_seed, seconds, throughput, memory, losses = [], [], [], [], []
     params = (0, 0)
     for seed in seeds:
@@ -427,21 +427,17 @@ def run_row(task: BenchTask, fusion: str, settings: TrainSettings, features: Fea
                                       lr=settings.lr, weight_decay=settings.weight_decay, warmup=settings.warmup,
                                       precision=precision, device=device, seed=seed,
                                       desc=f"{task.name} {fusion} seed {seed}", progress=progress)
-            if task.task == "captioning":
-                captions, eval_seconds = generate_captions(
+            if task_object.generates_text:
+                outputs, eval_seconds = generate_captions(
                     model, test_view, batch_size=settings.eval_batch_size, precision=precision, device=device,
                     max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams)
             else:
-                logits, eval_seconds = predict_logits(model, test_view, batch_size=settings.eval_batch_size,
-                                                      precision=precision, device=device)
-        if task.task == "captioning":
-            metrics = score_caption_predictions(task.test, captions)
+                outputs, eval_seconds = predict_logits(model, test_view, batch_size=settings.eval_batch_size,
+                                                       precision=precision, device=device)
+        metrics = task_object.bench_metrics(task, task.test, outputs)
+        if task_object.generates_text:
             captions_out.setdefault(task.name, {}).setdefault(fusion, {})[str(seed)] = dict(
-                zip(map(str, task.test.image_ids), captions))
-        elif task.task == "vqa":
-            metrics = score_vqa_predictions(task, task.test, logits)
-        else:
-            metrics = score_classification_predictions(task.test, logits)
+                zip(map(str, task.test.image_ids), outputs))
         per_seed.append(metrics)
         seconds.append(train_stats.seconds)
         throughput.append(len(test_view) / max(eval_seconds, 1e-9))

@@ -64,7 +64,9 @@ def question_prior(task: BenchTask) -> dict[str, float] | None:
         ``test_questions``, ``seen_in_train`` and, when any is seen, ``train_answer_accuracy``
         (%, as the task scores); None for a task that is not VQA.
     """
-    if task.task != "vqa" or task.train.labels is None or not task.test.texts or not task.train.texts:
+    from ..tasks import VQATask, get_task
+
+    if not isinstance(get_task(task.task), VQATask) or task.train.labels is None or not task.test.texts or not task.train.texts:
         return None
     key = lambda text: " ".join(text.lower().split())  # noqa: E731
     group: dict[str, int] = {}

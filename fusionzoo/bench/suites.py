@@ -133,8 +133,10 @@ class BenchTask:
 
     @property
     def causal_text(self) -> bool:
-        """Whether the text side is a causal decoder (captioning)."""
-        return self.task == "captioning"
+        """Whether the text side is a causal decoder (a task that writes text, such as captioning)."""
+        from ..tasks import get_task
+
+        return get_task(self.task).generates_text
 
 
 # --------------------------------------------------------------------------------------

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any, Callable
 
 CONFIG_HELP = """\
 configuration: an optional YAML file, then key=value overrides applied in order
 (nested: fusion_kwargs.num_layers=4). Main keys:
-  task            vqa | captioning | classification
+  task            vqa | captioning | classification | a task registered with --import
   fusion          a registered fusion (fusionzoo list)
   data            a dataset name (easy-vqa, vqa-jsonl, vqa-v2, coco-captions,
                   karpathy-captions, classification-jsonl, caption-match) or a path
@@ -20,6 +21,32 @@ configuration: an optional YAML file, then key=value overrides applied in order
   freeze_encoders, save_every (steps), keep_last, resume (auto | PATH), init_from
 Every key: fusionzoo train --show-config.
 """
+
+
+def _report(command: str, job: Callable[[Any], dict[str, Any]], config: Any) -> int:
+    """Run ``job(config)``; the main process prints its result as one JSON line, errors as one line.
+
+    Exit status: 0 done, 1 a non-finite loss stopped training (a checkpoint was saved),
+    2 a configuration, name or data problem.
+    """
+    from accelerate import PartialState
+
+    from ..registry import RegistryError
+    from ..tasks.common import DataError, UnknownSplitError
+    from ..training.config import ConfigError
+    from ..training.loop import NonFiniteLossError
+
+    try:
+        result = job(config)
+    except NonFiniteLossError as exc:
+        print(f"fusionzoo {command}: error: {exc}", file=sys.stderr)
+        return 1
+    except (ConfigError, RegistryError, DataError, UnknownSplitError) as exc:
+        print(f"fusionzoo {command}: error: {exc}", file=sys.stderr)
+        return 2
+    if PartialState().is_main_process:
+        print(json.dumps(result), flush=True)
+    return 0
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -63,9 +90,7 @@ def _run_train(args: argparse.Namespace) -> int:
         return 0
     from ..training.trainer import train
 
-    metrics = train(config)
-    print(json.dumps(metrics))
-    return 0
+    return _report("train", train, config)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -101,9 +126,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         return 2
     from ..training.trainer import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(args.checkpoint, config)
-    print(json.dumps(metrics))
-    return 0
+    return _report("eval", lambda c: evaluate_checkpoint(args.checkpoint, c), config)
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -140,14 +163,15 @@ def _run_predict(args: argparse.Namespace) -> int:
     except (OSError, UnidentifiedImageError) as exc:
         print(f"fusionzoo predict: error: cannot read image {args.image}: {exc}", file=sys.stderr)
         return 2
+    from ..tasks import get_task
+
     model = load_model(path)
-    if model.task == "captioning":
-        print(model.generate([image], max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)[0])
-        return 0
-    if not args.question:
+    task = get_task(model.task)
+    if task.needs_text and not args.question:
         print(f"fusionzoo predict: error: a {model.task} model needs --question", file=sys.stderr)
         return 2
-    print(model.predict([image], [args.question])[0])
+    texts = [args.question] if task.needs_text else None
+    print(task.predict(model, [image], texts, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)[0])
     return 0
 
 
@@ -199,10 +223,4 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         return 0
     from ..training.pretrain import pretrain
 
-    try:
-        result = pretrain(config)
-    except ConfigError as exc:
-        print(f"fusionzoo pretrain: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(result))
-    return 0
+    return _report("pretrain", pretrain, config)

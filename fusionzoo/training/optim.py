@@ -58,17 +58,23 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
     return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, foreach=True)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                  min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup from 0 to the base LR, then cosine decay to ``min_ratio`` x base LR."""
+def warmup_cosine_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
+    """The learning-rate multiplier of optimizer step ``step`` (0-based): linear warmup, then cosine.
+
+    ``(step + 1) / warmup_steps`` during the warmup, then a cosine from 1 down to
+    ``min_ratio`` at ``total_steps``. A pure function of the step, so a schedule is
+    the same however many processes run it and needs no state in a checkpoint.
+    """
     total_steps = max(1, total_steps)
     warmup_steps = min(max(0, warmup_steps), total_steps)
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        progress = min(1.0, progress)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                  min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """:func:`warmup_cosine_factor` as a ``LambdaLR`` (for loops that step a scheduler themselves)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine_factor(step, total_steps, warmup_steps, min_ratio))

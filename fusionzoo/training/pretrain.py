@@ -79,11 +79,9 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -97,12 +95,25 @@ from torch.utils.data import DataLoader
 from ..encoders import TextEncoder, VisionEncoder, build_text_encoder, build_vision_encoder
 from ..fusions.albef import MAX_TEMPERATURE, MIN_TEMPERATURE, clamp_straight_through
 from ..fusions.base import FusionModule
-from ..losses import IGNORE_INDEX, ITMLoss, MLMLoss, itm_loss, mask_tokens, mlm_loss, sample_hard_negatives
+from ..losses import (
+    IGNORE_INDEX,
+    ITMLoss,
+    MLMLoss,
+    contrastive_loss,
+    hard_negative_candidates,
+    itc_similarities,
+    itc_targets,
+    mask_tokens,
+    sample_hard_negatives,
+)
 from ..registry import FUSIONS
-from .checkpoint import CheckpointManager, run_metadata, write_json_atomic
+from ..version import __version__
 from .config import ConfigError, TrainConfig
-from .optim import build_optimizer, warmup_cosine
-from .trainer import NonFiniteLossError, _param_checksum, load_matching_weights, load_task_data, make_accelerator
+from .loop import NonFiniteLossError, Recipe, RecipeData, StepContext, StepOutput, run
+from .processes import ProcessView
+from .trainer import load_matching_weights
+
+__all__ = ["NonFiniteLossError", "PretrainModel", "PretrainRecipe", "ProcessView", "build_pretrain_model", "pretrain"]
 
 logger = logging.getLogger(__name__)
 
@@ -132,80 +143,6 @@ def make_generator(*parts: int | str) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*parts))
 
 
-def _all_gather_with_grad(x: Tensor) -> Tensor:
-    """``torch.distributed`` all-gather along dim 0 whose backward sends each process its rows' gradients."""
-    import torch.distributed.nn.functional as distributed_autograd
-
-    return torch.cat(distributed_autograd.all_gather(x.contiguous()))
-
-
-class ProcessView:
-    """How a pretraining step sees the batches of the other processes.
-
-    Args:
-        index: this process's rank.
-        count: number of processes.
-        all_gather: concatenates a tensor of the same shape on every process
-            along dim 0, without gradient (``accelerator.gather``).
-        all_gather_with_grad: the same, differentiable: the gradient that each
-            process's loss puts on a gathered row goes back to the process that
-            owns it (``torch.distributed.nn.functional.all_gather``).
-    """
-
-    def __init__(self, index: int = 0, count: int = 1, all_gather: Callable[[Tensor], Tensor] | None = None,
-                 all_gather_with_grad: Callable[[Tensor], Tensor] | None = None) -> None:
-        if count > 1 and (all_gather is None or all_gather_with_grad is None):
-            raise ValueError(f"a view of {count} processes needs all_gather and all_gather_with_grad functions")
-        self.index, self.count = index, count
-        self._all_gather, self._all_gather_with_grad = all_gather, all_gather_with_grad
-
-    @classmethod
-    def from_accelerator(cls, accelerator: Any) -> "ProcessView":
-        return cls(accelerator.process_index, accelerator.num_processes, accelerator.gather, _all_gather_with_grad)
-
-    def all_finite(self, value: Tensor) -> bool:
-        """Whether ``value`` is finite on every process (one decision that all processes share)."""
-        finite = torch.isfinite(value.detach()).all().reshape(1).long()  # (1,)
-        if self.count == 1:
-            return bool(finite)
-        return bool(self._all_gather(finite).all())
-
-    def gather_with_grad(self, local: Tensor) -> Tensor:
-        """(B, ...) on each process -> (count * B, ...), differentiable through every row.
-
-        Used for the ITC embeddings: with each process's loss the mean over its own
-        rows and DDP averaging the gradients, the update is exactly that of one
-        process holding the whole global batch.
-        """
-        if self.count == 1:
-            return local
-        return self._all_gather_with_grad(local)
-
-    def gather(self, local: Tensor, pad_dim: int | None = None) -> Tensor:
-        """(B, ...) on each process -> (count * B, ...), process order; the local rows keep their gradient.
-
-        Args:
-            local: this process's rows; the same shape on every process except
-                along ``pad_dim``.
-            pad_dim: a dimension whose size may differ between processes (text
-                length); it is zero-padded (False for masks) to the largest.
-        """
-        if self.count == 1:
-            return local
-        if local.dtype == torch.bool:
-            return self.gather(local.long(), pad_dim).bool()
-        if pad_dim is not None:
-            size = torch.tensor([local.shape[pad_dim]], device=local.device)
-            longest = int(self._all_gather(size).max())
-            pad = [0, 0] * (local.dim() - 1 - pad_dim) + [0, longest - local.shape[pad_dim]]
-            local = F.pad(local, pad)  # keeps the gradient
-        wire = local.detach().float() if local.is_floating_point() else local.detach()  # gloo has no bf16
-        everyone = self._all_gather(wire.contiguous()).to(local.dtype)  # (count * B, ...) no gradient
-        b = local.shape[0]
-        start = self.index * b
-        return torch.cat([everyone[:start], local, everyone[start + b:]])  # (count * B, ...)
-
-
 # -- the model -------------------------------------------------------------------------
 
 
@@ -224,36 +161,6 @@ class PretrainOutput:
     loss: Tensor
     losses: dict[str, Tensor]
     metrics: dict[str, Tensor] = field(default_factory=dict)
-
-
-def _soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean over rows of ``-sum_j targets[i, j] * log_softmax(logits)[i, j]``; (R, C) each -> scalar."""
-    return -(F.log_softmax(logits, dim=-1) * targets).sum(dim=-1).mean()
-
-
-def _itc_targets(same_image: Tensor, momentum_sim: Tensor | None, alpha: float) -> Tensor:
-    """(B, C) targets: uniform over each row's matching columns, mixed with ``softmax(momentum_sim)`` by ``alpha``.
-
-    ``same_image`` (B, C) bool marks the columns that show the row's image (its own
-    pair, and other captions of the same image); without repeated images it is one-hot.
-    """
-    hard = same_image.float() / same_image.sum(dim=1, keepdim=True)  # (B, C) rows sum to 1
-    if momentum_sim is None or alpha == 0:
-        return hard
-    return alpha * momentum_sim.softmax(dim=-1) + (1 - alpha) * hard
-
-
-def _negative_candidates(sim: Tensor, same_image: Tensor, positives: Tensor) -> Tensor:
-    """``sim`` (B, G) with other captions of a row's own image ruled out (-inf) as its hard negatives.
-
-    A row whose columns all show its image keeps them (any column but the positive may then be
-    drawn); :func:`~fusionzoo.losses.sample_hard_negatives` rules out the positive itself.
-    """
-    rows = torch.arange(sim.shape[0], device=sim.device)
-    blocked = same_image.clone()  # (B, G)
-    blocked[rows, positives] = False
-    has_other_image = (~same_image).any(dim=1, keepdim=True)  # (B, 1)
-    return sim.detach().masked_fill(blocked & has_other_image, float("-inf"))
 
 
 def _probe_aux(fusion: FusionModule, name: str) -> dict[str, Tensor]:
@@ -497,13 +404,14 @@ class PretrainModel(nn.Module):
             image_columns = procs.gather_with_grad(image_embed)  # (G, E), every row with its gradient
             text_columns = procs.gather_with_grad(text_embed)  # (G, E)
         g = procs.count * b
-        sim_i2t = image_embed @ text_columns.t() / temperature  # (B, C)
-        sim_t2i = text_embed @ image_columns.t() / temperature  # (B, C)
+        sim_i2t, sim_t2i = itc_similarities(image_embed, text_embed, temperature, image_columns=image_columns,
+                                            text_columns=text_columns)  # (B, C) each
         momentum_i2t = momentum_t2i = None
         if distill:
             with torch.no_grad():
-                momentum_i2t = m_image_embed @ text_columns.t() / temperature.detach()  # (B, C)
-                momentum_t2i = m_text_embed @ image_columns.t() / temperature.detach()  # (B, C)
+                momentum_i2t, momentum_t2i = itc_similarities(
+                    m_image_embed, m_text_embed, temperature.detach(), image_columns=image_columns,
+                    text_columns=text_columns)  # (B, C) each
         columns = sim_i2t.shape[1]
         if image_ids is None:
             same_image = F.one_hot(positives, columns).bool()  # (B, C) only the pair itself
@@ -512,9 +420,8 @@ class PretrainModel(nn.Module):
             column_ids = procs.gather(image_ids)  # (G,)
             queued = self.id_queue[: columns - g] if columns > g else column_ids[:0]  # (Q',)
             same_image = image_ids[:, None] == torch.cat([column_ids, queued])[None, :]  # (B, C)
-        targets_i2t = _itc_targets(same_image, momentum_i2t, alpha)  # (B, C)
-        targets_t2i = _itc_targets(same_image, momentum_t2i, alpha)  # (B, C)
-        losses = {"itc": (_soft_cross_entropy(sim_i2t, targets_i2t) + _soft_cross_entropy(sim_t2i, targets_t2i)) / 2}
+        losses = {"itc": contrastive_loss(sim_i2t, sim_t2i, itc_targets(same_image, momentum_i2t, alpha),
+                                          itc_targets(same_image, momentum_t2i, alpha))}
         metrics = {"temperature": temperature.detach()}
         if not procs.all_finite(losses["itc"]):
             # No negatives can be drawn from non-finite similarities: return the loss as it is,
@@ -523,8 +430,8 @@ class PretrainModel(nn.Module):
 
         # 3. ITM: B positives (the pass above) and 2B hard negatives drawn from the global batch.
         if self.itm_weight > 0:
-            candidates_i2t = _negative_candidates(sim_i2t[:, :g], same_image[:, :g], positives)  # (B, G)
-            candidates_t2i = _negative_candidates(sim_t2i[:, :g], same_image[:, :g], positives)  # (B, G)
+            candidates_i2t = hard_negative_candidates(sim_i2t[:, :g], same_image[:, :g], positives)  # (B, G)
+            candidates_t2i = hard_negative_candidates(sim_t2i[:, :g], same_image[:, :g], positives)  # (B, G)
             neg_text = sample_hard_negatives(candidates_i2t, generator, positives)  # (B,) a wrong text per image
             neg_image = sample_hard_negatives(candidates_t2i, generator, positives)  # (B,) a wrong image per text
             all_text = procs.gather(text, pad_dim=1)  # (G, T', Dt)
@@ -537,27 +444,24 @@ class PretrainModel(nn.Module):
                 torch.cat([all_mask[neg_text], own_mask]),  # (2B, T')
                 torch.cat([image, all_image[neg_image]]),  # (2B, N, Di)
             )
-            logits = self.itm.head(torch.cat([fused.pooled, negatives.pooled])).float()  # (3B, 2)
-            labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)])
-            labels = labels.to(logits.device)  # (3B,) 1 = matching pair
-            losses["itm"] = itm_loss(logits, labels)
-            metrics["itm_accuracy"] = (logits.argmax(-1) == labels).float().mean().detach()
+            itm = self.itm(fused.pooled, negatives.pooled)  # B positives, 2B negatives
+            losses["itm"] = itm.loss
+            metrics["itm_accuracy"] = itm.accuracy
 
         # 4. MLM: the masked caption through the text encoder and the fusion, predicted where selected.
         if self.mlm_weight > 0:
             selected = mlm_labels != IGNORE_INDEX  # (B, T)
             masked = self.text(masked_ids, attention_mask).states  # (B, T, Dt)
             fused_masked = self.fusion(masked, text_mask, image)
-            token_logits = self.mlm.head(fused_masked.text_tokens[selected]).float()  # (M, V) selected positions only
-            loss_mlm = mlm_loss(token_logits, mlm_labels[selected])
+            soft = None
             if distill and alpha > 0 and bool(selected.any()):
                 with torch.no_grad():
                     m = self.momentum
                     m_masked = m["text"](masked_ids, attention_mask).states if "text" in m else masked.detach()
                     m_tokens = m["fusion"](m_masked, text_mask, momentum_image).text_tokens[selected]  # (M, D)
                     soft = m["mlm"].head(m_tokens).float().softmax(dim=-1)  # (M, V)
-                loss_mlm = (1 - alpha) * loss_mlm + alpha * _soft_cross_entropy(token_logits, soft)
-            losses["mlm"] = loss_mlm
+            # Selected positions only: the vocabulary product runs for M rows, not B x T.
+            losses["mlm"] = self.mlm(fused_masked.text_tokens[selected], mlm_labels[selected], soft, alpha).loss
 
         if distill and self.queue_size:
             self._enqueue(image_columns[:g], text_columns[:g], column_ids)
@@ -577,7 +481,6 @@ class PretrainModel(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
         """Write ``model.safetensors``, ``config.json`` (last), ``text_encoder/`` and ``tokenizer/``, atomically."""
-        from .. import __version__
         from ..model import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, _publish
 
         directory = Path(directory)
@@ -750,7 +653,9 @@ def _image_rows(data: Any, splits: list[str], wanted: set[int]) -> Any:
 
 def load_caption_data(config: TrainConfig) -> Any:
     """The caption dataset named by ``config.data`` / ``config.data_dir``; fails clearly for other kinds."""
-    data = load_task_data(dataclasses.replace(config, task="captioning"))
+    from fusionzoo.tasks import get_task
+
+    data = get_task("captioning").load_data(dataclasses.replace(config, task="captioning"))
     if not hasattr(data, "pairs"):
         raise ValueError(
             f"pretraining needs image-caption pairs; data={config.data!r} gave {type(data).__name__}. Use "
@@ -859,198 +764,89 @@ def _check_config(config: TrainConfig, num_processes: int) -> None:
                           f"{config.batch_size} x {num_processes} process(es)")
 
 
+class PretrainRecipe(Recipe):
+    """ITC + ITM + MLM on image-caption pairs (see the module docstring), for :func:`~fusionzoo.training.loop.run`."""
+
+    tracker_project = "fusionzoo-pretrain"
+
+    def leaves_parameters_unused(self, config: TrainConfig) -> bool:
+        # ITC alone reads only the fusion's unimodal projections: its fusing layers get no gradient.
+        return config.itm_weight == 0 and config.mlm_weight == 0
+
+    def check(self, config: TrainConfig, accelerator: Any) -> None:
+        from accelerate.utils import DistributedType
+
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise ConfigError("fusionzoo pretrain runs on one or several processes with DDP; FSDP and DeepSpeed "
+                              "are not supported (the momentum update and the export read full parameters)")
+        _check_config(config, accelerator.num_processes)
+        FUSIONS.get(config.fusion)
+        self.config = config
+        self.label = f"pretrain {config.fusion}"
+
+    def build_model(self, config: TrainConfig, accelerator: Any) -> nn.Module:
+        model = build_pretrain_model(config)
+        if config.init_from:
+            load_matching_weights(model, config.init_from, verbose=True)
+            model.reset_momentum()  # the momentum copies start from the loaded weights
+        return model
+
+    def prepare_data(self, config: TrainConfig, model: nn.Module, accelerator: Any) -> RecipeData:
+        with accelerator.main_process_first():
+            captions = load_caption_data(config)
+        data = prepare_pretrain_data(config, model, accelerator, captions)
+        global_batch = config.batch_size * accelerator.num_processes
+        if len(data.train) < global_batch:
+            raise ConfigError(f"split {config.train_split!r} has {len(data.train)} pairs, fewer than one global "
+                              f"batch ({config.batch_size} x {accelerator.num_processes}); lower batch_size")
+        evaluation = data.eval
+        if evaluation is not None and len(evaluation) < config.effective_eval_batch_size * accelerator.num_processes:
+            evaluation = None  # ITC and ITM need full batches: too few pairs to evaluate
+        note = None
+        if data.cache is not None:
+            note = (f"encoded {len(data.cache)} images once with the frozen vision encoder "
+                    f"(tokens {tuple(data.cache.states.shape[1:])})")
+        # Full batches only: every process gathers the same shapes and ITC always has B x processes columns.
+        return RecipeData(train=data.train, eval=evaluation, collate=data.collate, eval_collate=data.collate,
+                          drop_last=True, eval_drop_last=True, note=note)
+
+    def _alpha(self, step: int, steps_per_epoch: int) -> float:
+        """ALBEF's ramp: from 0 to ``distill_alpha`` over the first epoch."""
+        if not self.config.momentum_distill:
+            return 0.0
+        return self.config.distill_alpha * min(1.0, step / steps_per_epoch)
+
+    def forward(self, model: nn.Module, unwrapped: nn.Module, batch: dict[str, Any],
+                context: StepContext) -> StepOutput:
+        generator = make_generator(self.config.seed, context.processes.index, context.step, context.micro)
+        out = _forward(model, unwrapped, batch, generator, self._alpha(context.step, context.steps_per_epoch),
+                       context.processes)
+        return StepOutput(loss=out.loss, losses=out.losses, metrics=out.metrics,
+                          num_samples=len(batch["input_ids"]))
+
+    def after_optimizer_step(self, unwrapped: nn.Module) -> None:
+        unwrapped.momentum_update()
+
+    def log_extras(self, step: int, steps_per_epoch: int) -> dict[str, float]:
+        return {"alpha": self._alpha(step, steps_per_epoch)}
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, accelerator: Any, config: TrainConfig) -> dict[str, float]:
+        return evaluate_pretraining(model, loader, accelerator, config.seed)
+
+    def export(self, accelerator: Any, model: nn.Module, directory: Path) -> None:
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(directory)
+            accelerator.print(f"pretrained model saved to {directory} (fine-tune with: fusionzoo train task=... "
+                              f"init_from={directory.parent})")
+
+    def result(self, final_eval: dict[str, Any], train_losses: dict[str, float], step: int) -> dict[str, Any]:
+        return {"train": train_losses, "eval": final_eval, "step": step}
+
+
 def pretrain(config: TrainConfig) -> dict[str, Any]:
     """Pretrain with ITC + ITM + MLM on the caption pairs of ``config.data``; export to ``output_dir/final``.
 
     Returns:
         ``{"train": last logged train losses, "eval": final evaluation (or {}), "step": steps done}``.
     """
-    from accelerate.utils import DistributedType, set_seed
-    from tqdm.auto import tqdm
-
-    # ITC alone reads only the fusion's projections: DDP must then be told that its layers get no gradient.
-    accelerator = make_accelerator(config, find_unused_parameters=config.itm_weight == 0 and config.mlm_weight == 0)
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise ConfigError("fusionzoo pretrain runs on one or several processes with DDP; FSDP and DeepSpeed "
-                          "are not supported (the momentum update and the export read full parameters)")
-    _check_config(config, accelerator.num_processes)
-    set_seed(config.seed)
-    out_dir = Path(config.output_dir)
-    meta = run_metadata(config.to_dict())
-
-    model = build_pretrain_model(config)
-    if config.init_from:
-        load_matching_weights(model, config.init_from, verbose=True)
-        model.reset_momentum()  # the momentum copies start from the loaded weights
-    with accelerator.main_process_first():
-        captions = load_caption_data(config)
-    data = prepare_pretrain_data(config, model, accelerator, captions)
-    if data.cache is not None:
-        accelerator.print(f"encoded {len(data.cache)} images once with the frozen vision encoder "
-                          f"(tokens {tuple(data.cache.states.shape[1:])})")
-    global_batch = config.batch_size * accelerator.num_processes
-    if len(data.train) < global_batch:
-        raise ConfigError(f"split {config.train_split!r} has {len(data.train)} pairs, fewer than one global batch "
-                          f"({config.batch_size} x {accelerator.num_processes}); lower batch_size")
-
-    generator = torch.Generator().manual_seed(config.seed)
-    # Full batches only: every process gathers the same shapes and ITC always has B x processes columns.
-    train_loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, collate_fn=data.collate,
-                              num_workers=config.num_workers, generator=generator, drop_last=True)
-    eval_loader = None
-    if data.eval is not None and len(data.eval) >= config.effective_eval_batch_size * accelerator.num_processes:
-        eval_loader = DataLoader(data.eval, batch_size=config.effective_eval_batch_size, shuffle=False,
-                                 collate_fn=data.collate, num_workers=config.num_workers, drop_last=True)
-
-    optimizer = build_optimizer(model, config.lr, config.weight_decay, config.encoder_lr)
-    batches_per_epoch = len(train_loader) // accelerator.num_processes  # what prepare() leaves each process
-    steps_per_epoch = max(1, math.ceil(batches_per_epoch / config.grad_accum))
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
-    # A prepared scheduler steps once per process at each optimizer step: count in those units.
-    scale = accelerator.num_processes
-    scheduler = warmup_cosine(optimizer, total_steps * scale, int(config.warmup_ratio * total_steps) * scale)
-
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-    if eval_loader is not None:
-        eval_loader = accelerator.prepare(eval_loader)
-    unwrapped: PretrainModel = accelerator.unwrap_model(model)
-    processes = ProcessView.from_accelerator(accelerator)
-
-    manager = CheckpointManager(out_dir, config.keep_last)
-    step, epoch, batches_done = 0, 0, 0
-    resume_from = manager.resolve_resume(config.resume)
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        progress = CheckpointManager.read_progress(resume_from)
-        step, epoch, batches_done = progress["step"], progress["epoch"], progress["batches_in_epoch"]
-        accelerator.print(f"resumed from {resume_from} at step {step} (epoch {epoch}, batch {batches_done})")
-
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out_dir / "run.json", meta)
-    if config.log_with not in (None, "none", "no"):
-        try:
-            accelerator.init_trackers("fusionzoo-pretrain", config={k: v for k, v in config.to_dict().items()
-                                                                    if isinstance(v, (int, float, str, bool))})
-        except Exception as exc:  # a tracker that cannot start must not stop training
-            logger.warning("could not start trackers: %s", exc)
-
-    def save(step_: int, epoch_: int, batches_: int) -> Path:
-        return manager.save(accelerator, step_, {"step": step_, "epoch": epoch_, "batches_in_epoch": batches_,
-                                                 "total_steps": total_steps, **meta})
-
-    def distill_alpha(step_: int) -> float:
-        """ALBEF's ramp: from 0 to ``distill_alpha`` over the first epoch."""
-        if not config.momentum_distill:
-            return 0.0
-        return config.distill_alpha * min(1.0, step_ / steps_per_epoch)
-
-    bar = tqdm(total=total_steps, initial=step, desc=f"pretrain {config.fusion}",
-               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    model.train()
-    samples_seen, t0 = 0, time.perf_counter()
-    running: dict[str, float] = {}
-    last_logs: dict[str, float] = {}
-    micro = 0  # micro-batch within the current optimizer step (gradient accumulation)
-    done = step >= total_steps
-    while not done:
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
-        loader = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
-        for batch in loader:
-            generator_ = make_generator(config.seed, accelerator.process_index, step, micro)
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    out = _forward(model, unwrapped, batch, generator_, distill_alpha(step), processes)
-                loss = out.loss
-                if not processes.all_finite(loss):  # decided together: saving is a collective call
-                    path = save(step, epoch, batches_done)  # parameters are still the last good step's
-                    parts = ", ".join(f"{k}={v.item():.4g}" for k, v in out.losses.items())
-                    raise NonFiniteLossError(
-                        f"loss is {loss.item()} ({parts}) at step {step} (epoch {epoch}, batch {batches_done}); "
-                        f"the last good state was saved to {path}. Try a lower lr, max_grad_norm, or "
-                        f"mixed_precision=no."
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            batches_done += 1
-            micro += 1
-            samples_seen += len(batch["input_ids"]) * accelerator.num_processes
-            for name, value in {"loss": loss, **out.losses, **out.metrics}.items():
-                running[name] = running.get(name, 0.0) + value.detach().float().item()
-            running["_n"] = running.get("_n", 0.0) + 1
-            if not accelerator.sync_gradients:
-                continue
-            unwrapped.momentum_update()
-            micro = 0
-            step += 1
-            bar.update(1)
-            if step % config.log_every == 0 or step == total_steps:
-                n = running.pop("_n")
-                names = sorted(running)  # the same on every process: averaged over processes
-                means = torch.tensor([running[k] / n for k in names], dtype=torch.float64, device=accelerator.device)
-                logs = {f"train/{k}": v for k, v in zip(names, accelerator.reduce(means, "mean").tolist())}
-                logs["train/lr"] = scheduler.get_last_lr()[0]
-                logs["train/alpha"] = distill_alpha(step - 1)
-                logs["train/samples_per_second"] = samples_seen / max(1e-9, time.perf_counter() - t0)
-                running, last_logs = {}, logs
-                accelerator.log(logs, step=step)
-                if accelerator.is_main_process:
-                    with open(out_dir / "train_log.jsonl", "a") as f:
-                        f.write(json.dumps({"step": step, **logs}) + "\n")
-                postfix = {k: f"{logs[f'train/{k}']:.3f}" for k in ("loss", "itc", "itm", "mlm") if f"train/{k}" in logs}
-                bar.set_postfix(postfix | {"sps": f"{logs['train/samples_per_second']:.1f}"})
-            if config.save_every and step % config.save_every == 0 and step < total_steps:
-                save(step, epoch, batches_done)
-            if config.eval_every and eval_loader is not None and step % config.eval_every == 0 and step < total_steps:
-                _eval_and_record(model, eval_loader, accelerator, config, step, epoch, out_dir)
-            if step >= total_steps:
-                done = True
-                break
-        else:
-            epoch += 1
-            batches_done = 0
-            if not config.save_every and not done:
-                save(step, epoch, 0)
-    bar.close()
-
-    save(step, epoch, batches_done)
-    final_eval: dict[str, Any] = {}
-    if eval_loader is not None:
-        final_eval = _eval_and_record(model, eval_loader, accelerator, config, step, epoch, out_dir)
-    accelerator.wait_for_everyone()
-    checksum = torch.tensor([_param_checksum(unwrapped)], dtype=torch.float64, device=accelerator.device)
-    checksums = accelerator.gather(checksum).tolist()
-    if len(set(checksums)) != 1:
-        raise RuntimeError(f"processes ended with different weights (checksums {checksums})")
-    train_losses = {k.removeprefix("train/"): v for k, v in last_logs.items()}
-    if accelerator.is_main_process:
-        unwrapped.save_pretrained(out_dir / "final")
-        write_json_atomic(out_dir / "final" / "run.json", {
-            **meta, "train": train_losses, "eval": final_eval, "step": step,
-            "num_processes": accelerator.num_processes, "param_checksums": checksums,
-        })
-        accelerator.print(f"pretrained model saved to {out_dir / 'final'} "
-                          f"(fine-tune with: fusionzoo train task=... init_from={out_dir})")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return {"train": train_losses, "eval": final_eval, "step": step}
-
-
-def _eval_and_record(model: nn.Module, loader: DataLoader, accelerator: Any, config: TrainConfig, step: int,
-                     epoch: int, out_dir: Path) -> dict[str, Any]:
-    """Evaluate the pretraining losses and append them to ``output_dir/metrics.json``."""
-    metrics = evaluate_pretraining(model, loader, accelerator, config.seed)
-    record = {"step": step, "epoch": epoch, **metrics}
-    accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-    if accelerator.is_main_process:
-        path = out_dir / "metrics.json"
-        history = json.loads(path.read_text())["history"] if path.is_file() else []
-        history.append(record)
-        write_json_atomic(path, {"latest": record, "history": history, "git_commit": run_metadata({})["git_commit"]})
-        accelerator.print(f"eval step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    return record
+    return run(PretrainRecipe(), config)

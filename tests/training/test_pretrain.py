@@ -20,10 +20,10 @@ import torch
 import yaml
 from PIL import Image, ImageDraw
 
+from fusionzoo.losses import hard_negative_candidates
 from fusionzoo.training.config import load_config
 from fusionzoo.training.pretrain import (
     ProcessView,
-    _negative_candidates,
     build_pretrain_model,
     pretrain,
     pretrain_base_config,
@@ -111,7 +111,7 @@ def test_pretraining_lowers_itc_itm_and_mlm(pretrained: Path) -> None:
     assert config["kind"] == "fusionzoo-pretraining" and config["fusion"]["name"] == "albef"
     run = json.loads((final / "run.json").read_text())
     assert run["config"]["max_steps"] == 20 and "torch" in run["versions"] and "git_commit" in run
-    assert set(run["eval"]) >= {"itc", "itm", "mlm", "itm_accuracy"}
+    assert set(run["metrics"]) >= {"itc", "itm", "mlm", "itm_accuracy"}
     metrics = json.loads((pretrained / "metrics.json").read_text())
     assert metrics["latest"]["step"] == 20
 
@@ -120,14 +120,16 @@ def test_pretraining_lowers_itc_itm_and_mlm(pretrained: Path) -> None:
 def test_init_from_pretraining_loads_encoders_and_fusion_into_vqa(
     pretrained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from fusionzoo.training.trainer import _build_model, load_task_data, train
+    from fusionzoo.tasks import get_task
+    from fusionzoo.training.trainer import _build_model, train
 
     config = load_config(None, ["task=vqa", "data=easy-vqa", "fusion=albef", "vision=tiny", "text=minilm-l6",
                                 "freeze_encoders=true", *FUSION, f"init_from={pretrained}", "batch_size=8",
                                 "max_steps=2", "max_train_samples=16", "max_eval_samples=16",
                                 f"output_dir={tmp_path / 'vqa'}", *QUIET])
     saved = safetensors.torch.load_file(str(pretrained / "final" / "model.safetensors"))
-    model = _build_model(config, load_task_data(config))
+    task = get_task("vqa")
+    model = _build_model(config, task, task.load_data(config), init=True)
     own = model.state_dict()
     fusion_keys = [k for k in saved if k.startswith("fusion.")]
     assert fusion_keys
@@ -260,10 +262,10 @@ def test_hard_negatives_never_come_from_the_rows_own_image() -> None:
     image_ids = torch.tensor([7, 7, 8])
     column_ids = torch.tensor([7, 7, 8, 9])
     same = image_ids[:, None] == column_ids[None, :]
-    scores = _negative_candidates(sim, same, torch.arange(3))
+    scores = hard_negative_candidates(sim, same, torch.arange(3))
     assert torch.isinf(scores[0, 1]) and torch.isinf(scores[1, 0])  # the other caption of image 7
     assert scores[0, 0] == 5.0 and scores[2, 3] == 2.0  # the positive is left to the sampler to rule out
-    all_same = _negative_candidates(sim[:1, :2], torch.ones(1, 2, dtype=torch.bool), torch.tensor([0]))
+    all_same = hard_negative_candidates(sim[:1, :2], torch.ones(1, 2, dtype=torch.bool), torch.tensor([0]))
     assert torch.isfinite(all_same).all()  # nothing else to draw: keep the candidates
 
 

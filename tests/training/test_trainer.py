@@ -145,7 +145,7 @@ def test_nan_loss_stops_after_saving_last_good_state(tmp_path: Path) -> None:
     try:
         cfg = load_config(None, [*COMMON, "fusion=nan_after_three", "fusion_kwargs={}", "max_steps=10",
                                  "max_eval_samples=16", f"output_dir={tmp_path / 'run'}"])
-        with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 3 .*last good state was saved"):
+        with pytest.raises(NonFiniteLossError, match=r"loss is nan \(vqa=nan\) at step 3 .*last good state was saved"):
             train(cfg)
         saved = tmp_path / "run" / "checkpoints" / "step-00000003"
         assert (saved / "model.safetensors").is_file()

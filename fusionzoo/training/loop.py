@@ -1,0 +1,446 @@
+"""The one training loop, on HF Accelerate: fine-tuning and ALBEF pretraining are recipes it runs.
+
+A :class:`Recipe` says what is trained: how to build the model, which data it
+reads, the loss of a batch, how to evaluate and how to export the result.
+:func:`run` does everything else, once, for every recipe, following Accelerate's
+examples: ``set_seed`` before building the model, one ``prepare`` call,
+``accumulate`` + ``backward``, gradient clipping, ``save_state`` / ``load_state``
+with ``skip_first_batches`` to resume mid-epoch, periodic evaluation, checkpoints
+written atomically (:class:`~fusionzoo.training.checkpoint.CheckpointManager`) and
+the export to ``output_dir/final``.
+
+The same model on N processes as on one:
+
+* **Learning rate.** The schedule is a pure function of the optimizer step
+  (:func:`~fusionzoo.training.optim.warmup_cosine_factor`), set on the optimizer
+  before each step. No scheduler is handed to ``prepare`` (a prepared scheduler
+  steps once per process per optimizer step), so at every step every process
+  uses the learning rate of a one-process run, and nothing about it needs saving.
+* **Logged losses** are sums over every process's samples divided by their count:
+  2 processes at batch 8 log what 1 process at batch 16 logs.
+* **Non-finite loss.** Whether the loss is finite is decided together (one
+  all-gather of a flag): if any process sees NaN or inf, every process saves the
+  same checkpoint (the parameters are still the last good step's) and raises
+  :class:`NonFiniteLossError`; no process waits for another in a collective.
+* **Evaluation** gathers per-sample values with ``gather_for_metrics`` (the
+  padding duplicates of the last batch dropped), so every metric and the loss
+  equal a one-process evaluation (see :mod:`fusionzoo.tasks.base`).
+* **DDP** runs with ``find_unused_parameters=False``: every trainable parameter
+  of a zoo model gets a gradient in every step, so nothing is hidden (a recipe
+  that knows it leaves parameters unused says so).
+* At the end, every process's parameters are compared by checksum before the
+  export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from .checkpoint import CheckpointManager, run_metadata, write_json_atomic
+from .config import ConfigError, TrainConfig
+from .optim import build_optimizer, warmup_cosine_factor
+from .processes import ProcessView
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite on some process; every process saved the last good state first."""
+
+
+# -- what a recipe gives the loop ------------------------------------------------------
+
+
+@dataclass
+class StepContext:
+    """Where the loop is when it asks a recipe for the loss of a batch.
+
+    Attributes:
+        step: optimizer steps done before this batch (0-based index of the step it belongs to).
+        micro: micro-batch within that optimizer step (gradient accumulation).
+        epoch: the epoch of this batch.
+        steps_per_epoch: optimizer steps in one epoch.
+        processes: the view of the other processes (gathers, shared decisions).
+    """
+
+    step: int
+    micro: int
+    epoch: int
+    steps_per_epoch: int
+    processes: ProcessView
+
+
+@dataclass
+class StepOutput:
+    """A recipe's loss of one batch.
+
+    Attributes:
+        loss: scalar to backpropagate.
+        losses: its parts for logging (``{"vqa": ...}``, ``{"itc": ..., "itm": ..., "mlm": ...}``).
+        metrics: other scalars to log (temperature, ITM accuracy); not backpropagated.
+        num_samples: samples of this process's batch (the weight of its logged values).
+    """
+
+    loss: Tensor
+    losses: dict[str, Tensor]
+    num_samples: int
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class RecipeData:
+    """Datasets and batch functions of a run.
+
+    Attributes:
+        train: rows to train on; eval: rows to evaluate (None: no evaluation).
+        collate, eval_collate: batch functions of the two loaders.
+        drop_last: train on full batches only (every process then gathers one shape).
+        eval_drop_last: evaluate full batches only.
+        note: one line the main process prints once the data is ready (or None).
+    """
+
+    train: Any
+    eval: Any | None
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    eval_collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    drop_last: bool = False
+    eval_drop_last: bool = False
+    note: str | None = None
+
+
+class Recipe:
+    """What :func:`run` trains. Subclasses implement the methods that raise here.
+
+    Attributes:
+        label: progress-bar and log label (``"train vqa/albef"``, ``"pretrain albef"``).
+        tracker_project: the Accelerate tracker's project name.
+    """
+
+    label: str = "train"
+    tracker_project: str = "fusionzoo"
+
+    def leaves_parameters_unused(self, config: TrainConfig) -> bool:
+        """Whether some trainable parameters get no gradient under ``config`` (DDP must then look for them)."""
+        return False
+
+    def check(self, config: TrainConfig, accelerator: Any) -> None:
+        """Reject a configuration before anything is loaded (unknown names, unsupported launchers)."""
+
+    def build_model(self, config: TrainConfig, accelerator: Any) -> nn.Module:
+        raise NotImplementedError
+
+    def prepare_data(self, config: TrainConfig, model: nn.Module, accelerator: Any) -> RecipeData:
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, unwrapped: nn.Module, batch: dict[str, Any],
+                context: StepContext) -> StepOutput:
+        raise NotImplementedError
+
+    def after_optimizer_step(self, unwrapped: nn.Module) -> None:
+        """Called on every process after each optimizer step (momentum updates)."""
+
+    def log_extras(self, step: int, steps_per_epoch: int) -> dict[str, float]:
+        """Scalars the recipe adds to each training log line (the same on every process)."""
+        return {}
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, accelerator: Any, config: TrainConfig) -> dict[str, float]:
+        raise NotImplementedError
+
+    def export(self, accelerator: Any, model: nn.Module, directory: Path) -> None:
+        """Write the trained model to ``directory`` (called on every process; only the main one writes)."""
+        raise NotImplementedError
+
+    def result(self, final_eval: dict[str, Any], train_losses: dict[str, float], step: int) -> dict[str, Any]:
+        """What :func:`run` returns."""
+        return final_eval
+
+
+# -- building blocks -------------------------------------------------------------------
+
+
+def make_accelerator(config: TrainConfig, with_trackers: bool = True, find_unused_parameters: bool = False):
+    """An Accelerator for this run (mixed precision, accumulation, seedable sampler, trackers)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
+
+    log_with = None
+    if with_trackers and config.log_with not in (None, "none", "no"):
+        if config.log_with == "auto":
+            try:
+                import tensorboard  # noqa: F401
+
+                log_with = "tensorboard"
+            except ImportError:
+                log_with = None
+        else:
+            log_with = config.log_with
+    # Under torchrun / accelerate launch on a machine without a GPU, Accelerate forms a process
+    # group (gloo, MULTI_CPU) only when told to use the CPU; otherwise each process trains alone.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = config.cpu or (launched and not torch.cuda.is_available())
+    sharding = [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+                if os.environ.get(var, "").lower() in ("1", "true", "yes")]
+    if sharding and (cpu or not torch.cuda.is_available()):
+        # Accelerate forms FSDP and DeepSpeed only over GPUs (and similar devices): on the CPU it would fail
+        # at start-up or quietly train with DDP instead. Say so rather than run something else.
+        raise ConfigError(f"the Accelerate config asks for {sharding[0]}, which Accelerate runs only on GPUs; "
+                          "on the CPU launch without --config_file (DDP over gloo: torchrun --nproc_per_node N "
+                          "-m fusionzoo train ...)")
+    return Accelerator(
+        mixed_precision=config.mixed_precision,
+        cpu=cpu,
+        gradient_accumulation_steps=config.grad_accum,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=config.output_dir,
+                                            logging_dir=str(Path(config.output_dir) / "logs")),
+        # The shuffling order depends only on (seed, epoch): a resumed run sees the same batches.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+    )
+
+
+def param_checksum(model: nn.Module) -> float:
+    """A float64 fingerprint of all parameters (sum of each tensor weighted by its index)."""
+    total = 0.0
+    for i, p in enumerate(model.parameters()):
+        total += (i + 1) * p.detach().double().sum().item()
+    return total
+
+
+def evaluate_model(recipe: Recipe, model: nn.Module, loader: DataLoader, accelerator: Any,
+                   config: TrainConfig) -> dict[str, float]:
+    """``recipe.evaluate`` in eval mode; the model's mode is restored afterwards."""
+    unwrapped = accelerator.unwrap_model(model)
+    was_training = unwrapped.training
+    model.eval()
+    try:
+        return recipe.evaluate(model, loader, accelerator, config)
+    finally:
+        if was_training:
+            model.train()
+
+
+class _Running:
+    """Sums of logged values weighted by samples, reduced over processes when a log line is written."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.samples = 0
+
+    def add(self, values: dict[str, Tensor], samples: int) -> None:
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.detach().float().item() * samples
+        self.samples += samples
+
+    def means(self, accelerator: Any) -> dict[str, float]:
+        """Mean of each value over every process's samples since the last call."""
+        names = sorted(self.sums)  # the same names on every process
+        local = torch.tensor([self.sums[k] for k in names] + [float(self.samples)], dtype=torch.float64,
+                             device=accelerator.device)
+        total = accelerator.reduce(local, "sum") if accelerator.num_processes > 1 else local
+        count = max(total[-1].item(), 1.0)
+        self.sums, self.samples = {}, 0
+        return {name: value / count for name, value in zip(names, total[:-1].tolist())}
+
+
+def _record_eval(metrics: dict[str, Any], accelerator: Any, step: int, epoch: int, out_dir: Path) -> dict[str, Any]:
+    record = {"step": step, "epoch": epoch, **metrics}
+    accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+    if accelerator.is_main_process:
+        path = out_dir / "metrics.json"
+        history = json.loads(path.read_text())["history"] if path.is_file() else []
+        history.append(record)
+        write_json_atomic(path, {"latest": record, "history": history, "git_commit": run_metadata({})["git_commit"]})
+        accelerator.print(f"eval step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return record
+
+
+# -- the loop --------------------------------------------------------------------------
+
+
+def run(recipe: Recipe, config: TrainConfig) -> dict[str, Any]:
+    """Train ``recipe`` as ``config`` says, on however many processes were launched; export to ``final/``."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    accelerator = make_accelerator(config, find_unused_parameters=recipe.leaves_parameters_unused(config))
+    recipe.check(config, accelerator)
+    set_seed(config.seed)
+    out_dir = Path(config.output_dir)
+    meta = run_metadata(config.to_dict())
+    processes = ProcessView.from_accelerator(accelerator)
+
+    model = recipe.build_model(config, accelerator)
+    data = recipe.prepare_data(config, model, accelerator)
+    if data.note:
+        accelerator.print(data.note)
+
+    generator = torch.Generator().manual_seed(config.seed)
+    train_loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, collate_fn=data.collate,
+                              num_workers=config.num_workers, generator=generator, drop_last=data.drop_last)
+    eval_loader = None
+    if data.eval is not None:
+        eval_loader = DataLoader(data.eval, batch_size=config.effective_eval_batch_size, shuffle=False,
+                                 collate_fn=data.eval_collate, num_workers=config.num_workers,
+                                 drop_last=data.eval_drop_last)
+
+    optimizer = build_optimizer(model, config.lr, config.weight_decay, config.encoder_lr)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    # Batches per process per epoch: prepare() shards the loader over processes.
+    if data.drop_last:
+        batches_per_epoch = len(train_loader) // accelerator.num_processes
+    else:
+        batches_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes)
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / config.grad_accum))
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    warmup_steps = int(config.warmup_ratio * total_steps)
+
+    def set_lr(step_: int) -> float:
+        """Learning rates of optimizer step ``step_`` (0-based); returns the first group's."""
+        factor = warmup_cosine_factor(step_, total_steps, warmup_steps)
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * factor
+        return base_lrs[0] * factor
+
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+    unwrapped = accelerator.unwrap_model(model)
+
+    manager = CheckpointManager(out_dir, config.keep_last)
+    step, epoch, batches_done = 0, 0, 0
+    resume_from = manager.resolve_resume(config.resume)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        progress = CheckpointManager.read_progress(resume_from)
+        step, epoch, batches_done = progress["step"], progress["epoch"], progress["batches_in_epoch"]
+        accelerator.print(f"resumed from {resume_from} at step {step} (epoch {epoch}, batch {batches_done})")
+
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out_dir / "run.json", meta)
+    if accelerator.trackers or config.log_with not in (None, "none", "no"):
+        try:
+            accelerator.init_trackers(recipe.tracker_project, config={
+                k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))})
+        except Exception as exc:  # a tracker that cannot start must not stop training
+            logger.warning("could not start trackers: %s", exc)
+
+    def save(step_: int, epoch_: int, batches_: int) -> Path:
+        return manager.save(accelerator, step_, {"step": step_, "epoch": epoch_, "batches_in_epoch": batches_,
+                                                 "total_steps": total_steps, **meta})
+
+    def evaluate_and_record(step_: int, epoch_: int) -> dict[str, Any]:
+        metrics = evaluate_model(recipe, model, eval_loader, accelerator, config)
+        return _record_eval(metrics, accelerator, step_, epoch_, out_dir)
+
+    bar = tqdm(total=total_steps, initial=step, desc=recipe.label, disable=not accelerator.is_local_main_process,
+               dynamic_ncols=True)
+    model.train()
+    samples_seen, t0 = 0, time.perf_counter()
+    running = _Running()
+    last_logs: dict[str, float] = {}
+    micro = 0
+    lr = set_lr(step)
+    done = step >= total_steps
+    while not done:
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        loader = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
+        for batch in loader:
+            context = StepContext(step, micro, epoch, steps_per_epoch, processes)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    out = recipe.forward(model, unwrapped, batch, context)
+                if not processes.all_finite(out.loss):  # decided together: saving is a collective call
+                    path = save(step, epoch, batches_done)  # parameters are still the last good step's
+                    parts = ", ".join(f"{k}={v.item():.4g}" for k, v in out.losses.items())
+                    if bool(torch.isfinite(out.loss.detach()).all()):
+                        what = "the loss of another process is not finite"
+                    else:
+                        what = f"loss is {out.loss.item()} ({parts})"
+                    raise NonFiniteLossError(
+                        f"{what} at step {step} (epoch {epoch}, batch {batches_done}; process "
+                        f"{accelerator.process_index} of {accelerator.num_processes}); the last good state was "
+                        f"saved to {path}. Try a lower lr, max_grad_norm, or mixed_precision=no."
+                    )
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            batches_done += 1
+            micro += 1
+            samples_seen += out.num_samples * accelerator.num_processes
+            running.add({"loss": out.loss, **out.losses, **out.metrics}, out.num_samples)
+            if not accelerator.sync_gradients:
+                continue
+            recipe.after_optimizer_step(unwrapped)
+            micro = 0
+            step += 1
+            bar.update(1)
+            if step % config.log_every == 0 or step == total_steps:
+                logs = {f"train/{k}": v for k, v in running.means(accelerator).items()}
+                logs["train/lr"] = lr  # the rate this step used
+                logs.update({f"train/{k}": v for k, v in recipe.log_extras(step - 1, steps_per_epoch).items()})
+                logs["train/samples_per_second"] = samples_seen / max(1e-9, time.perf_counter() - t0)
+                last_logs = logs
+                accelerator.log(logs, step=step)
+                if accelerator.is_main_process:
+                    with open(out_dir / "train_log.jsonl", "a") as f:
+                        f.write(json.dumps({"step": step, **logs}) + "\n")
+                shown = {k.removeprefix("train/"): f"{v:.4f}" for k, v in logs.items()
+                         if k.removeprefix("train/") in ("loss", *out.losses)}
+                bar.set_postfix(shown | {"sps": f"{logs['train/samples_per_second']:.1f}"})
+            lr = set_lr(step)
+            if config.save_every and step % config.save_every == 0 and step < total_steps:
+                save(step, epoch, batches_done)
+            if config.eval_every and eval_loader is not None and step % config.eval_every == 0 and step < total_steps:
+                evaluate_and_record(step, epoch)
+            if step >= total_steps:
+                done = True
+                break
+        else:
+            epoch += 1
+            batches_done = 0
+            if not config.save_every and not done:
+                save(step, epoch, 0)
+            if not config.eval_every and eval_loader is not None and not done:
+                evaluate_and_record(step, epoch)
+    bar.close()
+
+    save(step, epoch, batches_done)
+    final_eval: dict[str, Any] = {}
+    if eval_loader is not None:
+        final_eval = evaluate_and_record(step, epoch)
+    accelerator.wait_for_everyone()
+    from accelerate.utils import DistributedType
+
+    checksums: list[float] = []
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # Every process must end with the same weights (sharded parameters have no full copy to compare).
+        checksum = torch.tensor([param_checksum(unwrapped)], dtype=torch.float64, device=accelerator.device)
+        checksums = accelerator.gather(checksum).tolist()
+        if len(set(checksums)) != 1:
+            raise RuntimeError(f"processes ended with different weights (checksums {checksums})")
+    recipe.export(accelerator, model, out_dir / "final")
+    train_losses = {k.removeprefix("train/"): v for k, v in last_logs.items()}
+    if accelerator.is_main_process:
+        write_json_atomic(out_dir / "final" / "run.json", {
+            **meta, "metrics": final_eval, "train": train_losses, "step": step,
+            "num_processes": accelerator.num_processes, "param_checksums": checksums,
+        })
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return recipe.result(final_eval, train_losses, step)

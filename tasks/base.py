@@ -1,0 +1,308 @@
+"""Task objects: what a model is trained for, and everything that differs between tasks.
+
+A task says which head serves it, how its output vocabulary comes from the data,
+which dataset loader reads a path given as ``data=``, which rows of a split it
+trains on, how a batch is collated, how a trained model is scored and how it
+answers at inference. The training loop, the benchmark and the command line ask
+the task; none of them compares task names. A task registered from user code
+(``@fusionzoo.register_task("snli-ve")`` on a subclass) therefore trains,
+evaluates and predicts through the same path as a built-in one.
+
+Evaluation under several processes: each task gathers *per-sample* values with
+``accelerator.gather_for_metrics`` (which drops the duplicates that pad the last
+batch), so accuracy, the loss and every other metric equal a one-process run.
+The evaluation ``loss`` is the head's task loss, averaged over samples; auxiliary
+losses that depend on which samples share a batch (ALBEF's in-batch ITC) are
+training signals and are not part of it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+
+from fusionzoo.registry import DATASETS, TASKS, RegistryError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import Tensor
+
+    from .common import TaskData
+
+#: Batch keys that ``FusionModel.forward`` takes; the rest is metadata.
+MODEL_KEYS = ("pixel_values", "image_states", "image_mask", "input_ids", "attention_mask", "labels")
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The part of a collated batch that ``FusionModel.forward(**inputs)`` takes."""
+    return {k: v for k, v in batch.items() if k in MODEL_KEYS}
+
+
+def call_loader(loader: Any, kwargs: dict[str, Any]) -> Any:
+    """Call a dataset loader with the keyword arguments it accepts (all of them if it takes ``**kwargs``)."""
+    params = inspect.signature(loader).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return loader(**{k: v for k, v in kwargs.items() if accepts_any or k in params})
+
+
+def sample_losses(head: Any, logits: "Tensor", labels: "Tensor") -> "Tensor":
+    """(B,) the head's own loss of each sample alone (so a mean over samples needs no batch size)."""
+    import torch
+
+    return torch.stack([head.loss(logits[i:i + 1], labels[i:i + 1]) for i in range(len(logits))]).float()
+
+
+class Task:
+    """Base class of the zoo's tasks; subclass it (or a built-in task) to add one.
+
+    Class attributes:
+        head: registry name of the head that serves the task.
+        vocabulary_key: keyword of ``create_model`` naming the output vocabulary
+            (``answers``, ``labels``), or None when the tokenizer is the vocabulary.
+        description: one line for ``fusionzoo list``.
+        default_dataset: the loader used when ``data=`` is a path rather than a name.
+        generates_text: the model writes text (``generate``) instead of choosing an output.
+        needs_text: inference takes a text (a question, a hypothesis) with each image.
+    """
+
+    head: ClassVar[str]
+    vocabulary_key: ClassVar[str | None] = None
+    description: ClassVar[str] = ""
+    default_dataset: ClassVar[str | None] = None
+    generates_text: ClassVar[bool] = False
+    needs_text: ClassVar[bool] = True
+
+    @property
+    def name(self) -> str:
+        return getattr(self, "registry_name", type(self).__name__)
+
+    # -- data ---------------------------------------------------------------------------
+    def loader_kwargs(self, config: Any) -> dict[str, Any]:
+        """Extra keyword arguments this task passes to its dataset loader (from the run config)."""
+        return {}
+
+    def load_data(self, config: Any) -> "TaskData":
+        """The dataset named by ``config.data`` (a registered name, or a path read by ``default_dataset``)."""
+        name = config.data
+        kwargs: dict[str, Any] = {"skip_bad": config.skip_bad}
+        if config.data_dir is not None:
+            kwargs["root"] = config.data_dir
+        if name not in DATASETS and Path(name).exists():
+            if self.default_dataset is None:
+                raise RegistryError(f"task {self.name!r} has no default dataset loader for a path; "
+                                    f"pass data=<a dataset name> ({', '.join(DATASETS.list())})")
+            kwargs["root"] = name
+            name = self.default_dataset
+        if config.only_present:
+            kwargs["only_present"] = True
+        kwargs.update(self.loader_kwargs(config))
+        data = call_loader(DATASETS.get(name), kwargs)
+        self.check_data(data, name)
+        return data
+
+    def check_data(self, data: Any, source: str) -> None:
+        """Fail clearly when a loader gives data of another kind than this task reads."""
+
+    def vocabulary(self, data: Any) -> list[str] | None:
+        """The output vocabulary a model for ``data`` predicts (``create_model``'s ``vocabulary_key``)."""
+        return None
+
+    def train_rows(self, data: Any, split: str) -> Any:
+        """The rows of ``split`` that training iterates over."""
+        return data[split]
+
+    def eval_rows(self, data: Any, split: str) -> Any:
+        """The rows of ``split`` that evaluation iterates over."""
+        return data[split]
+
+    def collate(self, data: Any, tokenize: Any, max_length: int) -> Any:
+        """The batch function for a DataLoader over this task's rows."""
+        return data.collator(tokenize, max_length)
+
+    # -- scoring and inference ----------------------------------------------------------
+    def evaluate(self, model: Any, loader: Any, accelerator: Any, data: Any, split: str,
+                 **options: Any) -> dict[str, float]:
+        """Score ``model`` (prepared) on ``loader``; every sample counted once across processes."""
+        raise NotImplementedError(f"task {self.name!r} does not say how to evaluate a model")
+
+    def predict(self, model: Any, images: Sequence[Any], texts: Sequence[str] | None = None,
+                **options: Any) -> list[str]:
+        """What the model says for each image (and text): an answer, a label or a caption."""
+        if texts is None:
+            raise ValueError(f"a {self.name} model needs a text with each image")
+        return model.predict(images, texts)
+
+    def bench_metrics(self, bench_task: Any, split: Any, outputs: Any) -> dict[str, Any]:
+        """The benchmark's metrics of ``outputs`` (logits, or captions) on ``split`` (``fusionzoo bench``)."""
+        raise NotImplementedError(f"task {self.name!r} has no benchmark scoring")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, head={self.head!r})"
+
+
+class _ChoiceTask(Task):
+    """A task whose head picks one entry of an output vocabulary (VQA answers, class labels)."""
+
+    def _scores(self, logits: "Tensor", batch: dict[str, Any]) -> dict[str, "Tensor"]:
+        """Per-sample tensors to gather for the metrics of one batch."""
+        raise NotImplementedError
+
+    def _metrics(self, gathered: dict[str, "Tensor"]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate(self, model: Any, loader: Any, accelerator: Any, data: Any, split: str,
+                 **options: Any) -> dict[str, float]:
+        import torch
+
+        unwrapped = accelerator.unwrap_model(model)
+        parts: dict[str, list[Tensor]] = {}
+        with torch.no_grad():
+            for batch in loader:
+                with accelerator.autocast():
+                    out = model(**model_inputs(batch))
+                logits = out.logits.float()
+                values = self._scores(logits, batch)
+                if "labels" in batch:
+                    values["loss"] = sample_losses(unwrapped.head, logits, batch["labels"])
+                for key, value in values.items():
+                    parts.setdefault(key, []).append(accelerator.gather_for_metrics(value))
+        gathered = {key: torch.cat(value).cpu() for key, value in parts.items()}
+        metrics = self._metrics(gathered)
+        if "loss" in gathered:
+            metrics["loss"] = gathered["loss"].double().mean().item()
+        return metrics
+
+
+class VQATask(_ChoiceTask):
+    """Visual question answering over an answer vocabulary (soft-score BCE)."""
+
+    head = "vqa"
+    vocabulary_key = "answers"
+    description = "visual question answering over an answer vocabulary (soft-score BCE)"
+    default_dataset = "vqa-jsonl"
+
+    def loader_kwargs(self, config: Any) -> dict[str, Any]:
+        return {"answers_top_k": config.answers_top_k, "answers_min_count": config.answers_min_count}
+
+    def check_data(self, data: Any, source: str) -> None:
+        if not hasattr(data, "answers"):
+            raise RegistryError(f"task {self.name!r} needs VQA data (with an answer vocabulary); data={source!r} "
+                                f"gave {type(data).__name__}")
+
+    def vocabulary(self, data: Any) -> list[str]:
+        return list(data.answers)
+
+    def _scores(self, logits: "Tensor", batch: dict[str, Any]) -> dict[str, "Tensor"]:
+        pred = logits.argmax(-1)  # (B,)
+        return {"score": batch["labels"].float().gather(1, pred[:, None]).squeeze(1)}  # soft score of the answer
+
+    def _metrics(self, gathered: dict[str, "Tensor"]) -> dict[str, float]:
+        scores = gathered["score"].double()
+        return {"accuracy": 100.0 * scores.mean().item(), "num_samples": float(len(scores))}
+
+    def bench_metrics(self, bench_task: Any, split: Any, outputs: Any) -> dict[str, Any]:
+        from fusionzoo.bench.scoring import score_vqa_predictions
+
+        return score_vqa_predictions(bench_task, split, outputs)
+
+
+class ClassificationTask(_ChoiceTask):
+    """Image + text classification over named labels (cross-entropy)."""
+
+    head = "classification"
+    vocabulary_key = "labels"
+    description = "image+text classification (e.g. Hateful Memes, image-caption match)"
+    default_dataset = "classification-jsonl"
+
+    def check_data(self, data: Any, source: str) -> None:
+        if not hasattr(data, "label_names"):
+            raise RegistryError(f"task {self.name!r} needs classification data (with label names); "
+                                f"data={source!r} gave {type(data).__name__}")
+
+    def vocabulary(self, data: Any) -> list[str]:
+        return list(data.label_names)
+
+    def _scores(self, logits: "Tensor", batch: dict[str, Any]) -> dict[str, "Tensor"]:
+        return {"logits": logits, "labels": batch["labels"]}
+
+    def _metrics(self, gathered: dict[str, "Tensor"]) -> dict[str, float]:
+        from .classification_data import classification_metrics
+
+        labels = gathered["labels"]
+        metrics = {k: 100.0 * v if k in ("accuracy", "macro_f1") else v
+                   for k, v in classification_metrics(gathered["logits"].numpy(), labels.numpy()).items()}
+        metrics["num_samples"] = float(len(labels))
+        return metrics
+
+    def bench_metrics(self, bench_task: Any, split: Any, outputs: Any) -> dict[str, Any]:
+        from fusionzoo.bench.scoring import score_classification_predictions
+
+        return score_classification_predictions(split, outputs)
+
+
+class CaptioningTask(Task):
+    """Image captioning with a fusion-conditioned text decoder; scored with BLEU, METEOR, ROUGE-L, CIDEr."""
+
+    head = "captioning"
+    description = "image captioning with a fusion-conditioned text decoder"
+    default_dataset = "karpathy-captions"
+    generates_text = True
+    needs_text = False
+
+    def check_data(self, data: Any, source: str) -> None:
+        if not (hasattr(data, "pairs") and hasattr(data, "references")):
+            raise RegistryError(f"task {self.name!r} needs image-caption data; data={source!r} gave "
+                                f"{type(data).__name__}")
+
+    def train_rows(self, data: Any, split: str) -> Any:
+        return data.pairs(split)  # one row per caption; evaluation reads one row per image
+
+    def evaluate(self, model: Any, loader: Any, accelerator: Any, data: Any, split: str,
+                 max_new_tokens: int = 20, num_beams: int = 1, **options: Any) -> dict[str, float]:
+        import torch
+
+        from .caption_eval import score_caption_dicts
+
+        unwrapped = accelerator.unwrap_model(model)
+        references = data.references(split)
+        width = max_new_tokens + 2
+        image_ids, token_rows = [], []
+        with torch.no_grad():
+            for batch in loader:
+                with accelerator.autocast():
+                    ids = unwrapped.generate_ids(batch["pixel_values"], max_new_tokens=max_new_tokens,
+                                                 num_beams=num_beams)
+                padded = torch.full((ids.shape[0], width), unwrapped.text.pad_token_id, dtype=torch.long,
+                                    device=ids.device)  # (B, width): one shape on every process
+                padded[:, : ids.shape[1]] = ids[:, :width]
+                token_rows.append(accelerator.gather_for_metrics(padded))
+                image_ids.append(accelerator.gather_for_metrics(batch["image_id"]))
+        ids_all = torch.cat(token_rows).cpu()
+        captions = unwrapped.text.tokenizer.batch_decode(ids_all.tolist(), skip_special_tokens=True)
+        res = {i: [c.strip() or "."] for i, c in zip(torch.cat(image_ids).cpu().tolist(), captions)}
+        metrics = score_caption_dicts({i: references[i] for i in res}, res)
+        metrics["num_samples"] = float(len(res))
+        return {k: v for k, v in metrics.items() if v is not None}
+
+    def predict(self, model: Any, images: Sequence[Any], texts: Sequence[str] | None = None,
+                max_new_tokens: int = 20, num_beams: int = 1, **options: Any) -> list[str]:
+        return model.generate(list(images), max_new_tokens=max_new_tokens, num_beams=num_beams)
+
+    def bench_metrics(self, bench_task: Any, split: Any, outputs: Any) -> dict[str, Any]:
+        from fusionzoo.bench.scoring import score_caption_predictions
+
+        return score_caption_predictions(split, outputs)
+
+
+def get_task(name: str) -> Task:
+    """The task object registered under ``name`` (a registered class is instantiated).
+
+    Raises:
+        RegistryError: unknown name (with the closest matches), or an entry that is not a :class:`Task`.
+    """
+    entry = TASKS.get(name)
+    task = entry() if isinstance(entry, type) else entry
+    if not isinstance(task, Task):
+        raise RegistryError(f"task {name!r} is registered as {type(task).__name__}, not a fusionzoo.tasks.Task "
+                            "subclass: subclass Task (or VQATask, ClassificationTask, CaptioningTask)")
+    return task
