@@ -2,25 +2,41 @@
 
 Follows Antol et al., 2015, "VQA: Visual Question Answering" (section 2, the
 accuracy metric) and the behaviour of the official evaluation code
-(GT-Vision-Lab/VQA, ``vqaEval.py``), re-implemented here:
+(GT-Vision-Lab/VQA, ``vqaEval.py``), re-implemented here. By default it is the
+code as it stands since its March 2021 fix ("Fixed processing answers bug",
+commit ``a013f00``); the code before that fix is available with
+``legacy_pre_2021=True``.
 
-* **Answer processing.** Newlines and tabs become spaces and the answer is
-  stripped; then punctuation: each character of ``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !``
-  is deleted when it touches a space somewhere in the answer, or when the answer
-  contains a digit-comma-digit group (``1,000``), and is replaced by a space
-  otherwise; then periods not followed by a digit are deleted (so ``3.5`` keeps
-  its period). Then the answer is lower-cased and split on whitespace; the number
-  words ``none``/``zero`` .. ``ten`` become digits, the articles ``a``, ``an``,
-  ``the`` are dropped, and contractions written without their apostrophe
-  (``dont``) get it back (``don't``) from the official table.
-* **What is processed.** The official code applies all of that to the
-  *prediction*. The ten *human answers* are compared as stored, except that when
-  they are not all identical they go through the punctuation step (only that
-  step: no lower-casing, number mapping or article removal; the official
-  annotation files are already normalised). :func:`vqa_accuracy` does exactly
-  the same, so it agrees with the official numbers; :func:`normalize_answer` is
-  the full processing, used for predictions, answer vocabularies and soft
-  targets.
+* **Answer processing.** Three steps, each a function here. Whitespace
+  (:func:`clean_whitespace`): newlines and tabs become spaces and the answer is
+  stripped. Punctuation (:func:`process_punctuation`): each character of
+  ``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !`` is deleted when it touches a
+  space somewhere in the answer, or when the answer contains a digit-comma-digit
+  group (``1,000``), and is replaced by a space otherwise; then periods not
+  followed by a digit are deleted (so ``3.5`` keeps its period); apostrophes are
+  not punctuation. Words (:func:`process_digit_article`): the answer is
+  lower-cased and split on whitespace; the number words ``none``/``zero`` ..
+  ``ten`` become digits, the articles ``a``, ``an``, ``the`` are dropped, and
+  contractions written without their apostrophe (``dont``) get it back
+  (``don't``) from the official table. :func:`normalize_answer` is all three.
+  No step lower-cases except the word step.
+* **What is processed (default, the official code since 2021).** The ten human
+  answers and the prediction are whitespace-cleaned. Then, only when the
+  cleaned human answers are not all identical, both the human answers and the
+  prediction go through the punctuation and word steps. When the humans agree,
+  the cleaned prediction must equal their answer exactly: ``"Yes"`` and
+  ``"yes."`` against ten ``"yes"`` score 0, as does ``"2"`` against ten
+  ``"two"``, while ``"t-shirt"`` against ten ``"t-shirt"`` scores 1.
+* **What is processed (``legacy_pre_2021=True``, the official code before the
+  fix).** The prediction always goes through all three steps. The human answers
+  are never whitespace-cleaned; only when they are not all identical (as
+  stored) do they go through the punctuation step, and only that step: no
+  lower-casing, number mapping or article removal. So ``"two"`` against ten
+  ``"2"`` scores 1, ``"t-shirt"`` against ten ``"t-shirt"`` scores 0, and
+  human answers that are not already normalised (``"Yes"``, ``"two"``,
+  ``"a dog"``) never match. The two versions agree when the human answers and
+  the prediction are both already in :func:`normalize_answer`'s form; on raw
+  human answers they can differ by tens of points.
 * **Accuracy.** For each of the ``n`` leave-one-out subsets of the ``n`` (10)
   human answers, ``min(1, #matches / 3)``; the question's accuracy is the mean
   over the subsets. So 1 matching human answer scores 0.3, 2 score 0.6, 3 score
@@ -28,12 +44,15 @@ accuracy metric) and the behaviour of the official evaluation code
   scores 0 (its only subset is empty): use :func:`exact_match_accuracy` for
   one-answer datasets.
 * **Report.** ``overall``, ``perAnswerType`` and ``perQuestionType`` are means of
-  the per-question accuracies in percent, rounded to two decimals with Python's
-  ``round`` as the official code does. The official code needs a result for
-  every annotated question and no other; so does :func:`evaluate_vqa`.
+  the unrounded per-question accuracies in percent, rounded to two decimals with
+  Python's ``round`` as the official code does. The official code needs a result
+  for every annotated question and no other; so does :func:`evaluate_vqa`.
 
-Bad input raises :class:`ScoreInputError`, whose message names the file, the
-entry and what was expected. This module needs only the standard library.
+Training targets (:func:`answer_scores`, :func:`soft_scores`,
+:func:`build_answer_vocab`) always use :func:`normalize_answer` on every human
+answer, whatever the scoring version. Bad input raises :class:`ScoreInputError`,
+whose message names the file, the entry and what was expected. This module
+needs only the standard library.
 """
 
 from __future__ import annotations
@@ -214,7 +233,7 @@ _PERIOD_MAX_DELETIONS = 32
 
 
 def clean_whitespace(text: str) -> str:
-    """Newlines and tabs to spaces, then strip (the first step for predictions)."""
+    """Newlines and tabs to spaces, then strip (every answer's first step; when legacy, only the prediction's)."""
     return text.replace("\n", " ").replace("\t", " ").strip()
 
 
@@ -239,7 +258,11 @@ def process_digit_article(text: str) -> str:
 
 
 def normalize_answer(answer: str) -> str:
-    """The official processing of a predicted answer: whitespace, punctuation, then words.
+    """All three official steps: whitespace, punctuation, then words.
+
+    What the official evaluation applies to the prediction and the human answers
+    when the humans disagree (to the prediction always, when legacy); also the
+    form of answer vocabularies and soft targets.
 
     >>> normalize_answer("Two dogs.")
     '2 dogs'
@@ -271,37 +294,75 @@ def _leave_one_out(candidate: str, answers: Sequence[str]) -> float:
     return sum(per_subset) / len(per_subset)
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+def _official_pair(prediction: str, answers: Sequence[str]) -> tuple[str, list[str]]:
+    """Prediction and human answers as the current official code compares them.
+
+    Both whitespace-cleaned; then, when the cleaned human answers are not all
+    identical, both through the punctuation and word steps.
+    """
+    references = [clean_whitespace(answer) for answer in answers]
+    if len(set(references)) > 1:
+        return normalize_answer(prediction), [normalize_answer(answer) for answer in references]
+    return clean_whitespace(prediction), references
+
+
+def _legacy_pair(prediction: str, answers: Sequence[str]) -> tuple[str, list[str]]:
+    """Prediction and human answers as the official code compared them before its 2021 fix.
+
+    The prediction through all three steps; the human answers as stored, or,
+    when they are not all identical, through the punctuation step only.
+    """
+    references = list(answers)
+    if len(set(references)) > 1:
+        references = [process_punctuation(answer) for answer in references]
+    return normalize_answer(prediction), references
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str], *, legacy_pre_2021: bool = False) -> float:
     """Accuracy (0..1) of one predicted answer against the human answers of its question.
 
     Args:
-        prediction: the model's answer, raw (it is processed with :func:`normalize_answer`).
-        answers: the human answers (10 in VQA v2), as stored in the annotation file.
+        prediction: the model's answer, raw (it is processed as the official code does).
+        answers: the human answers (10 in VQA v2), raw, as stored in the annotation file.
+        legacy_pre_2021: score as the official code did before its March 2021 fix
+            instead of as it does now (see the module docstring).
 
     Returns:
         The mean over the leave-one-out subsets of ``min(1, #matches / 3)``; with
         10 answers: 0.3 per matching answer, at most 1.0.
 
-    The human answers get the punctuation step only, and only when they are not
-    all identical, exactly as in the official evaluation (see the module docstring).
+    By default both sides are whitespace-cleaned, and both get the punctuation
+    and word steps only when the human answers are not all identical. With
+    ``legacy_pre_2021`` the prediction always gets every step and the human
+    answers get the punctuation step only, and only when they disagree.
+
+    >>> answers = ["two"] * 5 + ["3"] * 5
+    >>> vqa_accuracy("two", answers), vqa_accuracy("two", answers, legacy_pre_2021=True)
+    (1.0, 0.0)
     """
+    if not isinstance(prediction, str):
+        raise TypeError(f"a prediction must be a str, got {type(prediction).__name__} {prediction!r:.60}")
     if isinstance(answers, str) or not isinstance(answers, Sequence):
         raise TypeError(f"answers must be a list of strings, got {type(answers).__name__}")
     if not answers:
         raise ValueError("answers is empty; expected the human answers of the question (10 in VQA v2)")
-    references = list(answers)
-    if len(set(references)) > 1:
-        references = [process_punctuation(answer) for answer in references]
-    return _leave_one_out(normalize_answer(prediction), references)
+    for answer in answers:
+        if not isinstance(answer, str):
+            raise TypeError(f"answers must be a list of strings, got an element of type "
+                            f"{type(answer).__name__}: {answer!r:.60}")
+    candidate, references = (_legacy_pair if legacy_pre_2021 else _official_pair)(prediction, answers)
+    return _leave_one_out(candidate, references)
 
 
 def answer_scores(answers: Sequence[str]) -> dict[str, float]:
     """Soft score (0..1] of every distinct normalised answer of one question.
 
-    The VQA v2 soft target: each answer scores what predicting it would score
-    (:func:`vqa_accuracy`'s leave-one-out mean), computed on answers processed
-    with :func:`normalize_answer`. Empty answers (all punctuation) and answers
-    scoring 0 (a question with one answer) are left out.
+    The VQA v2 soft target: each answer scores the leave-one-out mean of
+    :func:`vqa_accuracy`, computed on every human answer processed with
+    :func:`normalize_answer` (what predicting it scores in the official
+    evaluation when the humans disagree; this does not depend on
+    ``legacy_pre_2021``). Empty answers (all punctuation) and answers scoring 0
+    (a question with one answer) are left out.
 
     >>> answer_scores(["2"] * 3 + ["two", "3"] + ["4"] * 5)
     {'2': 1.0, '3': 0.3, '4': 1.0}
@@ -386,15 +447,17 @@ def _percent(values: Sequence[float], digits: int) -> float:
 
 def score_vqa(predictions: Sequence[str], answer_lists: Sequence[Sequence[str]],
               answer_types: Sequence[str] | None = None, question_types: Sequence[str] | None = None,
-              digits: int = 2) -> dict[str, Any]:
+              digits: int = 2, *, legacy_pre_2021: bool = False) -> dict[str, Any]:
     """The official report over many questions, from plain lists.
 
     Args:
         predictions: one raw predicted answer per question.
-        answer_lists: the human answers of each question.
+        answer_lists: the raw human answers of each question.
         answer_types: optional answer type per question (``yes/no``, ``number``, ``other``).
         question_types: optional question type per question (``what color is the``, ...).
         digits: decimals of the rounded percentages (the official 2).
+        legacy_pre_2021: score as the official code did before its March 2021 fix
+            instead of as it does now (see :func:`vqa_accuracy`).
 
     Returns:
         ``{"overall": %, "perAnswerType": {type: %}, "perQuestionType": {type: %}}``;
@@ -408,7 +471,8 @@ def score_vqa(predictions: Sequence[str], answer_lists: Sequence[Sequence[str]],
             raise ValueError(f"{count} predictions but {len(values)} {name}; expected one per prediction")
     if count == 0:
         raise ValueError("no predictions to score")
-    accuracies = [vqa_accuracy(prediction, answers) for prediction, answers in zip(predictions, answer_lists)]
+    accuracies = [vqa_accuracy(prediction, answers, legacy_pre_2021=legacy_pre_2021)
+                  for prediction, answers in zip(predictions, answer_lists)]
     report: dict[str, Any] = {"overall": _percent(accuracies, digits), "perAnswerType": {}, "perQuestionType": {}}
     for key, types in (("perAnswerType", answer_types), ("perQuestionType", question_types)):
         groups: dict[str, list[float]] = {}
@@ -494,8 +558,14 @@ def _read_results(data: Any, file: str, annotations: Mapping[int, Any], annotati
 
 def evaluate_vqa(questions_json: str | os.PathLike | Mapping[str, Any],
                  annotations_json: str | os.PathLike | Mapping[str, Any],
-                 results_json: str | os.PathLike | Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+                 results_json: str | os.PathLike | Sequence[Mapping[str, Any]], *,
+                 legacy_pre_2021: bool = False) -> dict[str, Any]:
     """Official VQA v2 accuracy of a results file.
+
+    By default the numbers of the official evaluation code as it is now (since
+    its March 2021 fix); with ``legacy_pre_2021`` those of the code before it.
+    The human answers are read as stored, without any normalisation beyond
+    what the chosen version applies (see the module docstring).
 
     Args:
         questions_json: ``v2_OpenEnded_mscoco_<split>_questions.json`` (path or loaded):
@@ -505,6 +575,7 @@ def evaluate_vqa(questions_json: str | os.PathLike | Mapping[str, Any],
             "answers": [{"answer", "answer_confidence", "answer_id"}] * 10, ...}]}``.
         results_json: the results (path or loaded): ``[{"question_id", "answer"}, ...]``,
             one per annotated question.
+        legacy_pre_2021: score as the official code did before its March 2021 fix.
 
     Returns:
         ``{"overall": %, "perAnswerType": {type: %}, "perQuestionType": {type: %}}``,
@@ -527,6 +598,7 @@ def evaluate_vqa(questions_json: str | os.PathLike | Mapping[str, Any],
         [annotations[qid]["answers"] for qid in question_ids],
         answer_types=[annotations[qid]["answer_type"] for qid in question_ids],
         question_types=[annotations[qid]["question_type"] for qid in question_ids],
+        legacy_pre_2021=legacy_pre_2021,
     )
 
 

@@ -4,7 +4,8 @@ Two subcommands, each printing one JSON object on stdout:
 
 * ``fusionzoo score vqa --questions Q.json --annotations A.json --results R.json``
   -> ``{"overall", "perAnswerType", "perQuestionType"}``
-  (:func:`fusionzoo.tasks.vqa_eval.evaluate_vqa`);
+  (:func:`fusionzoo.tasks.vqa_eval.evaluate_vqa`), as the official evaluation code
+  computes it today; ``--legacy-pre-2021`` for the code before its March 2021 fix;
 * ``fusionzoo score captions --annotations captions.json --results results.json``
   -> ``{"Bleu_1", ..., "CIDEr", "SPICE": null, "notes": {"SPICE": ...}}``
   (:func:`fusionzoo.tasks.caption_eval.score_captions`).
@@ -28,14 +29,25 @@ files (the official VQA v2 schemas):
                    "answers": [{"answer", "answer_confidence", "answer_id"}] x 10}, ...]}
   --results      [{"question_id": int, "answer": str}, ...], one per annotated question
 
-scoring, as the official evaluation: the predicted answer is normalised (punctuation,
-number words -> digits, articles dropped, contractions restored); its accuracy is
-min(1, #matching human answers / 3) averaged over the 10 leave-one-out subsets of the
-human answers; overall and per-type means are percentages with two decimals.
+scoring, as the official evaluation code (vqaEval.py) does since its March 2021 fix:
+newlines, tabs and outer spaces are cleaned from the predicted and the human answers;
+then, only when the 10 human answers are not all the same, all of them and the
+prediction are normalised (punctuation, lower case, number words -> digits, articles
+dropped, contractions restored). When the humans agree, the prediction must equal
+their answer exactly. The accuracy is min(1, #matching human answers / 3) averaged
+over the 10 leave-one-out subsets of the human answers; overall and per-type means
+are percentages with two decimals.
+
+--legacy-pre-2021 scores as the code did before that fix: the prediction is always
+normalised, the human answers are compared as stored, or with only their punctuation
+processed when they disagree (no lower case, number words or articles). The two agree
+when the human answers and the prediction are both already normalised; on raw human
+answers they can differ by tens of points.
 
 example:
   fusionzoo score vqa --questions v2_OpenEnded_mscoco_val2014_questions.json \\
       --annotations v2_mscoco_val2014_annotations.json --results val_results.json
+  fusionzoo score vqa --legacy-pre-2021 --questions ... --annotations ... --results ...
 """
 
 CAPTIONS_EPILOG = """\
@@ -66,13 +78,17 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     vqa = kinds.add_parser(
         "vqa",
         help="official VQA v2 accuracy (overall, per answer type, per question type)",
-        description="Official VQA v2 accuracy of a results file, as the VQA evaluation code computes it.",
+        description="Official VQA v2 accuracy of a results file, as the VQA evaluation code computes it "
+                    "today (or, with --legacy-pre-2021, as it did before its March 2021 fix).",
         epilog=VQA_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     vqa.add_argument("--questions", required=True, type=Path, metavar="Q.json", help="the questions file of the split")
     vqa.add_argument("--annotations", required=True, type=Path, metavar="A.json", help="the annotations file of the split")
     vqa.add_argument("--results", required=True, type=Path, metavar="R.json", help="the predicted answers")
+    vqa.add_argument("--legacy-pre-2021", action="store_true",
+                     help="score as the official vqaEval.py did before its March 2021 fix (prediction always "
+                          "normalised, human answers only punctuation-processed); default: the current code")
     _add_output_options(vqa)
     vqa.set_defaults(func=_run_score_vqa)
 
@@ -120,7 +136,8 @@ def _run_score_vqa(args: argparse.Namespace) -> int:
     from fusionzoo.tasks.vqa_eval import ScoreInputError, evaluate_vqa
 
     try:
-        scores = evaluate_vqa(args.questions, args.annotations, args.results)
+        scores = evaluate_vqa(args.questions, args.annotations, args.results,
+                              legacy_pre_2021=args.legacy_pre_2021)
     except ScoreInputError as exc:
         return _fail(exc)
     return _emit(scores, args)

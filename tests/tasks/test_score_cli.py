@@ -18,11 +18,31 @@ from fusionzoo.tasks.vqa_eval import evaluate_vqa
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs Java")
 
 
-def _vqa_files(folder: Path) -> list[str]:
-    """Official-schema files: 3 questions; accuracies 1.0 (yes 8/10), 0.6 (2 of 10 said "2"), 0.0."""
-    rows = [(1, "is the", "yes/no", ["yes"] * 8 + ["no"] * 2, "yes"),
-            (2, "how many", "number", ["2"] * 2 + ["3"] * 8, "two"),
-            (3, "what color is the", "other", ["blue"] * 10, "red")]
+VQARow = tuple[int, str, str, list[str], str]  # question_id, question_type, answer_type, answers, prediction
+
+#: 3 questions, the same accuracies in both versions: 1.0 (yes 8/10), 0.6 (2 of 10 said "2"), 0.0.
+VQA_ROWS: list[VQARow] = [(1, "is the", "yes/no", ["yes"] * 8 + ["no"] * 2, "yes"),
+                          (2, "how many", "number", ["2"] * 2 + ["3"] * 8, "two"),
+                          (3, "what color is the", "other", ["blue"] * 10, "red")]
+
+#: Raw human answers (capitals, number words, articles, whitespace), accuracy by hand (current, legacy).
+RAW_VQA_ROWS: list[VQARow] = [
+    # current: "Yes" -> "yes", 6 match -> 1.0; legacy: the humans keep "Yes", "yes" matches none -> 0.0
+    (1, "is the", "yes/no", ["Yes"] * 6 + ["no"] * 4, "yes"),
+    # current: "two" -> "2", 4 match -> 1.0; legacy: the humans keep "two", 2 match -> 0.6
+    (2, "how many", "number", ["two"] * 2 + ["2"] * 2 + ["3"] * 6, "2"),
+    # current: "a dog" -> "dog", 3 match -> 0.9; legacy: the humans keep "a dog", 1 match -> 0.3
+    (3, "what is the", "other", ["a dog"] * 2 + ["dog"] + ["the cat"] * 7, "dog"),
+    # current: cleaned, all ten are "blue" -> 1.0; legacy: as stored they differ, "blue " is
+    # kept (punctuation only), 1 match -> 0.3
+    (4, "what color is the", "other", ["blue "] * 9 + ["blue"], "blue"),
+    # humans agree: current "No." != "no" -> 0.0; legacy "No." -> "no", 10 match -> 1.0
+    (5, "is it", "yes/no", ["no"] * 10, "No."),
+]
+
+
+def _vqa_files(folder: Path, rows: list[VQARow] = VQA_ROWS) -> list[str]:
+    """Official-schema questions, annotations and results files of ``rows``."""
     questions = {"questions": [{"image_id": 7, "question": f"q{qid}?", "question_id": qid} for qid, *_ in rows]}
     annotations = {"annotations": [
         {"question_id": qid, "image_id": 7, "question_type": qtype, "answer_type": atype,
@@ -89,8 +109,8 @@ def test_score_round_trips(tmp_path: Path) -> None:
         assert proc.returncode == 0, outputs[name][1][-3000:]
 
     vqa = json.loads(outputs["vqa"][0])
-    # (1.0 + 0.6 + 0.0) / 3 = 53.33%
-    assert vqa == evaluate_vqa(q, a, r) == {
+    # (1.0 + 0.6 + 0.0) / 3 = 53.33%, in both versions
+    assert vqa == evaluate_vqa(q, a, r) == evaluate_vqa(q, a, r, legacy_pre_2021=True) == {
         "overall": 53.33,
         "perAnswerType": {"yes/no": 100.0, "number": 60.0, "other": 0.0},
         "perQuestionType": {"is the": 100.0, "how many": 60.0, "what color is the": 0.0},
@@ -115,13 +135,45 @@ def test_score_round_trips(tmp_path: Path) -> None:
     assert captions["CIDEr"] == pytest.approx(Cider().compute_score(gts, hyp)[0], abs=1e-9)
 
 
-# --------------------------------------------------------------------------------------
-# Errors: exit status 2, one line naming the file and the entry
-# --------------------------------------------------------------------------------------
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     code = main(argv)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+# --------------------------------------------------------------------------------------
+# The current official evaluation by default, the pre-2021 one on request
+# --------------------------------------------------------------------------------------
+def test_score_vqa_default_is_current_official_and_flag_is_pre_2021(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    q, a, r = _vqa_files(tmp_path, RAW_VQA_ROWS)
+    argv = ["score", "vqa", "--questions", q, "--annotations", a, "--results", r, "--indent", "0"]
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    current = json.loads(out)
+    # (1 + 1 + .9 + 1 + 0) / 5 = 3.9 / 5 = 78.0%
+    assert current == evaluate_vqa(q, a, r) == {
+        "overall": 78.0,
+        "perAnswerType": {"yes/no": 50.0, "number": 100.0, "other": 95.0},  # (1+0)/2, 1/1, (.9+1)/2
+        "perQuestionType": {"is the": 100.0, "how many": 100.0, "what is the": 90.0, "what color is the": 100.0,
+                            "is it": 0.0},
+    }
+
+    code, out, err = _run([*argv, "--legacy-pre-2021"], capsys)
+    assert code == 0, err
+    legacy = json.loads(out)
+    # (0 + .6 + .3 + .3 + 1) / 5 = 2.2 / 5 = 44.0%
+    assert legacy == evaluate_vqa(q, a, r, legacy_pre_2021=True) == {
+        "overall": 44.0,
+        "perAnswerType": {"yes/no": 50.0, "number": 60.0, "other": 30.0},  # (0+1)/2, .6/1, (.3+.3)/2
+        "perQuestionType": {"is the": 0.0, "how many": 60.0, "what is the": 30.0, "what color is the": 30.0,
+                            "is it": 100.0},
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Errors: exit status 2, one line naming the file and the entry
+# --------------------------------------------------------------------------------------
 
 
 def _edit_json(path: str, edit: Any) -> None:
@@ -178,6 +230,7 @@ def test_score_without_kind_and_help(capsys: pytest.CaptureFixture[str]) -> None
     assert info.value.code == 0
     text = capsys.readouterr().out
     assert "v2_OpenEnded_mscoco_<split>_questions.json" in text and "leave-one-out" in text
+    assert "--legacy-pre-2021" in text and "March 2021" in text
     with pytest.raises(SystemExit):
         main(["score", "captions", "--help"])
     text = capsys.readouterr().out
