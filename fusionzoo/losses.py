@@ -28,6 +28,7 @@ moved, so a seed gives the same draws on CPU and GPU.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,9 +38,23 @@ from torch import Tensor, nn
 IGNORE_INDEX = -100  # label of positions that no loss reads (PyTorch's cross-entropy default)
 
 
+#: One generator for a whole batch, or one per row (see :func:`sample_hard_negatives`, :func:`mask_tokens`).
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
 def _draw_device(generator: torch.Generator | None, fallback: torch.device) -> torch.device:
     """Where random numbers are drawn: the generator's device, else the data's."""
     return generator.device if generator is not None else fallback
+
+
+def _per_row(generator: Generators, rows: int) -> list[torch.Generator] | None:
+    """The per-row generators, checked to be one a row; None for a single generator (or none)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return None
+    generators = list(generator)
+    if len(generators) != rows:
+        raise ValueError(f"got {len(generators)} per-row generators for {rows} rows")
+    return generators
 
 
 # -- ITC: image-text contrastive -------------------------------------------------
@@ -169,9 +184,7 @@ def hard_negative_candidates(sim: Tensor, same_image: Tensor, positives: Tensor)
     return sim.detach().masked_fill(blocked & has_other_image, float("-inf"))
 
 
-def sample_hard_negatives(
-    sim: Tensor, generator: torch.Generator | None, positives: Tensor | None = None
-) -> Tensor:
+def sample_hard_negatives(sim: Tensor, generator: Generators, positives: Tensor | None = None) -> Tensor:
     """Draw one hard negative per row, with probability ``softmax(sim)`` off the positive.
 
     ALBEF's sampler: row i picks column j != positive(i) with probability
@@ -185,7 +198,10 @@ def sample_hard_negatives(
         sim: (R, C) similarities, C >= 2; no gradient flows through the draw.
             The caller decides what the columns are: the local batch, or all
             candidates gathered across processes.
-        generator: the source of randomness (``None``: PyTorch's global RNG).
+        generator: the source of randomness (``None``: PyTorch's global RNG), or
+            one generator per row: each row's draw then depends only on its own
+            generator and similarities, not on which rows share its batch (so
+            N processes, each drawing for its own rows, draw what one does).
         positives: (R,) column of each row's positive; defaults to the diagonal
             ``arange(R)`` (then R <= C).
     Returns:
@@ -208,8 +224,13 @@ def sample_hard_negatives(
     with torch.no_grad():
         is_positive = torch.arange(cols, device=sim.device)[None, :] == positives.to(sim.device)[:, None]  # (R, C)
         weights = sim.detach().float().masked_fill(is_positive, float("-inf")).softmax(dim=1)  # (R, C)
-        device = _draw_device(generator, sim.device)
-        drawn = torch.multinomial(weights.to(device), 1, generator=generator).squeeze(1)  # (R,)
+        per_row = _per_row(generator, rows)
+        if per_row is None:
+            device = _draw_device(generator, sim.device)  # type: ignore[arg-type]
+            drawn = torch.multinomial(weights.to(device), 1, generator=generator).squeeze(1)  # (R,)
+        else:
+            drawn = torch.cat([torch.multinomial(w.to(g.device), 1, generator=g).cpu()
+                               for w, g in zip(weights, per_row)])  # (R,)
     return drawn.to(sim.device)
 
 
@@ -272,9 +293,10 @@ def mask_tokens(
     mask_token_id: int,
     vocab_size: int,
     special_tokens_mask: Tensor,
-    generator: torch.Generator | None,
+    generator: Generators,
     probability: float = 0.15,
     attention_mask: Tensor | None = None,
+    width: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """BERT's masking (Devlin et al., 2019), as ALBEF uses it for MLM.
 
@@ -290,10 +312,14 @@ def mask_tokens(
         vocab_size: size of the vocabulary the random replacements come from.
         special_tokens_mask: (B, T) bool/int, True (1) at [CLS], [SEP], padding
             and any other position that must never be selected.
-        generator: source of randomness (``None``: PyTorch's global RNG).
+        generator: source of randomness (``None``: PyTorch's global RNG), or one
+            generator per row: each row then draws ``width`` numbers of each kind
+            and uses the first T, so its mask depends neither on the other rows
+            of its batch nor on how far the batch is padded.
         probability: selection probability (BERT and ALBEF: 0.15).
         attention_mask: optional (B, T), False (0) at padding; padding is then
             never selected even if ``special_tokens_mask`` misses it.
+        width: numbers drawn per row with per-row generators (>= T; default T).
     Returns:
         ``(masked_ids, labels)``, both (B, T) long: the corrupted ids, and the
         original ids at the selected positions with -100 everywhere else.
@@ -314,10 +340,22 @@ def mask_tokens(
         raise ValueError(f"vocab_size must be positive, got {vocab_size}")
 
     shape, device = input_ids.shape, input_ids.device
-    draw_on = _draw_device(generator, device)
-    select_u = torch.rand(shape, generator=generator, device=draw_on).to(device)  # (B, T)
-    split_u = torch.rand(shape, generator=generator, device=draw_on).to(device)  # (B, T)
-    random_ids = torch.randint(vocab_size, shape, generator=generator, device=draw_on).to(device)  # (B, T)
+    per_row = _per_row(generator, shape[0])
+    if per_row is None:
+        draw_on = _draw_device(generator, device)  # type: ignore[arg-type]
+        select_u = torch.rand(shape, generator=generator, device=draw_on).to(device)  # (B, T)
+        split_u = torch.rand(shape, generator=generator, device=draw_on).to(device)  # (B, T)
+        random_ids = torch.randint(vocab_size, shape, generator=generator, device=draw_on).to(device)  # (B, T)
+    else:
+        t = shape[1]
+        width = t if width is None else width
+        if width < t:
+            raise ValueError(f"width={width} is shorter than the batch's {t} positions")
+        draws = [(torch.rand(2, width, generator=g, device=g.device), torch.randint(vocab_size, (width,), generator=g,
+                                                                                 device=g.device)) for g in per_row]
+        select_u = torch.stack([u[0, :t] for u, _ in draws]).to(device)  # (B, T)
+        split_u = torch.stack([u[1, :t] for u, _ in draws]).to(device)  # (B, T)
+        random_ids = torch.stack([ids[:t] for _, ids in draws]).to(device)  # (B, T)
 
     allowed = ~special_tokens_mask.bool()  # (B, T)
     if attention_mask is not None:
@@ -351,19 +389,25 @@ class MLMHead(nn.Module):
         return self.decoder(self.norm(F.gelu(self.dense(text_tokens))))
 
 
-def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Token cross-entropy, averaged over the positions whose label is not -100.
+def mlm_loss(logits: Tensor, labels: Tensor, count: Tensor | float | None = None) -> Tensor:
+    """Token cross-entropy, summed over the positions whose label is not -100 and divided by ``count``.
 
     Args:
         logits: (B, T, V); labels: (B, T) long, -100 where not predicted.
+        count: the divisor; default the number of labelled positions (a mean).
+            Pretraining on N processes passes (labelled positions of all
+            processes) / N, so that the average DDP takes of the processes'
+            losses is the mean over every labelled position of the global batch.
     Returns:
         scalar; 0 (with a gradient path) when no position is labelled, instead of NaN.
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"expected logits (B, T, V) and labels (B, T), got {tuple(logits.shape)} and {tuple(labels.shape)}")
     total = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    count = (labels != IGNORE_INDEX).sum().clamp_min(1)
-    return total / count
+    if count is None:
+        count = (labels != IGNORE_INDEX).sum()
+    divisor = torch.as_tensor(count, dtype=total.dtype, device=total.device)
+    return total / divisor.clamp_min(1e-6)  # no labelled position anywhere: total is 0, and so is the loss
 
 
 @dataclass
@@ -393,7 +437,7 @@ class MLMLoss(nn.Module):
         self.head = MLMHead(dim, vocab_size)
 
     def forward(self, text_tokens: Tensor, labels: Tensor, soft_targets: Tensor | None = None,
-                alpha: float = 0.0) -> MLMOutput:
+                alpha: float = 0.0, count: Tensor | float | None = None) -> MLMOutput:
         """Predict the original tokens of a fusion run on masked text.
 
         Args:
@@ -404,15 +448,18 @@ class MLMLoss(nn.Module):
             soft_targets: (M, V) the momentum model's predicted distributions at
                 the selected positions (ALBEF's MLM distillation), or None.
             alpha: weight of the distillation term: ``(1 - alpha) * CE + alpha * soft CE``.
+            count: divisor of both sums (see :func:`mlm_loss`); default the labelled positions.
         """
         logits = self.head(text_tokens).float()  # (..., V)
-        loss = mlm_loss(logits, labels)
+        loss = mlm_loss(logits, labels, count)
         if soft_targets is not None and alpha > 0:
             selected = logits[labels != IGNORE_INDEX]  # (M, V)
             if soft_targets.shape != selected.shape:
                 raise ValueError(f"soft_targets must be {tuple(selected.shape)} (labelled positions, vocabulary), "
                                  f"got {tuple(soft_targets.shape)}")
-            loss = (1 - alpha) * loss + alpha * soft_cross_entropy(selected, soft_targets)
+            soft_sum = -(F.log_softmax(selected, dim=-1) * soft_targets).sum()
+            divisor = len(selected) if count is None else count
+            loss = (1 - alpha) * loss + alpha * soft_sum / max(float(divisor), 1e-6)
         return MLMOutput(loss, logits)
 
 

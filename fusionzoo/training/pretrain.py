@@ -54,11 +54,20 @@ masked texts and its 3B ITM pairs; what crosses processes is gathered
 
 Batches are full (``drop_last``), so every process gathers the same shapes.
 
-Randomness. Masking and negative sampling draw from a ``torch.Generator``
-seeded from ``(seed, process index, step, micro-batch)``, dropout from the
-global RNG that Accelerate checkpoints, and the data order depends only on
-``(seed, epoch)``, so a run resumed from a checkpoint continues exactly as an
-uninterrupted one.
+Randomness. Each row's masking and its negative draws come from generators
+seeded from ``(seed, purpose, step, micro-batch, the row's index in the global
+batch)``, dropout from the global RNG that Accelerate checkpoints, and the data
+order depends only on ``(seed, epoch)``. So a run resumed from a checkpoint
+continues exactly as an uninterrupted one, and N processes draw for their rows
+what one process with the global batch draws.
+
+The same losses on N processes as on one (frozen encoders, no dropout): ITC
+contrasts every row with the gathered global batch; ITM's negatives are drawn
+per row from the gathered similarities; MLM divides each process's summed token
+loss by the global number of masked positions per process, so the average DDP
+takes is the global mean. (With trainable encoders a negative drawn from another
+process's batch trains the fusion and the ITM head but not that text's or image's
+encoder, which it reaches only as a gathered copy.)
 
 Frozen encoders. A frozen vision encoder gives the same tokens every time an
 image comes back (five captions per COCO image, every epoch), so each image is
@@ -97,6 +106,7 @@ from ..fusions.albef import MAX_TEMPERATURE, MIN_TEMPERATURE, clamp_straight_thr
 from ..fusions.base import FusionModule
 from ..losses import (
     IGNORE_INDEX,
+    Generators,
     ITMLoss,
     MLMLoss,
     contrastive_loss,
@@ -317,13 +327,18 @@ class PretrainModel(nn.Module):
         self.queue_len.copy_(torch.clamp(self.queue_len + keep, max=self.queue_size))
 
     # -- masking (outside forward: it draws random numbers) --------------------------
-    def mask_text(self, input_ids: Tensor, attention_mask: Tensor, generator: torch.Generator,
+    def mask_text(self, input_ids: Tensor, attention_mask: Tensor, generator: "Generators",
                   probability: float = 0.15) -> tuple[Tensor, Tensor]:
-        """BERT's 80/10/10 masking of the non-special tokens; ``(masked_ids, labels)``, each (B, T)."""
+        """BERT's 80/10/10 masking of the non-special tokens; ``(masked_ids, labels)``, each (B, T).
+
+        ``generator``: one for the batch, or one per row (each row then draws ``max_text_len``
+        numbers of each kind, so its mask does not depend on the batch's padding).
+        """
         special = torch.isin(input_ids, self.special_ids.to(input_ids.device))  # (B, T)
+        width = max(input_ids.shape[1], int(self.config.get("max_text_len", 0)))
         return mask_tokens(input_ids, mask_token_id=self.text.mask_token_id, vocab_size=self.text.vocab_size,
                            special_tokens_mask=special, generator=generator, probability=probability,
-                           attention_mask=attention_mask)
+                           attention_mask=attention_mask, width=width)
 
     # -- the three objectives --------------------------------------------------------
     def _embeddings(self, aux: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -343,7 +358,7 @@ class PretrainModel(nn.Module):
         attention_mask: Tensor,
         masked_ids: Tensor,
         mlm_labels: Tensor,
-        generator: torch.Generator,
+        generator: "Generators",
         image_ids: Tensor | None = None,
         alpha: float = 0.0,
         processes: ProcessView | None = None,
@@ -356,7 +371,8 @@ class PretrainModel(nn.Module):
             input_ids: (B, T) caption ids; attention_mask: (B, T) 1 = real token.
             masked_ids: (B, T) the captions after :meth:`mask_text`; mlm_labels:
                 (B, T) their targets, -100 where not selected.
-            generator: randomness of the hard-negative draws.
+            generator: randomness of the hard-negative draws: one generator, or one per row
+                (a row's negatives then depend only on its own similarities to the global batch).
             image_ids: (B,) long ids of the images. Pairs that share an image
                 (two captions of one photo) are then positives of each other in
                 ITC, never each other's ITM negatives (as in BLIP); without ids
@@ -460,8 +476,14 @@ class PretrainModel(nn.Module):
                     m_masked = m["text"](masked_ids, attention_mask).states if "text" in m else masked.detach()
                     m_tokens = m["fusion"](m_masked, text_mask, momentum_image).text_tokens[selected]  # (M, D)
                     soft = m["mlm"].head(m_tokens).float().softmax(dim=-1)  # (M, V)
+            # Divided by the global batch's labelled positions per process, so that DDP's average over
+            # processes is the mean over every labelled position, as on one process.
+            count = selected.sum()
+            if procs.count > 1:
+                count = procs.gather(count.reshape(1)).sum() / procs.count
             # Selected positions only: the vocabulary product runs for M rows, not B x T.
-            losses["mlm"] = self.mlm(fused_masked.text_tokens[selected], mlm_labels[selected], soft, alpha).loss
+            losses["mlm"] = self.mlm(fused_masked.text_tokens[selected], mlm_labels[selected], soft, alpha,
+                                     count=count).loss
 
         if distill and self.queue_size:
             self._enqueue(image_columns[:g], text_columns[:g], column_ids)
@@ -707,14 +729,23 @@ def prepare_pretrain_data(config: TrainConfig, model: PretrainModel, accelerator
 # -- one step, evaluation --------------------------------------------------------------
 
 
-def _forward(model: nn.Module, unwrapped: PretrainModel, batch: dict[str, Tensor], generator: torch.Generator,
-             alpha: float, processes: ProcessView) -> PretrainOutput:
-    """Mask the captions with ``generator``, then run the model (which draws its negatives from it too)."""
-    masked_ids, mlm_labels = unwrapped.mask_text(batch["input_ids"], batch["attention_mask"], generator)
+def _forward(model: nn.Module, unwrapped: PretrainModel, batch: dict[str, Tensor], mask_generator: "Generators",
+             negative_generator: "Generators", alpha: float, processes: ProcessView) -> PretrainOutput:
+    """Mask the captions with ``mask_generator``, then run the model (negatives from ``negative_generator``)."""
+    masked_ids, mlm_labels = unwrapped.mask_text(batch["input_ids"], batch["attention_mask"], mask_generator)
     return model(pixel_values=batch.get("pixel_values"), image_states=batch.get("image_states"),
                  input_ids=batch["input_ids"],
                  attention_mask=batch["attention_mask"], masked_ids=masked_ids, mlm_labels=mlm_labels,
-                 generator=generator, image_ids=batch.get("image_id"), alpha=alpha, processes=processes)
+                 generator=negative_generator, image_ids=batch.get("image_id"), alpha=alpha, processes=processes)
+
+
+def row_generators(seed: int, purpose: str, step: int, micro: int, first_row: int, rows: int) -> list[torch.Generator]:
+    """One generator per row of the global batch, seeded by ``(seed, purpose, step, micro, global row)``.
+
+    A process holding rows ``first_row .. first_row + rows - 1`` of the global batch draws
+    exactly what one process holding the whole global batch draws for them.
+    """
+    return [make_generator(seed, purpose, step, micro, first_row + i) for i in range(rows)]
 
 
 @torch.no_grad()
@@ -734,7 +765,7 @@ def evaluate_pretraining(model: nn.Module, loader: DataLoader, accelerator: Any,
         for i, batch in enumerate(loader):
             generator = make_generator(seed, accelerator.process_index, "eval", i)
             with accelerator.autocast():
-                out = _forward(model, unwrapped, batch, generator, 0.0, processes)
+                out = _forward(model, unwrapped, batch, generator, generator, 0.0, processes)
             values = {**out.losses, **{k: v for k, v in out.metrics.items() if k != "temperature"}}
             stacked = torch.stack([v.detach().float() for v in values.values()])[None]  # (1, K)
             mean = accelerator.gather(stacked).mean(0)  # (K,) over processes
@@ -818,9 +849,12 @@ class PretrainRecipe(Recipe):
 
     def forward(self, model: nn.Module, unwrapped: nn.Module, batch: dict[str, Any],
                 context: StepContext) -> StepOutput:
-        generator = make_generator(self.config.seed, context.processes.index, context.step, context.micro)
-        out = _forward(model, unwrapped, batch, generator, self._alpha(context.step, context.steps_per_epoch),
-                       context.processes)
+        rows = len(batch["input_ids"])
+        first = context.processes.index * rows  # full batches: process k holds rows k*B .. k*B + B - 1
+        seed, step, micro = self.config.seed, context.step, context.micro
+        out = _forward(model, unwrapped, batch, row_generators(seed, "mask", step, micro, first, rows),
+                       row_generators(seed, "negatives", step, micro, first, rows),
+                       self._alpha(context.step, context.steps_per_epoch), context.processes)
         return StepOutput(loss=out.loss, losses=out.losses, metrics=out.metrics,
                           num_samples=len(batch["input_ids"]))
 
