@@ -143,11 +143,12 @@ class Task:
 class _ChoiceTask(Task):
     """A task whose head picks one entry of an output vocabulary (VQA answers, class labels)."""
 
-    def _scores(self, logits: "Tensor", batch: dict[str, Any]) -> dict[str, "Tensor"]:
-        """Per-sample tensors to gather for the metrics of one batch."""
+    def sample_values(self, logits: "Tensor", batch: dict[str, Any]) -> dict[str, "Tensor"]:
+        """Per-sample tensors (first dimension B) of one batch, gathered over processes for :meth:`metrics`."""
         raise NotImplementedError
 
-    def _metrics(self, gathered: dict[str, "Tensor"]) -> dict[str, float]:
+    def metrics(self, gathered: dict[str, "Tensor"]) -> dict[str, float]:
+        """The metrics of the whole split from the gathered per-sample values (one row per sample)."""
         raise NotImplementedError
 
     def evaluate(self, model: Any, loader: Any, accelerator: Any, data: Any, split: str,
@@ -161,13 +162,13 @@ class _ChoiceTask(Task):
                 with accelerator.autocast():
                     out = model(**model_inputs(batch))
                 logits = out.logits.float()
-                values = self._scores(logits, batch)
+                values = self.sample_values(logits, batch)
                 if "labels" in batch:
                     values["loss"] = sample_losses(unwrapped.head, logits, batch["labels"])
                 for key, value in values.items():
                     parts.setdefault(key, []).append(accelerator.gather_for_metrics(value))
         gathered = {key: torch.cat(value).cpu() for key, value in parts.items()}
-        metrics = self._metrics(gathered)
+        metrics = self.metrics(gathered)
         if "loss" in gathered:
             metrics["loss"] = gathered["loss"].double().mean().item()
         return metrics
@@ -192,11 +193,11 @@ class VQATask(_ChoiceTask):
     def vocabulary(self, data: Any) -> list[str]:
         return list(data.answers)
 
-    def _scores(self, logits: "Tensor", batch: dict[str, Any]) -> dict[str, "Tensor"]:
+    def sample_values(self, logits: "Tensor", batch: dict[str, Any]) -> dict[str, "Tensor"]:
         pred = logits.argmax(-1)  # (B,)
         return {"score": batch["labels"].float().gather(1, pred[:, None]).squeeze(1)}  # soft score of the answer
 
-    def _metrics(self, gathered: dict[str, "Tensor"]) -> dict[str, float]:
+    def metrics(self, gathered: dict[str, "Tensor"]) -> dict[str, float]:
         scores = gathered["score"].double()
         return {"accuracy": 100.0 * scores.mean().item(), "num_samples": float(len(scores))}
 
@@ -222,10 +223,10 @@ class ClassificationTask(_ChoiceTask):
     def vocabulary(self, data: Any) -> list[str]:
         return list(data.label_names)
 
-    def _scores(self, logits: "Tensor", batch: dict[str, Any]) -> dict[str, "Tensor"]:
+    def sample_values(self, logits: "Tensor", batch: dict[str, Any]) -> dict[str, "Tensor"]:
         return {"logits": logits, "labels": batch["labels"]}
 
-    def _metrics(self, gathered: dict[str, "Tensor"]) -> dict[str, float]:
+    def metrics(self, gathered: dict[str, "Tensor"]) -> dict[str, float]:
         from .classification_data import classification_metrics
 
         labels = gathered["labels"]

@@ -269,8 +269,12 @@ def _record_eval(metrics: dict[str, Any], accelerator: Any, step: int, epoch: in
 # -- the loop --------------------------------------------------------------------------
 
 
-def run(recipe: Recipe, config: TrainConfig) -> dict[str, Any]:
-    """Train ``recipe`` as ``config`` says, on however many processes were launched; export to ``final/``."""
+def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) -> dict[str, Any]:
+    """Train ``recipe`` as ``config`` says, on however many processes were launched; export to ``final/``.
+
+    ``end_process_group=False`` keeps the process group of a multi-process launch for a
+    further run in the same processes (several runs from one script).
+    """
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -442,5 +446,9 @@ def run(recipe: Recipe, config: TrainConfig) -> dict[str, Any]:
             "num_processes": accelerator.num_processes, "param_checksums": checksums,
         })
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    if end_process_group:
+        accelerator.end_training()
+    else:
+        for tracker in accelerator.trackers:
+            tracker.finish()
     return recipe.result(final_eval, train_losses, step)

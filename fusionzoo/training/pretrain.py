@@ -877,10 +877,10 @@ class PretrainRecipe(Recipe):
         return {"train": train_losses, "eval": final_eval, "step": step}
 
 
-def pretrain(config: TrainConfig) -> dict[str, Any]:
+def pretrain(config: TrainConfig, **run_options: Any) -> dict[str, Any]:
     """Pretrain with ITC + ITM + MLM on the caption pairs of ``config.data``; export to ``output_dir/final``.
 
     Returns:
         ``{"train": last logged train losses, "eval": final evaluation (or {}), "step": steps done}``.
     """
-    return run(PretrainRecipe(), config)
+    return run(PretrainRecipe(), config, **run_options)

@@ -130,9 +130,9 @@ def _build_model(config: TrainConfig, task: Any, data: Any, *, init: bool) -> nn
     return model
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Train ``config.task`` with ``config.fusion``; return the final evaluation metrics."""
-    return run(FinetuneRecipe(), config)
+def train(config: TrainConfig, **run_options: Any) -> dict[str, Any]:
+    """Train ``config.task`` with ``config.fusion``; return the final evaluation metrics (``run_options``: see ``run``)."""
+    return run(FinetuneRecipe(), config, **run_options)
 
 
 def load_matching_weights(model: nn.Module, source: str | Path, verbose: bool = False) -> dict[str, int]:

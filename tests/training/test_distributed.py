@@ -1,0 +1,196 @@
+"""Two gloo processes (torchrun) against one: every task x fusion trains, the same losses and learning
+rates step for step, a NaN on one process stops both, and a 2-process evaluation prints the 1-process scores.
+
+One launch trains every job of :data:`JOBS` (``run_jobs.py``); the one-process references run
+in the test process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fusionzoo.registry import FUSIONS
+from fusionzoo.training.config import load_config
+from fusionzoo.training.pretrain import pretrain, pretrain_base_config
+from fusionzoo.training.trainer import train
+
+from fixtures import train_log, write_classification_jsonl, write_karpathy_captions, write_vqa_jsonl
+
+HERE = Path(__file__).resolve().parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+TASKS = ("vqa", "classification", "captioning")
+BUILT_IN = ("albef", "attention_weighted", "co_attention", "early_concat", "late_voting", "merged_transformer")
+#: Feature-level fusions whose 2-process losses must equal the 1-process ones (no batch-level auxiliary loss).
+EQUAL = ("early_concat", "co_attention", "merged_transformer")
+QUIET = ["vision=tiny", "text=tiny", "log_with=none", "log_every=1", "seed=1"]
+NO_DROPOUT = ["fusion_kwargs.dropout=0.0", "head_kwargs.dropout=0.0"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(_free_port()), *args],
+                          capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def _data_args(task: str, data: Path) -> list[str]:
+    if task == "vqa":
+        return ["data=vqa-jsonl", f"data_dir={data / 'vqa'}"]
+    if task == "classification":
+        return ["data=classification-jsonl", f"data_dir={data / 'cls'}"]
+    return ["data=karpathy-captions", f"data_dir={data / 'cap'}", "max_text_len=12"]
+
+
+def _pair_args(task: str, fusion: str, data: Path, out: Path) -> list[str]:
+    return [f"task={task}", f"fusion={fusion}", *_data_args(task, data), *QUIET, "fusion_kwargs.dim=16",
+            "batch_size=4", "max_steps=3", "max_eval_samples=6", "lr=1e-3", f"output_dir={out}"]
+
+
+def _equal_args(fusion: str, data: Path, out: Path, batch: int) -> list[str]:
+    # warmup then cosine over 10 steps: the learning rate changes at all but one step
+    return ["task=vqa", f"fusion={fusion}", *_data_args("vqa", data), *QUIET, *NO_DROPOUT, "fusion_kwargs.dim=16",
+            f"batch_size={batch}", "max_steps=10", "warmup_ratio=0.3", "lr=3e-3", "max_eval_samples=0",
+            f"output_dir={out}"]
+
+
+def _pretrain_args(data: Path, out: Path, batch: int) -> list[str]:
+    return [f"data_dir={data / 'cap'}", *QUIET, "freeze_encoders=true", "max_text_len=12",
+            'fusion_kwargs={"dim": 16, "embed_dim": 8, "num_layers": 1, "num_heads": 2, "dropout": 0.0}',
+            f"batch_size={batch}", "max_steps=10", "warmup_ratio=0.3", "lr=3e-3", "max_eval_samples=0",
+            f"output_dir={out}"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ddp-data")
+    write_vqa_jsonl(root / "vqa", {"train": 160, "test": 37})  # 37: the last evaluation batch is padded
+    write_classification_jsonl(root / "cls", {"train": 32, "test": 8})
+    write_karpathy_captions(root / "cap", {"train": 40, "val": 4})
+    return root
+
+
+@pytest.fixture(scope="module")
+def launched(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 2-process launch: every task x registered fusion for 3 steps, then the equality jobs."""
+    out = tmp_path_factory.mktemp("ddp-runs")
+    jobs = [{"kind": "train", "overrides": _pair_args(task, fusion, data, out / f"{task}-{fusion}")}
+            for task in TASKS for fusion in FUSIONS.list() if fusion in BUILT_IN]
+    jobs += [{"kind": "train", "overrides": _equal_args(fusion, data, out / f"equal-{fusion}", 8)} for fusion in EQUAL]
+    jobs.append({"kind": "pretrain", "overrides": _pretrain_args(data, out / "equal-pretrain", 4)})
+    (out / "jobs.json").write_text(json.dumps(jobs))
+    result = _torchrun(str(HERE / "run_jobs.py"), str(out / "jobs.json"), timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_fusion_trains_on_two_processes(launched: Path, task: str) -> None:
+    for fusion in BUILT_IN:
+        run = json.loads((launched / f"{task}-{fusion}" / "final" / "run.json").read_text())
+        assert run["num_processes"] == 2 and run["step"] == 3, fusion
+        assert len(run["param_checksums"]) == 2 and len(set(run["param_checksums"])) == 1, fusion
+        assert run["metrics"]["num_samples"] >= 1, fusion
+
+
+def _compare_logs(one: Path, two: Path, keys: tuple[str, ...]) -> None:
+    log_one, log_two = train_log(one), train_log(two)
+    assert sorted(log_one) == sorted(log_two) == list(range(1, 11))
+    lrs = [log_one[s]["train/lr"] for s in range(1, 11)]
+    assert len(set(lrs)) == 9  # 3 warmup steps up to the peak, which the cosine starts from, then down
+    for step in range(1, 11):
+        assert log_two[step]["train/lr"] == pytest.approx(log_one[step]["train/lr"], rel=1e-12), step
+        for key in keys:
+            assert log_two[step][key] == pytest.approx(log_one[step][key], rel=1e-5, abs=1e-6), (step, key)
+
+
+@pytest.mark.parametrize("fusion", EQUAL)
+def test_two_processes_at_batch_8_train_like_one_at_16(launched: Path, data: Path, tmp_path: Path,
+                                                      fusion: str) -> None:
+    one = tmp_path / "one"
+    train(load_config(None, [*_equal_args(fusion, data, one, 16), "cpu=true"]))
+    _compare_logs(one, launched / f"equal-{fusion}", ("train/loss", "train/vqa"))
+    run_one = json.loads((one / "final" / "run.json").read_text())
+    run_two = json.loads((launched / f"equal-{fusion}" / "final" / "run.json").read_text())
+    assert run_two["param_checksums"][0] == pytest.approx(run_one["param_checksums"][0], rel=1e-6)
+
+
+def test_albef_pretraining_on_two_processes_equals_one(launched: Path, data: Path, tmp_path: Path) -> None:
+    """ITC over the gathered batch, ITM negatives drawn per global row, MLM over the global masked count."""
+    one = tmp_path / "one"
+    pretrain(load_config(None, [*_pretrain_args(data, one, 8), "cpu=true"], base=pretrain_base_config()))
+    _compare_logs(one, launched / "equal-pretrain", ("train/loss", "train/itc", "train/itm", "train/mlm",
+                                                     "train/itm_accuracy"))
+
+
+NAN_PLUGIN = '''
+import torch
+import torch.distributed as dist
+
+import fusionzoo
+from fusionzoo.fusions.early_concat import EarlyConcatFusion
+
+CALLS = {"n": 0}
+
+
+@fusionzoo.register_fusion("nan_on_rank_one")
+class NanOnRankOne(EarlyConcatFusion):
+    """Early concat whose pooled output turns NaN on process 1 only, from its fourth training forward on."""
+
+    def forward(self, text, text_mask, image, image_mask=None, **kwargs):
+        out = super().forward(text, text_mask, image, image_mask, **kwargs)
+        if self.training and dist.is_initialized() and dist.get_rank() == 1:
+            CALLS["n"] += 1
+            if CALLS["n"] > 3:
+                out.pooled = out.pooled * float("nan")
+        return out
+'''
+
+
+def test_nan_on_one_process_stops_both_with_one_checkpoint(data: Path, tmp_path: Path) -> None:
+    plugin = tmp_path / "nan_plugin.py"
+    plugin.write_text(NAN_PLUGIN)
+    out = tmp_path / "run"
+    started = time.perf_counter()
+    result = _torchrun("-m", "fusionzoo", "--import", str(plugin), "train", "task=vqa", "fusion=nan_on_rank_one",
+                       *_data_args("vqa", data), *QUIET, "fusion_kwargs.dim=16", "batch_size=4", "max_steps=30",
+                       "max_eval_samples=8", f"output_dir={out}", timeout=300)
+    elapsed = time.perf_counter() - started
+    assert result.returncode != 0
+    assert "the loss of another process is not finite at step 3" in result.stderr  # process 0's message
+    assert "loss is nan (vqa=nan) at step 3" in result.stderr  # process 1's
+    assert "raise NonFiniteLossError" not in result.stderr  # each process printed one line, no traceback
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["step-00000003"]
+    assert json.loads((out / "checkpoints" / "step-00000003" / "progress.json").read_text())["step"] == 3
+    assert not (out / "final").exists()
+    assert elapsed < 120, f"took {elapsed:.0f} s: a process waited for the other"
+
+
+def test_two_process_eval_prints_the_one_process_scores(launched: Path) -> None:
+    run = launched / "vqa-early_concat"
+    args = ["eval", str(run), "split=test", "eval_batch_size=8"]
+    two = _torchrun("-m", "fusionzoo", *args)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "fusionzoo", *args], capture_output=True, text=True, timeout=300,
+                         env=ENV)
+    assert one.returncode == 0, one.stderr[-3000:]
+    lines_two = [line for line in two.stdout.splitlines() if line.startswith("{")]
+    assert len(lines_two) == 1  # printed by the main process only
+    scores_two, scores_one = json.loads(lines_two[0]), json.loads(one.stdout.strip().splitlines()[-1])
+    assert scores_one["num_samples"] == scores_two["num_samples"] == 37  # padding duplicates dropped
+    assert set(scores_one) == set(scores_two) == {"accuracy", "loss", "num_samples"}
+    assert scores_two["accuracy"] == scores_one["accuracy"]
+    assert scores_two["loss"] == pytest.approx(scores_one["loss"], rel=1e-6)
