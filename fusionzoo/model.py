@@ -562,6 +562,22 @@ def _check_vocabulary(task: str, vocabulary_key: str | None, given: dict[str, An
     return value
 
 
+def _fusion_kwargs_for_head(fusion_cls: type[FusionModule], head_cls: type, given: dict[str, Any] | None
+                            ) -> dict[str, Any]:
+    """``given`` plus, for a fusion with ``supports_head_reads``, ``head_reads`` = what ``head_cls`` reads."""
+    kwargs = dict(given or {})
+    if not getattr(fusion_cls, "supports_head_reads", False):
+        return kwargs
+    reads = getattr(head_cls, "reads", "all")
+    head_reads = kwargs.setdefault("head_reads", reads)
+    if head_reads not in ("all", reads):
+        raise ValueError(
+            f"fusion_kwargs head_reads={head_reads!r} would leave out what the {head_cls.__name__} reads "
+            f"({reads!r}); leave it out (the default is what the head reads) or pass 'all'"
+        )
+    return kwargs
+
+
 def create_model(
     task: str,
     fusion: str,
@@ -589,12 +605,18 @@ def create_model(
         freeze_encoders: freeze both encoders (no gradients, eval mode).
         answers: VQA answer vocabulary (required for ``vqa``; unique strings).
         labels: classification label names (required for ``classification``).
-        fusion_kwargs: hyperparameters of the fusion (its constructor keywords).
+        fusion_kwargs: hyperparameters of the fusion (its constructor keywords). A fusion
+            with ``supports_head_reads`` also gets ``head_reads``, what the task head reads
+            (``head.reads``, ``"all"`` for a head that does not say), unless given here:
+            it then builds only the parameters that feed that head, so every trainable
+            parameter gets a gradient (DDP needs no ``find_unused_parameters``); the
+            value is saved in the fusion's config. ``head_reads="all"`` builds every part.
         head_kwargs: hyperparameters of the head (e.g. ``dropout``).
         max_text_len: tokens kept per question / text in ``predict``.
     Raises:
         RegistryError: unknown task or fusion (lists what exists).
-        ValueError / TypeError: a missing, empty, duplicated or misplaced vocabulary.
+        ValueError / TypeError: a missing, empty, duplicated or misplaced vocabulary, or a
+            ``head_reads`` in ``fusion_kwargs`` that leaves out what the head reads.
     """
     task_spec = TASKS.get(task)
     fusion_cls = FUSIONS.get(fusion)
@@ -611,7 +633,8 @@ def create_model(
             f"max_text_len={max_text_len} exceeds the {text_encoder.max_length} positions of text encoder "
             f"{text_encoder.spec}"
         )
-    fusion_module = fusion_cls(text_encoder.out_dim, vision_encoder.out_dim, **(fusion_kwargs or {}))
+    fusion_kwargs = _fusion_kwargs_for_head(fusion_cls, head_cls, fusion_kwargs)
+    fusion_module = fusion_cls(text_encoder.out_dim, vision_encoder.out_dim, **fusion_kwargs)
     head = head_cls.from_parts(fusion_module, text_encoder, vocabulary, **head_kwargs)
     if freeze_encoders:
         vision_encoder.freeze()

@@ -18,6 +18,17 @@ Feature-level fusions (everything except a late vote) fill ``text_tokens`` and
 ``modality_pooled`` / ``modality_text_tokens`` with one feature per modality;
 the head then predicts once per modality with a separate predictor each and
 asks the fusion to combine the predictions with :meth:`FusionModule.vote`.
+
+A head reads either the per-sample vector (``pooled``, or ``modality_pooled``)
+or the per-position states (``text_tokens``, or ``modality_text_tokens``). A
+fusion some of whose parameters only make the outputs one kind of head never
+reads may take ``head_reads`` (one of :data:`HEAD_READS`) as a constructor
+keyword and set ``supports_head_reads = True``; :func:`~fusionzoo.model.create_model`
+then passes what its task head reads, and the fusion leaves those parameters out,
+so every trainable parameter gets a gradient in every step (what DDP without
+``find_unused_parameters`` needs). The outputs that head does not read keep the
+shapes above but are computed without parameters (each fusion says how). This is
+optional: a fusion without the keyword is built whole and works with every head.
 """
 
 from __future__ import annotations
@@ -29,6 +40,12 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import KVCache
+
+#: What a fusion with ``supports_head_reads`` can be built for (its ``head_reads`` keyword):
+#: ``"all"`` every output (the default), ``"pooled"`` a head that reads only the per-sample
+#: vector (``pooled`` / ``modality_pooled``), ``"text_tokens"`` a head that reads only the
+#: per-position states (``text_tokens`` / ``modality_text_tokens``).
+HEAD_READS = ("all", "pooled", "text_tokens")
 
 
 @dataclass
@@ -82,6 +99,10 @@ class FusionModule(nn.Module):
     #: True for fusions whose ``forward`` takes ``pooled_only=True`` (the caller reads
     #: ``pooled`` alone, so the fusion may skip work whose only use is the token states).
     supports_pooled_only: ClassVar[bool] = False
+    #: True for fusions whose constructor takes ``head_reads`` (one of :data:`HEAD_READS`) and
+    #: then builds only the parameters that feed what that head reads (see the module docstring);
+    #: ``create_model`` passes it only to these.
+    supports_head_reads: ClassVar[bool] = False
 
     out_dim: int
 
@@ -127,6 +148,13 @@ class FusionModule(nn.Module):
         (the default); ALBEF returns its image-text contrastive loss ``{"itc": ...}``.
         """
         return {}
+
+    @staticmethod
+    def check_head_reads(head_reads: str) -> str:
+        """``head_reads`` if it is one of :data:`HEAD_READS`, else a ValueError naming them."""
+        if head_reads not in HEAD_READS:
+            raise ValueError(f"head_reads must be one of {HEAD_READS}, got {head_reads!r}")
+        return head_reads
 
     @staticmethod
     def check_inputs(text: Tensor, text_mask: Tensor, image: Tensor, image_mask: Tensor | None) -> None:

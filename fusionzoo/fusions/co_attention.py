@@ -21,6 +21,12 @@ starts with, so no text position can see a later one through the image. That
 position is read whatever its mask says, so causal decoding expects text
 position 0 to be a real token. The image stream is then computed once, at the
 first decoding step, and kept in the cache.
+
+Built for a head that reads only ``text_tokens`` (``head_reads="text_tokens"``,
+captioning; see :mod:`fusionzoo.fusions.base`), the parts that only make the
+image outputs and ``pooled`` are not built: the last layer's image layer (the
+text stream never reads its output), the image LayerNorm and the pooling Linear.
+``image_tokens`` is then None and ``pooled`` the text stream's masked mean.
 """
 
 from __future__ import annotations
@@ -54,12 +60,18 @@ def causal_self_mask(valid: Tensor, num_queries: int, offset: int) -> Tensor:
 
 
 class CoAttentionLayer(nn.Module):
-    """One co-attention layer: a text and an image Transformer layer, each with cross-attention."""
+    """One co-attention layer: a text and an image Transformer layer, each with cross-attention.
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float) -> None:
+    ``with_image=False`` leaves the image layer out (``image`` is None): the image
+    stream then passes through unchanged.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, dropout: float, with_image: bool = True) -> None:
         super().__init__()
         self.text = TransformerLayer(dim, num_heads, mlp_ratio, context_dim=dim, dropout=dropout)
-        self.image = TransformerLayer(dim, num_heads, mlp_ratio, context_dim=dim, dropout=dropout)
+        self.image = (
+            TransformerLayer(dim, num_heads, mlp_ratio, context_dim=dim, dropout=dropout) if with_image else None
+        )
 
 
 class CoAttentionFusion(FusionModule):
@@ -73,7 +85,12 @@ class CoAttentionFusion(FusionModule):
         num_heads: attention heads.
         mlp_ratio: MLP hidden width as a multiple of ``dim``.
         dropout: dropout after the projections and inside the layers.
+        head_reads: what the head reads (:data:`~fusionzoo.fusions.base.HEAD_READS`);
+            ``"text_tokens"`` leaves out what only feeds the image outputs and
+            ``pooled`` (module docstring).
     """
+
+    supports_head_reads = True
 
     def __init__(
         self,
@@ -85,21 +102,28 @@ class CoAttentionFusion(FusionModule):
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
         dropout: float = 0.1,
+        head_reads: str = "all",
     ) -> None:
         super().__init__(
             text_dim, image_dim, dim=dim, num_layers=num_layers, num_heads=num_heads,
-            mlp_ratio=mlp_ratio, dropout=dropout,
+            mlp_ratio=mlp_ratio, dropout=dropout, head_reads=head_reads,
         )
         if num_layers < 1:
             raise ValueError(f"co_attention needs num_layers >= 1, got {num_layers}")
+        self.head_reads = self.check_head_reads(head_reads)
+        image_outputs = head_reads != "text_tokens"  # image_tokens and pooled are read
         self.out_dim = dim
         self.text_proj = nn.Linear(text_dim, dim)
         self.image_proj = nn.Linear(image_dim, dim)
         self.drop = nn.Dropout(dropout)
-        self.layers = nn.ModuleList(CoAttentionLayer(dim, num_heads, mlp_ratio, dropout) for _ in range(num_layers))
+        # The text stream reads each image layer's input, so only the last image layer can go unread.
+        self.layers = nn.ModuleList(
+            CoAttentionLayer(dim, num_heads, mlp_ratio, dropout, with_image=image_outputs or i < num_layers - 1)
+            for i in range(num_layers)
+        )
         self.text_norm = nn.LayerNorm(dim)
-        self.image_norm = nn.LayerNorm(dim)
-        self.pool = nn.Linear(2 * dim, dim)  # [text pooled; image pooled] -> joint vector
+        self.image_norm = nn.LayerNorm(dim) if image_outputs else None
+        self.pool = nn.Linear(2 * dim, dim) if image_outputs else None  # [text pooled; image pooled] -> joint vector
         init_weights(self)
 
     def forward(
@@ -121,7 +145,9 @@ class CoAttentionFusion(FusionModule):
             causal: caption decoding (see the module docstring).
             cache: for incremental decoding; advanced by T.
         Returns:
-            FusionOutput with text_tokens (B, T, D), image_tokens (B, N, D), pooled (B, D).
+            FusionOutput with text_tokens (B, T, D), image_tokens (B, N, D), pooled (B, D);
+            built with ``head_reads="text_tokens"``, image_tokens None and pooled (B, D)
+            the masked mean of text_tokens.
         """
         self.check_inputs(text, text_mask, image, image_mask)
         offset = self.check_step(text, text_mask, causal, cache)
@@ -142,24 +168,29 @@ class CoAttentionFusion(FusionModule):
                     context, context_mask = t, key_mask(text_mask)  # (B, T, D), (B, 1, 1, T)
                 t, v = (
                     layer.text(t, text_self, v, image_keys, cache=cache),
-                    layer.image(v, image_keys, context, context_mask),
+                    v if layer.image is None else layer.image(v, image_keys, context, context_mask),
                 )
-            image_tokens = self.image_norm(v)  # (B, N, D)
-            image_pooled = masked_mean(image_tokens, image_mask)  # (B, D)
-            if cache is not None:
-                cache.state["co_attention.image_tokens"] = image_tokens
-                cache.state["co_attention.image_pooled"] = image_pooled
+            image_tokens = image_pooled = None  # built for a head that reads only text_tokens
+            if self.image_norm is not None:
+                image_tokens = self.image_norm(v)  # (B, N, D)
+                image_pooled = masked_mean(image_tokens, image_mask)  # (B, D)
+                if cache is not None:
+                    cache.state["co_attention.image_tokens"] = image_tokens
+                    cache.state["co_attention.image_pooled"] = image_pooled
         else:
             # Later decoding steps: the image stream is done; the text layers' cross-attention
             # keys/values were cached at the first step from these same image states.
             for i, layer in enumerate(self.layers):
                 t = layer.text(t, text_self, cache.state[f"co_attention.image_{i}"], image_keys, cache=cache)
-            image_tokens = cache.state["co_attention.image_tokens"]
-            image_pooled = cache.state["co_attention.image_pooled"]
+            image_tokens = cache.state.get("co_attention.image_tokens")
+            image_pooled = cache.state.get("co_attention.image_pooled")
 
         text_tokens = self.text_norm(t)  # (B, T, D)
         text_pooled = running_masked_mean(text_tokens, new_mask, cache, "co_attention.text")  # (B, D)
-        pooled = self.pool(torch.cat([text_pooled, image_pooled], dim=-1))  # (B, D)
+        if self.pool is None:
+            pooled = text_pooled  # built for a head that reads only text_tokens
+        else:
+            pooled = self.pool(torch.cat([text_pooled, image_pooled], dim=-1))  # (B, D)
         if cache is not None:
             cache.offset += num_new
         return FusionOutput(text_tokens=text_tokens, pooled=pooled, image_tokens=image_tokens)

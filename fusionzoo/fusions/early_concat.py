@@ -18,6 +18,14 @@ Causal mode (caption decoding) is a prefix-LM: text position t sees the image
 and text positions <= t; image tokens see only image tokens, never text, so the
 image side is computed once and kept in the cache. The per-token MLP reads only
 the *image* summary, so no text pooling feeds a text position.
+
+Built for one kind of head (``head_reads``, see :mod:`fusionzoo.fusions.base`):
+
+* ``"text_tokens"`` (captioning): no ``pool_mlp``; ``pooled`` is the masked mean
+  of ``text_tokens`` over the positions so far.
+* ``"pooled"`` (VQA, classification) without Transformer layers: no ``token_mlp``;
+  ``text_tokens`` are the projected text states, not mixed with the image. (With
+  layers the per-token states feed the Transformer, so everything is built.)
 """
 
 from __future__ import annotations
@@ -52,7 +60,11 @@ class EarlyConcatFusion(FusionModule):
         num_heads: attention heads of those layers.
         mlp_ratio: hidden width of every MLP as a multiple of ``dim``.
         dropout: dropout after the projections and inside the MLPs and layers.
+        head_reads: what the head reads (:data:`~fusionzoo.fusions.base.HEAD_READS`);
+            the MLP that feeds nothing it reads is not built (module docstring).
     """
+
+    supports_head_reads = True
 
     def __init__(
         self,
@@ -64,20 +76,25 @@ class EarlyConcatFusion(FusionModule):
         num_heads: int = 4,
         mlp_ratio: float = 4.0,
         dropout: float = 0.1,
+        head_reads: str = "all",
     ) -> None:
         super().__init__(
             text_dim, image_dim, dim=dim, num_layers=num_layers, num_heads=num_heads,
-            mlp_ratio=mlp_ratio, dropout=dropout,
+            mlp_ratio=mlp_ratio, dropout=dropout, head_reads=head_reads,
         )
         if num_layers < 0:
             raise ValueError(f"num_layers must be >= 0, got {num_layers}")
+        self.head_reads = self.check_head_reads(head_reads)
         hidden = int(dim * mlp_ratio)
         self.out_dim = dim
         self.text_proj = nn.Linear(text_dim, dim)
         self.image_proj = nn.Linear(image_dim, dim)
         self.drop = nn.Dropout(dropout)
-        self.token_mlp = MLP(2 * dim, hidden, dim, dropout=dropout)  # [text_t; image_pooled] -> dim
-        self.pool_mlp = MLP(2 * dim, hidden, dim, dropout=dropout)  # [text_pooled; image_pooled] -> dim
+        # [text_t; image_pooled] -> dim: the text-position states, and the Transformer's input.
+        needs_tokens = head_reads != "pooled" or num_layers > 0
+        self.token_mlp = MLP(2 * dim, hidden, dim, dropout=dropout) if needs_tokens else None
+        # [text_pooled; image_pooled] -> dim: the joint vector.
+        self.pool_mlp = MLP(2 * dim, hidden, dim, dropout=dropout) if head_reads != "text_tokens" else None
         self.layers = nn.ModuleList(
             TransformerLayer(dim, num_heads, mlp_ratio, dropout=dropout) for _ in range(num_layers)
         )
@@ -104,7 +121,8 @@ class EarlyConcatFusion(FusionModule):
             cache: for incremental decoding; advanced by T.
         Returns:
             FusionOutput with text_tokens (B, T, dim), pooled (B, dim) and, with
-            ``num_layers > 0``, image_tokens (B, N, dim).
+            ``num_layers > 0``, image_tokens (B, N, dim). Built for one head
+            (``head_reads``), the output it does not read is parameter-free (module docstring).
         """
         self.check_inputs(text, text_mask, image, image_mask)
         offset = self.check_step(text, text_mask, causal, cache)
@@ -121,11 +139,17 @@ class EarlyConcatFusion(FusionModule):
                 cache.state["early_concat.image_summary"] = image_summary
         else:
             image_summary = cache.state["early_concat.image_summary"]
-        h = self.token_mlp(torch.cat([t, image_summary[:, None].expand_as(t)], dim=-1))  # (B, T, D)
+        if self.token_mlp is None:
+            h = t  # built for a head that reads only `pooled`: the projected text states
+        else:
+            h = self.token_mlp(torch.cat([t, image_summary[:, None].expand_as(t)], dim=-1))  # (B, T, D)
 
         if len(self.layers) == 0:
-            text_pooled = running_masked_mean(t, new_mask, cache, "early_concat.text")  # (B, D)
-            pooled = self.pool_mlp(torch.cat([text_pooled, image_summary], dim=-1))  # (B, D)
+            if self.pool_mlp is None:  # built for a head that reads only the text-position states
+                pooled = running_masked_mean(h, new_mask, cache, "early_concat.text")  # (B, D)
+            else:
+                text_pooled = running_masked_mean(t, new_mask, cache, "early_concat.text")  # (B, D)
+                pooled = self.pool_mlp(torch.cat([text_pooled, image_summary], dim=-1))  # (B, D)
             if cache is not None:
                 cache.offset += num_new
             return FusionOutput(text_tokens=h, pooled=pooled)
@@ -157,7 +181,10 @@ class EarlyConcatFusion(FusionModule):
             image_tokens = cache.state["early_concat.image_tokens"]
             image_pooled = cache.state["early_concat.image_pooled"]
         text_pooled = running_masked_mean(text_tokens, new_mask, cache, "early_concat.text")  # (B, D)
-        pooled = self.pool_mlp(torch.cat([text_pooled, image_pooled], dim=-1))  # (B, D)
+        if self.pool_mlp is None:  # built for a head that reads only the text-position states
+            pooled = text_pooled
+        else:
+            pooled = self.pool_mlp(torch.cat([text_pooled, image_pooled], dim=-1))  # (B, D)
         if cache is not None:
             cache.offset += num_new
         return FusionOutput(text_tokens=text_tokens, pooled=pooled, image_tokens=image_tokens)

@@ -16,6 +16,10 @@ Causal mode is a prefix-LM: text queries see the image and earlier text; image
 queries see only image tokens. So the image part is computed once, at the first
 decoding step (together with the first text tokens), and later steps run only
 the new text positions. Every layer is one ``scaled_dot_product_attention`` call.
+
+Built for a head that reads only ``text_tokens`` (``head_reads="text_tokens"``,
+captioning; see :mod:`fusionzoo.fusions.base`) there is no pooler, and ``pooled``
+is the pooler's input itself, the state at text position 0.
 """
 
 from __future__ import annotations
@@ -51,9 +55,12 @@ class MergedTransformerFusion(FusionModule):
         dropout: dropout on the embeddings and inside the layers.
         max_text_len: size of the learned text position table.
         max_image_tokens: size of the learned image position table.
+        head_reads: what the head reads (:data:`~fusionzoo.fusions.base.HEAD_READS`);
+            ``"text_tokens"`` builds no pooler (module docstring).
     """
 
     supports_pooled_only = True
+    supports_head_reads = True
 
     def __init__(
         self,
@@ -67,12 +74,14 @@ class MergedTransformerFusion(FusionModule):
         dropout: float = 0.1,
         max_text_len: int = 128,
         max_image_tokens: int = 256,
+        head_reads: str = "all",
     ) -> None:
         super().__init__(
             text_dim, image_dim, dim=dim, num_layers=num_layers, num_heads=num_heads,
             mlp_ratio=mlp_ratio, dropout=dropout, max_text_len=max_text_len,
-            max_image_tokens=max_image_tokens,
+            max_image_tokens=max_image_tokens, head_reads=head_reads,
         )
+        self.head_reads = self.check_head_reads(head_reads)
         self.out_dim = dim
         self.max_text_len = max_text_len
         self.max_image_tokens = max_image_tokens
@@ -86,8 +95,13 @@ class MergedTransformerFusion(FusionModule):
             TransformerLayer(dim, num_heads, mlp_ratio, dropout=dropout) for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(dim)
-        self.pooler = Linear(dim, dim)
+        self.pooler = Linear(dim, dim) if head_reads != "text_tokens" else None
         init_weights(self)
+
+    def _pooled(self, first: Tensor) -> Tensor:
+        """The joint vector (B, D) from the state at text position 0 (B, D): ViLT's ``tanh(Linear(.))``,
+        or that state itself when built without a pooler (``head_reads="text_tokens"``)."""
+        return first if self.pooler is None else torch.tanh(self.pooler(first))
 
     def forward(
         self,
@@ -115,7 +129,8 @@ class MergedTransformerFusion(FusionModule):
                 no ``image_tokens``. Ignored in causal mode or with a cache.
         Returns:
             FusionOutput with text_tokens (B, T, D), image_tokens (B, N, D) and
-            pooled (B, D) = tanh(Linear(state at text position 0)).
+            pooled (B, D) = tanh(Linear(state at text position 0)) (that state
+            itself when built with ``head_reads="text_tokens"``).
         """
         self.check_inputs(text, text_mask, image, image_mask)
         offset = self.check_step(text, text_mask, causal, cache)
@@ -157,14 +172,14 @@ class MergedTransformerFusion(FusionModule):
             for layer in self.layers[:-1]:
                 x = layer(x, mask)
             cls = self.norm(self.layers[-1].forward_queries(x, slice(n, n + 1), mask))  # (B, 1, D)
-            return FusionOutput(text_tokens=cls, pooled=torch.tanh(self.pooler(cls[:, 0])))
+            return FusionOutput(text_tokens=cls, pooled=self._pooled(cls[:, 0]))
         for layer in self.layers:
             x = layer(x, mask, cache=cache)  # one attention call per layer
         x = self.norm(x)
 
         if first:
             image_tokens, text_tokens = x[:, :n], x[:, n:]  # (B, N, D), (B, T, D)
-            pooled = torch.tanh(self.pooler(text_tokens[:, 0]))  # (B, D)
+            pooled = self._pooled(text_tokens[:, 0])  # (B, D)
             if cache is not None:
                 cache.state["merged_transformer.image_tokens"] = image_tokens
                 cache.state["merged_transformer.pooled"] = pooled

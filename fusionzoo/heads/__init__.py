@@ -7,8 +7,11 @@
 Every head takes the :class:`~fusionzoo.fusions.base.FusionOutput` and, for a
 decision-level fusion, the fusion's ``vote``: ``head(features, vote=None) -> logits``,
 ``head.loss(logits, labels) -> scalar``; ``Head.from_parts(fusion, text, vocabulary,
-**kwargs)`` builds one for ``create_model``. Each module's docstring says what its
-task means with each built-in fusion.
+**kwargs)`` builds one for ``create_model``. A head's ``reads`` says which outputs it
+reads (``"pooled"`` or ``"text_tokens"``, see :data:`~fusionzoo.fusions.base.HEAD_READS`;
+a head without it counts as reading ``"all"``), and ``create_model`` builds a fusion that
+supports it for just that. Each module's docstring says what its task means with each
+built-in fusion.
 """
 
 from .captioning import CaptioningHead, caption_lm_loss

@@ -135,6 +135,9 @@ class CaptioningHead(nn.Module):
     loss_name: ClassVar[str] = "lm"
     causal: ClassVar[bool] = True
     vote_activation: ClassVar[str] = "softmax"
+    #: What of the fusion output this head reads: the per-position states, ``text_tokens``
+    #: (``modality_text_tokens`` for a decision-level fusion); ``create_model`` builds the fusion for it.
+    reads: ClassVar[str] = "text_tokens"
 
     def __init__(self, in_dim: int, word_embeddings: nn.Embedding, num_modalities: int | None = None,
                  output_ids: Sequence[int] | None = None) -> None:

@@ -81,6 +81,10 @@ class ClassificationHead(nn.Module):
     causal: ClassVar[bool] = False
     #: How a decision-level fusion combines the per-modality predictions.
     vote_activation: ClassVar[str] = "softmax"
+    #: What of the fusion output this head reads (one of :data:`~fusionzoo.fusions.base.HEAD_READS`):
+    #: the per-sample vector, ``pooled`` (``modality_pooled`` for a decision-level fusion);
+    #: ``create_model`` builds the fusion for it.
+    reads: ClassVar[str] = "pooled"
 
     def __init__(
         self,

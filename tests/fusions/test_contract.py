@@ -9,7 +9,9 @@ invariance, no leak from future text positions in causal mode, incremental
 decoding with a ``KVCache`` matching one full causal forward (also after
 ``cache.reorder`` for beam search), a finite gradient
 for every parameter in both modes, clear errors on bad input shapes, and the
-vote of decision-level fusions.
+vote of decision-level fusions. A fusion with ``supports_head_reads`` is also
+built for each kind of head and checked to compute what that head reads exactly
+as when built whole, with every one of its parameters reached from that alone.
 """
 
 from __future__ import annotations
@@ -52,6 +54,19 @@ def _cases() -> list:
 
 
 CASES = _cases()
+
+
+def _head_reads_cases() -> list:
+    """(name, extra, head_reads) for every case of a fusion that can be built for one kind of head."""
+    return [
+        pytest.param(*case.values, reads, id=f"{case.id}-{reads}")
+        for case in CASES
+        if FUSIONS.get(case.values[0]).supports_head_reads
+        for reads in ("pooled", "text_tokens")
+    ]
+
+
+HEAD_READS_CASES = _head_reads_cases()
 
 
 # -- helpers -------------------------------------------------------------------
@@ -360,3 +375,71 @@ def test_builtin_cache_arguments_are_checked(name: str) -> None:
     model(x["text"][:, :2], x["text_mask"][:, :2], x["image"], causal=True, cache=cache)
     with pytest.raises(ValueError, match="2 cached"):
         model(x["text"][:, 2:3], x["text_mask"][:, :2], x["image"], causal=True, cache=cache)
+
+
+# -- built for one kind of head (``head_reads``) ---------------------------------------------
+
+
+def read_by(head_reads: str, out: FusionOutput) -> dict[str, torch.Tensor]:
+    """The outputs a head that reads ``head_reads`` sees."""
+    return per_sample(out) if head_reads == "pooled" else per_position(out)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name, extra, head_reads", HEAD_READS_CASES)
+def test_built_for_one_head_it_keeps_only_what_that_head_reads(
+    name: str, extra: dict, head_reads: str, causal: bool
+) -> None:
+    whole = build(name, extra).eval()
+    part = build(name, {**extra, "head_reads": head_reads}).eval()
+    assert part.config["head_reads"] == head_reads
+    rebuilt = type(part)(part.text_dim, part.image_dim, **json.loads(json.dumps(part.config)))
+    assert list(rebuilt.state_dict()) == list(part.state_dict()), "the config rebuilds the same parts"
+
+    # Its parameters are some of the whole fusion's; with their values it computes what the head reads exactly.
+    whole_state, own = whole.state_dict(), part.state_dict()
+    extra_names = sorted(set(own) - set(whole_state))
+    assert not extra_names, f"parameters the whole fusion does not have: {extra_names}"
+    part.load_state_dict({k: whole_state[k] for k in own}, strict=True)
+    inputs = make_inputs(image_padded=True)
+    with torch.no_grad():
+        want, got = run(whole, inputs, causal=causal), run(part, inputs, causal=causal)
+    for key, value in read_by(head_reads, want).items():
+        assert torch.equal(read_by(head_reads, got)[key], value), f"{key} differs from the whole fusion's"
+    # What the head does not read keeps the contract's shapes (image_tokens may be None).
+    for key, value in all_tensors(got).items():
+        assert torch.isfinite(value).all(), f"{key} has NaN or inf"
+    assert got.text_tokens.shape == (B, T, part.out_dim) and got.pooled.shape == (B, part.out_dim)
+
+    # Every parameter it has gets a gradient from what the head reads alone.
+    part.train()
+    out = run(part, inputs, causal=causal)
+    torch.manual_seed(2)
+    loss = sum((value * torch.randn_like(value)).sum() for value in read_by(head_reads, out).values())
+    loss.backward()
+    missing = [n for n, p in part.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"built for a head that reads {head_reads}, these get no gradient from it: {missing}"
+
+
+@pytest.mark.parametrize("name, extra, head_reads", HEAD_READS_CASES)
+def test_built_for_one_head_it_decodes_with_a_cache(name: str, extra: dict, head_reads: str) -> None:
+    model = build(name, {**extra, "head_reads": head_reads}).eval()
+    inputs = make_inputs(image_padded=True)
+    text, text_mask = inputs["text"], inputs["text_mask"]
+    with torch.no_grad():
+        full = run(model, inputs, causal=True)
+        cache = KVCache()
+        steps = [run(model, {**inputs, "text": text[:, t : t + 1], "text_mask": text_mask[:, : t + 1]},
+                     causal=True, cache=cache) for t in range(T)]
+    for key, value in per_position(full).items():
+        incremental = torch.cat([per_position(s)[key] for s in steps], dim=1)
+        assert_close_at(incremental, value, text_mask, f"{key} decoded with a cache")
+    for key, value in per_sample(full).items():
+        diff = (per_sample(steps[-1])[key] - value).abs().max().item()
+        assert diff < ATOL, f"{key} after the last cached step differs by {diff:.3g}"
+
+
+@pytest.mark.parametrize("name", [n for n in fusionzoo.list_fusions() if FUSIONS.get(n).supports_head_reads])
+def test_an_unknown_head_reads_is_a_clear_error(name: str) -> None:
+    with pytest.raises(ValueError, match="head_reads must be one of"):
+        build(name, {"head_reads": "both"})

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fusionzoo
-from fusionzoo.fusions.base import FusionModule, FusionOutput
+from fusionzoo.fusions.base import HEAD_READS, FusionModule, FusionOutput
 from fusionzoo.heads import CaptioningHead, ClassificationHead, VQAHead, caption_lm_loss, vqa_bce_loss
 from fusionzoo.heads.captioning import EXCLUDED_LOGIT, IGNORE_INDEX
 
@@ -63,6 +63,27 @@ def test_heads_are_registered() -> None:
     assert fusionzoo.HEADS.get("vqa") is VQAHead
     assert fusionzoo.HEADS.get("captioning") is CaptioningHead
     assert CaptioningHead.causal and not VQAHead.causal and not ClassificationHead.causal
+
+
+@pytest.mark.parametrize("name", fusionzoo.HEADS.list())
+def test_every_head_says_what_it_reads(name: str) -> None:
+    """``create_model`` builds a fusion for what its head reads; a head that does not say reads all."""
+    assert getattr(fusionzoo.HEADS.get(name), "reads", "all") in HEAD_READS
+
+
+@pytest.mark.parametrize("head_cls", [ClassificationHead, VQAHead, CaptioningHead])
+@pytest.mark.parametrize("decision_level", [False, True])
+def test_a_head_reads_only_what_it_says(head_cls: type[nn.Module], decision_level: bool) -> None:
+    """With every output the head says it does not read made NaN, its logits stay the same."""
+    fusion = DummyVotingFusion() if decision_level else fusionzoo.FUSIONS.get("early_concat")(4, 4, dim=4)
+    vocabulary = None if head_cls is CaptioningHead else ["a", "b", "c"]
+    head = head_cls.from_parts(fusion, TextStub(), vocabulary).eval()
+    out = decision_output()
+    nan = {"pooled": out.pooled, "modality_pooled": out.modality_pooled} if head_cls.reads == "text_tokens" else {
+        "text_tokens": out.text_tokens, "modality_text_tokens": out.modality_text_tokens}
+    blind = FusionOutput(**{**vars(out), **{k: torch.full_like(v, float("nan")) for k, v in nan.items()}})
+    vote = fusion.vote if decision_level else None
+    torch.testing.assert_close(head(blind, vote=vote), head(out, vote=vote))
 
 
 # -- losses ---------------------------------------------------------------------------------
