@@ -1,6 +1,6 @@
 """Shared building blocks: attention, MLP, Transformer layer, masks, pooling, KV cache.
 
-Every fusion module builds on these (STYLE.md rule 7), so attention is written
+Every fusion module builds on these, so attention is written
 once, on ``torch.nn.functional.scaled_dot_product_attention``, and so is the
 key/value cache that caption generation uses.
 

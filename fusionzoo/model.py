@@ -42,8 +42,8 @@ from torch import Tensor, nn
 
 from .encoders import TextEncoder, VisionEncoder, build_text_encoder, build_vision_encoder
 from .fusions.base import FusionModule, FusionOutput
-from .heads.captioning import IGNORE_INDEX
 from .layers import KVCache
+from .losses import IGNORE_INDEX
 from .registry import FUSIONS, HEADS, TASKS, RegistryError
 
 #: Version of the checkpoint layout written by :meth:`FusionModel.save_pretrained`.

@@ -24,19 +24,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from fusionzoo.registry import DATASETS, TASKS, RegistryError
 
+from .common import model_inputs
+
 if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor
 
     from .common import TaskData
-
-#: Batch keys that ``FusionModel.forward`` takes; the rest is metadata.
-MODEL_KEYS = ("pixel_values", "image_states", "image_mask", "input_ids", "attention_mask", "labels")
-
-
-def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """The part of a collated batch that ``FusionModel.forward(**inputs)`` takes."""
-    return {k: v for k, v in batch.items() if k in MODEL_KEYS}
-
 
 def call_loader(loader: Any, kwargs: dict[str, Any]) -> Any:
     """Call a dataset loader with the keyword arguments it accepts (all of them if it takes ``**kwargs``)."""

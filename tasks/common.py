@@ -38,16 +38,16 @@ from datasets import Dataset
 from PIL import Image
 from torch import Tensor
 
+from fusionzoo.losses import IGNORE_INDEX  # noqa: F401  (collates mark ignored targets with it)
+
 logger = logging.getLogger(__name__)
 
 #: Keys of a collated batch that ``FusionModel.forward`` takes; the others are metadata.
-MODEL_INPUTS: tuple[str, ...] = ("pixel_values", "input_ids", "attention_mask", "labels")
+MODEL_INPUTS: tuple[str, ...] = ("pixel_values", "image_states", "image_mask", "input_ids", "attention_mask", "labels")
 
 #: Label id of an unlabeled example (a test split without answers or labels).
 NO_LABEL: int = -1
 
-#: Ignored target position for token-level losses (PyTorch's cross-entropy default).
-IGNORE_INDEX: int = -100
 
 #: Split names recognised at the end of a file stem (``yesno_train.jsonl`` -> ``train``).
 KNOWN_SPLITS: tuple[str, ...] = ("train", "val", "validation", "dev", "test", "restval", "minival")

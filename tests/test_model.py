@@ -1,6 +1,6 @@
 """FusionModel, create_model, save/load, predict and generate, for every task x registered fusion.
 
-Driven by the registries (STYLE.md rule 10): a newly registered fusion or task is
+Driven by the registries: a newly registered fusion or task is
 tested here without anyone writing a new test. Tiny random encoders, tiny fusions.
 """
 

@@ -1,4 +1,4 @@
-"""The one contract every fusion module honours (STYLE.md rule 2).
+"""The one contract every fusion module honours.
 
 A fusion module takes
 

@@ -60,11 +60,9 @@ from torch import Tensor, nn
 
 from ..fusions.base import FusionModule, FusionOutput
 from ..layers import Linear, init_weights, linear
+from ..losses import IGNORE_INDEX  # the label that caption_lm_loss ignores (padding)
 from ..registry import register_head
 from .classification import VoteFn
-
-#: Label value that :func:`caption_lm_loss` ignores (padding), as in ``torch`` and ``transformers``.
-IGNORE_INDEX = -100
 
 
 #: The logit :meth:`CaptioningHead.full_vocabulary` gives tokens outside a head's ``output_ids``:

@@ -121,7 +121,7 @@ from ..version import __version__
 from .config import ConfigError, TrainConfig
 from .loop import NonFiniteLossError, Recipe, RecipeData, StepContext, StepOutput, run
 from .processes import ProcessView
-from .trainer import load_matching_weights
+from .trainer import _limit, load_matching_weights
 
 __all__ = ["NonFiniteLossError", "PretrainModel", "PretrainRecipe", "ProcessView", "build_pretrain_model", "pretrain"]
 
@@ -654,12 +654,6 @@ def cache_image_features(vision: VisionEncoder, images: Any, batch_size: int, ac
         ids.extend(image_ids)
         states.append(tokens.float().cpu())
     return ImageFeatureCache(torch.tensor(ids, dtype=torch.long), torch.cat(states))
-
-
-def _limit(dataset: Any, n: int | None, seed: int) -> Any:
-    if n is None or n >= len(dataset):
-        return dataset
-    return dataset.shuffle(seed=seed).select(range(n))
 
 
 def _image_rows(data: Any, splits: list[str], wanted: set[int]) -> Any:

@@ -90,7 +90,7 @@ class FinetuneRecipe(Recipe):
 
     def forward(self, model: nn.Module, unwrapped: nn.Module, batch: dict[str, Any],
                 context: StepContext) -> StepOutput:
-        from fusionzoo.tasks.base import model_inputs
+        from fusionzoo.tasks.common import model_inputs
 
         out = model(**model_inputs(batch))
         return StepOutput(loss=out.loss, losses=out.losses, num_samples=len(batch["input_ids"]))

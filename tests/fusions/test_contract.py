@@ -1,4 +1,4 @@
-"""The fusion contract, checked on every registered fusion (STYLE.md rule 10).
+"""The fusion contract, checked on every registered fusion (driven by the registry).
 
 Parametrised over ``fusionzoo.list_fusions()``, so built-in, plug-in and
 entry-point fusions are all covered without anyone writing a new test. Each is

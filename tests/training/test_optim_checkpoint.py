@@ -113,3 +113,24 @@ def test_build_optimizer_updates_like_the_reference_adamw() -> None:
             opt.step()
     for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_warmup_cosine_factor_is_the_schedule_of_the_lambda_scheduler() -> None:
+    from fusionzoo.training.optim import warmup_cosine_factor
+
+    # 2 warmup steps of 10: 1/2, 2/2, then cos from step 2 (progress 0) to step 10 (progress 1).
+    assert warmup_cosine_factor(0, 10, 2) == pytest.approx(0.5)
+    assert warmup_cosine_factor(1, 10, 2) == pytest.approx(1.0)
+    assert warmup_cosine_factor(6, 10, 2) == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert warmup_cosine_factor(10, 10, 2) == pytest.approx(0.0)
+    assert warmup_cosine_factor(50, 10, 2) == pytest.approx(0.0)  # past the end: stays at the floor
+
+
+@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_sharded_launch_on_the_cpu_is_a_clear_error(variable: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fusionzoo.training.config import ConfigError, TrainConfig
+    from fusionzoo.training.loop import make_accelerator
+
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(ConfigError, match="only on GPUs"):
+        make_accelerator(TrainConfig(cpu=True, log_with="none"))
