@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -90,9 +91,10 @@ def _run_list(args: argparse.Namespace) -> int:
 from .commands.train import _add_eval, _add_predict, _add_pretrain, _add_train  # noqa: E402
 from .commands.score import _add_score  # noqa: E402
 from .commands.bench import _add_bench  # noqa: E402
+from .commands.cache import _add_cache  # noqa: E402
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_list, _add_train, _add_eval, _add_predict, _add_pretrain, _add_score, _add_bench,
+    _add_list, _add_train, _add_eval, _add_predict, _add_pretrain, _add_score, _add_bench, _add_cache,
 ]
 
 
@@ -106,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .version import __version__
 
     parser.add_argument("--version", action="version", version=f"fusionzoo {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also: FUSIONZOO_DEBUG=1)")
     parser.add_argument(
         "--import",
         dest="imports",
@@ -133,7 +137,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ImportError, FileNotFoundError) as exc:
         print(f"fusionzoo: error: {exc}", file=sys.stderr)
         return 2
-    return int(args.func(args) or 0)
+    debug = args.debug or os.environ.get("FUSIONZOO_DEBUG", "").lower() in ("1", "true", "yes")
+    from .errors import FusionZooError
+
+    try:
+        return int(args.func(args) or 0)
+    except FusionZooError as exc:
+        if debug:
+            raise
+        print(f"fusionzoo {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"fusionzoo {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

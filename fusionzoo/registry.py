@@ -24,12 +24,14 @@ import importlib.metadata
 import logging
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
+from .errors import FusionZooError
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 
-class RegistryError(KeyError):
+class RegistryError(FusionZooError, KeyError):
     """Raised for an unknown or duplicate registry name.
 
     A ``KeyError`` subclass so ``except KeyError`` still works, with a readable

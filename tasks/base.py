@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from fusionzoo.registry import DATASETS, TASKS, RegistryError
 
-from .common import model_inputs
+from .common import DataError, model_inputs
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor
@@ -89,7 +89,16 @@ class Task:
         if config.only_present:
             kwargs["only_present"] = True
         kwargs.update(self.loader_kwargs(config))
-        data = call_loader(DATASETS.get(name), kwargs)
+        loader = DATASETS.get(name)
+        try:
+            data = call_loader(loader, kwargs)
+        except DataError as exc:
+            if "root" not in kwargs and "needs root=" in str(exc):  # say it with the command line's name
+                from fusionzoo.training.config import ConfigError
+
+                raise ConfigError(f"data={name!r} needs data_dir=<its folder> (the dataset's root folder); "
+                                  f"the loader says: {exc}") from exc
+            raise
         self.check_data(data, name)
         return data
 

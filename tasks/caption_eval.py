@@ -33,6 +33,8 @@ import threading
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
+from fusionzoo.errors import FusionZooError
+
 from .vqa_eval import (
     ScoreInputError,
     entry_label,
@@ -61,11 +63,11 @@ JAVA_INSTALL_HINT = (
 )
 
 
-class JavaNotFoundError(RuntimeError):
+class JavaNotFoundError(FusionZooError, RuntimeError):
     """``java`` is not on PATH; pycocoevalcap's tokenizer and METEOR cannot run."""
 
 
-class CaptionScorerError(RuntimeError):
+class CaptionScorerError(FusionZooError, RuntimeError):
     """A pycocoevalcap Java program (tokenizer or METEOR) failed."""
 
 

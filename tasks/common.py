@@ -38,6 +38,7 @@ from datasets import Dataset
 from PIL import Image
 from torch import Tensor
 
+from fusionzoo.errors import FusionZooError
 from fusionzoo.losses import IGNORE_INDEX  # noqa: F401  (collates mark ignored targets with it)
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ PathLike = str | os.PathLike
 # --------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------
-class DataError(ValueError):
+class DataError(FusionZooError, ValueError):
     """A problem with dataset files: names the file, the entry and what was expected.
 
     Args:
@@ -98,7 +99,7 @@ class DataError(ValueError):
         super().__init__(message)
 
 
-class UnknownSplitError(KeyError):
+class UnknownSplitError(FusionZooError, KeyError):
     """A split name that the dataset does not have (message lists the ones it has)."""
 
     def __str__(self) -> str:  # KeyError.__str__ would repr() the message

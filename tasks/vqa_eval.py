@@ -66,6 +66,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fusionzoo.errors import FusionZooError
+
 # --------------------------------------------------------------------------------------
 # Errors and input files (shared with caption_eval)
 # --------------------------------------------------------------------------------------
@@ -73,7 +75,7 @@ from typing import Any
 SHOW_FIRST = 5
 
 
-class ScoreInputError(ValueError):
+class ScoreInputError(FusionZooError, ValueError):
     """Bad input to a scorer: names the file, the entry and what was expected.
 
     Args:

@@ -48,6 +48,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..errors import FusionZooError
 from ..registry import DATASETS
 from ..tasks.vqa_eval import normalize_answer
 
@@ -55,7 +56,7 @@ from ..tasks.vqa_eval import normalize_answer
 EASY_VQA_COLORS = frozenset({"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"})
 
 
-class BenchError(ValueError):
+class BenchError(FusionZooError, ValueError):
     """A benchmark option or input that cannot work (unknown suite, task or fusion; missing data folder)."""
 
 

@@ -24,26 +24,16 @@ Every key: fusionzoo train --show-config.
 
 
 def _report(command: str, job: Callable[[Any], dict[str, Any]], config: Any) -> int:
-    """Run ``job(config)``; the main process prints its result as one JSON line, errors as one line.
+    """Run ``job(config)``; the main process prints its result as one JSON line.
 
-    Exit status: 0 done, 1 a non-finite loss stopped training (a checkpoint was saved),
-    2 a configuration, name or data problem.
+    Errors a user can cause (:class:`~fusionzoo.errors.FusionZooError`) reach ``fusionzoo.cli.main``,
+    which prints them as one line and exits with their code: 1 when training stopped on a
+    non-finite loss, 130 when it was interrupted (a checkpoint was saved either way), 2 for a
+    configuration, name or data problem.
     """
     from accelerate import PartialState
 
-    from ..registry import RegistryError
-    from ..tasks.common import DataError, UnknownSplitError
-    from ..training.config import ConfigError
-    from ..training.loop import NonFiniteLossError
-
-    try:
-        result = job(config)
-    except NonFiniteLossError as exc:
-        print(f"fusionzoo {command}: error: {exc}", file=sys.stderr)
-        return 1
-    except (ConfigError, RegistryError, DataError, UnknownSplitError) as exc:
-        print(f"fusionzoo {command}: error: {exc}", file=sys.stderr)
-        return 2
+    result = job(config)
     if PartialState().is_main_process:
         print(json.dumps(result), flush=True)
     return 0

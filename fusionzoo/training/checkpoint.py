@@ -10,9 +10,11 @@ Layout under ``output_dir``::
 A checkpoint is written into ``checkpoints/.tmp-step-...`` and renamed into place only
 once every process has finished writing, so a run killed at any moment leaves either
 a complete checkpoint or none (the previous ones stay). Only the last ``keep_last``
-checkpoints are kept. ``progress.json`` holds the step, the epoch and the position in
-the epoch (for ``skip_first_batches``), the full run config, the git commit and the
-package versions. Nothing is ever unpickled beyond what ``torch.load(weights_only=True)``
+checkpoints *of this run* are kept: each checkpoint records the id of the run that wrote
+it (a resumed run keeps the id of the checkpoint it continues), and pruning never removes
+another run's checkpoints. ``progress.json`` holds the step, the epoch and the position in
+the epoch (for ``skip_first_batches``), the run id, the full run config, the git commit
+and the package versions. Nothing is ever unpickled beyond what ``torch.load(weights_only=True)``
 allows (accelerate's own loader): no custom objects are registered for checkpointing.
 """
 
@@ -26,6 +28,8 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+
+from ..errors import CheckpointError
 
 PROGRESS_FILE = "progress.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -84,9 +88,10 @@ class CheckpointManager:
         keep_last: how many complete checkpoints to keep.
     """
 
-    def __init__(self, output_dir: str | Path, keep_last: int = 2) -> None:
+    def __init__(self, output_dir: str | Path, keep_last: int = 2, run_id: str | None = None) -> None:
         self.root = Path(output_dir) / "checkpoints"
         self.keep_last = keep_last
+        self.run_id = run_id
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -115,7 +120,7 @@ class CheckpointManager:
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            write_json_atomic(tmp / PROGRESS_FILE, progress)
+            write_json_atomic(tmp / PROGRESS_FILE, {**progress, "run_id": self.run_id})
             if final.exists():  # an earlier attempt at the same step (resumed run): replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -124,19 +129,37 @@ class CheckpointManager:
         return final
 
     def _prune(self) -> None:
-        for old in self.checkpoints()[: -self.keep_last]:
+        own = [c for c in self.checkpoints() if self._run_of(c) == self.run_id]
+        for old in own[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.root.glob(".tmp-step-*"):
             shutil.rmtree(stale, ignore_errors=True)
 
     @staticmethod
+    def _run_of(checkpoint: Path) -> str | None:
+        try:
+            return json.loads((checkpoint / PROGRESS_FILE).read_text()).get("run_id")
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
     def read_progress(checkpoint: str | Path) -> dict[str, Any]:
         path = Path(checkpoint) / PROGRESS_FILE
+        if not Path(checkpoint).is_dir():
+            raise CheckpointError(f"resume={checkpoint}: no such checkpoint folder; expected resume=auto or a "
+                                  f"checkpoints/step-N folder of a run")
         if not path.is_file():
-            raise FileNotFoundError(
+            raise CheckpointError(
                 f"{checkpoint} is not a complete fusionzoo checkpoint: {PROGRESS_FILE} is missing"
             )
-        return json.loads(path.read_text())
+        try:
+            progress = json.loads(path.read_text())
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+        missing = [k for k in ("step", "epoch", "batches_in_epoch") if k not in progress]
+        if missing:
+            raise CheckpointError(f"{path}: missing keys {missing}; expected a progress file written by fusionzoo")
+        return progress
 
     def resolve_resume(self, resume: str | None) -> Path | None:
         """``None`` -> None; ``auto`` -> latest checkpoint or None; a path -> that checkpoint."""

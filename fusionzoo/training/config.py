@@ -20,8 +20,10 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from ..errors import FusionZooError
 
-class ConfigError(ValueError):
+
+class ConfigError(FusionZooError, ValueError):
     """A configuration problem; the message names the source, the key and what was expected."""
 
 
@@ -92,7 +94,9 @@ class TrainConfig:
     """Steps between checkpoints (``None``: at the end of each epoch)."""
     keep_last: int = 2
     resume: str | None = None
-    """``auto`` (latest checkpoint in output_dir) or a checkpoint folder."""
+    """``auto`` (latest checkpoint in output_dir, or a fresh start when there is none) or a checkpoint folder."""
+    overwrite: bool = False
+    """Start afresh in an output_dir that holds another run, removing its checkpoints and final/ first."""
     eval_every: int | None = None
     """Steps between evaluations (``None``: at the end of each epoch)."""
     log_every: int = 10

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from ..errors import OutputDirError, TrainingInterrupted, TrainingStopped
 from .checkpoint import CheckpointManager, run_metadata, write_json_atomic
 from .config import ConfigError, TrainConfig
 from .optim import build_optimizer, warmup_cosine_factor
@@ -55,7 +56,7 @@ from .processes import ProcessView
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingStopped):
     """The loss became NaN or infinite on some process; every process saved the last good state first."""
 
 
@@ -254,16 +255,99 @@ class _Running:
         return {name: value / count for name, value in zip(names, total[:-1].tolist())}
 
 
-def _record_eval(metrics: dict[str, Any], accelerator: Any, step: int, epoch: int, out_dir: Path) -> dict[str, Any]:
+def _record_eval(metrics: dict[str, Any], accelerator: Any, step: int, epoch: int, out_dir: Path,
+                 run_id: str) -> dict[str, Any]:
     record = {"step": step, "epoch": epoch, **metrics}
     accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
     if accelerator.is_main_process:
         path = out_dir / "metrics.json"
         history = json.loads(path.read_text())["history"] if path.is_file() else []
-        history.append(record)
+        history.append({**record, "run_id": run_id})
         write_json_atomic(path, {"latest": record, "history": history, "git_commit": run_metadata({})["git_commit"]})
         accelerator.print(f"eval step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return record
+
+
+class StopRequests:
+    """SIGINT and SIGTERM (Ctrl-C, a cluster's preemption) ask training to stop after the current step.
+
+    The first signal is noted (:attr:`signal`) and the loop finishes its step, saves a
+    checkpoint and stops; a second one stops at once (``KeyboardInterrupt``).
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> "StopRequests":
+        import signal
+
+        for name in self.SIGNALS:
+            number = getattr(signal, name)
+            try:
+                self._previous[number] = signal.signal(number, self._handle)
+            except ValueError:  # not the main thread: leave the signals alone
+                pass
+        return self
+
+    def uninstall(self) -> None:
+        import signal
+
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous = {}
+
+    def _handle(self, number: int, frame: Any) -> None:
+        import signal
+
+        if self.signal is not None:
+            self.uninstall()
+            raise KeyboardInterrupt(f"second {signal.Signals(number).name}: stopping without a checkpoint")
+        self.signal = signal.Signals(number).name
+        logger.warning("%s: finishing the current step, then saving a checkpoint", self.signal)
+
+
+def claim_output_dir(config: TrainConfig, accelerator: Any) -> tuple[Path | None, str]:
+    """The checkpoint to resume from (or None) and this run's id; refuse to mix two runs in one folder.
+
+    An ``output_dir`` that holds another run's checkpoints or ``final/`` is used only with
+    ``resume=`` (continue it) or ``overwrite=true`` (its checkpoints, ``final/``, logs and
+    metrics are removed first); otherwise nothing there is touched.
+    """
+    import shutil
+    import uuid
+
+    from accelerate.utils import broadcast_object_list
+
+    out_dir = Path(config.output_dir)
+    manager = CheckpointManager(out_dir, config.keep_last)
+    resume_from = manager.resolve_resume(config.resume)
+    if config.resume == "auto":
+        accelerator.print(f"resume=auto: continuing from {resume_from}" if resume_from is not None else
+                          f"resume=auto: no checkpoint in {manager.root}, starting fresh")
+    earlier = manager.checkpoints()
+    final = out_dir / "final"
+    if resume_from is None and (earlier or final.exists()):
+        found = ", ".join([p.name for p in earlier[-3:]] + (["final/"] if final.exists() else []))
+        if not config.overwrite:
+            raise OutputDirError(f"output_dir={out_dir} holds another run ({found}); pass resume=auto to continue "
+                                 "it, overwrite=true to replace it, or another output_dir")
+        if accelerator.is_main_process:
+            for path in (manager.root, final):
+                shutil.rmtree(path, ignore_errors=True)
+            for name in ("train_log.jsonl", "metrics.json"):
+                (out_dir / name).unlink(missing_ok=True)
+            accelerator.print(f"overwrite=true: removed the earlier run in {out_dir} ({found})")
+        accelerator.wait_for_everyone()
+    run_id = None
+    if resume_from is not None:
+        run_id = CheckpointManager.read_progress(resume_from).get("run_id")
+    ids = [run_id or uuid.uuid4().hex[:12]]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(ids)  # one id for every process
+    return resume_from, ids[0]
 
 
 # -- the loop --------------------------------------------------------------------------
@@ -280,8 +364,9 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
 
     accelerator = make_accelerator(config, find_unused_parameters=recipe.leaves_parameters_unused(config))
     recipe.check(config, accelerator)
-    set_seed(config.seed)
     out_dir = Path(config.output_dir)
+    resume_from, run_id = claim_output_dir(config, accelerator)  # before any data is loaded
+    set_seed(config.seed)
     meta = run_metadata(config.to_dict())
     processes = ProcessView.from_accelerator(accelerator)
 
@@ -322,9 +407,8 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
         eval_loader = accelerator.prepare(eval_loader)
     unwrapped = accelerator.unwrap_model(model)
 
-    manager = CheckpointManager(out_dir, config.keep_last)
+    manager = CheckpointManager(out_dir, config.keep_last, run_id)
     step, epoch, batches_done = 0, 0, 0
-    resume_from = manager.resolve_resume(config.resume)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         progress = CheckpointManager.read_progress(resume_from)
@@ -333,7 +417,12 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
 
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out_dir / "run.json", meta)
+        write_json_atomic(out_dir / "run.json", {**meta, "run_id": run_id})
+        event = {"event": "resume" if resume_from is not None else "start", "step": step, "run_id": run_id,
+                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "num_processes": accelerator.num_processes,
+                 **({"from": str(resume_from)} if resume_from is not None else {})}
+        with open(out_dir / "train_log.jsonl", "a") as f:
+            f.write(json.dumps(event) + "\n")
     if accelerator.trackers or config.log_with not in (None, "none", "no"):
         try:
             accelerator.init_trackers(recipe.tracker_project, config={
@@ -347,7 +436,7 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
 
     def evaluate_and_record(step_: int, epoch_: int) -> dict[str, Any]:
         metrics = evaluate_model(recipe, model, eval_loader, accelerator, config)
-        return _record_eval(metrics, accelerator, step_, epoch_, out_dir)
+        return _record_eval(metrics, accelerator, step_, epoch_, out_dir, run_id)
 
     bar = tqdm(total=total_steps, initial=step, desc=recipe.label, disable=not accelerator.is_local_main_process,
                dynamic_ncols=True)
@@ -357,72 +446,84 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
     last_logs: dict[str, float] = {}
     micro = 0
     lr = set_lr(step)
+    saved_at = -1  # the step of the last checkpoint this run wrote
     done = step >= total_steps
-    while not done:
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
-        loader = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
-        for batch in loader:
-            context = StepContext(step, micro, epoch, steps_per_epoch, processes)
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    out = recipe.forward(model, unwrapped, batch, context)
-                if not processes.all_finite(out.loss):  # decided together: saving is a collective call
-                    path = save(step, epoch, batches_done)  # parameters are still the last good step's
-                    parts = ", ".join(f"{k}={v.item():.4g}" for k, v in out.losses.items())
-                    if bool(torch.isfinite(out.loss.detach()).all()):
-                        what = "the loss of another process is not finite"
-                    else:
-                        what = f"loss is {out.loss.item()} ({parts})"
-                    raise NonFiniteLossError(
-                        f"{what} at step {step} (epoch {epoch}, batch {batches_done}; process "
-                        f"{accelerator.process_index} of {accelerator.num_processes}); the last good state was "
-                        f"saved to {path}. Try a lower lr, max_grad_norm, or mixed_precision=no."
-                    )
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients and config.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            batches_done += 1
-            micro += 1
-            samples_seen += out.num_samples * accelerator.num_processes
-            running.add({"loss": out.loss, **out.losses, **out.metrics}, out.num_samples)
-            if not accelerator.sync_gradients:
-                continue
-            recipe.after_optimizer_step(unwrapped)
-            micro = 0
-            step += 1
-            bar.update(1)
-            if step % config.log_every == 0 or step == total_steps:
-                logs = {f"train/{k}": v for k, v in running.means(accelerator).items()}
-                logs["train/lr"] = lr  # the rate this step used
-                logs.update({f"train/{k}": v for k, v in recipe.log_extras(step - 1, steps_per_epoch).items()})
-                logs["train/samples_per_second"] = samples_seen / max(1e-9, time.perf_counter() - t0)
-                last_logs = logs
-                accelerator.log(logs, step=step)
-                if accelerator.is_main_process:
-                    with open(out_dir / "train_log.jsonl", "a") as f:
-                        f.write(json.dumps({"step": step, **logs}) + "\n")
-                shown = {k.removeprefix("train/"): f"{v:.4f}" for k, v in logs.items()
-                         if k.removeprefix("train/") in ("loss", *out.losses)}
-                bar.set_postfix(shown | {"sps": f"{logs['train/samples_per_second']:.1f}"})
-            lr = set_lr(step)
-            if config.save_every and step % config.save_every == 0 and step < total_steps:
-                save(step, epoch, batches_done)
-            if config.eval_every and eval_loader is not None and step % config.eval_every == 0 and step < total_steps:
-                evaluate_and_record(step, epoch)
-            if step >= total_steps:
-                done = True
-                break
-        else:
-            epoch += 1
-            batches_done = 0
-            if not config.save_every and not done:
-                save(step, epoch, 0)
-            if not config.eval_every and eval_loader is not None and not done:
-                evaluate_and_record(step, epoch)
-    bar.close()
+    stops = StopRequests().install()
+    try:
+        while not done:
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(epoch)
+            loader = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
+            for batch in loader:
+                context = StepContext(step, micro, epoch, steps_per_epoch, processes)
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        out = recipe.forward(model, unwrapped, batch, context)
+                    if not processes.all_finite(out.loss):  # decided together: saving is a collective call
+                        path = save(step, epoch, batches_done)  # parameters are still the last good step's
+                        parts = ", ".join(f"{k}={v.item():.4g}" for k, v in out.losses.items())
+                        if bool(torch.isfinite(out.loss.detach()).all()):
+                            what = "the loss of another process is not finite"
+                        else:
+                            what = f"loss is {out.loss.item()} ({parts})"
+                        raise NonFiniteLossError(
+                            f"{what} at step {step} (epoch {epoch}, batch {batches_done}; process "
+                            f"{accelerator.process_index} of {accelerator.num_processes}); the last good state was "
+                            f"saved to {path}. Try a lower lr, max_grad_norm, or mixed_precision=no."
+                        )
+                    accelerator.backward(out.loss)
+                    if accelerator.sync_gradients and config.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                batches_done += 1
+                micro += 1
+                samples_seen += out.num_samples * accelerator.num_processes
+                running.add({"loss": out.loss, **out.losses, **out.metrics}, out.num_samples)
+                if not accelerator.sync_gradients:
+                    continue
+                recipe.after_optimizer_step(unwrapped)
+                micro = 0
+                step += 1
+                bar.update(1)
+                if step % config.log_every == 0 or step == total_steps:
+                    logs = {f"train/{k}": v for k, v in running.means(accelerator).items()}
+                    logs["train/lr"] = lr  # the rate this step used
+                    logs.update({f"train/{k}": v for k, v in recipe.log_extras(step - 1, steps_per_epoch).items()})
+                    logs["train/samples_per_second"] = samples_seen / max(1e-9, time.perf_counter() - t0)
+                    last_logs = logs
+                    accelerator.log(logs, step=step)
+                    if accelerator.is_main_process:
+                        with open(out_dir / "train_log.jsonl", "a") as f:
+                            f.write(json.dumps({"step": step, **logs}) + "\n")
+                    shown = {k.removeprefix("train/"): f"{v:.4f}" for k, v in logs.items()
+                             if k.removeprefix("train/") in ("loss", *out.losses)}
+                    bar.set_postfix(shown | {"sps": f"{logs['train/samples_per_second']:.1f}"})
+                lr = set_lr(step)
+                if config.save_every and step % config.save_every == 0 and step < total_steps:
+                    save(step, epoch, batches_done)
+                    saved_at = step
+                if step < total_steps and processes.any(stops.signal is not None):  # decided together
+                    path = save(step, epoch, batches_done) if saved_at != step else manager.root / f"step-{step:08d}"
+                    raise TrainingInterrupted(
+                        f"interrupted at step {step} of {total_steps} ({stops.signal or 'a signal to another process'});"
+                        f" checkpoint saved to {path}; continue with resume=auto (output_dir={out_dir})")
+                if config.eval_every and eval_loader is not None and step % config.eval_every == 0 and step < total_steps:
+                    evaluate_and_record(step, epoch)
+                if step >= total_steps:
+                    done = True
+                    break
+            else:
+                epoch += 1
+                batches_done = 0
+                if not config.save_every and not done:
+                    save(step, epoch, 0)
+                    saved_at = step
+                if not config.eval_every and eval_loader is not None and not done:
+                    evaluate_and_record(step, epoch)
+    finally:
+        bar.close()
+        stops.uninstall()
 
     save(step, epoch, batches_done)
     final_eval: dict[str, Any] = {}

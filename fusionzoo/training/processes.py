@@ -52,6 +52,12 @@ class ProcessView:
             return bool(finite)
         return bool(self._all_gather(finite).all())
 
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any process (one decision that all processes share)."""
+        if self.count == 1:
+            return bool(flag)
+        return bool(self._all_gather(torch.tensor([int(flag)])).any())
+
     def gather_with_grad(self, local: Tensor) -> Tensor:
         """(B, ...) on each process -> (count * B, ...), differentiable through every row.
 

@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..errors import CheckpointError, FusionZooError
 from .config import ConfigError, TrainConfig
 from .loop import (
     NonFiniteLossError,
@@ -55,8 +56,20 @@ def check_names(config: TrainConfig) -> None:
 
     get_task(config.task)
     FUSIONS.get(config.fusion)
+    check_vision_name(config.vision)
     if config.data not in DATASETS and not Path(config.data).exists():
         DATASETS.get(config.data)  # raises, listing the registered datasets and the closest names
+
+
+def check_vision_name(name: str) -> None:
+    """A vision encoder preset or a timm model name (an unknown one fails before any data is loaded)."""
+    import timm
+
+    from fusionzoo.registry import VISION_ENCODERS
+
+    if name in VISION_ENCODERS or name.startswith(("hf-hub:", "local-dir:")) or timm.is_model(name):
+        return
+    VISION_ENCODERS.get(name)  # raises, listing the presets and the closest names
 
 
 class FinetuneRecipe(Recipe):
@@ -120,11 +133,17 @@ def _build_model(config: TrainConfig, task: Any, data: Any, *, init: bool) -> nn
 
     vocabulary = task.vocabulary(data)
     vocab_kwargs = {task.vocabulary_key: vocabulary} if task.vocabulary_key else {}
-    model = create_model(
-        config.task, config.fusion, vision=config.vision, text=config.text,
-        freeze_encoders=config.freeze_encoders, fusion_kwargs=dict(config.fusion_kwargs),
-        head_kwargs=dict(config.head_kwargs), max_text_len=config.max_text_len, **vocab_kwargs,
-    )
+    try:
+        model = create_model(
+            config.task, config.fusion, vision=config.vision, text=config.text,
+            freeze_encoders=config.freeze_encoders, fusion_kwargs=dict(config.fusion_kwargs),
+            head_kwargs=dict(config.head_kwargs), max_text_len=config.max_text_len, **vocab_kwargs,
+        )
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, FusionZooError):
+            raise
+        raise ConfigError(f"cannot build {config.task}/{config.fusion} with fusion_kwargs={dict(config.fusion_kwargs)}"
+                          f" and head_kwargs={dict(config.head_kwargs)}: {type(exc).__name__}: {exc}") from exc
     if init and config.init_from:
         load_matching_weights(model, config.init_from, verbose=True)
     return model
@@ -153,7 +172,8 @@ def load_matching_weights(model: nn.Module, source: str | Path, verbose: bool = 
         if final.is_file():
             weights = final
         else:
-            raise FileNotFoundError(f"init_from={source!r}: no model.safetensors there (nor under final/)")
+            raise CheckpointError(f"init_from={source!r}: no model.safetensors there (nor under final/); "
+                                  "expected a saved model folder or a run's output_dir")
     saved = safetensors.torch.load_file(str(weights))
     own = model.state_dict()
     matched = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}

@@ -80,5 +80,6 @@ def write_karpathy_captions(root: Path, sizes: dict[str, int]) -> Path:
 
 
 def train_log(run: Path) -> dict[int, dict[str, float]]:
-    """``train_log.jsonl`` by step (a step logged twice, after a resume, keeps its last record)."""
-    return {r["step"]: r for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())}
+    """``train_log.jsonl`` by step (a step logged twice, after a resume, keeps its last record); events skipped."""
+    records = map(json.loads, (run / "train_log.jsonl").read_text().splitlines())
+    return {r["step"]: r for r in records if "event" not in r}

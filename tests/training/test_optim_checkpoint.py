@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from fusionzoo.errors import CheckpointError
 from fusionzoo.training.checkpoint import CheckpointManager, run_metadata, write_json_atomic
 from fusionzoo.training.optim import build_optimizer, parameter_groups, warmup_cosine
 
@@ -76,19 +77,24 @@ def test_checkpoint_manager_save_prune_resume(tmp_path: Path) -> None:
 
     accelerator = Accelerator(cpu=True)
     model = accelerator.prepare(nn.Linear(3, 3))
-    manager = CheckpointManager(tmp_path, keep_last=2)
-    assert manager.resolve_resume("auto") is None
+    # An earlier run's checkpoint in the same folder is never pruned by this run.
+    CheckpointManager(tmp_path, keep_last=1, run_id="earlier").save(
+        accelerator, 5, {"step": 5, "epoch": 0, "batches_in_epoch": 5})
+    manager = CheckpointManager(tmp_path, keep_last=2, run_id="this")
     for step in (10, 20, 30):
-        manager.save(accelerator, step, {"step": step})
+        manager.save(accelerator, step, {"step": step, "epoch": 0, "batches_in_epoch": step})
     names = [p.name for p in manager.checkpoints()]
-    assert names == ["step-00000020", "step-00000030"]
+    assert names == ["step-00000005", "step-00000020", "step-00000030"]
+    assert CheckpointManager.read_progress(manager.root / "step-00000030")["run_id"] == "this"
     # An interrupted write (no progress.json) is never picked up for resuming.
     (manager.root / ".tmp-step-00000040").mkdir()
     (manager.root / "step-00000050").mkdir()
     assert manager.resolve_resume("auto").name == "step-00000030"
     assert CheckpointManager.read_progress(manager.latest())["step"] == 30
-    with pytest.raises(FileNotFoundError, match="not a complete fusionzoo checkpoint"):
+    with pytest.raises(CheckpointError, match="not a complete fusionzoo checkpoint"):
         manager.resolve_resume(str(manager.root / "step-00000050"))
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        manager.resolve_resume(str(tmp_path / "nope"))
     # The saved weights are safetensors, loadable without pickle.
     assert (manager.latest() / "model.safetensors").is_file()
     del model

@@ -36,6 +36,8 @@ def _losses(run: Path) -> dict[int, float]:
     out = {}
     for line in (run / "train_log.jsonl").read_text().splitlines():
         record = json.loads(line)
+        if "event" in record:  # where a run or a resume starts
+            continue
         out[record["step"]] = record["train/loss"]  # a step run twice (after a resume) keeps its last value
     return out
 
