@@ -77,7 +77,7 @@ class Task:
     def load_data(self, config: Any) -> "TaskData":
         """The dataset named by ``config.data`` (a registered name, or a path read by ``default_dataset``)."""
         name = config.data
-        kwargs: dict[str, Any] = {"skip_bad": config.skip_bad}
+        kwargs: dict[str, Any] = {"skip_bad": config.skip_bad, "verify_images": config.verify_images}
         if config.data_dir is not None:
             kwargs["root"] = config.data_dir
         if name not in DATASETS and Path(name).exists():
@@ -167,9 +167,12 @@ class _ChoiceTask(Task):
                 values = self.sample_values(logits, batch)
                 if "labels" in batch:
                     values["loss"] = sample_losses(unwrapped.head, logits, batch["labels"])
+                values["valid"] = batch.get("valid", torch.ones(len(logits), dtype=torch.bool)).to(logits.device)
                 for key, value in values.items():
                     parts.setdefault(key, []).append(accelerator.gather_for_metrics(value))
         gathered = {key: torch.cat(value).cpu() for key, value in parts.items()}
+        valid = gathered.pop("valid")  # rows whose image could not be decoded (skip_bad=true) are left out
+        gathered = {key: value[valid] for key, value in gathered.items()}
         metrics = self.metrics(gathered)
         if "loss" in gathered:
             metrics["loss"] = gathered["loss"].double().mean().item()
@@ -269,7 +272,7 @@ class CaptioningTask(Task):
         unwrapped = accelerator.unwrap_model(model)
         references = data.references(split)
         width = max_new_tokens + 2
-        image_ids, token_rows = [], []
+        image_ids, token_rows, flags = [], [], []
         with torch.no_grad():
             for batch in loader:
                 with accelerator.autocast():
@@ -280,9 +283,12 @@ class CaptioningTask(Task):
                 padded[:, : ids.shape[1]] = ids[:, :width]
                 token_rows.append(accelerator.gather_for_metrics(padded))
                 image_ids.append(accelerator.gather_for_metrics(batch["image_id"]))
-        ids_all = torch.cat(token_rows).cpu()
+                flags.append(accelerator.gather_for_metrics(
+                    batch.get("valid", torch.ones(len(ids), dtype=torch.bool)).to(ids.device)))
+        valid = torch.cat(flags).cpu()  # images that could not be decoded (skip_bad=true) are left out
+        ids_all = torch.cat(token_rows).cpu()[valid]
         captions = unwrapped.text.tokenizer.batch_decode(ids_all.tolist(), skip_special_tokens=True)
-        res = {i: [c.strip() or "."] for i, c in zip(torch.cat(image_ids).cpu().tolist(), captions)}
+        res = {i: [c.strip() or "."] for i, c in zip(torch.cat(image_ids).cpu()[valid].tolist(), captions)}
         metrics = score_caption_dicts({i: references[i] for i in res}, res)
         metrics["num_samples"] = float(len(res))
         return {k: v for k, v in metrics.items() if v is not None}

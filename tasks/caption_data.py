@@ -141,13 +141,14 @@ class CaptionData(TaskData):
         transform: Callable[[Image.Image], Tensor],
         train_transform: Callable[[Image.Image], Tensor] | None = None,
         train_splits: Sequence[str] = ("train",),
+        skip_bad: bool = False,
     ) -> "CaptionData":
         """As :meth:`TaskData.with_image_transform`, for the image rows and the caption pairs."""
-        out = super().with_image_transform(transform, train_transform, train_splits)
+        out = super().with_image_transform(transform, train_transform, train_splits, skip_bad)
         pairs = {}
         for split, dataset in self.pair_splits.items():
             chosen = train_transform if (train_transform is not None and split in train_splits) else transform
-            pairs[split] = dataset.with_transform(ImageLoader(chosen, self.id_key))
+            pairs[split] = dataset.with_transform(ImageLoader(chosen, self.id_key, skip_bad=skip_bad))
         return replace(out, pair_splits=pairs)
 
     def collator(self, tokenize: Tokenize, max_length: int = 32) -> CaptionCollator:

@@ -289,9 +289,10 @@ class ProblemLog:
                 f"first: {'; '.join(rep.examples[:SHOW_FIRST])}",
                 stacklevel=3,
             )
-        if rep.missing_images:
-            logger.info("split %r of %s: %d entries without an image on disk were left out",
-                        self.split, source, rep.missing_images)
+        if rep.missing_images:  # expected with only_present; a WARNING when skip_bad dropped them
+            log = logger.warning if self.skip_bad else logger.info
+            log("split %r of %s: %d entries without an image on disk were left out; first: %s",
+                self.split, source, rep.missing_images, "; ".join(rep.examples[:SHOW_FIRST]))
         if kept == 0:
             raise DataError(
                 f"split {self.split!r} has no usable entries"
@@ -470,19 +471,79 @@ class ImageLoader:
         transform: ``PIL.Image -> Tensor (3, H, W)``, e.g. ``VisionEncoder.transform(train)``.
         id_key: column that identifies a row in error messages (``question_id``, ``id``...).
         path_key: column holding the image path.
+        skip_bad: an undecodable image gives ``pixel_values=None`` and its error under
+            ``bad_image`` instead of raising (:class:`SkipBadImages` then leaves the row out).
     """
 
     transform: Callable[[Image.Image], Tensor]
     id_key: str
     path_key: str = "image_path"
+    skip_bad: bool = False
+
+    def _pixels(self, path: str, ident: Any) -> tuple[Tensor | None, str | None]:
+        try:
+            return self.transform(open_image(path, entry=f"{self.id_key}={ident}")), None  # (3, H, W)
+        except DataError as error:
+            if not self.skip_bad:
+                raise DataError(error.problem, file=error.file, entry=error.entry, expected=error.expected,
+                                hint="Pass skip_bad=true to leave out unreadable images") from error
+            return None, str(error)
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         ids = batch.get(self.id_key, [None] * len(batch[self.path_key]))
-        pixels = [
-            self.transform(open_image(path, entry=f"{self.id_key}={ident}"))  # (3, H, W)
-            for path, ident in zip(batch[self.path_key], ids)
-        ]
-        return {**batch, "pixel_values": pixels}
+        decoded = [self._pixels(path, ident) for path, ident in zip(batch[self.path_key], ids)]
+        out = {**batch, "pixel_values": [pixels for pixels, _ in decoded]}
+        if self.skip_bad:
+            out["bad_image"] = [problem for _, problem in decoded]
+        return out
+
+
+class SkipBadImages:
+    """A collate wrapper that leaves out rows whose image could not be decoded (``skip_bad=true``).
+
+    Training batches keep their size (every process of a multi-process run must take the same
+    number of steps): a bad row is replaced by a copy of a good row of the same batch. Evaluation
+    batches keep the bad row's place, with a good row's pixels and ``valid`` False, so that
+    metrics leave it out while every process still gathers tensors of one shape.
+    The first few bad images are named in a WARNING, and every one is counted.
+
+    Args:
+        collate: the task's batch function.
+        training: training batches (replace) or evaluation batches (mark).
+    """
+
+    SHOW_FIRST = SHOW_FIRST
+
+    def __init__(self, collate: Callable[[list[dict[str, Any]]], dict[str, Any]], training: bool) -> None:
+        self.collate, self.training = collate, training
+        self.skipped = 0
+
+    def note(self, bad: list[dict[str, Any]]) -> None:
+        """Count the rows of ``bad`` and name the first few in a WARNING."""
+        for item in bad:
+            self.skipped += 1
+            if self.skipped <= self.SHOW_FIRST:
+                logger.warning("skip_bad=true: left out an unreadable image (%d so far): %s", self.skipped,
+                               item.get("bad_image"))
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        good = [item for item in items if item.get("pixel_values") is not None]
+        bad = [item for item in items if item.get("pixel_values") is None]
+        self.note(bad)
+        if bad and not good:
+            raise DataError(f"every image of a batch of {len(items)} is unreadable (first: {bad[0].get('bad_image')})",
+                            expected="at least one decodable image per batch")
+        clean = [{k: v for k, v in item.items() if k != "bad_image"} for item in items]
+        if not bad:
+            return self.collate(clean)
+        if self.training:
+            fill = [item for item in clean if item.get("pixel_values") is not None]
+            return self.collate(fill + [fill[i % len(fill)] for i in range(len(bad))])
+        stand_in = good[0]["pixel_values"]
+        batch = self.collate([item if item.get("pixel_values") is not None else {**item, "pixel_values": stand_in}
+                              for item in clean])
+        batch["valid"] = torch.tensor([item.get("pixel_values") is not None for item in items])  # (B,)
+        return batch
 
 
 # --------------------------------------------------------------------------------------
@@ -534,17 +595,20 @@ class TaskData:
         transform: Callable[[Image.Image], Tensor],
         train_transform: Callable[[Image.Image], Tensor] | None = None,
         train_splits: Sequence[str] = ("train",),
+        skip_bad: bool = False,
     ) -> "TaskData":
         """A copy whose splits decode images lazily and add ``pixel_values`` (3, H, W) to each item.
 
         Args:
             transform: image transform of evaluation splits (``encoder.transform(train=False)``).
             train_transform: transform of the ``train_splits`` (augmentation); default ``transform``.
+            skip_bad: an undecodable image gives ``pixel_values=None`` instead of an error
+                (see :class:`SkipBadImages`).
         """
         splits = {}
         for split, dataset in self.splits.items():
             chosen = train_transform if (train_transform is not None and split in train_splits) else transform
-            splits[split] = dataset.with_transform(ImageLoader(chosen, self.id_key))
+            splits[split] = dataset.with_transform(ImageLoader(chosen, self.id_key, skip_bad=skip_bad))
         return replace(self, splits=splits)
 
     def describe(self) -> str:

@@ -39,6 +39,16 @@ def _report(command: str, job: Callable[[Any], dict[str, Any]], config: Any) -> 
     return 0
 
 
+EVAL_HELP = """\
+configuration: the run's own config (its run.json), then key=value overrides (no YAML
+file). Useful keys:
+  split           the split to score (default test)
+  data, data_dir  another dataset of the same task
+  eval_batch_size, max_eval_samples, num_workers, skip_bad, cpu
+The last line printed is one JSON object with the scores (on N processes, printed once).
+"""
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
@@ -89,7 +99,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="score a saved model on a dataset split",
         description="Evaluate a model saved by `fusionzoo train` (its output_dir or output_dir/final) "
         "on a dataset split; prints the scores as one JSON line at the end.",
-        epilog=CONFIG_HELP + "\nexample:\n  fusionzoo eval runs/vqa data=easy-vqa split=test",
+        epilog=EVAL_HELP + "\nexample:\n  fusionzoo eval runs/vqa data=easy-vqa split=test",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoint", help="a saved model folder (with config.json) or a run's output_dir")

@@ -65,7 +65,10 @@ class TrainConfig:
     answers_top_k: int = 3129
     answers_min_count: int = 1
     skip_bad: bool = False
-    """Skip bad entries (missing keys, unreadable images) and report how many, instead of stopping."""
+    """Skip bad entries (missing keys, unsafe paths, undecodable images, in training and evaluation) and
+    report how many, instead of stopping."""
+    verify_images: bool = False
+    """Decode every image once when the data is loaded (bad ones are errors, or skipped with skip_bad)."""
     only_present: bool = False
     """Use only the images found on disk when annotations cover more."""
     num_workers: int = 0
@@ -219,6 +222,8 @@ def apply(config: TrainConfig, updates: dict[str, Any], source: str) -> TrainCon
     """Apply ``updates`` (already parsed values) to ``config``; checks keys and types."""
     hints = _types()
     for key, value in updates.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{source}: key {key!r} is not a string; expected one of {', '.join(hints)}")
         top, _, sub = key.partition(".")
         if top not in hints:
             close = difflib.get_close_matches(top, list(hints), n=3)
@@ -247,6 +252,17 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _key_lines(text: str) -> dict[Any, int]:
+    """Top-level key -> its 1-based line in a YAML document (empty when the text is not a mapping)."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {key.value: key.start_mark.line + 1 for key, _ in node.value if isinstance(key, yaml.ScalarNode)}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: TrainConfig | None = None) -> TrainConfig:
     """Read a YAML config (optional) and apply ``key=value`` overrides, in that order."""
@@ -256,12 +272,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
+            text = path.read_text()
+            data = yaml.safe_load(text) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
-        apply(config, data, str(path))
+            raise ConfigError(f"{path}: expected a mapping of keys to values at the top level, "
+                              f"got {type(data).__name__}")
+        lines = _key_lines(text)
+        for key, value in data.items():  # one key at a time, so that an error names its line
+            apply(config, {key: value}, f"{path}, line {lines[key]}" if key in lines else str(path))
     if overrides:
         apply(config, parse_overrides(overrides), "command line")
     validate(config)

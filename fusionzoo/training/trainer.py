@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import CheckpointError, FusionZooError
+from ..tasks.common import SkipBadImages
 from .config import ConfigError, TrainConfig
 from .loop import (
     NonFiniteLossError,
@@ -92,14 +93,17 @@ class FinetuneRecipe(Recipe):
         return _build_model(config, self.task, self.data, init=True)
 
     def prepare_data(self, config: TrainConfig, model: nn.Module, accelerator: Any) -> RecipeData:
-        data = self.data.with_image_transform(model.vision.transform(train=False))
+        data = self.data.with_image_transform(model.vision.transform(train=False), skip_bad=config.skip_bad)
         train = _limit(self.task.train_rows(data, config.train_split), config.max_train_samples, config.seed)
         self.eval_split = _eval_split(config, data, training=True)
         evaluation = None
         if self.eval_split is not None and config.max_eval_samples != 0:
             evaluation = _limit(self.task.eval_rows(data, self.eval_split), config.max_eval_samples, config.seed)
         collate = self.task.collate(data, model.text.tokenize, config.max_text_len)
-        return RecipeData(train=train, eval=evaluation, collate=collate, eval_collate=collate)
+        train_collate, eval_collate = collate, collate
+        if config.skip_bad:
+            train_collate, eval_collate = SkipBadImages(collate, training=True), SkipBadImages(collate, training=False)
+        return RecipeData(train=train, eval=evaluation, collate=train_collate, eval_collate=eval_collate)
 
     def forward(self, model: nn.Module, unwrapped: nn.Module, batch: dict[str, Any],
                 context: StepContext) -> StepOutput:
@@ -206,6 +210,9 @@ def evaluate_checkpoint(checkpoint: str | Path, config: TrainConfig) -> dict[str
     path = Path(checkpoint)
     if not (path / "config.json").is_file() and (path / "final" / "config.json").is_file():
         path = path / "final"
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{checkpoint} is not a saved model or a finished run: no config.json there nor in "
+                              "final/; expected the output_dir of `fusionzoo train` or its final/ folder")
     model = load_model(path)
     config.task = model.task
     check_names(config)
@@ -216,10 +223,12 @@ def evaluate_checkpoint(checkpoint: str | Path, config: TrainConfig) -> dict[str
     if split is None or split not in data:
         raise ConfigError(f"key 'split': dataset {config.data!r} has no split {config.split!r}; it has "
                           f"{', '.join(data.split_names)}")
-    data = data.with_image_transform(model.vision.transform(train=False))
+    data = data.with_image_transform(model.vision.transform(train=False), skip_bad=config.skip_bad)
     rows = _limit(task.eval_rows(data, split), config.max_eval_samples, config.seed)
-    loader = DataLoader(rows, batch_size=config.effective_eval_batch_size, shuffle=False,
-                        collate_fn=task.collate(data, model.text.tokenize, config.max_text_len),
+    collate = task.collate(data, model.text.tokenize, config.max_text_len)
+    if config.skip_bad:
+        collate = SkipBadImages(collate, training=False)
+    loader = DataLoader(rows, batch_size=config.effective_eval_batch_size, shuffle=False, collate_fn=collate,
                         num_workers=config.num_workers)
     model, loader = accelerator.prepare(model, loader)
     recipe = _EvalOnly(task, data, split)

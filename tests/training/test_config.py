@@ -30,7 +30,7 @@ def test_yaml_then_overrides_in_order(tmp_path: Path) -> None:
 def test_unknown_key_names_source_and_suggests(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text("learning_rate: 0.1\n")
-    with pytest.raises(ConfigError, match=r"run.yaml: unknown key 'learning_rate'"):
+    with pytest.raises(ConfigError, match=r"run.yaml, line 1: unknown key 'learning_rate'"):
         load_config(path)
     with pytest.raises(ConfigError, match=r"command line: unknown key 'batchsize'.*Did you mean 'batch_size'"):
         load_config(None, ["batchsize=4"])

@@ -194,3 +194,18 @@ def test_two_process_eval_prints_the_one_process_scores(launched: Path) -> None:
     assert set(scores_one) == set(scores_two) == {"accuracy", "loss", "num_samples"}
     assert scores_two["accuracy"] == scores_one["accuracy"]
     assert scores_two["loss"] == pytest.approx(scores_one["loss"], rel=1e-6)
+
+
+def test_accelerate_launch_with_the_cpu_config_starts_two_processes(data: Path, tmp_path: Path) -> None:
+    """The README's CPU form of `accelerate launch` really trains on 2 processes (gloo)."""
+    out = tmp_path / "run"
+    config = HERE.parents[1] / "configs" / "accelerate" / "cpu_ddp.yaml"
+    accelerate = str(Path(sys.executable).with_name("accelerate"))  # the venv's own launcher
+    result = subprocess.run([accelerate, "launch", "--config_file", str(config), "--main_process_port",
+                             str(_free_port()), "-m", "fusionzoo", "train", "task=vqa", "fusion=early_concat",
+                             *_data_args("vqa", data), *QUIET, "fusion_kwargs.dim=16", "batch_size=4", "max_steps=2",
+                             "max_eval_samples=4", f"output_dir={out}"],
+                            capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads((out / "final" / "run.json").read_text())
+    assert run["num_processes"] == 2 and len(set(run["param_checksums"])) == 1
