@@ -21,6 +21,9 @@ A checkpoint folder holds ``config.json`` (written last: its presence marks a
 complete save), ``model.safetensors`` (every weight, never a pickle),
 ``text_encoder/config.json`` and ``tokenizer/``; :func:`load_model` rebuilds the
 architecture from those without downloading anything and loads the weights strictly.
+It reads a folder as untrusted data: timm gets only allow-listed architecture keywords
+from ``config.json``, every file must lie inside the folder (symlinks included), the
+tokenizer must fit the text encoder, and a hub name needs ``allow_download=True``.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .encoders import TextEncoder, VisionEncoder, build_text_encoder, build_vision_encoder
+from .encoders.text import CONFIG_DIR, TOKENIZER_DIR
+from .encoders.vision import rebuild_saved_vision_encoder
+from .errors import ModelFolderError
 from .fusions.base import FusionModule, FusionOutput
 from .layers import KVCache
 from .losses import IGNORE_INDEX
@@ -398,7 +404,8 @@ class FusionModel(nn.Module):
         The files are written into a temporary folder next to ``directory`` and
         moved in afterwards, ``config.json`` last (an existing one is removed
         first), so a crash never leaves a folder that loads as a half-written
-        model. Other files already in ``directory`` are left alone.
+        model. Other files already in ``directory`` are left alone. Every file
+        gets the mode the umask allows (0644 under umask 022).
 
         Returns:
             the folder, as a Path.
@@ -410,6 +417,8 @@ class FusionModel(nn.Module):
             raise NotADirectoryError(f"cannot save a model to {directory}: it exists and is not a folder")
         directory.parent.mkdir(parents=True, exist_ok=True)
         config = {"format_version": FORMAT_VERSION, "fusionzoo_version": __version__, **self.config}
+        # load_model checks the tokenizer it finds against this (a lost tokenizer.json leaves 5 tokens)
+        config["text"] = {**config.get("text", {}), "tokenizer_size": len(self.text.tokenizer)}
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-", dir=directory.parent))
         try:
             safetensors.torch.save_model(self, str(staging / WEIGHTS_NAME), force_contiguous=True)
@@ -421,46 +430,48 @@ class FusionModel(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device | None = None) -> "FusionModel":
-        """Rebuild a model saved by :meth:`save_pretrained` (no download) and load its weights strictly.
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        device: str | torch.device | None = None,
+        *,
+        allow_download: bool = False,
+    ) -> "FusionModel":
+        """Rebuild a model saved by :meth:`save_pretrained` and load its weights strictly.
+
+        The folder is data, never a list of places to read or things to run: timm gets only
+        the architecture keywords of :data:`~fusionzoo.encoders.vision.SAVED_TIMM_KWARGS`
+        from config.json (a recorded ``checkpoint`` is never opened), every file read must
+        resolve (symlinks followed) inside the folder, the tokenizer must fit the text
+        encoder's embedding table, and nothing goes to the network unless ``allow_download``.
 
         Args:
             directory: the saved folder.
             device: where to put the model (default CPU).
+            allow_download: let an ``hf-hub:`` image encoder name in config.json fetch its timm
+                config from the Hugging Face hub. Without it nothing is downloaded, and such a
+                folder is refused with an error that says so.
         Returns:
             the model, in eval mode (call ``.train()`` to fine-tune it further).
         Raises:
-            FileNotFoundError: the folder, its config.json or model.safetensors is missing.
-            ValueError: config.json is not valid JSON, misses a key, or comes from a
-                newer checkpoint format.
-            RegistryError: config.json names a fusion, head or task that is not registered.
+            ModelFolderError: config.json is not JSON, misses a key, holds a value of the wrong
+                kind, comes from a newer checkpoint format, gives timm a keyword it may not, names
+                a path outside the folder or a hub model without ``allow_download``; a file is a
+                symlink to outside the folder; the tokenizer does not fit the text encoder; the
+                weights do not fit the architecture. A missing folder or file is also a
+                ``FileNotFoundError``. Each message names the file and the key.
+            RegistryError: config.json names a fusion, head, task or encoder that is not registered.
         """
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"no saved fusionzoo model at {directory}: the folder does not exist")
-        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"{path} not found: a model saved by FusionModel.save_pretrained has {CONFIG_NAME} and "
-                    f"{WEIGHTS_NAME} (a folder without {CONFIG_NAME} is an incomplete save)"
-                )
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{config_path} is not valid JSON: {exc}") from exc
+        folder = Path(directory)
+        config_path = folder / CONFIG_NAME
+        config = _read_config(folder)
 
-        def get(key: str) -> Any:
-            value: Any = config
-            for part in key.split("."):
-                if not isinstance(value, dict) or part not in value:
-                    raise ValueError(f"{config_path}: missing key {key!r}")
-                value = value[part]
-            return value
+        def get(key: str, kind: type | tuple[type, ...] | None = None, expected: str = "") -> Any:
+            return _get(config, config_path, key, kind, expected)
 
         version = get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ValueError(
+        if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+            raise ModelFolderError(
                 f"{config_path}: format_version {version!r} is newer than this fusionzoo reads "
                 f"({FORMAT_VERSION}); upgrade fusionzoo (the model was saved by fusionzoo "
                 f"{config.get('fusionzoo_version', '?')})"
@@ -468,16 +479,25 @@ class FusionModel(nn.Module):
         task_spec = _lookup(TASKS, get("task"), config_path, "task")
         fusion_cls = _lookup(FUSIONS, get("fusion.name"), config_path, "fusion.name")
         head_cls = _lookup(HEADS, get("head.name"), config_path, "head.name")
+        fusion_config = get("fusion.config", dict, "an object")
+        head_kwargs = get("head.kwargs", dict, "an object")
+        vocabulary = _saved_vocabulary(config, config_path, task_spec)
+        _check_optional(config, config_path)
 
-        vision = build_vision_encoder(get("vision.spec"), pretrained=False)
-        vision.data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in get("vision.data_config").items()}
-        text = TextEncoder.from_saved(directory, get("text.spec"))
-        fusion = fusion_cls(text.out_dim, vision.out_dim, **get("fusion.config"))
-        vocabulary = get(task_spec.vocabulary_key) if task_spec.vocabulary_key else None
-        head = head_cls.from_parts(fusion, text, vocabulary, **get("head.kwargs"))
+        vision = rebuild_saved_vision_encoder(
+            get("vision.spec"), get("vision.data_config"),
+            folder=folder, config_path=config_path, allow_download=allow_download,
+        )
+        text = _load_text_encoder(folder, config_path, get("text.spec", (dict, str), "an object"),
+                                  get("text", dict, "an object").get("tokenizer_size"))
+        with _as_folder_error(config_path, "fusion.config", "does not build the fusion"):
+            fusion = fusion_cls(text.out_dim, vision.out_dim, **fusion_config)
+        with _as_folder_error(config_path, "head.kwargs", "does not build the head"):
+            head = head_cls.from_parts(fusion, text, vocabulary, **head_kwargs)
         model_config = {k: v for k, v in config.items() if k not in ("format_version", "fusionzoo_version")}
-        model = cls(vision, text, fusion, head, model_config)
-        safetensors.torch.load_model(model, str(weights_path), strict=True)
+        with _as_folder_error(config_path, "task", "does not describe a model that fits together"):
+            model = cls(vision, text, fusion, head, model_config)
+        _load_weights(model, folder / WEIGHTS_NAME, config_path)
         if config.get("freeze_encoders"):
             model.vision.freeze()
             model.text.freeze()
@@ -498,6 +518,10 @@ def _last_position(fused: FusionOutput) -> FusionOutput:
 
 def _lookup(registry: Any, name: Any, config_path: Path, key: str) -> Any:
     """``registry.get(name)`` with an error that names the checkpoint file and key."""
+    if not isinstance(name, str):
+        raise ModelFolderError(
+            f"{config_path}: key {key!r} must be the name of a registered {registry.kind}, got {name!r}"
+        )
     try:
         return registry.get(name)
     except RegistryError as exc:
@@ -507,16 +531,203 @@ def _lookup(registry: Any, name: Any, config_path: Path, key: str) -> Any:
         ) from exc
 
 
+# -- reading a model folder as data -------------------------------------------------------------
+TOKENIZER_CONFIG = "tokenizer_config.json"
+TOKENIZER_FILE = "tokenizer.json"  # the vocabulary of a tokenizers-backed ("fast") tokenizer
+
+
+class _MissingModelFile(ModelFolderError, FileNotFoundError):
+    """A model folder, or a file every saved model has, that is not there."""
+
+
+def _check_inside(folder: Path, path: Path) -> None:
+    """A ModelFolderError unless ``path`` resolves (symlinks followed) inside ``folder``."""
+    root, resolved = folder.resolve(), path.resolve()
+    if not resolved.is_relative_to(root):
+        raise ModelFolderError(
+            f"{path} resolves to {resolved}, outside the model folder {root}: a model folder holds its own "
+            "files (a symlink in it may only point inside it)"
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``, or a ModelFolderError naming the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFolderError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ModelFolderError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    """config.json of ``folder``, once it and model.safetensors are known to be files inside it."""
+    if not folder.is_dir():
+        raise _MissingModelFile(f"no saved fusionzoo model at {folder}: the folder does not exist")
+    for path in (folder / CONFIG_NAME, folder / WEIGHTS_NAME):
+        if not path.is_file():
+            raise _MissingModelFile(
+                f"{path} not found: a model saved by FusionModel.save_pretrained has {CONFIG_NAME} and "
+                f"{WEIGHTS_NAME} (a folder without {CONFIG_NAME} is an incomplete save)"
+            )
+        _check_inside(folder, path)
+    return _read_json(folder / CONFIG_NAME)
+
+
+def _get(config: dict[str, Any], config_path: Path, key: str, kind: type | tuple[type, ...] | None = None,
+         expected: str = "") -> Any:
+    """``config[a][b]`` for ``key="a.b"``; a ModelFolderError naming the key if it is missing or not ``kind``."""
+    value: Any = config
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ModelFolderError(f"{config_path}: missing key {key!r}")
+        value = value[part]
+    if kind is not None and not isinstance(value, kind):
+        raise ModelFolderError(f"{config_path}: key {key!r} must be {expected}, got {value!r}")
+    return value
+
+
+def _saved_vocabulary(config: dict[str, Any], config_path: Path, task_spec: Any) -> list[str] | None:
+    """The ``answers`` / ``labels`` of config.json for the task, checked as create_model checks them."""
+    key = task_spec.vocabulary_key
+    if not key:
+        return None
+    value = _get(config, config_path, key, list, "a list of strings")
+    with _as_folder_error(config_path, key, "is not a valid output vocabulary"):
+        return _check_vocabulary(config["task"], key, {key: value})
+
+
+def _check_optional(config: dict[str, Any], config_path: Path) -> None:
+    """``max_text_len`` (an int >= 2) and ``freeze_encoders`` (a bool), where config.json has them."""
+    max_text_len = config.get("max_text_len", 32)
+    if not isinstance(max_text_len, int) or isinstance(max_text_len, bool) or max_text_len < 2:
+        raise ModelFolderError(f"{config_path}: key 'max_text_len' must be an int >= 2, got {max_text_len!r}")
+    if not isinstance(config.get("freeze_encoders", False), bool):
+        raise ModelFolderError(f"{config_path}: key 'freeze_encoders' must be true or false, "
+                               f"got {config['freeze_encoders']!r}")
+
+
+@contextlib.contextmanager
+def _as_folder_error(config_path: Path, key: str, what: str) -> Iterator[None]:
+    """Turn a ValueError / TypeError raised while building from ``key`` into a ModelFolderError naming it."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        if isinstance(exc, ModelFolderError):
+            raise
+        raise ModelFolderError(f"{config_path}: key {key!r} {what}: {exc}") from exc
+
+
+def _check_text_files(folder: Path) -> None:
+    """text_encoder/ and tokenizer/ hold their files, all inside the folder, and name no file elsewhere.
+
+    A tokenizer_config.json may not point the tokenizer at a vocabulary outside tokenizer/
+    (transformers opens a string under ``vocab``, ``merges`` or a ``*_file`` key as a path).
+    """
+    for name in (CONFIG_DIR, TOKENIZER_DIR):
+        path = folder / name
+        if not path.is_dir():
+            raise _MissingModelFile(
+                f"{path} not found: a model saved by FusionModel.save_pretrained has the folders "
+                f"{CONFIG_DIR}/ and {TOKENIZER_DIR}/ (written by TextEncoder.save_config)"
+            )
+        _check_inside(folder, path)
+        for entry in sorted(path.rglob("*")):
+            _check_inside(folder, entry)
+    tokenizer_dir = folder / TOKENIZER_DIR
+    expected = [folder / CONFIG_DIR / CONFIG_NAME, tokenizer_dir / TOKENIZER_CONFIG]
+    for path in expected:
+        if not path.is_file():
+            raise _MissingModelFile(f"{path} not found: TextEncoder.save_config writes it into every saved model")
+    _read_json(folder / CONFIG_DIR / CONFIG_NAME)
+    tokenizer_config = _read_json(tokenizer_dir / TOKENIZER_CONFIG)
+    backend = tokenizer_config.get("backend", "tokenizers")
+    if backend == "tokenizers" and not (tokenizer_dir / TOKENIZER_FILE).is_file():
+        raise _MissingModelFile(
+            f"{tokenizer_dir / TOKENIZER_FILE} not found: {tokenizer_dir / TOKENIZER_CONFIG} describes a "
+            f"tokenizers-backed tokenizer, whose vocabulary is that file (without it every word would be [UNK])"
+        )
+    inside = tokenizer_dir.resolve()
+    for key, value in tokenizer_config.items():
+        if key in ("vocab", "merges") or key.endswith("_file"):
+            paths = [value]
+        elif key.endswith("_files"):
+            paths = value if isinstance(value, list) else [value]
+        else:
+            continue
+        for item in paths:
+            if isinstance(item, str) and item and not Path(item).resolve().is_relative_to(inside):
+                raise ModelFolderError(
+                    f"{tokenizer_dir / TOKENIZER_CONFIG}: key {key!r} names the file {item!r}, outside {inside}; "
+                    f"a saved tokenizer keeps its files in {TOKENIZER_DIR}/ under their standard names"
+                )
+
+
+def _load_text_encoder(folder: Path, config_path: Path, spec: Any, tokenizer_size: Any) -> TextEncoder:
+    """The text encoder of text_encoder/ and tokenizer/, its tokenizer checked against the embedding table.
+
+    ``tokenizer_size`` (config.json's ``text.tokenizer_size``, written since it was added) is the
+    tokenizer length saved with the model; folders without it must have exactly one embedding
+    row per token.
+    """
+    if tokenizer_size is not None and not (type(tokenizer_size) is int and tokenizer_size > 0):
+        raise ModelFolderError(
+            f"{config_path}: key 'text.tokenizer_size' must be a positive int, got {tokenizer_size!r}"
+        )
+    _check_text_files(folder)
+    config_dir, tokenizer_dir = folder / CONFIG_DIR, folder / TOKENIZER_DIR
+    try:
+        text = TextEncoder.from_saved(folder, spec)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelFolderError(
+            f"{config_dir / CONFIG_NAME} and {tokenizer_dir}/ do not rebuild a text encoder: {exc}"
+        ) from exc
+    tokens, rows = len(text.tokenizer), text.vocab_size
+    expected = rows if tokenizer_size is None else tokenizer_size
+    if tokens != expected:
+        if tokenizer_size is None:
+            said = f"the embedding table of {config_dir / CONFIG_NAME} has {rows} rows"
+        else:
+            said = f"{config_path} key 'text.tokenizer_size' says {tokenizer_size} (embedding table: {rows} rows)"
+        raise ModelFolderError(
+            f"{tokenizer_dir}/: the tokenizer has {tokens} tokens but {said}; a tokenizer file is missing or "
+            "comes from another model (save_pretrained writes the tokenizer the model was trained with)"
+        )
+    return text
+
+
+def _load_weights(model: nn.Module, weights_path: Path, config_path: Path) -> None:
+    """Load model.safetensors strictly; a ModelFolderError if it does not fit the architecture."""
+    try:
+        safetensors.torch.load_model(model, str(weights_path), strict=True)
+    except (RuntimeError, safetensors.SafetensorError) as exc:
+        raise ModelFolderError(
+            f"{weights_path} does not fit the architecture {config_path} describes: {exc}"
+        ) from exc
+
+
+def _apply_umask(staging: Path) -> None:
+    """Give every folder 0777 and every file 0666 less the umask, as ``mkdir`` and ``open`` would.
+
+    ``mkdtemp`` makes the staging folder private (0700) and safetensors writes its file 0600.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [staging, *staging.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def _publish(staging: Path, target: Path) -> None:
     """Move the files of ``staging`` into ``target`` so that a crash leaves no loadable half-model.
 
     A new folder is one atomic rename. Into an existing folder, its old
     config.json is removed first, the other entries are replaced one by one
-    (each an atomic rename), and the new config.json comes last.
+    (each an atomic rename), and the new config.json comes last. Every file and
+    folder gets the mode the umask allows.
     """
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it private
+    _apply_umask(staging)
     if not target.exists():
         os.rename(staging, target)
         return
@@ -654,6 +865,15 @@ def create_model(
     return FusionModel(vision_encoder, text_encoder, fusion_module, head, config)
 
 
-def load_model(directory: str | os.PathLike, device: str | torch.device | None = None) -> FusionModel:
-    """Load a model saved by :meth:`FusionModel.save_pretrained` (see :meth:`FusionModel.from_pretrained`)."""
-    return FusionModel.from_pretrained(directory, device=device)
+def load_model(
+    directory: str | os.PathLike,
+    device: str | torch.device | None = None,
+    *,
+    allow_download: bool = False,
+) -> FusionModel:
+    """Load a model saved by :meth:`FusionModel.save_pretrained` (see :meth:`FusionModel.from_pretrained`).
+
+    The folder's files are treated as untrusted data; nothing is downloaded unless
+    ``allow_download=True`` (only an ``hf-hub:`` image encoder name needs it).
+    """
+    return FusionModel.from_pretrained(directory, device=device, allow_download=allow_download)

@@ -225,7 +225,9 @@ class TextEncoder(nn.Module):
     def from_saved(cls, directory: str | os.PathLike, spec: dict[str, Any]) -> TextEncoder:
         """Rebuild the architecture written by :meth:`save_config`, with random weights.
 
-        The caller loads the state dict afterwards.
+        The caller loads the state dict afterwards. Only the two folders are read: nothing is
+        downloaded and no code shipped with a config is run (``local_files_only``,
+        ``trust_remote_code=False``).
         """
         directory = Path(directory)
         config_dir, tokenizer_dir = directory / CONFIG_DIR, directory / TOKENIZER_DIR
@@ -235,8 +237,8 @@ class TextEncoder(nn.Module):
                     f"{folder} not found: expected the folders {CONFIG_DIR}/ and {TOKENIZER_DIR}/ "
                     "written by TextEncoder.save_config"
                 )
-        config = AutoConfig.from_pretrained(config_dir)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        config = AutoConfig.from_pretrained(config_dir, local_files_only=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True, trust_remote_code=False)
         return cls(model_from_config(config), tokenizer, spec)
 
     def extra_repr(self) -> str:

@@ -121,6 +121,7 @@ from ..version import __version__
 from .config import ConfigError, TrainConfig
 from .loop import NonFiniteLossError, Recipe, RecipeData, StepContext, StepOutput, run
 from .processes import ProcessView
+from ..tasks.common import SkipBadImages
 from .trainer import _limit, load_matching_weights
 
 __all__ = ["NonFiniteLossError", "PretrainModel", "PretrainRecipe", "ProcessView", "build_pretrain_model", "pretrain"]
@@ -512,9 +513,6 @@ class PretrainModel(nn.Module):
         try:
             safetensors.torch.save_file(self.export_state_dict(), str(staging / WEIGHTS_NAME),
                                         metadata={"kind": PRETRAIN_KIND})
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(staging / WEIGHTS_NAME, 0o666 & ~umask)  # safetensors writes it private (0600)
             self.text.save_config(staging)
             (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
             _publish(staging, directory)
@@ -644,11 +642,18 @@ def cache_image_features(vision: VisionEncoder, images: Any, batch_size: int, ac
     if not vision.frozen:
         raise ValueError("only a frozen vision encoder's features can be cached")
     vision.to(accelerator.device)
-    loader = DataLoader(images, batch_size=batch_size, shuffle=False,
-                        collate_fn=lambda items: ([it["image_id"] for it in items],
-                                                  torch.stack([it["pixel_values"] for it in items])))
+    skipped = SkipBadImages(lambda items: items, training=False)  # counts and names unreadable images
+
+    def collate(items: list[dict[str, Any]]) -> tuple[list[int], Tensor | None]:
+        good = [it for it in items if it.get("pixel_values") is not None]
+        skipped.note([it for it in items if it.get("pixel_values") is None])
+        return [it["image_id"] for it in good], (torch.stack([it["pixel_values"] for it in good]) if good else None)
+
+    loader = DataLoader(images, batch_size=batch_size, shuffle=False, collate_fn=collate)
     ids, states = [], []
     for image_ids, pixels in loader:
+        if pixels is None:
+            continue
         with accelerator.autocast():
             tokens = vision(pixels.to(accelerator.device)).tokens  # (b, N, Di)
         ids.extend(image_ids)
@@ -698,7 +703,7 @@ def prepare_pretrain_data(config: TrainConfig, model: PretrainModel, accelerator
     if eval_split is None:
         eval_split = next((s for s in ("val", "validation", "test") if s in data), None)
     collate = data.collator(model.text.tokenize, config.max_text_len)
-    with_pixels = data.with_image_transform(model.vision.transform(train=False))
+    with_pixels = data.with_image_transform(model.vision.transform(train=False), skip_bad=config.skip_bad)
     use_cache = model.vision.frozen and accelerator is not None
     source = data if use_cache else with_pixels  # cached: pairs without pixels, their images encoded once
 
@@ -707,6 +712,8 @@ def prepare_pretrain_data(config: TrainConfig, model: PretrainModel, accelerator
     if eval_split is not None and config.max_eval_samples != 0:
         eval_pairs = _limit(source.pairs(eval_split), config.max_eval_samples, config.seed)
     if not use_cache:
+        if config.skip_bad:
+            collate = SkipBadImages(collate, training=True)
         return PretrainData(train=train, eval=eval_pairs, collate=collate, eval_split=eval_split)
 
     wanted = set(train.with_format(None)["image_id"])
@@ -716,6 +723,10 @@ def prepare_pretrain_data(config: TrainConfig, model: PretrainModel, accelerator
         splits.append(eval_split)
     images = _image_rows(with_pixels, splits, wanted)
     cache = cache_image_features(model.vision, images, config.effective_eval_batch_size, accelerator)
+    if len(cache) < len(wanted):  # skip_bad: images that could not be decoded take their captions along
+        train = train.filter(lambda row: row["image_id"] in cache.row)
+        if eval_pairs is not None:
+            eval_pairs = eval_pairs.filter(lambda row: row["image_id"] in cache.row)
     return PretrainData(train=train, eval=eval_pairs, collate=CachedImageCollate(collate, cache),
                         eval_split=eval_split, cache=cache)
 
