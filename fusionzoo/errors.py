@@ -35,6 +35,10 @@ class ModelFolderError(CheckpointError):
     """A saved model folder whose ``config.json`` or files are not what ``load_model`` accepts."""
 
 
+class MissingModelFileError(ModelFolderError, FileNotFoundError):
+    """A model folder, or a file every saved model has, that is not there."""
+
+
 class OutputDirError(FusionZooError, ValueError):
     """An ``output_dir`` that holds another run's checkpoints or model (nothing there is touched)."""
 

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from .encoders import TextEncoder, VisionEncoder, build_text_encoder, build_vision_encoder
 from .encoders.text import CONFIG_DIR, TOKENIZER_DIR
 from .encoders.vision import rebuild_saved_vision_encoder
-from .errors import ModelFolderError
+from .errors import MissingModelFileError, ModelFolderError
 from .fusions.base import FusionModule, FusionOutput
 from .layers import KVCache
 from .losses import IGNORE_INDEX
@@ -536,10 +536,6 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 TOKENIZER_FILE = "tokenizer.json"  # the vocabulary of a tokenizers-backed ("fast") tokenizer
 
 
-class _MissingModelFile(ModelFolderError, FileNotFoundError):
-    """A model folder, or a file every saved model has, that is not there."""
-
-
 def _check_inside(folder: Path, path: Path) -> None:
     """A ModelFolderError unless ``path`` resolves (symlinks followed) inside ``folder``."""
     root, resolved = folder.resolve(), path.resolve()
@@ -564,10 +560,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _read_config(folder: Path) -> dict[str, Any]:
     """config.json of ``folder``, once it and model.safetensors are known to be files inside it."""
     if not folder.is_dir():
-        raise _MissingModelFile(f"no saved fusionzoo model at {folder}: the folder does not exist")
+        raise MissingModelFileError(f"no saved fusionzoo model at {folder}: the folder does not exist")
     for path in (folder / CONFIG_NAME, folder / WEIGHTS_NAME):
         if not path.is_file():
-            raise _MissingModelFile(
+            raise MissingModelFileError(
                 f"{path} not found: a model saved by FusionModel.save_pretrained has {CONFIG_NAME} and "
                 f"{WEIGHTS_NAME} (a folder without {CONFIG_NAME} is an incomplete save)"
             )
@@ -628,7 +624,7 @@ def _check_text_files(folder: Path) -> None:
     for name in (CONFIG_DIR, TOKENIZER_DIR):
         path = folder / name
         if not path.is_dir():
-            raise _MissingModelFile(
+            raise MissingModelFileError(
                 f"{path} not found: a model saved by FusionModel.save_pretrained has the folders "
                 f"{CONFIG_DIR}/ and {TOKENIZER_DIR}/ (written by TextEncoder.save_config)"
             )
@@ -639,12 +635,12 @@ def _check_text_files(folder: Path) -> None:
     expected = [folder / CONFIG_DIR / CONFIG_NAME, tokenizer_dir / TOKENIZER_CONFIG]
     for path in expected:
         if not path.is_file():
-            raise _MissingModelFile(f"{path} not found: TextEncoder.save_config writes it into every saved model")
+            raise MissingModelFileError(f"{path} not found: TextEncoder.save_config writes it into every saved model")
     _read_json(folder / CONFIG_DIR / CONFIG_NAME)
     tokenizer_config = _read_json(tokenizer_dir / TOKENIZER_CONFIG)
     backend = tokenizer_config.get("backend", "tokenizers")
     if backend == "tokenizers" and not (tokenizer_dir / TOKENIZER_FILE).is_file():
-        raise _MissingModelFile(
+        raise MissingModelFileError(
             f"{tokenizer_dir / TOKENIZER_FILE} not found: {tokenizer_dir / TOKENIZER_CONFIG} describes a "
             f"tokenizers-backed tokenizer, whose vocabulary is that file (without it every word would be [UNK])"
         )
