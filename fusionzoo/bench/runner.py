@@ -13,7 +13,8 @@
    train them on the train split (:func:`~fusionzoo.bench.loop.train_model`),
    score the test split, and average over the seeds;
 4. write ``results.json``, ``results.md``, ``run.json`` and the plots
-   (:mod:`fusionzoo.bench.report`) to ``--out``.
+   (:mod:`fusionzoo.bench.report`) to ``--out``, replacing the report there, and
+   print the results tables.
 
 Training settings (:data:`TASK_SETTINGS`, :data:`FUSION_SETTINGS`, :data:`COMMON_FUSION_KWARGS`,
 :data:`TASK_FUSION_KWARGS`) were tuned so
@@ -27,6 +28,7 @@ import logging
 import math
 import os
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -41,7 +43,7 @@ from ..model import FusionModel
 from ..registry import FUSIONS, HEADS
 from ..tasks import get_task
 from .baselines import REFERENCES
-from .cache import FeatureCache
+from .cache import FeatureCache, default_cache_dir
 from .features import image_features, image_preprocessing, text_features
 from .loop import (
     FeatureView,
@@ -178,14 +180,6 @@ class BenchConfig:
     image_size: int | None = None
     image_grid: int | None = None
     progress: bool = True
-
-
-def default_cache_dir() -> Path:
-    """``$FUSIONZOO_CACHE``, else ``$XDG_CACHE_HOME/fusionzoo/features``, else ``~/.cache/fusionzoo/features``."""
-    if os.environ.get("FUSIONZOO_CACHE"):
-        return Path(os.environ["FUSIONZOO_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "fusionzoo" / "features"
 
 
 def reference_fusions() -> list[str]:
@@ -575,9 +569,9 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
 
     Args:
         config: see :class:`BenchConfig`.
-        echo: where the per-task summary lines and status messages go.
+        echo: where the status messages, the per-task summary lines and the final results tables go.
     """
-    from .report import summary_line, write_report
+    from .report import majority_prior, print_results, summary_line, write_report
 
     started = time.perf_counter()
     suite = SUITES.get(config.suite)
@@ -633,7 +627,9 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
         finished[index] = row
         of_task = [i for i, (task_index, _, _) in enumerate(work) if task_index == t]
         if all(i in finished for i in of_task):
-            echo(summary_line(tasks[t], [finished[i] for i in of_task], time.perf_counter() - rows_start))
+            with tqdm.external_write_mode():  # above the progress bar, not glued to its line
+                echo(summary_line(tasks[t], [finished[i] for i in of_task], time.perf_counter() - rows_start))
+                sys.stdout.flush()
     rows = [finished[i] for i in range(len(work))]  # `work` is in task, then fusion order
 
     run_info = {
@@ -641,6 +637,7 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
         "tasks": [task.name for task in tasks],
         "task_descriptions": {task.name: task.description for task in tasks},
         "question_prior": {task.name: prior for task in tasks if (prior := question_prior(task)) is not None},
+        "majority_prior": {task.name: prior for task in tasks if (prior := majority_prior(task)) is not None},
         "headline_metrics": {task.name: task.metric for task in tasks},
         "fusions": fusions,
         "seeds": list(config.seeds),
@@ -656,4 +653,5 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
     run_info["wall_seconds"] = round(time.perf_counter() - started, 1)
     echo(f"wrote {Path(config.out) / 'results.md'} (and results.json, run.json, plots) "
          f"in {run_info['wall_seconds']:.0f}s")
+    print_results(rows, run_info, echo)
     return rows

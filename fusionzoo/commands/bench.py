@@ -19,7 +19,10 @@ cached on disk (memory-mapped, float16), keyed by a hash of the encoder weights,
 preprocessing and the inputs; a second run skips extraction and says so.
 
 Report in --out: results.json (one object per task x fusion), results.md (the tables),
-run.json (machine, wall time, cache hits), captions.json (captioning), PNG plots.
+run.json (machine, wall time, cache hits), captions.json (captioning), PNG plots. A new
+report replaces the files of the previous one there (as its run.json lists them); other
+files in --out are left alone. With several --seeds, tables give mean ± sd over the seeds
+and plots error bars. `fusionzoo cache list` / `fusionzoo cache clear` manage the cache.
 
 examples:
   fusionzoo bench                                  easy-VQA, every fusion, one seed
@@ -38,8 +41,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "bench",
         help="benchmark every fusion on easy-VQA (default) or real COCO tasks; writes a report",
         description="Train each fusion (plus text-only and image-only references) on frozen, cached "
-        "encoder features and score it on the test split; print a summary line per task and write "
-        "results.json, results.md, run.json and plots.",
+        "encoder features and score it on the test split; write results.json, results.md, run.json "
+        "and plots to --out (replacing the previous report there) and print the results tables.",
         epilog=BENCH_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

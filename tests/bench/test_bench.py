@@ -157,6 +157,8 @@ def test_bench_quick_easy_vqa_writes_report_and_reuses_cache(tmp_path: Path, cap
     assert main(args) == 0
     first = capsys.readouterr().out
     assert "2 misses" in first and "easy-vqa (accuracy" in first  # extracted; one summary line per task
+    tail = first.split("\nwrote ")[-1]  # the results table comes last, on lines of its own
+    assert "\n## easy-vqa: test accuracy" in tail and "\n| fusion | accuracy |" in tail
 
     rows = _rows(out)
     assert len(rows) == 8 and all(set(row) == RESULT_KEYS for row in rows)
@@ -183,7 +185,9 @@ def test_bench_quick_easy_vqa_writes_report_and_reuses_cache(tmp_path: Path, cap
     again = tmp_path / "again"
     assert main([*args[:-4], "--out", str(again), "--cache-dir", str(cache), "--fusions", "late_voting,text_only",
                  "--seeds", "0", "1", "--jobs", "1"]) == 0
-    assert "extraction skipped" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "extraction skipped" in printed and "mean ± sd over 2 seeds" in printed
+    assert "_std" not in (again / "results.md").read_text()
     run = json.loads((again / "run.json").read_text())
     assert (run["cache"]["hits"], run["cache"]["misses"]) == (2, 0)
     rows = _rows(again)
