@@ -17,10 +17,22 @@ Modules, in the order a run uses them:
 * :mod:`~fusionzoo.bench.report` -- results.json, results.md, run.json and the plots.
 """
 
-from .baselines import REFERENCES, ImageOnlyReference, TextOnlyReference
-from .cache import FeatureCache, cache_key, fingerprint_files, fingerprint_module, fingerprint_texts
-from .runner import BenchConfig, run_bench
-from .suites import SUITES
+import importlib
+from typing import Any
+
+# Names imported on first use (PEP 562): `fusionzoo cache list` reads the cache without torch.
+_LAZY = {
+    "REFERENCES": "baselines", "ImageOnlyReference": "baselines", "TextOnlyReference": "baselines",
+    "FeatureCache": "cache", "cache_key": "cache", "fingerprint_files": "cache", "fingerprint_module": "cache",
+    "fingerprint_texts": "cache", "BenchConfig": "runner", "run_bench": "runner", "SUITES": "suites",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "REFERENCES",
