@@ -18,7 +18,12 @@ configuration: an optional YAML file, then key=value overrides applied in order
   vision, text    encoder presets (efficientnet-lite0, minilm-l6, tiny) or timm / hub names
   output_dir      where checkpoints, metrics.json and the final model go
   max_steps | epochs, batch_size, lr, seed, mixed_precision (no | bf16 | fp16)
-  freeze_encoders, save_every (steps), keep_last, resume (auto | PATH), init_from
+  freeze_encoders, save_every (steps), keep_last, init_from
+  resume          auto (latest checkpoint in output_dir, or a fresh start) | a checkpoint folder
+  overwrite       true: replace another run found in output_dir (refused otherwise)
+  skip_bad        true: leave out bad entries and undecodable images, with a warning
+  verify_images   true: decode every image once when the data is loaded
+Ctrl-C or SIGTERM saves a checkpoint after the current step (exit 130); --debug shows tracebacks.
 Every key: fusionzoo train --show-config.
 """
 
