@@ -1,6 +1,6 @@
-"""``fusionzoo score``: official VQA v2 accuracy and COCO caption scores of results files.
+"""``fusionzoo score``: official VQA v2 accuracy, COCO caption scores and image-text retrieval recall@K.
 
-Two subcommands, each printing one JSON object on stdout:
+Three subcommands, each printing one JSON object on stdout:
 
 * ``fusionzoo score vqa --questions Q.json --annotations A.json --results R.json``
   -> ``{"overall", "perAnswerType", "perQuestionType"}``
@@ -8,7 +8,10 @@ Two subcommands, each printing one JSON object on stdout:
   computes it today; ``--legacy-pre-2021`` for the code before its March 2021 fix;
 * ``fusionzoo score captions --annotations captions.json --results results.json``
   -> ``{"Bleu_1", ..., "CIDEr", "SPICE": null, "notes": {"SPICE": ...}}``
-  (:func:`fusionzoo.tasks.caption_eval.score_captions`).
+  (:func:`fusionzoo.tasks.caption_eval.score_captions`);
+* ``fusionzoo score retrieval --annotations dataset_coco.json --scores scores.npz``
+  -> ``{"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"}`` on one line
+  (:func:`fusionzoo.tasks.retrieval_eval.score_retrieval`).
 
 Bad input exits with status 2 and one line on stderr naming the file and entry.
 """
@@ -65,15 +68,49 @@ example:
 """
 
 
+RETRIEVAL_EPILOG = """\
+files:
+  --annotations  which image each caption describes; may hold more images than the
+                 score file (a whole Karpathy file with every split). Either
+                 a Karpathy split file (dataset_coco.json, dataset_flickr30k.json):
+                   {"images": [{"cocoid" (COCO) or "imgid" (Flickr30K, which has no
+                     cocoid), "split", "sentences": [{"sentid", "raw"}, ...]}, ...]}
+                 or an official COCO captions file (captions_val2014.json):
+                   {"images": [{"id"}, ...],
+                    "annotations": [{"id", "image_id", "caption"}, ...]}
+  --scores       an .npz archive (fusionzoo.tasks.retrieval_eval.save_scores) with
+                   i2t          (images x captions) image-query -> caption scores
+                   t2i          (captions x images) caption-query -> image scores
+                   image_ids    (images,)   Karpathy cocoid (imgid for Flickr30K) or COCO images[].id
+                   caption_ids  (captions,) Karpathy sentid or COCO annotations[].id
+                 rows and columns in any order; higher scores are better; every
+                 caption's image must be among image_ids, every image must have a caption.
+
+scores (percent, ALBEF's and BLIP's definitions), over the score file's images and captions:
+  txt_r1 txt_r5 txt_r10  image -> text retrieval: the share of images with one of their
+                         captions among the top K of all captions (from i2t)
+  img_r1 img_r5 img_r10  text -> image retrieval: the share of captions whose image is
+                         among the top K of all images (from t2i)
+  r_mean                 the mean of the six
+Ties count against the query: a wrong candidate scored the same as the best right one
+ranks above it (so the order of rows and columns never matters). The JSON object is
+the last line of stdout; a summary of what was scored goes to stderr.
+
+example:
+  fusionzoo score retrieval --annotations dataset_coco.json --scores coco_test_scores.npz
+"""
+
+
 def _add_score(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "score",
-        help="score results files: official VQA v2 accuracy or COCO caption metrics",
+        help="score results files: official VQA v2 accuracy, COCO caption metrics or retrieval recall@K",
         description="Score a results file against the official annotations and print the scores as JSON.",
-        epilog="run `fusionzoo score vqa --help` or `fusionzoo score captions --help` for the file formats",
+        epilog="run `fusionzoo score vqa --help`, `fusionzoo score captions --help` or "
+               "`fusionzoo score retrieval --help` for the file formats",
     )
     p.set_defaults(func=lambda args: _missing_kind(p))
-    kinds = p.add_subparsers(dest="kind", metavar="{vqa,captions}")
+    kinds = p.add_subparsers(dest="kind", metavar="{vqa,captions,retrieval}")
 
     vqa = kinds.add_parser(
         "vqa",
@@ -105,6 +142,21 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
                           help="the generated captions")
     _add_output_options(captions)
     captions.set_defaults(func=_run_score_captions)
+
+    retrieval = kinds.add_parser(
+        "retrieval",
+        help="image-text retrieval recall@1/5/10 both ways (ALBEF/BLIP, COCO or Flickr30K Karpathy test)",
+        description="Recall@1/5/10 of image -> text (txt_*) and text -> image (img_*) retrieval from a "
+                    "score file of image-caption scores, as ALBEF and BLIP report them.",
+        epilog=RETRIEVAL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    retrieval.add_argument("--annotations", required=True, type=Path, metavar="FILE",
+                           help="Karpathy split file or COCO captions file: each caption id's image id")
+    retrieval.add_argument("--scores", required=True, type=Path, metavar="PATH",
+                           help="the .npz score file (i2t, t2i, image_ids, caption_ids)")
+    retrieval.add_argument("--output", type=Path, metavar="PATH", help="also write the JSON scores to this file")
+    retrieval.set_defaults(func=_run_score_retrieval, indent=None)  # one line: the last line of stdout
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
@@ -152,3 +204,18 @@ def _run_score_captions(args: argparse.Namespace) -> int:
     except (ScoreInputError, JavaNotFoundError, CaptionScorerError, ImportError) as exc:
         return _fail(exc)
     return _emit({**scores, "notes": {"SPICE": SPICE_NOTE}}, args)
+
+
+def _run_score_retrieval(args: argparse.Namespace) -> int:
+    from fusionzoo.tasks.retrieval_eval import load_retrieval_annotations, load_scores, score_retrieval
+    from fusionzoo.tasks.vqa_eval import ScoreInputError
+
+    try:
+        annotations = load_retrieval_annotations(args.annotations)
+        scores = load_scores(args.scores)
+        recalls = score_retrieval(annotations, scores)
+    except ScoreInputError as exc:
+        return _fail(exc)
+    print(f"retrieval: {len(scores.image_ids)} images x {len(scores.caption_ids)} captions of {scores.file}, "
+          f"captions' images from {annotations.file} ({annotations.schema} schema)", file=sys.stderr)
+    return _emit(recalls, args)

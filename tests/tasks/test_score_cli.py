@@ -224,7 +224,7 @@ def test_captions_without_java_exits_2(tmp_path: Path, capsys: pytest.CaptureFix
 
 def test_score_without_kind_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _run(["score"], capsys)
-    assert code == 2 and "{vqa,captions}" in err
+    assert code == 2 and "{vqa,captions,retrieval}" in err
     with pytest.raises(SystemExit) as info:
         main(["score", "vqa", "--help"])
     assert info.value.code == 0
