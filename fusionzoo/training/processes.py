@@ -32,18 +32,22 @@ class ProcessView:
         all_gather_with_grad: the same, differentiable: the gradient that each
             process's loss puts on a gathered row goes back to the process that
             owns it (``torch.distributed.nn.functional.all_gather``).
+        device: the device of this process's tensors (flags are gathered there).
     """
 
     def __init__(self, index: int = 0, count: int = 1, all_gather: Callable[[Tensor], Tensor] | None = None,
-                 all_gather_with_grad: Callable[[Tensor], Tensor] | None = None) -> None:
+                 all_gather_with_grad: Callable[[Tensor], Tensor] | None = None,
+                 device: torch.device | str = "cpu") -> None:
         if count > 1 and (all_gather is None or all_gather_with_grad is None):
             raise ValueError(f"a view of {count} processes needs all_gather and all_gather_with_grad functions")
         self.index, self.count = index, count
+        self.device = torch.device(device)  # where flags are gathered (NCCL gathers CUDA tensors only)
         self._all_gather, self._all_gather_with_grad = all_gather, all_gather_with_grad
 
     @classmethod
     def from_accelerator(cls, accelerator: Any) -> "ProcessView":
-        return cls(accelerator.process_index, accelerator.num_processes, accelerator.gather, _all_gather_with_grad)
+        return cls(accelerator.process_index, accelerator.num_processes, accelerator.gather, _all_gather_with_grad,
+                   accelerator.device)
 
     def all_finite(self, value: Tensor) -> bool:
         """Whether ``value`` is finite on every process (one decision that all processes share)."""
@@ -56,7 +60,7 @@ class ProcessView:
         """Whether ``flag`` is true on any process (one decision that all processes share)."""
         if self.count == 1:
             return bool(flag)
-        return bool(self._all_gather(torch.tensor([int(flag)])).any())
+        return bool(self._all_gather(torch.tensor([int(flag)], device=self.device)).any())
 
     def gather_with_grad(self, local: Tensor) -> Tensor:
         """(B, ...) on each process -> (count * B, ...), differentiable through every row.
