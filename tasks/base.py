@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from fusionzoo.registry import DATASETS, TASKS, RegistryError
 
-from .common import DataError, model_inputs
+from .common import MissingRootError, model_inputs
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor
@@ -56,6 +56,7 @@ class Task:
         default_dataset: the loader used when ``data=`` is a path rather than a name.
         generates_text: the model writes text (``generate``) instead of choosing an output.
         needs_text: inference takes a text (a question, a hypothesis) with each image.
+        data_kind, data_needs: what the loaded data must be, and the attributes it must have.
     """
 
     head: ClassVar[str]
@@ -64,6 +65,8 @@ class Task:
     default_dataset: ClassVar[str | None] = None
     generates_text: ClassVar[bool] = False
     needs_text: ClassVar[bool] = True
+    data_kind: ClassVar[str] = "data"
+    data_needs: ClassVar[tuple[str, ...]] = ()
 
     @property
     def name(self) -> str:
@@ -92,18 +95,22 @@ class Task:
         loader = DATASETS.get(name)
         try:
             data = call_loader(loader, kwargs)
-        except DataError as exc:
-            if "root" not in kwargs and "needs root=" in str(exc):  # say it with the command line's name
-                from fusionzoo.training.config import ConfigError
+        except MissingRootError as exc:  # say it with the command line's name
+            from fusionzoo.training.config import ConfigError
 
-                raise ConfigError(f"data={name!r} needs data_dir=<its folder> (the dataset's root folder); "
-                                  f"the loader says: {exc}") from exc
-            raise
+            raise ConfigError(f"data={name!r} needs data_dir=<its folder> (the dataset's root folder); "
+                              f"the loader says: {exc}") from exc
         self.check_data(data, name)
         return data
 
     def check_data(self, data: Any, source: str) -> None:
-        """Fail clearly when a loader gives data of another kind than this task reads."""
+        """Fail clearly when a loader gives data of another kind than this task reads (see ``data_needs``)."""
+        missing = [name for name in self.data_needs if not hasattr(data, name)]
+        if missing:
+            example = f"; e.g. data={self.default_dataset} data_dir=<folder>" if self.default_dataset else ""
+            raise RegistryError(f"task {self.name!r} needs {self.data_kind} (with {', '.join(self.data_needs)}); "
+                                f"data={source!r} gave {type(data).__name__}, which has no {', '.join(missing)}"
+                                f"{example}")
 
     def vocabulary(self, data: Any) -> list[str] | None:
         """The output vocabulary a model for ``data`` predicts (``create_model``'s ``vocabulary_key``)."""
@@ -190,10 +197,8 @@ class VQATask(_ChoiceTask):
     def loader_kwargs(self, config: Any) -> dict[str, Any]:
         return {"answers_top_k": config.answers_top_k, "answers_min_count": config.answers_min_count}
 
-    def check_data(self, data: Any, source: str) -> None:
-        if not hasattr(data, "answers"):
-            raise RegistryError(f"task {self.name!r} needs VQA data (with an answer vocabulary); data={source!r} "
-                                f"gave {type(data).__name__}")
+    data_kind = "VQA data"
+    data_needs = ("answers",)
 
     def vocabulary(self, data: Any) -> list[str]:
         return list(data.answers)
@@ -220,10 +225,8 @@ class ClassificationTask(_ChoiceTask):
     description = "image+text classification (e.g. Hateful Memes, image-caption match)"
     default_dataset = "classification-jsonl"
 
-    def check_data(self, data: Any, source: str) -> None:
-        if not hasattr(data, "label_names"):
-            raise RegistryError(f"task {self.name!r} needs classification data (with label names); "
-                                f"data={source!r} gave {type(data).__name__}")
+    data_kind = "classification data"
+    data_needs = ("label_names",)
 
     def vocabulary(self, data: Any) -> list[str]:
         return list(data.label_names)
@@ -255,10 +258,8 @@ class CaptioningTask(Task):
     generates_text = True
     needs_text = False
 
-    def check_data(self, data: Any, source: str) -> None:
-        if not (hasattr(data, "pairs") and hasattr(data, "references")):
-            raise RegistryError(f"task {self.name!r} needs image-caption data; data={source!r} gave "
-                                f"{type(data).__name__}")
+    data_kind = "image-caption data"
+    data_needs = ("pairs", "references")
 
     def train_rows(self, data: Any, split: str) -> Any:
         return data.pairs(split)  # one row per caption; evaluation reads one row per image

@@ -42,6 +42,7 @@ from fusionzoo.registry import register_dataset
 from .common import (
     IGNORE_INDEX,
     DataError,
+    MissingRootError,
     ImageLoader,
     PathLike,
     ProblemLog,
@@ -300,7 +301,7 @@ def load_coco_captions(
     base = Path(root) if root is not None else None
     if files is None:
         if base is None:
-            raise DataError("coco-captions needs root= or files={split: path}", expected="root or files")
+            raise MissingRootError("coco-captions needs root= or files={split: path}", expected="root or files")
         paths = _discover_coco(base)
     elif isinstance(files, Mapping):
         paths = {str(s): Path(p) for s, p in files.items()}
@@ -416,7 +417,7 @@ def load_karpathy_captions(
     """
     base = Path(root) if root is not None else None
     if file is None and base is None:
-        raise DataError("karpathy-captions needs root= or file=", expected="root or file")
+        raise MissingRootError("karpathy-captions needs root= or file=", expected="root or file")
     path = Path(file) if file is not None else _discover_karpathy(base)
     parsed, folder = _parse_karpathy(path, Path(image_root) if image_root else None, base, merge_restval, skip_bad)
     wanted = select_splits(list(parsed), splits, source=path)

@@ -42,6 +42,7 @@ from .caption_data import CaptionData
 from .common import (
     NO_LABEL,
     DataError,
+    MissingRootError,
     LoadReport,
     PathLike,
     ProblemLog,
@@ -315,7 +316,7 @@ def load_classification_jsonl(
     """
     base = Path(root) if root is not None else None
     if files is None and base is None:
-        raise DataError("classification-jsonl needs root= or files={split: path}", expected="root or files")
+        raise MissingRootError("classification-jsonl needs root= or files={split: path}", expected="root or files")
     paths = resolve_files(files, lambda: discover_files([base], "*.jsonl", what="classification JSONL"))
     images = Path(image_root) if image_root is not None else (base or next(iter(paths.values())).parent)
     wanted = select_splits(list(paths), splits, source=base or images)

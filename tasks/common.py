@@ -99,6 +99,10 @@ class DataError(FusionZooError, ValueError):
         super().__init__(message)
 
 
+class MissingRootError(DataError):
+    """A loader was given neither its dataset folder (``root=``; ``data_dir=`` on the command line) nor files."""
+
+
 class UnknownSplitError(FusionZooError, KeyError):
     """A split name that the dataset does not have (message lists the ones it has)."""
 
@@ -498,6 +502,21 @@ class ImageLoader:
         return out
 
 
+class BadImageLog:
+    """Counts rows whose image could not be decoded (``skip_bad=true``) and names the first few in a WARNING."""
+
+    def __init__(self) -> None:
+        self.skipped = 0
+
+    def note(self, bad: list[dict[str, Any]]) -> None:
+        """Count the rows of ``bad`` (items with ``pixel_values`` None and their ``bad_image`` message)."""
+        for item in bad:
+            self.skipped += 1
+            if self.skipped <= SHOW_FIRST:
+                logger.warning("skip_bad=true: left out an unreadable image (%d so far): %s", self.skipped,
+                               item.get("bad_image"))
+
+
 class SkipBadImages:
     """A collate wrapper that leaves out rows whose image could not be decoded (``skip_bad=true``).
 
@@ -505,31 +524,21 @@ class SkipBadImages:
     number of steps): a bad row is replaced by a copy of a good row of the same batch. Evaluation
     batches keep the bad row's place, with a good row's pixels and ``valid`` False, so that
     metrics leave it out while every process still gathers tensors of one shape.
-    The first few bad images are named in a WARNING, and every one is counted.
+    The bad images are counted and the first few named (:class:`BadImageLog`).
 
     Args:
         collate: the task's batch function.
         training: training batches (replace) or evaluation batches (mark).
     """
 
-    SHOW_FIRST = SHOW_FIRST
-
     def __init__(self, collate: Callable[[list[dict[str, Any]]], dict[str, Any]], training: bool) -> None:
         self.collate, self.training = collate, training
-        self.skipped = 0
-
-    def note(self, bad: list[dict[str, Any]]) -> None:
-        """Count the rows of ``bad`` and name the first few in a WARNING."""
-        for item in bad:
-            self.skipped += 1
-            if self.skipped <= self.SHOW_FIRST:
-                logger.warning("skip_bad=true: left out an unreadable image (%d so far): %s", self.skipped,
-                               item.get("bad_image"))
+        self.log = BadImageLog()
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         good = [item for item in items if item.get("pixel_values") is not None]
         bad = [item for item in items if item.get("pixel_values") is None]
-        self.note(bad)
+        self.log.note(bad)
         if bad and not good:
             raise DataError(f"every image of a batch of {len(items)} is unreadable (first: {bad[0].get('bad_image')})",
                             expected="at least one decodable image per batch")

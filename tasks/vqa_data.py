@@ -51,6 +51,7 @@ from fusionzoo.registry import register_dataset
 
 from .common import (
     DataError,
+    MissingRootError,
     PathLike,
     ProblemLog,
     TaskData,
@@ -464,7 +465,7 @@ def load_vqa_v2(
         skip_bad, only_present, verify_images: see :mod:`fusionzoo.tasks.common`.
     """
     if root is None:
-        raise DataError("vqa-v2 needs root= (the folder of the official VQA v2 JSON files)",
+        raise MissingRootError("vqa-v2 needs root= (the folder of the official VQA v2 JSON files)",
                         expected="root=/path/to/vqa_v2")
     root = Path(root)
     files = _discover_v2(root)
@@ -546,7 +547,7 @@ def load_vqa_jsonl(
     """
     base = Path(root) if root is not None else None
     if files is None and base is None:
-        raise DataError("vqa-jsonl needs root= (a folder of *.jsonl files) or files={split: path}",
+        raise MissingRootError("vqa-jsonl needs root= (a folder of *.jsonl files) or files={split: path}",
                         expected="root or files")
     paths = resolve_files(files, lambda: discover_files([base, base / "vqa"], "*.jsonl", what="VQA JSONL"))
     if image_root is not None:

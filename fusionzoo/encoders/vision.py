@@ -325,10 +325,19 @@ def build_vision_encoder(spec: str | dict[str, Any], pretrained: bool = True, **
         return encoder
 
     name = spec["name"]
-    # timm accepts "arch", "arch.pretrained_tag" and hub/folder prefixes.
-    if not (timm.is_model(name) or name.startswith(("hf-hub:", "local-dir:"))):
-        raise _unknown_name(name)
+    check_vision_name(name)
     return create_timm_encoder(name, pretrained=pretrained, checkpoint=spec.get("checkpoint"), **merged)
+
+
+def check_vision_name(name: str) -> None:
+    """A vision encoder preset or a name timm builds; otherwise a RegistryError with the closest names.
+
+    Cheap (no weights are touched), so a run can check it before it loads any data.
+    """
+    # timm accepts "arch", "arch.pretrained_tag" and hub/folder prefixes.
+    if name in VISION_ENCODERS or timm.is_model(name) or name.startswith(("hf-hub:", "local-dir:")):
+        return
+    raise _unknown_name(name)
 
 
 def _unknown_name(name: str) -> RegistryError:

@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,8 +283,6 @@ class StopRequests:
         self._previous: dict[int, Any] = {}
 
     def install(self) -> "StopRequests":
-        import signal
-
         for name in self.SIGNALS:
             number = getattr(signal, name)
             try:
@@ -293,15 +292,11 @@ class StopRequests:
         return self
 
     def uninstall(self) -> None:
-        import signal
-
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous = {}
 
     def _handle(self, number: int, frame: Any) -> None:
-        import signal
-
         if self.signal is not None:
             self.uninstall()
             raise KeyboardInterrupt(f"second {signal.Signals(number).name}: stopping without a checkpoint")
@@ -309,8 +304,10 @@ class StopRequests:
         logger.warning("%s: finishing the current step, then saving a checkpoint", self.signal)
 
 
-def claim_output_dir(config: TrainConfig, accelerator: Any) -> tuple[Path | None, str]:
-    """The checkpoint to resume from (or None) and this run's id; refuse to mix two runs in one folder.
+def claim_output_dir(config: TrainConfig, accelerator: Any) -> tuple[Path | None, dict[str, Any] | None, str]:
+    """The checkpoint to resume from and its progress (or None, None) and this run's id.
+
+    Refuses to mix two runs in one folder.
 
     An ``output_dir`` that holds another run's checkpoints or ``final/`` is used only with
     ``resume=`` (continue it) or ``overwrite=true`` (its checkpoints, ``final/``, logs and
@@ -341,13 +338,11 @@ def claim_output_dir(config: TrainConfig, accelerator: Any) -> tuple[Path | None
                 (out_dir / name).unlink(missing_ok=True)
             accelerator.print(f"overwrite=true: removed the earlier run in {out_dir} ({found})")
         accelerator.wait_for_everyone()
-    run_id = None
-    if resume_from is not None:
-        run_id = CheckpointManager.read_progress(resume_from).get("run_id")
-    ids = [run_id or uuid.uuid4().hex[:12]]
+    progress = CheckpointManager.read_progress(resume_from) if resume_from is not None else None
+    ids = [(progress or {}).get("run_id") or uuid.uuid4().hex[:12]]
     if accelerator.num_processes > 1:
         broadcast_object_list(ids)  # one id for every process
-    return resume_from, ids[0]
+    return resume_from, progress, ids[0]
 
 
 # -- the loop --------------------------------------------------------------------------
@@ -365,7 +360,7 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
     accelerator = make_accelerator(config, find_unused_parameters=recipe.leaves_parameters_unused(config))
     recipe.check(config, accelerator)
     out_dir = Path(config.output_dir)
-    resume_from, run_id = claim_output_dir(config, accelerator)  # before any data is loaded
+    resume_from, progress, run_id = claim_output_dir(config, accelerator)  # before any data is loaded
     set_seed(config.seed)
     meta = run_metadata(config.to_dict())
     processes = ProcessView.from_accelerator(accelerator)
@@ -411,7 +406,6 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
     step, epoch, batches_done = 0, 0, 0
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
-        progress = CheckpointManager.read_progress(resume_from)
         step, epoch, batches_done = progress["step"], progress["epoch"], progress["batches_in_epoch"]
         accelerator.print(f"resumed from {resume_from} at step {step} (epoch {epoch}, batch {batches_done})")
 
@@ -446,7 +440,7 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
     last_logs: dict[str, float] = {}
     micro = 0
     lr = set_lr(step)
-    saved_at = -1  # the step of the last checkpoint this run wrote
+    saved: tuple[int, Path] | None = None  # the step and folder of the last checkpoint this run wrote
     done = step >= total_steps
     stops = StopRequests().install()
     try:
@@ -501,10 +495,9 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
                     bar.set_postfix(shown | {"sps": f"{logs['train/samples_per_second']:.1f}"})
                 lr = set_lr(step)
                 if config.save_every and step % config.save_every == 0 and step < total_steps:
-                    save(step, epoch, batches_done)
-                    saved_at = step
+                    saved = (step, save(step, epoch, batches_done))
                 if step < total_steps and processes.any(stops.signal is not None):  # decided together
-                    path = save(step, epoch, batches_done) if saved_at != step else manager.root / f"step-{step:08d}"
+                    path = saved[1] if saved and saved[0] == step else save(step, epoch, batches_done)
                     raise TrainingInterrupted(
                         f"interrupted at step {step} of {total_steps} ({stops.signal or 'a signal to another process'});"
                         f" checkpoint saved to {path}; continue with resume=auto (output_dir={out_dir})")
@@ -517,8 +510,7 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
                 epoch += 1
                 batches_done = 0
                 if not config.save_every and not done:
-                    save(step, epoch, 0)
-                    saved_at = step
+                    saved = (step, save(step, epoch, 0))
                 if not config.eval_every and eval_loader is not None and not done:
                     evaluate_and_record(step, epoch)
     finally:

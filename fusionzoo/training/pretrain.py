@@ -102,6 +102,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..encoders import TextEncoder, VisionEncoder, build_text_encoder, build_vision_encoder
+from ..encoders.vision import check_vision_name
 from ..fusions.albef import MAX_TEMPERATURE, MIN_TEMPERATURE, clamp_straight_through
 from ..fusions.base import FusionModule
 from ..losses import (
@@ -121,8 +122,8 @@ from ..version import __version__
 from .config import ConfigError, TrainConfig
 from .loop import NonFiniteLossError, Recipe, RecipeData, StepContext, StepOutput, run
 from .processes import ProcessView
-from ..tasks.common import SkipBadImages
-from .trainer import _limit, load_matching_weights
+from ..tasks.common import BadImageLog, SkipBadImages
+from .trainer import eval_split_of, limit_rows, load_matching_weights
 
 __all__ = ["NonFiniteLossError", "PretrainModel", "PretrainRecipe", "ProcessView", "build_pretrain_model", "pretrain"]
 
@@ -642,7 +643,7 @@ def cache_image_features(vision: VisionEncoder, images: Any, batch_size: int, ac
     if not vision.frozen:
         raise ValueError("only a frozen vision encoder's features can be cached")
     vision.to(accelerator.device)
-    skipped = SkipBadImages(lambda items: items, training=False)  # counts and names unreadable images
+    skipped = BadImageLog()  # counts and names the images that could not be decoded (skip_bad)
 
     def collate(items: list[dict[str, Any]]) -> tuple[list[int], Tensor | None]:
         good = [it for it in items if it.get("pixel_values") is not None]
@@ -676,13 +677,7 @@ def load_caption_data(config: TrainConfig) -> Any:
     """The caption dataset named by ``config.data`` / ``config.data_dir``; fails clearly for other kinds."""
     from fusionzoo.tasks import get_task
 
-    data = get_task("captioning").load_data(dataclasses.replace(config, task="captioning"))
-    if not hasattr(data, "pairs"):
-        raise ValueError(
-            f"pretraining needs image-caption pairs; data={config.data!r} gave {type(data).__name__}. Use "
-            "data=karpathy-captions or data=coco-captions with data_dir=<folder>, or a caption folder as data=PATH."
-        )
-    return data
+    return get_task("captioning").load_data(dataclasses.replace(config, task="captioning"))
 
 
 def prepare_pretrain_data(config: TrainConfig, model: PretrainModel, accelerator: Any | None = None,
@@ -699,18 +694,16 @@ def prepare_pretrain_data(config: TrainConfig, model: PretrainModel, accelerator
         data = load_caption_data(config)
     if config.train_split not in data:
         raise ValueError(f"data={config.data!r} has no split {config.train_split!r}; it has {data.split_names}")
-    eval_split = config.eval_split
-    if eval_split is None:
-        eval_split = next((s for s in ("val", "validation", "test") if s in data), None)
+    eval_split = eval_split_of(config, data, training=True)
     collate = data.collator(model.text.tokenize, config.max_text_len)
     with_pixels = data.with_image_transform(model.vision.transform(train=False), skip_bad=config.skip_bad)
     use_cache = model.vision.frozen and accelerator is not None
     source = data if use_cache else with_pixels  # cached: pairs without pixels, their images encoded once
 
-    train = _limit(source.pairs(config.train_split), config.max_train_samples, config.seed)
+    train = limit_rows(source.pairs(config.train_split), config.max_train_samples, config.seed)
     eval_pairs = None
     if eval_split is not None and config.max_eval_samples != 0:
-        eval_pairs = _limit(source.pairs(eval_split), config.max_eval_samples, config.seed)
+        eval_pairs = limit_rows(source.pairs(eval_split), config.max_eval_samples, config.seed)
     if not use_cache:
         if config.skip_bad:
             collate = SkipBadImages(collate, training=True)
@@ -817,6 +810,7 @@ class PretrainRecipe(Recipe):
                               "are not supported (the momentum update and the export read full parameters)")
         _check_config(config, accelerator.num_processes)
         FUSIONS.get(config.fusion)
+        check_vision_name(config.vision)
         self.config = config
         self.label = f"pretrain {config.fusion}"
 

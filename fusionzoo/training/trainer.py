@@ -36,14 +36,15 @@ logger = logging.getLogger(__name__)
 __all__ = ["FinetuneRecipe", "NonFiniteLossError", "evaluate_checkpoint", "load_matching_weights", "train"]
 
 
-def _limit(dataset: Any, n: int | None, seed: int) -> Any:
+def limit_rows(dataset: Any, n: int | None, seed: int) -> Any:
     """A seeded random subset of ``n`` rows (the whole dataset when ``n`` is None or larger)."""
     if n is None or n >= len(dataset):
         return dataset
     return dataset.shuffle(seed=seed).select(range(n))
 
 
-def _eval_split(config: TrainConfig, data: Any, training: bool) -> str | None:
+def eval_split_of(config: TrainConfig, data: Any, training: bool) -> str | None:
+    """The split to evaluate: ``eval_split`` (training) or ``split`` (``fusionzoo eval``), else val/validation/test."""
     split = config.eval_split if training else config.split
     if split is None:
         split = next((s for s in ("val", "validation", "test") if s in data), None)
@@ -52,6 +53,7 @@ def _eval_split(config: TrainConfig, data: Any, training: bool) -> str | None:
 
 def check_names(config: TrainConfig) -> None:
     """Task, fusion, dataset and encoder names exist (checked before any data is loaded)."""
+    from fusionzoo.encoders.vision import check_vision_name
     from fusionzoo.registry import DATASETS, FUSIONS
     from fusionzoo.tasks import get_task
 
@@ -60,17 +62,6 @@ def check_names(config: TrainConfig) -> None:
     check_vision_name(config.vision)
     if config.data not in DATASETS and not Path(config.data).exists():
         DATASETS.get(config.data)  # raises, listing the registered datasets and the closest names
-
-
-def check_vision_name(name: str) -> None:
-    """A vision encoder preset or a timm model name (an unknown one fails before any data is loaded)."""
-    import timm
-
-    from fusionzoo.registry import VISION_ENCODERS
-
-    if name in VISION_ENCODERS or name.startswith(("hf-hub:", "local-dir:")) or timm.is_model(name):
-        return
-    VISION_ENCODERS.get(name)  # raises, listing the presets and the closest names
 
 
 class FinetuneRecipe(Recipe):
@@ -94,11 +85,11 @@ class FinetuneRecipe(Recipe):
 
     def prepare_data(self, config: TrainConfig, model: nn.Module, accelerator: Any) -> RecipeData:
         data = self.data.with_image_transform(model.vision.transform(train=False), skip_bad=config.skip_bad)
-        train = _limit(self.task.train_rows(data, config.train_split), config.max_train_samples, config.seed)
-        self.eval_split = _eval_split(config, data, training=True)
+        train = limit_rows(self.task.train_rows(data, config.train_split), config.max_train_samples, config.seed)
+        self.eval_split = eval_split_of(config, data, training=True)
         evaluation = None
         if self.eval_split is not None and config.max_eval_samples != 0:
-            evaluation = _limit(self.task.eval_rows(data, self.eval_split), config.max_eval_samples, config.seed)
+            evaluation = limit_rows(self.task.eval_rows(data, self.eval_split), config.max_eval_samples, config.seed)
         collate = self.task.collate(data, model.text.tokenize, config.max_text_len)
         train_collate, eval_collate = collate, collate
         if config.skip_bad:
@@ -219,12 +210,12 @@ def evaluate_checkpoint(checkpoint: str | Path, config: TrainConfig) -> dict[str
     task = get_task(model.task)
     with accelerator.main_process_first():
         data = task.load_data(config)
-    split = _eval_split(config, data, training=False)
+    split = eval_split_of(config, data, training=False)
     if split is None or split not in data:
         raise ConfigError(f"key 'split': dataset {config.data!r} has no split {config.split!r}; it has "
                           f"{', '.join(data.split_names)}")
     data = data.with_image_transform(model.vision.transform(train=False), skip_bad=config.skip_bad)
-    rows = _limit(task.eval_rows(data, split), config.max_eval_samples, config.seed)
+    rows = limit_rows(task.eval_rows(data, split), config.max_eval_samples, config.seed)
     collate = task.collate(data, model.text.tokenize, config.max_text_len)
     if config.skip_bad:
         collate = SkipBadImages(collate, training=False)
