@@ -269,11 +269,15 @@ class ITMLoss(nn.Module):
 
     Args:
         dim: the fusion's ``out_dim`` (width of ``pooled``).
+        head: the Linear(dim, 2) to score with (a retrieval model's ITM head); default a new one.
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, head: nn.Linear | None = None) -> None:
         super().__init__()
-        self.head = nn.Linear(dim, 2)
+        if head is not None and (head.in_features, head.out_features) != (dim, 2):
+            raise ValueError(f"the ITM head must be Linear({dim}, 2), got Linear({head.in_features}, "
+                             f"{head.out_features})")
+        self.head = nn.Linear(dim, 2) if head is None else head
 
     def forward(self, positive: Tensor, negative: Tensor) -> ITMOutput:
         """positive (P, D), negative (N, D) pooled fused states -> :class:`ITMOutput` over the P + N pairs."""

@@ -43,13 +43,14 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from .alignment import Alignment
 from .encoders import TextEncoder, VisionEncoder, build_text_encoder, build_vision_encoder
 from .encoders.text import CONFIG_DIR, TOKENIZER_DIR
 from .encoders.vision import rebuild_saved_vision_encoder
 from .errors import MissingModelFileError, ModelFolderError
 from .fusions.base import FusionModule, FusionOutput
 from .layers import KVCache
-from .losses import IGNORE_INDEX
+from .losses import IGNORE_INDEX, itc_loss
 from .registry import FUSIONS, HEADS, TASKS, RegistryError
 
 #: Version of the checkpoint layout written by :meth:`FusionModel.save_pretrained`.
@@ -100,8 +101,10 @@ class FusionModel(nn.Module):
         head: a task head from :data:`~fusionzoo.registry.HEADS`, built for ``fusion``.
         config: plain dict describing the model, as :func:`create_model` builds it
             (``task``, ``fusion``, ``vision``, ``text``, ``head``, the ``answers`` or
-            ``labels`` vocabulary, ``max_text_len``, ``freeze_encoders``); it is
+            ``labels`` vocabulary, ``max_text_len``, ``freeze_encoders``, ``align``); it is
             what ``config.json`` stores.
+        align: the :class:`~fusionzoo.alignment.Alignment` that embeds images and texts
+            apart (retrieval), for a fusion that does not align its own streams.
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class FusionModel(nn.Module):
         fusion: FusionModule,
         head: nn.Module,
         config: dict[str, Any],
+        align: Alignment | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(config, dict) or config.get("task") not in TASKS:
@@ -125,10 +129,13 @@ class FusionModel(nn.Module):
             )
         if getattr(head, "in_dim", fusion.out_dim) != fusion.out_dim:
             raise ValueError(f"the head reads {head.in_dim}-wide features but the fusion gives {fusion.out_dim}")
+        if align is not None and fusion.aligns:
+            raise ValueError(f"fusion {type(fusion).__name__} aligns its own streams; pass no Alignment")
         self.vision = vision
         self.text = text
         self.fusion = fusion
         self.head = head
+        self.align = align
         try:
             self.config: dict[str, Any] = json.loads(json.dumps(config))  # a plain, JSON-safe copy
         except TypeError as exc:
@@ -160,6 +167,11 @@ class FusionModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
+
+    @property
+    def init_aliases(self) -> dict[str, str]:
+        """Saved-weight name prefixes -> this model's, for ``init_from`` (pretraining's ``itm.head.`` -> ``head.linear.``)."""
+        return {source: f"head.{target}" for source, target in getattr(self.head, "init_aliases", {}).items()}
 
     def _vote(self) -> Callable[..., Tensor] | None:
         """The fusion's vote for a decision-level fusion, else None."""
@@ -198,7 +210,8 @@ class FusionModel(nn.Module):
             text_states: (B, T, Dt) precomputed text states instead of running the
                 text encoder (``input_ids`` are then only used as caption targets).
             labels: classification: label ids (B,) long; VQA: soft scores (B, A)
-                float; captioning: target ids (B, T) long with -100 where ignored,
+                float; retrieval: ITM labels (B,) long, 1 = the pair matches (the
+                alignment's in-batch ITC over the matching rows is added as ``"itc"``); captioning: target ids (B, T) long with -100 where ignored,
                 defaulting to ``input_ids`` with padding ignored, so a captioning
                 forward always has a loss.
         Returns:
@@ -223,7 +236,80 @@ class FusionModel(nn.Module):
             if name in losses:
                 raise ValueError(f"the fusion's auxiliary loss {name!r} clashes with the task loss name")
             losses[name] = value
+        if self.align is not None:
+            losses["itc"] = self._in_batch_itc(image, image_mask, text_states, text_mask, labels)
         return ModelOutput(loss=sum(losses.values()), logits=logits, losses=losses)
+
+    def _in_batch_itc(self, image: Tensor, image_mask: Tensor | None, text: Tensor, text_mask: Tensor,
+                      labels: Tensor) -> Tensor:
+        """In-batch ITC of the alignment over the matching rows (ITM label 1); 0 with fewer than two.
+
+        A plain forward then trains the alignment too; ``fusionzoo train task=retrieval``
+        trains ITC over the global batch with hard-negative ITM instead.
+        """
+        matched = labels == 1 if labels.dim() == 1 else torch.ones(len(image), dtype=torch.bool, device=image.device)
+        if int(matched.sum()) < 2:
+            return image.new_zeros(()) + 0.0 * self.align.temperature
+        image_embed = self.align.embed_images(image[matched], None if image_mask is None else image_mask[matched])
+        text_embed = self.align.embed_texts(text[matched], text_mask[matched])
+        return itc_loss(image_embed, text_embed, self.align.itc_temperature())
+
+    # -- alignment and matching (retrieval) -----------------------------------
+    @property
+    def aligner(self) -> nn.Module:
+        """What embeds images and texts apart: the fusion when it aligns itself, else :attr:`align`."""
+        if self.fusion.aligns:
+            return self.fusion
+        if self.align is None:
+            raise TypeError(f"this {self.task} model has no alignment (no ITC projections): embeddings come from "
+                            "a retrieval model (create_model('retrieval', ...), fusionzoo train task=retrieval)")
+        return self.align
+
+    def embed_image_states(self, image: Tensor, image_mask: Tensor | None = None) -> Tensor:
+        """(B, N, Di) image tokens -> (B, E) unit-norm ITC embeddings."""
+        return self.aligner.embed_images(image, image_mask)
+
+    def embed_text_states(self, text: Tensor, text_mask: Tensor) -> Tensor:
+        """(B, T, Dt) text states and their (B, T) mask -> (B, E) unit-norm ITC embeddings."""
+        return self.aligner.embed_texts(text, text_mask.bool())
+
+    def match_states(self, text: Tensor, text_mask: Tensor, image: Tensor, image_mask: Tensor | None = None
+                     ) -> Tensor:
+        """ITM log-odds (B,) of B (text, image) pairs: ``log p(match) - log p(no match)``."""
+        log_odds = getattr(self.head, "log_odds", None)
+        if log_odds is None:
+            raise TypeError(f"this {self.task} model has no image-text matching head; train task=retrieval")
+        extra = {"pooled_only": True} if self.fusion.supports_pooled_only else {}
+        fused = self.fusion(text, text_mask.bool(), image, image_mask, **extra)
+        return log_odds(self.head(fused).float())
+
+    def _pixels(self, images: Sequence[Image.Image] | Tensor) -> Tensor:
+        if isinstance(images, Tensor):
+            return images.to(self.device, self.dtype)  # (B, 3, H, W) already preprocessed
+        return self.vision.preprocess(list(images)).to(self.device, self.dtype)
+
+    def _text_batch(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        batch = self.text.tokenize(list(texts), max_length=self.max_text_len)
+        mask = batch["attention_mask"].to(self.device)
+        return self.text(batch["input_ids"].to(self.device), mask).states, mask.bool()  # (B, T, Dt), (B, T)
+
+    def embed_images(self, images: Sequence[Image.Image] | Tensor) -> Tensor:
+        """(B, E) unit-norm embeddings of B PIL images (or preprocessed (B, 3, H, W) pixels); eval mode."""
+        with _eval_mode(self):
+            return self.embed_image_states(self.vision(self._pixels(images)).tokens).float()
+
+    def embed_texts(self, texts: Sequence[str]) -> Tensor:
+        """(B, E) unit-norm embeddings of B texts; eval mode, no gradients."""
+        with _eval_mode(self):
+            return self.embed_text_states(*self._text_batch(texts)).float()
+
+    def match(self, images: Sequence[Image.Image] | Tensor, texts: Sequence[str]) -> Tensor:
+        """(B,) ITM probability that text i describes image i; eval mode, no gradients."""
+        if len(images) != len(texts):
+            raise ValueError(f"got {len(images)} images but {len(texts)} texts; match scores one text per image")
+        with _eval_mode(self):
+            image = self.vision(self._pixels(images)).tokens  # (B, N, Di)
+            return torch.sigmoid(self.match_states(*self._text_batch(texts), image))
 
     # -- inference: VQA and classification ------------------------------------
     def predict(self, images: Sequence[Image.Image], texts: Sequence[str]) -> list[str]:
@@ -249,7 +335,7 @@ class FusionModel(nn.Module):
                 input_ids=batch["input_ids"].to(self.device),
                 attention_mask=batch["attention_mask"].to(self.device),
             ).logits  # (B, C)
-        vocabulary = self.vocabulary
+        vocabulary = self.vocabulary or list(getattr(self.head, "labels", ()))  # ITM: "no match" / "match"
         return [vocabulary[i] for i in logits.argmax(dim=-1).tolist()]
 
     # -- inference: captioning ------------------------------------------------
@@ -494,9 +580,14 @@ class FusionModel(nn.Module):
             fusion = fusion_cls(text.out_dim, vision.out_dim, **fusion_config)
         with _as_folder_error(config_path, "head.kwargs", "does not build the head"):
             head = head_cls.from_parts(fusion, text, vocabulary, **head_kwargs)
+        align = None
+        if config.get("align") is not None:
+            align_config = get("align", dict, "an object or null")
+            with _as_folder_error(config_path, "align", "does not build the alignment"):
+                align = Alignment(text.out_dim, vision.out_dim, **align_config)
         model_config = {k: v for k, v in config.items() if k not in ("format_version", "fusionzoo_version")}
         with _as_folder_error(config_path, "task", "does not describe a model that fits together"):
-            model = cls(vision, text, fusion, head, model_config)
+            model = cls(vision, text, fusion, head, model_config, align=align)
         _load_weights(model, folder / WEIGHTS_NAME, config_path)
         if config.get("freeze_encoders"):
             model.vision.freeze()
@@ -797,6 +888,7 @@ def create_model(
     labels: Sequence[str] | None = None,
     fusion_kwargs: dict[str, Any] | None = None,
     head_kwargs: dict[str, Any] | None = None,
+    align_kwargs: dict[str, Any] | None = None,
     max_text_len: int = 32,
 ) -> FusionModel:
     """Build a model for ``task`` with the named fusion and encoders.
@@ -819,6 +911,9 @@ def create_model(
             parameter gets a gradient (DDP needs no ``find_unused_parameters``); the
             value is saved in the fusion's config. ``head_reads="all"`` builds every part.
         head_kwargs: hyperparameters of the head (e.g. ``dropout``).
+        align_kwargs: hyperparameters of the :class:`~fusionzoo.alignment.Alignment` a task
+            that embeds images and texts apart (``retrieval``) builds when the fusion does not
+            align its own streams (``embed_dim``, ``temperature``, ``text_summary``, ``image_summary``).
         max_text_len: tokens kept per question / text in ``predict``.
     Raises:
         RegistryError: unknown task or fusion (lists what exists).
@@ -843,6 +938,11 @@ def create_model(
     fusion_kwargs = _fusion_kwargs_for_head(fusion_cls, head_cls, fusion_kwargs)
     fusion_module = fusion_cls(text_encoder.out_dim, vision_encoder.out_dim, **fusion_kwargs)
     head = head_cls.from_parts(fusion_module, text_encoder, vocabulary, **head_kwargs)
+    align = None
+    if getattr(task_spec, "aligns", False) and not fusion_module.aligns:
+        align = Alignment(text_encoder.out_dim, vision_encoder.out_dim, **dict(align_kwargs or {}))
+    elif align_kwargs and not getattr(task_spec, "aligns", False):
+        raise ValueError(f"align_kwargs are for a task that embeds images and texts apart (retrieval), not {task!r}")
     if freeze_encoders:
         vision_encoder.freeze()
         text_encoder.freeze()
@@ -858,7 +958,9 @@ def create_model(
     }
     if task_spec.vocabulary_key:
         config[task_spec.vocabulary_key] = vocabulary
-    return FusionModel(vision_encoder, text_encoder, fusion_module, head, config)
+    if getattr(task_spec, "aligns", False):
+        config["align"] = None if align is None else align.config  # None: the fusion aligns itself
+    return FusionModel(vision_encoder, text_encoder, fusion_module, head, config, align=align)
 
 
 def load_model(

@@ -17,14 +17,16 @@ from __future__ import annotations
 from fusionzoo.registry import TASKS, register_task
 
 from .base import CaptioningTask, ClassificationTask, Task, VQATask, get_task
+from .retrieval import RetrievalTask
 
 register_task("vqa")(VQATask)
 register_task("captioning")(CaptioningTask)
 register_task("classification")(ClassificationTask)
+register_task("retrieval")(RetrievalTask)
 
 # The dataset loaders register themselves (easy-vqa, vqa-v2, vqa-jsonl, coco-captions,
 # karpathy-captions, classification-jsonl, caption-match).
 from . import caption_data, classification_data, vqa_data  # noqa: E402,F401
 
-__all__ = ["TASKS", "CaptioningTask", "ClassificationTask", "Task", "VQATask", "caption_data",
+__all__ = ["TASKS", "CaptioningTask", "ClassificationTask", "RetrievalTask", "Task", "VQATask", "caption_data",
            "classification_data", "get_task", "vqa_data"]

@@ -128,6 +128,17 @@ class Task:
         """The batch function for a DataLoader over this task's rows."""
         return data.collator(tokenize, max_length)
 
+    # -- training ------------------------------------------------------------------------
+    def make_recipe(self) -> Any:
+        """The :class:`~fusionzoo.training.loop.Recipe` that ``fusionzoo train`` runs for this task."""
+        from fusionzoo.training.trainer import FinetuneRecipe
+
+        return FinetuneRecipe()
+
+    def eval_options(self, config: Any) -> dict[str, Any]:
+        """Keyword options :meth:`evaluate` takes from the run config (e.g. retrieval's ``rerank_k``)."""
+        return {}
+
     # -- scoring and inference ----------------------------------------------------------
     def evaluate(self, model: Any, loader: Any, accelerator: Any, data: Any, split: str,
                  **options: Any) -> dict[str, float]:

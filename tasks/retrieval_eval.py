@@ -402,7 +402,8 @@ class RetrievalScores:
         return cls(i2t, t2i, image_ids, caption_ids, file)
 
 
-def save_scores(path: str | os.PathLike, i2t: Any, t2i: Any, image_ids: Any, caption_ids: Any) -> Path:
+def save_scores(path: str | os.PathLike, i2t: Any, t2i: Any, image_ids: Any, caption_ids: Any,
+                extra: Mapping[str, Any] | None = None) -> Path:
     """Write a score file atomically (a temporary file beside it, then a rename).
 
     Args:
@@ -411,6 +412,7 @@ def save_scores(path: str | os.PathLike, i2t: Any, t2i: Any, image_ids: Any, cap
         t2i: (C, I) scores, caption queries x images.
         image_ids: (I,) integer or string image ids (Karpathy ``cocoid``/``imgid``, COCO ``images[].id``).
         caption_ids: (C,) integer or string caption ids (Karpathy ``sentid``, COCO ``annotations[].id``).
+        extra: more arrays to store under their names (e.g. ``itc_i2t``); :func:`load_scores` ignores them.
 
     Returns:
         The path written.
@@ -424,8 +426,12 @@ def save_scores(path: str | os.PathLike, i2t: Any, t2i: Any, image_ids: Any, cap
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as out:
-            np.savez(out, i2t=scores.i2t, t2i=scores.t2i, image_ids=scores.image_ids,
-                     caption_ids=scores.caption_ids)
+            clash = sorted(set(extra or {}) & set(SCORE_ARRAYS))
+            if clash:
+                raise ScoreInputError(f"extra arrays {clash} clash with the score arrays", file=str(path),
+                                      expected=f"names other than {list(SCORE_ARRAYS)}")
+            np.savez(out, **{name: np.asarray(value) for name, value in (extra or {}).items()}, i2t=scores.i2t,
+                     t2i=scores.t2i, image_ids=scores.image_ids, caption_ids=scores.caption_ids)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)

@@ -25,6 +25,7 @@ VOCABULARY = {
     "vqa": {"answers": ["yes", "no", "2", "red"]},
     "classification": {"labels": ["hateful", "benign"]},
     "captioning": {},
+    "retrieval": {},
 }
 #: Small sizes for fusions that take them (each fusion gets the ones its constructor accepts).
 TINY_FUSION = {"dim": 32, "num_layers": 1, "num_heads": 2, "mlp_ratio": 2.0}
@@ -73,6 +74,8 @@ def batch(model: FusionModel, with_labels: bool = True) -> dict[str, torch.Tenso
         inputs["labels"] = torch.tensor([[1.0, 0.0, 0.3, 0.0], [0.0, 0.6, 0.0, 1.0]])
     elif with_labels and model.task == "classification":
         inputs["labels"] = torch.tensor([0, 1])
+    elif with_labels and model.task == "retrieval":
+        inputs["labels"] = torch.tensor([1, 1])  # ITM: both pairs match (the alignment's ITC needs two)
     return inputs
 
 

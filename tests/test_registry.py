@@ -41,7 +41,7 @@ def test_wildcards() -> None:
     assert fusionzoo.list_fusions("co_*") == ["co_attention"]
     assert fusionzoo.list_fusions("*_transformer") == ["merged_transformer"]
     assert fusionzoo.list_fusions("nothing*") == []
-    assert fusionzoo.list_tasks() == ["captioning", "classification", "vqa"]
+    assert fusionzoo.list_tasks() == ["captioning", "classification", "retrieval", "vqa"]
     assert set(fusionzoo.list_heads()) >= {"captioning", "classification", "vqa"}
     assert {"tiny", "efficientnet-lite0"} <= set(fusionzoo.list_encoders()["vision"])
     assert {"tiny", "minilm-l6"} <= set(fusionzoo.list_encoders()["text"])

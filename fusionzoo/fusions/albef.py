@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..alignment import MAX_TEMPERATURE, MIN_TEMPERATURE, clamp_straight_through
 from ..layers import (
     KVCache,
     TransformerLayer,
@@ -62,8 +63,8 @@ from ..losses import itc_loss
 from ..registry import register_fusion
 from .base import FusionModule, FusionOutput
 
-MIN_TEMPERATURE, MAX_TEMPERATURE = 0.001, 0.5  # ALBEF's clamp range
 IMAGE_SUMMARIES = ("mean", "first")
+TEXT_SUMMARIES = ("first", "mean")
 
 
 def causal_text_mask(valid: Tensor, num_queries: int, offset: int) -> Tensor:
@@ -75,11 +76,6 @@ def causal_text_mask(valid: Tensor, num_queries: int, offset: int) -> Tensor:
     q_pos = torch.arange(offset, offset + num_queries, device=valid.device)[:, None]  # (L, 1)
     own = q_pos == torch.arange(valid.shape[1], device=valid.device)[None, :]  # (L, S)
     return causal_mask(valid, num_queries, offset) | own
-
-
-def clamp_straight_through(x: Tensor, low: float, high: float) -> Tensor:
-    """``clamp(x, low, high)`` in value, identity in gradient."""
-    return x.detach().clamp(low, high) + (x - x.detach())  # the second term is exactly 0 in value
 
 
 class AlbefFusion(FusionModule):
@@ -98,7 +94,16 @@ class AlbefFusion(FusionModule):
         itc_weight: weight of the ITC loss that :meth:`aux_loss` returns; 0 turns it off.
         image_summary: ``"mean"`` (masked mean of the image stream, for any
             encoder) or ``"first"`` (the first image token, a ViT's [CLS] as in ALBEF).
+        text_summary: ``"first"`` (the [CLS] state, as in ALBEF) or ``"mean"`` (the
+            masked mean of the text stream, for a mean-pooled sentence encoder such
+            as all-MiniLM-L6-v2). Causal mode always uses the running mean.
+
+    It aligns its own streams (``aligns``): :meth:`embed_images`, :meth:`embed_texts`
+    and :meth:`itc_temperature` give what ``aux`` holds, without running the fusion
+    encoder, so a retrieval model embeds a gallery with them.
     """
+
+    aligns = True
 
     def __init__(
         self,
@@ -114,11 +119,12 @@ class AlbefFusion(FusionModule):
         temperature: float = 0.07,
         itc_weight: float = 0.1,
         image_summary: str = "mean",
+        text_summary: str = "first",
     ) -> None:
         super().__init__(
             text_dim, image_dim, dim=dim, embed_dim=embed_dim, num_layers=num_layers, num_heads=num_heads,
             mlp_ratio=mlp_ratio, dropout=dropout, temperature=temperature, itc_weight=itc_weight,
-            image_summary=image_summary,
+            image_summary=image_summary, text_summary=text_summary,
         )
         if num_layers < 1:
             raise ValueError(f"albef needs num_layers >= 1 (the fusion encoder), got {num_layers}")
@@ -128,9 +134,13 @@ class AlbefFusion(FusionModule):
             raise ValueError(f"itc_weight must be >= 0, got {itc_weight}")
         if image_summary not in IMAGE_SUMMARIES:
             raise ValueError(f"image_summary must be one of {IMAGE_SUMMARIES}, got {image_summary!r}")
+        if text_summary not in TEXT_SUMMARIES:
+            raise ValueError(f"text_summary must be one of {TEXT_SUMMARIES}, got {text_summary!r}")
         self.out_dim = dim
+        self.embed_dim = embed_dim
         self.itc_weight = itc_weight
         self.image_summary = image_summary
+        self.text_summary = text_summary
 
         # Unimodal streams.
         self.text_proj = nn.Linear(text_dim, dim)
@@ -178,11 +188,7 @@ class AlbefFusion(FusionModule):
         # 1. Image stream and its ITC embedding: once per decoding.
         if cache is None or offset == 0:
             image_tokens = self.drop(self.image_proj(image))  # (B, N, D)
-            if self.image_summary == "first":
-                image_summary = image_tokens[:, 0]  # (B, D)
-            else:
-                image_summary = masked_mean(image_tokens, image_mask)  # (B, D)
-            image_embed = F.normalize(self.image_itc(image_summary), dim=-1)  # (B, E)
+            image_embed = self._image_embed(image_tokens, image_mask)  # (B, E)
             if cache is not None:
                 cache.state["albef.image_tokens"] = image_tokens
                 cache.state["albef.image_embed"] = image_embed
@@ -194,9 +200,9 @@ class AlbefFusion(FusionModule):
         x = self.drop(self.text_proj(text))  # (B, T, D)
         if causal:
             text_summary = running_masked_mean(x, new_mask, cache, "albef.text_summary")  # (B, D)
+            text_embed = F.normalize(self.text_itc(text_summary), dim=-1)  # (B, E)
         else:
-            text_summary = x[:, 0]  # (B, D) the [CLS] state
-        text_embed = F.normalize(self.text_itc(text_summary), dim=-1)  # (B, E)
+            text_embed = self._text_embed(x, new_mask)  # (B, E)
 
         # 3. Fusion encoder: text attends to itself and to the image.
         self_mask = causal_text_mask(text_mask, num_new, offset) if causal else key_mask(text_mask)
@@ -212,9 +218,35 @@ class AlbefFusion(FusionModule):
             pooled = cache.state["albef.pooled"]
             cache.offset += num_new
 
-        temperature = clamp_straight_through(self.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE)  # ()
+        temperature = self.itc_temperature()  # ()
         aux = {"image_embed": image_embed, "text_embed": text_embed, "temperature": temperature}
         return FusionOutput(text_tokens=text_tokens, pooled=pooled, image_tokens=image_tokens, aux=aux)
+
+    # -- alignment without the fusion encoder -------------------------------------------
+    def _image_embed(self, image_tokens: Tensor, image_mask: Tensor | None) -> Tensor:
+        """(B, N, D) image stream -> (B, E) unit-norm ITC embedding."""
+        if self.image_summary == "first":
+            summary = image_tokens[:, 0]  # (B, D)
+        else:
+            summary = masked_mean(image_tokens, image_mask)  # (B, D)
+        return F.normalize(self.image_itc(summary), dim=-1)
+
+    def _text_embed(self, text_stream: Tensor, text_mask: Tensor) -> Tensor:
+        """(B, T, D) bidirectional text stream -> (B, E) unit-norm ITC embedding."""
+        summary = text_stream[:, 0] if self.text_summary == "first" else masked_mean(text_stream, text_mask.bool())
+        return F.normalize(self.text_itc(summary), dim=-1)
+
+    def embed_images(self, image: Tensor, image_mask: Tensor | None = None) -> Tensor:
+        """(B, N, Di) image tokens -> (B, E): ``aux["image_embed"]`` of :meth:`forward`, fusion encoder skipped."""
+        return self._image_embed(self.drop(self.image_proj(image)), image_mask)
+
+    def embed_texts(self, text: Tensor, text_mask: Tensor) -> Tensor:
+        """(B, T, Dt) text states -> (B, E): ``aux["text_embed"]`` of a non-causal :meth:`forward`."""
+        return self._text_embed(self.drop(self.text_proj(text)), text_mask)
+
+    def itc_temperature(self) -> Tensor:
+        """The clamped ITC temperature () (``aux["temperature"]``)."""
+        return clamp_straight_through(self.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE)
 
     def aux_loss(self, output: FusionOutput) -> dict[str, Tensor]:
         """``{"itc": itc_weight * ITC}`` on the in-batch pairs of ``output``; ``{}`` if ``itc_weight`` is 0.

@@ -103,6 +103,10 @@ class FusionModule(nn.Module):
     #: then builds only the parameters that feed what that head reads (see the module docstring);
     #: ``create_model`` passes it only to these.
     supports_head_reads: ClassVar[bool] = False
+    #: True for fusions that embed images and texts apart themselves (``embed_images(image, image_mask)``,
+    #: ``embed_texts(text, text_mask)``, ``itc_temperature()``, as :class:`fusionzoo.alignment.Alignment`
+    #: does); a retrieval model then uses the fusion's alignment instead of building its own.
+    aligns: ClassVar[bool] = False
 
     out_dim: int
 

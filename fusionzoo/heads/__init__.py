@@ -3,6 +3,7 @@
 * ``classification`` (:class:`ClassificationHead`): pooled vector -> label logits, cross-entropy.
 * ``vqa`` (:class:`VQAHead`): pooled vector -> answer logits, soft-score BCE.
 * ``captioning`` (:class:`CaptioningHead`): fused caption states -> tied LM head.
+* ``itm`` (:class:`ITMHead`): pooled vector -> match / no-match logits (retrieval's reranker).
 
 Every head takes the :class:`~fusionzoo.fusions.base.FusionOutput` and, for a
 decision-level fusion, the fusion's ``vote``: ``head(features, vote=None) -> logits``,
@@ -16,6 +17,7 @@ built-in fusion.
 
 from .captioning import CaptioningHead, caption_lm_loss
 from .classification import ClassificationHead
+from .itm import ITMHead
 from .vqa import VQAHead, vqa_bce_loss
 
-__all__ = ["CaptioningHead", "ClassificationHead", "VQAHead", "caption_lm_loss", "vqa_bce_loss"]
+__all__ = ["CaptioningHead", "ClassificationHead", "ITMHead", "VQAHead", "caption_lm_loss", "vqa_bce_loss"]

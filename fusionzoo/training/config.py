@@ -106,14 +106,26 @@ class TrainConfig:
     log_with: str | None = "auto"
     """Accelerate tracker: ``auto`` (TensorBoard when installed), ``none``, ``tensorboard``, ..."""
 
-    # ALBEF pretraining
+    # ALBEF pretraining and retrieval (task=retrieval trains itc_weight * ITC + itm_weight * ITM)
+    align_kwargs: dict = field(default_factory=dict)
+    """Hyperparameters of the ITC alignment of a fusion that does not align its own streams
+    (``embed_dim``, ``temperature``, ``text_summary``, ``image_summary``)."""
     itc_weight: float = 1.0
     itm_weight: float = 1.0
     mlm_weight: float = 1.0
+    """MLM weight of ``fusionzoo pretrain`` (task=retrieval has no MLM)."""
     momentum_distill: bool = False
     momentum: float = 0.995
     queue_size: int = 0
     distill_alpha: float = 0.4
+    rerank_k: int | Literal["all"] = 128
+    """Retrieval evaluation: how many ITC candidates per query the ITM head reranks (``all``: every pair)."""
+    rerank_batch_size: int = 256
+    """Retrieval evaluation: image-text pairs per ITM forward pass while reranking."""
+    rerank_itc_weight: float = 0.0
+    """Retrieval evaluation: a shortlisted pair scores ITM log-odds + this x its ITC logit (0: ITM alone)."""
+    results: str | None = None
+    """``fusionzoo eval`` of a retrieval model: write the score matrices to this ``.npz`` file."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -304,6 +316,10 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"key 'lr' must be > 0, got {config.lr}")
     if config.save_every is not None and config.save_every < 1:
         raise ConfigError(f"key 'save_every' must be >= 1 step, got {config.save_every}")
+    if config.rerank_k != "all" and config.rerank_k < 1:
+        raise ConfigError(f"key 'rerank_k' must be >= 1 candidates per query or 'all', got {config.rerank_k}")
+    if config.rerank_batch_size < 1:
+        raise ConfigError(f"key 'rerank_batch_size' must be >= 1 pairs, got {config.rerank_batch_size}")
 
 
 def from_dict(data: dict[str, Any], source: str = "saved config") -> TrainConfig:

@@ -103,7 +103,7 @@ from torch.utils.data import DataLoader
 
 from ..encoders import TextEncoder, VisionEncoder, build_text_encoder, build_vision_encoder
 from ..encoders.vision import check_vision_name
-from ..fusions.albef import MAX_TEMPERATURE, MIN_TEMPERATURE, clamp_straight_through
+from ..alignment import MAX_TEMPERATURE, MIN_TEMPERATURE, Alignment, clamp_straight_through
 from ..fusions.base import FusionModule
 from ..losses import (
     IGNORE_INDEX,
@@ -205,12 +205,16 @@ class PretrainModel(nn.Module):
 
     Args:
         vision: image encoder (``tokens`` (B, N, Di)).
-        text: bidirectional text encoder with a mask token.
-        fusion: a fusion whose aux has ``image_embed`` / ``text_embed`` (B, E).
+        text: bidirectional text encoder (with a mask token for MLM).
+        fusion: any fusion; without ``align`` its aux must have ``image_embed`` /
+            ``text_embed`` (B, E) (as ``albef`` does).
         itm: the ITM head (``ITMLoss(fusion.out_dim)``; its ``head`` is used, the
             negatives are drawn here from the global batch).
-        mlm: the MLM head (``MLMLoss(fusion.out_dim, text.vocab_size)``).
+        mlm: the MLM head (``MLMLoss(fusion.out_dim, text.vocab_size)``); None when
+            ``mlm_weight`` is 0.
         config: JSON-safe description written to ``config.json``.
+        align: the :class:`~fusionzoo.alignment.Alignment` that embeds images and
+            texts for ITC when the fusion does not (``fusion.aligns`` False).
         itc_weight, itm_weight, mlm_weight: loss weights (>= 0); an ITM or MLM
             weight of 0 skips that objective and freezes its head.
         momentum_distill: keep EMA copies and distil ITC and MLM towards them.
@@ -224,9 +228,10 @@ class PretrainModel(nn.Module):
         text: TextEncoder,
         fusion: FusionModule,
         itm: ITMLoss,
-        mlm: MLMLoss,
+        mlm: MLMLoss | None,
         config: dict[str, Any],
         *,
+        align: Alignment | None = None,
         itc_weight: float = 1.0,
         itm_weight: float = 1.0,
         mlm_weight: float = 1.0,
@@ -237,8 +242,9 @@ class PretrainModel(nn.Module):
         super().__init__()
         if text.causal:
             raise ValueError("pretraining needs a bidirectional text encoder (MLM reads both sides); got a causal one")
-        if text.mask_token_id is None:
-            raise ValueError(f"MLM needs a tokenizer with a mask token; text encoder {text.spec} has none")
+        if mlm_weight > 0 and (mlm is None or text.mask_token_id is None):
+            raise ValueError(f"MLM needs an MLM head and a tokenizer with a mask token; text encoder {text.spec} "
+                             f"has {'none' if text.mask_token_id is None else 'one'}")
         if min(itc_weight, itm_weight, mlm_weight) < 0 or max(itc_weight, itm_weight, mlm_weight) == 0:
             raise ValueError(
                 f"loss weights must be >= 0 and not all 0, got itc={itc_weight}, itm={itm_weight}, mlm={mlm_weight}"
@@ -249,18 +255,24 @@ class PretrainModel(nn.Module):
             raise ValueError(f"queue_size={queue_size}: the queue holds momentum features; it needs "
                              "momentum_distill=true and queue_size >= 0")
         self.vision, self.text, self.fusion, self.itm, self.mlm = vision, text, fusion, itm, mlm
+        self.align = align
         self.config = json.loads(json.dumps(config))
         self.itc_weight, self.itm_weight, self.mlm_weight = itc_weight, itm_weight, mlm_weight
         self.momentum_decay = momentum
         self.queue_size = queue_size
         for weight, head in ((itm_weight, itm), (mlm_weight, mlm)):
-            if weight == 0:
+            if weight == 0 and head is not None:
                 head.requires_grad_(False)  # unused: no gradient, not in the optimizer
 
-        aux = _probe_aux(fusion, config.get("fusion", {}).get("name", type(fusion).__name__))
-        self.embed_dim = int(aux["image_embed"].shape[-1])
-        # A fusion without its own temperature gets one here (ALBEF's initial 0.07, clamped the same way).
-        self.itc_temperature = None if "temperature" in aux else nn.Parameter(torch.tensor(0.07))
+        self.itc_temperature = None
+        if align is not None:
+            self.embed_dim = align.embed_dim
+        else:
+            aux = _probe_aux(fusion, config.get("fusion", {}).get("name", type(fusion).__name__))
+            self.embed_dim = int(aux["image_embed"].shape[-1])
+            # A fusion without its own temperature gets one here (ALBEF's initial 0.07, clamped the same way).
+            if "temperature" not in aux:
+                self.itc_temperature = nn.Parameter(torch.tensor(0.07))
         special = sorted(set(text.tokenizer.all_special_ids) | {text.pad_token_id})
         self.register_buffer("special_ids", torch.tensor(special, dtype=torch.long), persistent=False)
 
@@ -268,7 +280,11 @@ class PretrainModel(nn.Module):
         # (a frozen one is its own momentum copy).
         self.momentum: nn.ModuleDict | None = None
         if momentum_distill:
-            copies = {"fusion": fusion, "mlm": mlm}
+            copies = {"fusion": fusion}
+            if mlm is not None:
+                copies["mlm"] = mlm
+            if align is not None:
+                copies["align"] = align
             if not vision.frozen:
                 copies["vision"] = vision
             if not text.frozen:
@@ -343,8 +359,15 @@ class PretrainModel(nn.Module):
                            attention_mask=attention_mask, width=width)
 
     # -- the three objectives --------------------------------------------------------
-    def _embeddings(self, aux: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """ITC image and text embeddings (B, E), float32, and the clamped temperature ()."""
+    def _embeddings(self, aux: dict[str, Tensor] | None, image: Tensor, text: Tensor,
+                    text_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """ITC image and text embeddings (B, E), float32, and the clamped temperature ().
+
+        From ``align`` when there is one, else from the fusion output's ``aux``.
+        """
+        if self.align is not None:
+            return (self.align.embed_images(image).float(), self.align.embed_texts(text, text_mask).float(),
+                    self.align.itc_temperature().float())
         if self.itc_temperature is not None:
             temperature = clamp_straight_through(self.itc_temperature, MIN_TEMPERATURE, MAX_TEMPERATURE)
         else:
@@ -358,9 +381,10 @@ class PretrainModel(nn.Module):
         image_states: Tensor | None = None,
         input_ids: Tensor,
         attention_mask: Tensor,
-        masked_ids: Tensor,
-        mlm_labels: Tensor,
-        generator: "Generators",
+        text_states: Tensor | None = None,
+        masked_ids: Tensor | None = None,
+        mlm_labels: Tensor | None = None,
+        generator: "Generators" = None,
         image_ids: Tensor | None = None,
         alpha: float = 0.0,
         processes: ProcessView | None = None,
@@ -371,8 +395,11 @@ class PretrainModel(nn.Module):
             pixel_values: (B, 3, H, W) images, or
             image_states: (B, N, Di) their tokens from the frozen vision encoder (cached).
             input_ids: (B, T) caption ids; attention_mask: (B, T) 1 = real token.
+            text_states: (B, T, Dt) the captions' states from the frozen text encoder (cached),
+                instead of encoding ``input_ids`` (the masked copy for MLM is still encoded).
             masked_ids: (B, T) the captions after :meth:`mask_text`; mlm_labels:
-                (B, T) their targets, -100 where not selected.
+                (B, T) their targets, -100 where not selected (both unused, and may be
+                None, when ``mlm_weight`` is 0).
             generator: randomness of the hard-negative draws: one generator, or one per row
                 (a row's negatives then depend only on its own similarities to the global batch).
             image_ids: (B,) long ids of the images. Pairs that share an image
@@ -395,9 +422,13 @@ class PretrainModel(nn.Module):
         if image_states is not None and not self.vision.frozen:
             raise ValueError("image_states (cached image tokens) bypass the vision encoder; it must be frozen")
         image = self.vision(pixel_values).tokens if image_states is None else image_states  # (B, N, Di)
-        text = self.text(input_ids, attention_mask).states  # (B, T, Dt)
-        fused = self.fusion(text, text_mask, image)
-        image_embed, text_embed, temperature = self._embeddings(fused.aux)  # (B, E), (B, E), ()
+        if text_states is not None and not self.text.frozen:
+            raise ValueError("text_states (cached caption states) bypass the text encoder; it must be frozen")
+        text = self.text(input_ids, attention_mask).states if text_states is None else text_states  # (B, T, Dt)
+        # The fused clean pairs are the ITM positives (and carry the ITC embeddings of an aligning fusion).
+        fused = self.fusion(text, text_mask, image) if (self.align is None or self.itm_weight > 0) else None
+        image_embed, text_embed, temperature = self._embeddings(
+            None if fused is None else fused.aux, image, text, text_mask)  # (B, E), (B, E), ()
 
         momentum_image = None
         if distill:
@@ -405,8 +436,12 @@ class PretrainModel(nn.Module):
                 m = self.momentum
                 momentum_image = m["vision"](pixel_values).tokens if "vision" in m else image.detach()  # (B, N, Di)
                 m_text = m["text"](input_ids, attention_mask).states if "text" in m else text.detach()  # (B, T, Dt)
-                m_aux = m["fusion"](m_text, text_mask, momentum_image).aux
-                m_image_embed, m_text_embed = m_aux["image_embed"].float(), m_aux["text_embed"].float()
+                if "align" in m:
+                    m_image_embed = m["align"].embed_images(momentum_image).float()  # (B, E)
+                    m_text_embed = m["align"].embed_texts(m_text, text_mask).float()  # (B, E)
+                else:
+                    m_aux = m["fusion"](m_text, text_mask, momentum_image).aux
+                    m_image_embed, m_text_embed = m_aux["image_embed"].float(), m_aux["text_embed"].float()
 
         # 2. ITC: local rows against the global batch (momentum features and the queue when distilling).
         offset = procs.index * b
@@ -540,14 +575,16 @@ def build_pretrain_model(config: TrainConfig, pretrained: bool = True) -> Pretra
                          f"text encoder {text.spec}")
     fusion_cls = FUSIONS.get(config.fusion)
     fusion = fusion_cls(text.out_dim, vision.out_dim, **dict(config.fusion_kwargs))
+    align = None if fusion.aligns else Alignment(text.out_dim, vision.out_dim, **dict(config.align_kwargs))
     if config.freeze_encoders:
         vision.freeze()
         text.freeze()
     itm = ITMLoss(fusion.out_dim)
-    mlm = MLMLoss(fusion.out_dim, text.vocab_size)
+    mlm = MLMLoss(fusion.out_dim, text.vocab_size) if config.mlm_weight > 0 else None
     model_config = {
         "kind": PRETRAIN_KIND,
         "fusion": {"name": config.fusion, "config": fusion.config},
+        "align": None if align is None else align.config,
         "vision": {"spec": vision.spec, "data_config": vision.data_config},
         "text": {"spec": text.spec},
         "max_text_len": config.max_text_len,
@@ -560,12 +597,13 @@ def build_pretrain_model(config: TrainConfig, pretrained: bool = True) -> Pretra
         "weights": {
             "vision.*, text.*, fusion.*": "FusionModel's names: `fusionzoo train ... init_from=<this folder>` "
                                           "loads them into a model of any task",
+            "align.*": "ITC projections and temperature (fusions that do not align their own streams)",
             "itm.head.*": "image-text matching head (Linear(dim, 2))",
             "mlm.head.*": "masked-language-modelling head",
         },
     }
     return PretrainModel(
-        vision, text, fusion, itm, mlm, model_config,
+        vision, text, fusion, itm, mlm, model_config, align=align,
         itc_weight=config.itc_weight, itm_weight=config.itm_weight, mlm_weight=config.mlm_weight,
         momentum_distill=config.momentum_distill, momentum=config.momentum, queue_size=config.queue_size,
     )
@@ -730,7 +768,9 @@ def prepare_pretrain_data(config: TrainConfig, model: PretrainModel, accelerator
 def _forward(model: nn.Module, unwrapped: PretrainModel, batch: dict[str, Tensor], mask_generator: "Generators",
              negative_generator: "Generators", alpha: float, processes: ProcessView) -> PretrainOutput:
     """Mask the captions with ``mask_generator``, then run the model (negatives from ``negative_generator``)."""
-    masked_ids, mlm_labels = unwrapped.mask_text(batch["input_ids"], batch["attention_mask"], mask_generator)
+    masked_ids = mlm_labels = None
+    if unwrapped.mlm_weight > 0:
+        masked_ids, mlm_labels = unwrapped.mask_text(batch["input_ids"], batch["attention_mask"], mask_generator)
     return model(pixel_values=batch.get("pixel_values"), image_states=batch.get("image_states"),
                  input_ids=batch["input_ids"],
                  attention_mask=batch["attention_mask"], masked_ids=masked_ids, mlm_labels=mlm_labels,

@@ -104,7 +104,10 @@ class FinetuneRecipe(Recipe):
         return StepOutput(loss=out.loss, losses=out.losses, num_samples=len(batch["input_ids"]))
 
     def evaluate(self, model: nn.Module, loader: DataLoader, accelerator: Any, config: TrainConfig) -> dict[str, float]:
-        return self.task.evaluate(model, loader, accelerator, self.data, self.eval_split)
+        options = self.task.eval_options(config)
+        if "results" in options:
+            options["results"] = None  # evaluations during training write no score files
+        return self.task.evaluate(model, loader, accelerator, self.data, self.eval_split, **options)
 
     def export(self, accelerator: Any, model: nn.Module, directory: Path) -> None:
         from accelerate.utils import DistributedType
@@ -128,6 +131,8 @@ def _build_model(config: TrainConfig, task: Any, data: Any, *, init: bool) -> nn
 
     vocabulary = task.vocabulary(data)
     vocab_kwargs = {task.vocabulary_key: vocabulary} if task.vocabulary_key else {}
+    if getattr(task, "aligns", False):
+        vocab_kwargs["align_kwargs"] = dict(config.align_kwargs)
     try:
         model = create_model(
             config.task, config.fusion, vision=config.vision, text=config.text,
@@ -145,8 +150,14 @@ def _build_model(config: TrainConfig, task: Any, data: Any, *, init: bool) -> nn
 
 
 def train(config: TrainConfig, **run_options: Any) -> dict[str, Any]:
-    """Train ``config.task`` with ``config.fusion``; return the final evaluation metrics (``run_options``: see ``run``)."""
-    return run(FinetuneRecipe(), config, **run_options)
+    """Train ``config.task`` with ``config.fusion``; return the final evaluation metrics (``run_options``: see ``run``).
+
+    The task says which recipe trains it (``Task.make_recipe``): :class:`FinetuneRecipe` for most,
+    ITC + ITM for retrieval.
+    """
+    from fusionzoo.tasks import get_task
+
+    return run(get_task(config.task).make_recipe(), config, **run_options)
 
 
 def load_matching_weights(model: nn.Module, source: str | Path, verbose: bool = False) -> dict[str, int]:
@@ -170,6 +181,9 @@ def load_matching_weights(model: nn.Module, source: str | Path, verbose: bool = 
             raise CheckpointError(f"init_from={source!r}: no model.safetensors there (nor under final/); "
                                   "expected a saved model folder or a run's output_dir")
     saved = safetensors.torch.load_file(str(weights))
+    for source_prefix, target_prefix in getattr(model, "init_aliases", {}).items():  # e.g. itm.head. -> head.linear.
+        for key in [k for k in saved if k.startswith(source_prefix)]:
+            saved.setdefault(target_prefix + key[len(source_prefix):], saved[key])
     own = model.state_dict()
     matched = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(matched, strict=False)
@@ -192,19 +206,24 @@ def load_matching_weights(model: nn.Module, source: str | Path, verbose: bool = 
     return stats
 
 
+def resolve_model_dir(run: str | Path) -> Path:
+    """``run`` when it holds config.json, else its ``final/`` (a run's output_dir); a CheckpointError otherwise."""
+    path = Path(run)
+    if not (path / "config.json").is_file() and (path / "final" / "config.json").is_file():
+        path = path / "final"
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{run} is not a saved model or a finished run: no config.json there nor in "
+                              "final/; expected the output_dir of `fusionzoo train` or its final/ folder")
+    return path
+
+
 def evaluate_checkpoint(checkpoint: str | Path, config: TrainConfig) -> dict[str, Any]:
     """``fusionzoo eval``: load a saved model and score it on ``config.split`` (1 or N processes alike)."""
     from fusionzoo.model import load_model
     from fusionzoo.tasks import get_task
 
     accelerator = make_accelerator(config, with_trackers=False)
-    path = Path(checkpoint)
-    if not (path / "config.json").is_file() and (path / "final" / "config.json").is_file():
-        path = path / "final"
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{checkpoint} is not a saved model or a finished run: no config.json there nor in "
-                              "final/; expected the output_dir of `fusionzoo train` or its final/ folder")
-    model = load_model(path)
+    model = load_model(resolve_model_dir(checkpoint))
     config.task = model.task
     check_names(config)
     task = get_task(model.task)
@@ -233,4 +252,5 @@ class _EvalOnly(Recipe):
         self.task, self.data, self.eval_split = task, data, split
 
     def evaluate(self, model: nn.Module, loader: DataLoader, accelerator: Any, config: TrainConfig) -> dict[str, float]:
-        return self.task.evaluate(model, loader, accelerator, self.data, self.eval_split)
+        return self.task.evaluate(model, loader, accelerator, self.data, self.eval_split,
+                                  **self.task.eval_options(config))

@@ -287,11 +287,30 @@ def test_process_view_gathers_with_local_gradient_and_padding() -> None:
     assert mask.dtype == torch.bool and mask.tolist() == [[True] * 5, [True, True, False, False, False]]
 
 
-def test_fusion_without_itc_embeddings_is_rejected_clearly() -> None:
-    config = load_config(None, ["vision=tiny", "text=tiny", "fusion=merged_transformer",
-                                'fusion_kwargs={"dim": 32, "num_heads": 2}'], base=pretrain_base_config())
-    with pytest.raises(ValueError, match=r"ITC embeddings.*'merged_transformer'.*fusion=albef"):
-        build_pretrain_model(config, pretrained=False)
+@pytest.mark.parametrize("fusion", ["albef", "attention_weighted", "co_attention", "early_concat", "late_voting",
+                                    "merged_transformer"])
+def test_every_fusion_pretrains_with_itc_itm_and_mlm(fusion: str) -> None:
+    """A fusion without its own ITC embeddings gets an Alignment (align.*); every trainable part gets a gradient."""
+    from fusionzoo.training.pretrain import _forward, row_generators
+
+    config = load_config(None, ["vision=tiny", "text=tiny", f"fusion={fusion}", "freeze_encoders=true",
+                                'fusion_kwargs={"dim": 32, "num_heads": 2}', "max_text_len=8"],
+                         base=pretrain_base_config())
+    torch.manual_seed(0)
+    model = build_pretrain_model(config, pretrained=False).train()
+    assert (model.align is None) == (fusion == "albef")
+    assert model.config["align"] == (None if fusion == "albef" else model.align.config)
+    batch = model.text.tokenize(["a red circle on white", "the square is blue", "a green triangle", "red"], 8)
+    batch = {**batch, "pixel_values": torch.rand(4, 3, 32, 32), "image_id": torch.tensor([1, 2, 3, 1])}
+    out = _forward(model, model, batch, row_generators(0, "mask", 0, 0, 0, 4), row_generators(0, "neg", 0, 0, 0, 4),
+                   0.0, ProcessView())
+    assert set(out.losses) == {"itc", "itm", "mlm"} and all(torch.isfinite(v) for v in out.losses.values())
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"{fusion}: no gradient reached {missing}"
+    exported = model.export_state_dict()
+    assert any(k.startswith("itm.head.") for k in exported)
+    assert any(k.startswith("align.") for k in exported) == (fusion != "albef")
 
 
 def test_pretrain_command_defaults(capsys: pytest.CaptureFixture[str]) -> None:

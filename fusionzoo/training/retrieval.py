@@ -1,0 +1,115 @@
+"""Training a retrieval model: ITC + ITM on image-caption pairs, for ``fusionzoo train task=retrieval``.
+
+The model is a :class:`~fusionzoo.model.FusionModel` for the ``retrieval`` task: the
+encoders, the fusion, its ITM head (``head``) and, for a fusion that does not
+align its own streams, an :class:`~fusionzoo.alignment.Alignment` (``align``). Each
+step is pretraining's step without MLM (:class:`~fusionzoo.training.pretrain.PretrainModel`
+built around the same modules): ITC over the global batch with the captions of one
+image as positives of each other, and ITM on the positives and on hard negatives
+drawn by ITC similarity from the global batch, with per-row generators, so N
+processes train what one process with the global batch trains. ``loss =
+itc_weight * itc + itm_weight * itm``; ``itm_weight=0`` trains the alignment
+alone (a dual encoder). Evaluation is the task's: recall@K on the evaluation
+split's images and captions (:mod:`fusionzoo.tasks.retrieval`), with image tokens
+from the feature cache when the vision encoder is frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..losses import ITMLoss
+from .config import ConfigError, TrainConfig
+from .loop import RecipeData
+from .pretrain import CachedImageCollate, PretrainModel, PretrainRecipe, _check_config, prepare_pretrain_data
+from .trainer import _build_model, check_names, eval_split_of, limit_rows
+
+
+class RetrievalRecipe(PretrainRecipe):
+    """ITC + ITM training of a retrieval :class:`~fusionzoo.model.FusionModel` (see the module docstring)."""
+
+    tracker_project = "fusionzoo"
+
+    def leaves_parameters_unused(self, config: TrainConfig) -> bool:
+        return config.itm_weight == 0  # ITC alone never runs the fusion or the ITM head
+
+    def check(self, config: TrainConfig, accelerator: Any) -> None:
+        from accelerate.utils import DistributedType
+
+        from fusionzoo.tasks import get_task
+
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise ConfigError("task=retrieval trains on one or several processes with DDP; FSDP and DeepSpeed are "
+                              "not supported (ITC gathers embeddings with their gradients)")
+        check_names(config)
+        if config.itc_weight <= 0 and config.itm_weight <= 0:
+            raise ConfigError("task=retrieval needs itc_weight > 0 or itm_weight > 0 (it trains ITC + ITM), got "
+                              f"itc_weight={config.itc_weight}, itm_weight={config.itm_weight}")
+        _check_config(dataclasses.replace(config, mlm_weight=0.0), accelerator.num_processes)
+        self.task = get_task(config.task)
+        self.config = config
+        self.label = f"train retrieval/{config.fusion}"
+
+    def build_model(self, config: TrainConfig, accelerator: Any) -> nn.Module:
+        from accelerate.utils import set_seed
+
+        with accelerator.main_process_first():
+            self.data = self.task.load_data(config)
+        set_seed(config.seed)
+        self.model = _build_model(config, self.task, self.data, init=True)  # what is evaluated and exported
+        m = self.model
+        # The trained module shares every parameter with ``m``: ITMLoss scores with m.head.linear.
+        return PretrainModel(
+            m.vision, m.text, m.fusion, ITMLoss(m.fusion.out_dim, head=m.head.linear), None, m.config,
+            align=m.align, itc_weight=config.itc_weight, itm_weight=config.itm_weight, mlm_weight=0.0,
+            momentum_distill=config.momentum_distill, momentum=config.momentum, queue_size=config.queue_size,
+        )
+
+    def prepare_data(self, config: TrainConfig, model: nn.Module, accelerator: Any) -> RecipeData:
+        self.eval_split = eval_split_of(config, self.data, training=True)
+        evaluate = self.eval_split is not None and config.max_eval_samples != 0
+        # Every evaluation image is cached (max_eval_samples counts images here, not pairs).
+        pairs_config = dataclasses.replace(config, eval_split=self.eval_split if evaluate else None,
+                                           max_eval_samples=None if evaluate else 0)
+        data = prepare_pretrain_data(pairs_config, model, accelerator, self.data)
+        global_batch = config.batch_size * accelerator.num_processes
+        if len(data.train) < global_batch:
+            raise ConfigError(f"split {config.train_split!r} has {len(data.train)} pairs, fewer than one global "
+                              f"batch ({config.batch_size} x {accelerator.num_processes}); lower batch_size")
+        images, eval_collate = None, None
+        if evaluate:
+            collate = self.data.collator(self.model.text.tokenize, config.max_text_len)
+            if data.cache is not None:
+                images = self.data[self.eval_split]  # no pixels: tokens come from the cache
+                eval_collate = CachedImageCollate(collate, data.cache)
+            else:
+                with_pixels = self.data.with_image_transform(self.model.vision.transform(train=False),
+                                                             skip_bad=config.skip_bad)
+                images = with_pixels[self.eval_split]
+                eval_collate = collate
+            images = limit_rows(images, config.max_eval_samples, config.seed)
+            if data.cache is not None and len(data.cache) < len(self.data[self.eval_split]):
+                images = images.filter(lambda row: row["image_id"] in data.cache.row)  # skip_bad dropped some
+        note = None
+        if data.cache is not None:
+            note = (f"encoded {len(data.cache)} images once with the frozen vision encoder "
+                    f"(tokens {tuple(data.cache.states.shape[1:])})")
+        return RecipeData(train=data.train, eval=images, collate=data.collate, eval_collate=eval_collate or data.collate,
+                          drop_last=True, eval_drop_last=False, note=note)
+
+    def evaluate(self, model: nn.Module, loader: DataLoader, accelerator: Any, config: TrainConfig) -> dict[str, float]:
+        options = {**self.task.eval_options(config), "results": None}  # no score files while training
+        self.model.eval()
+        return self.task.evaluate(self.model, loader, accelerator, self.data, self.eval_split, **options)
+
+    def export(self, accelerator: Any, model: nn.Module, directory: Path) -> None:
+        if accelerator.is_main_process:
+            self.model.save_pretrained(directory)
+
+    def result(self, final_eval: dict[str, Any], train_losses: dict[str, float], step: int) -> dict[str, Any]:
+        return final_eval

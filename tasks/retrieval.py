@@ -1,0 +1,341 @@
+"""Image-text retrieval: align (ITC) for a shortlist, fuse (ITM) to rerank it, recall@K both ways.
+
+Follows the retrieval evaluation of ALBEF (Li et al., 2021) and BLIP (Li et al.,
+2022): every image and caption of the split is embedded apart (unit-norm ITC
+embeddings, one dot product per pair); for each query the ``rerank_k`` best
+candidates by ITC are scored jointly by the fusion and its image-text matching
+(ITM) head, and ranked by the match log-odds. ``rerank_k="all"`` scores every
+pair with ITM (what ViLT does, and what reranking approximates).
+
+The score matrices (:func:`retrieval_scores`):
+
+* ``itc_i2t`` (images x captions) and ``itc_t2i = itc_i2t.T``: cosine similarities;
+* ``i2t`` / ``t2i``: for each query its shortlisted candidates get their ITM
+  log-odds, and every other candidate keeps its ITC order below all of them
+  (its cosine, shifted under the lowest log-odds of the matrix), so recall@K for
+  K <= ``rerank_k`` is the reranked recall and larger K fall back to ITC.
+
+Several processes: the image loader is sharded and the image embeddings and
+tokens are gathered (padding dropped); every process embeds all captions, so
+every process holds the same ITC matrices; process r reranks the queries
+r, r + P, r + 2P, ... of each direction and the scores are gathered, so the
+matrices equal a one-process run's (up to float rounding of batched products).
+
+Memory: the I x C matrices and every image's tokens and caption's states are
+kept (on the CPU); shortlisting itself goes block by block
+(:func:`~fusionzoo.tasks.retrieval_eval.top_k_chunked`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+
+from .base import Task
+from .retrieval_eval import recall_at_k, save_scores, top_k_chunked
+
+
+@dataclass
+class Gallery:
+    """Every image of the evaluated split, in one order.
+
+    Attributes:
+        image_ids: (I,) long dataset ids (Karpathy ``cocoid`` / ``imgid``).
+        embed: (I, E) float unit-norm ITC embeddings.
+        tokens: (I, N, Di) image tokens (what the fusion reads when reranking), on the CPU.
+    """
+
+    image_ids: Any
+    embed: Any
+    tokens: Any
+
+
+@dataclass
+class Captions:
+    """Every caption of the evaluated images, in one order.
+
+    Attributes:
+        caption_ids: (C,) long caption ids (Karpathy ``sentid``, COCO annotation ``id``).
+        owner: (C,) long index of each caption's image in the :class:`Gallery`.
+        embed: (C, E) float unit-norm ITC embeddings.
+        states: (C, T, Dt) text states padded to one length T; mask: (C, T) bool.
+    """
+
+    caption_ids: Any
+    owner: Any
+    embed: Any
+    states: Any
+    mask: Any
+
+
+class OneProcess:
+    """What the ranking functions ask of an Accelerator, for one process on ``device`` without autocast."""
+
+    num_processes, process_index, is_main_process = 1, 0, True
+
+    def __init__(self, device: Any = "cpu") -> None:
+        import torch
+
+        self.device = torch.device(device)
+
+    def autocast(self) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def gather(self, tensor: Any) -> Any:
+        return tensor
+
+    gather_for_metrics = gather
+
+    def unwrap_model(self, model: Any) -> Any:
+        return model
+
+
+def _image_tokens(model: Any, batch: dict[str, Any]) -> Any:
+    if batch.get("image_states") is not None:
+        return batch["image_states"]
+    return model.vision(batch["pixel_values"]).tokens  # (B, N, Di)
+
+
+def embed_gallery(model: Any, loader: Any, accelerator: Any) -> Gallery:
+    """Embed the images of ``loader`` (sharded over processes; gathered so every process has them all)."""
+    import torch
+
+    ids, embeds, tokens = [], [], []
+    for batch in loader:
+        with accelerator.autocast():
+            image = _image_tokens(model, batch)
+            embed = model.embed_image_states(image)
+        valid = batch.get("valid", torch.ones(len(image), dtype=torch.bool)).to(image.device)
+        gathered = [accelerator.gather_for_metrics(x) for x in
+                    (batch["image_id"].to(image.device), embed.float(), image.float(), valid)]
+        keep = gathered[3].cpu()
+        ids.append(gathered[0].cpu()[keep])
+        embeds.append(gathered[1].cpu()[keep])
+        tokens.append(gathered[2].cpu()[keep])
+    if not ids:
+        raise ValueError("the evaluation split has no images")
+    return Gallery(torch.cat(ids), torch.cat(embeds), torch.cat(tokens))
+
+
+def embed_captions(model: Any, data: Any, split: str, gallery: Gallery, max_text_len: int, batch_size: int,
+                   accelerator: Any) -> Captions:
+    """Tokenize and embed every caption of ``split`` whose image is in ``gallery`` (on every process)."""
+    import torch
+
+    pairs = data.pairs(split).with_format(None)
+    row = {int(i): k for k, i in enumerate(gallery.image_ids.tolist())}
+    keep = [k for k, image_id in enumerate(pairs["image_id"]) if int(image_id) in row]
+    texts = [pairs["caption"][k] for k in keep]
+    if not texts:
+        raise ValueError(f"split {split!r} has no captions for the evaluated images")
+    owner = torch.tensor([row[int(pairs["image_id"][k])] for k in keep], dtype=torch.long)
+    caption_ids = torch.tensor([int(pairs["caption_id"][k]) for k in keep], dtype=torch.long)
+    embeds, states, masks = [], [], []
+    for start in range(0, len(texts), batch_size):
+        batch = model.text.tokenize(texts[start:start + batch_size], max_length=max_text_len)
+        ids = batch["input_ids"].to(accelerator.device)
+        mask = batch["attention_mask"].to(accelerator.device)
+        with accelerator.autocast():
+            text = model.text(ids, mask).states  # (b, t, Dt)
+            embed = model.embed_text_states(text, mask.bool())
+        padded = text.new_zeros(len(text), max_text_len, text.shape[-1]).float()
+        padded[:, : text.shape[1]] = text.float()
+        full_mask = torch.zeros(len(text), max_text_len, dtype=torch.bool)
+        full_mask[:, : text.shape[1]] = mask.bool().cpu()
+        embeds.append(embed.float().cpu())
+        states.append(padded.cpu())
+        masks.append(full_mask)
+    return Captions(caption_ids, owner, torch.cat(embeds), torch.cat(states), torch.cat(masks))
+
+
+def score_pairs(model: Any, captions: Captions, gallery: Gallery, text_index: Any, image_index: Any,
+                batch_size: int, accelerator: Any) -> Any:
+    """(P,) ITM log-odds of the pairs (caption ``text_index[p]``, image ``image_index[p]``), ``batch_size`` at a time."""
+    import torch
+
+    out = torch.empty(len(text_index), dtype=torch.float32)
+    device = accelerator.device
+    for start in range(0, len(text_index), batch_size):
+        t = text_index[start:start + batch_size]
+        i = image_index[start:start + batch_size]
+        mask = captions.mask[t]
+        width = max(1, int(mask.sum(1).max()))  # drop the padding every pair of this batch shares
+        with accelerator.autocast():
+            scores = model.match_states(captions.states[t, :width].to(device), mask[:, :width].to(device),
+                                        gallery.tokens[i].to(device))
+        out[start:start + len(t)] = scores.float().cpu()
+    return out
+
+
+def rerank(model: Any, captions: Captions, gallery: Gallery, shortlist: Any, *, queries_are_images: bool,
+           batch_size: int, accelerator: Any) -> Any:
+    """(Q, k) ITM log-odds of each query's shortlist; process r scores queries r, r + P, ... (then gathered)."""
+    import torch
+
+    n_queries, k = shortlist.shape
+    processes, rank = accelerator.num_processes, accelerator.process_index
+    mine = torch.arange(rank, n_queries, processes)  # (Q_r,) this process's queries
+    query = mine[:, None].expand(-1, k).reshape(-1)  # (Q_r * k,)
+    candidate = shortlist[mine].reshape(-1)
+    text_index, image_index = (candidate, query) if queries_are_images else (query, candidate)
+    local = score_pairs(model, captions, gallery, text_index, image_index, batch_size, accelerator).view(-1, k)
+    if processes == 1:
+        return local
+    share = -(-n_queries // processes)  # rows per process, padded to one shape
+    padded = torch.zeros(share, k, dtype=torch.float32, device=accelerator.device)
+    padded[: len(local)] = local.to(accelerator.device)
+    gathered = accelerator.gather(padded).cpu().view(processes, share, k)
+    scores = torch.empty(n_queries, k, dtype=torch.float32)
+    for r in range(processes):
+        rows = torch.arange(r, n_queries, processes)
+        scores[rows] = gathered[r, : len(rows)]
+    return scores
+
+
+def reranked_matrix(itc: Any, shortlist: Any, scores: Any) -> Any:
+    """(Q, G): ITM log-odds at each query's shortlisted columns, ITC order below every one of them elsewhere."""
+
+    floor = float(scores.min()) if scores.numel() else 0.0
+    matrix = itc.float() - 2.0 + (floor - 1.0)  # cosines in [-1, 1] -> strictly below ``floor``
+    matrix.scatter_(1, shortlist, scores.float())
+    return matrix
+
+
+def retrieval_scores(model: Any, loader: Any, accelerator: Any, data: Any, split: str, *,
+                     rerank_k: int | str = 128, rerank_batch_size: int = 256, rerank_itc_weight: float = 0.0,
+                     max_text_len: int = 32, text_batch_size: int = 64) -> dict[str, Any]:
+    """ITC and reranked score matrices of ``split``, with ids and timings (see the module docstring).
+
+    Returns:
+        ``{"itc_i2t", "itc_t2i", "i2t", "t2i"}`` (float32 tensors), ``"image_ids"``, ``"caption_ids"``,
+        ``"owner"`` (each caption's image row), ``"itc_seconds"``, ``"rerank_seconds"``, ``"k"``.
+    """
+    import torch
+
+    with torch.no_grad():
+        start = time.perf_counter()
+        gallery = embed_gallery(model, loader, accelerator)
+        captions = embed_captions(model, data, split, gallery, max_text_len, text_batch_size, accelerator)
+        embed_seconds = time.perf_counter() - start
+    scores = score_matrices(model, gallery, captions, rerank_k=rerank_k, rerank_batch_size=rerank_batch_size,
+                            rerank_itc_weight=rerank_itc_weight, accelerator=accelerator)
+    scores["itc_seconds"] += embed_seconds
+    return scores
+
+
+def score_matrices(model: Any, gallery: Gallery, captions: Captions, *, rerank_k: int | str = 128,
+                   rerank_batch_size: int = 256, rerank_itc_weight: float = 0.0,
+                   accelerator: Any = None) -> dict[str, Any]:
+    """ITC and reranked score matrices of an embedded gallery and captions (see :func:`retrieval_scores`).
+
+    A shortlisted pair's score is its ITM log-odds plus ``rerank_itc_weight`` times its ITC
+    logit (cosine / temperature): 0 ranks by ITM alone (ALBEF); 1 adds the two models'
+    logits, as BLIP adds the ITC similarity to the ITM score. ``accelerator``: an Accelerator
+    (several processes share the reranking), or None for one process on the model's device.
+    ``itc_seconds`` here is the shortlisting time only.
+    """
+    import torch
+
+    accelerator = accelerator or OneProcess(model.device)
+    with torch.no_grad():
+        start = time.perf_counter()
+        n_images, n_captions = len(gallery.image_ids), len(captions.caption_ids)
+        k_i2t = n_captions if rerank_k == "all" else min(int(rerank_k), n_captions)
+        k_t2i = n_images if rerank_k == "all" else min(int(rerank_k), n_images)
+        short_i2t, cos_i2t = top_k_chunked(gallery.embed, captions.embed, k_i2t)  # (I, k) caption indices
+        short_t2i, cos_t2i = top_k_chunked(captions.embed, gallery.embed, k_t2i)  # (C, k) image indices
+        itc_i2t = gallery.embed @ captions.embed.t()  # (I, C) cosines
+        itc_seconds = time.perf_counter() - start
+
+        start = time.perf_counter()
+        scores_i2t = rerank(model, captions, gallery, short_i2t, queries_are_images=True,
+                            batch_size=rerank_batch_size, accelerator=accelerator)
+        scores_t2i = rerank(model, captions, gallery, short_t2i, queries_are_images=False,
+                            batch_size=rerank_batch_size, accelerator=accelerator)
+        if rerank_itc_weight:
+            temperature = float(model.aligner.itc_temperature().detach())
+            scores_i2t = scores_i2t + rerank_itc_weight * cos_i2t.float().cpu() / temperature
+            scores_t2i = scores_t2i + rerank_itc_weight * cos_t2i.float().cpu() / temperature
+        rerank_seconds = time.perf_counter() - start
+    return {
+        "itc_i2t": itc_i2t, "itc_t2i": itc_i2t.t().contiguous(),
+        "i2t": reranked_matrix(itc_i2t, short_i2t, scores_i2t),
+        "t2i": reranked_matrix(itc_i2t.t(), short_t2i, scores_t2i),
+        "image_ids": gallery.image_ids, "caption_ids": captions.caption_ids, "owner": captions.owner,
+        "itc_seconds": itc_seconds, "rerank_seconds": rerank_seconds, "k": max(k_i2t, k_t2i),
+    }
+
+
+def evaluate_retrieval(model: Any, loader: Any, accelerator: Any, data: Any, split: str, *,
+                       rerank_k: int | str = 128, rerank_batch_size: int = 256, rerank_itc_weight: float = 0.0,
+                       max_text_len: int = 32, results: str | None = None) -> dict[str, float]:
+    """Recall@K of the reranked and of the ITC-only ranking, with seconds per query (see the module docstring).
+
+    ``results``: write the score matrices to this ``.npz`` (main process): ``i2t``, ``t2i`` (reranked),
+    ``image_ids``, ``caption_ids``, and ``itc_i2t``, ``itc_t2i``.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    scores = retrieval_scores(unwrapped, loader, accelerator, data, split, rerank_k=rerank_k,
+                              rerank_batch_size=rerank_batch_size, rerank_itc_weight=rerank_itc_weight,
+                              max_text_len=max_text_len)
+    owner = scores["owner"].numpy()
+    metrics = recall_at_k(scores["i2t"].numpy(), scores["t2i"].numpy(), owner)
+    metrics.update({f"itc_{k}": v for k, v in recall_at_k(scores["itc_i2t"].numpy(), scores["itc_t2i"].numpy(),
+                                                          owner).items()})
+    queries = len(scores["image_ids"]) + len(scores["caption_ids"])
+    metrics["itc_seconds_per_query"] = scores["itc_seconds"] / queries
+    metrics["rerank_seconds_per_query"] = scores["rerank_seconds"] / queries
+    metrics["seconds_per_query"] = (scores["itc_seconds"] + scores["rerank_seconds"]) / queries
+    metrics["rerank_k"] = float(scores["k"])
+    metrics["num_images"] = float(len(scores["image_ids"]))
+    metrics["num_captions"] = float(len(scores["caption_ids"]))
+    metrics["num_samples"] = metrics["num_images"]
+    if results and accelerator.is_main_process:
+        save_scores(results, scores["i2t"].numpy(), scores["t2i"].numpy(), scores["image_ids"].numpy(),
+                    scores["caption_ids"].numpy(),
+                    extra={"itc_i2t": scores["itc_i2t"].numpy(), "itc_t2i": scores["itc_t2i"].numpy()})
+    return metrics
+
+
+class RetrievalTask(Task):
+    """Image-text retrieval: ITC embeddings for a shortlist, the fusion's ITM head to rerank it.
+
+    Trains ``itc_weight * ITC + itm_weight * ITM`` (hard negatives drawn by ITC similarity)
+    on image-caption pairs; evaluation ranks every caption of the split against every
+    image both ways and reports recall@K of the reranked and of the ITC-only ranking.
+    """
+
+    head = "itm"
+    description = "image-text retrieval: ITC shortlist, ITM rerank, recall@K both ways"
+    default_dataset = "karpathy-captions"
+    data_kind = "image-caption data"
+    data_needs = ("pairs", "references")
+    #: The model embeds images and texts apart (``create_model`` builds an Alignment unless the fusion aligns).
+    aligns = True
+
+    def make_recipe(self) -> Any:
+        from fusionzoo.training.retrieval import RetrievalRecipe
+
+        return RetrievalRecipe()
+
+    def train_rows(self, data: Any, split: str) -> Any:
+        return data.pairs(split)  # one row per caption; evaluation reads one row per image
+
+    def eval_options(self, config: Any) -> dict[str, Any]:
+        return {"rerank_k": config.rerank_k, "rerank_batch_size": config.rerank_batch_size,
+                "rerank_itc_weight": config.rerank_itc_weight,
+                "max_text_len": config.max_text_len, "results": config.results}
+
+    def evaluate(self, model: Any, loader: Any, accelerator: Any, data: Any, split: str,
+                 **options: Any) -> dict[str, float]:
+        return evaluate_retrieval(model, loader, accelerator, data, split, **options)
+
+    def predict(self, model: Any, images: Sequence[Any], texts: Sequence[str] | None = None,
+                **options: Any) -> list[str]:
+        if texts is None:
+            raise ValueError("a retrieval model scores an image with a text: give one text per image")
+        return [f"{p:.4f}" for p in model.match(list(images), list(texts)).tolist()]
