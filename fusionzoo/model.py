@@ -265,6 +265,14 @@ class FusionModel(nn.Module):
                             "a retrieval model (create_model('retrieval', ...), fusionzoo train task=retrieval)")
         return self.align
 
+    @property
+    def embed_dim(self) -> int:
+        """Width E of the ITC embeddings."""
+        return int(self.aligner.embed_dim)
+
+    # The *_states methods are the building blocks of training and evaluation: they keep the
+    # module's mode and gradients as the caller set them. embed_images / embed_texts / match
+    # are for inference: eval mode, no gradients, PIL images or strings in.
     def embed_image_states(self, image: Tensor, image_mask: Tensor | None = None) -> Tensor:
         """(B, N, Di) image tokens -> (B, E) unit-norm ITC embeddings."""
         return self.aligner.embed_images(image, image_mask)
@@ -295,11 +303,15 @@ class FusionModel(nn.Module):
 
     def embed_images(self, images: Sequence[Image.Image] | Tensor) -> Tensor:
         """(B, E) unit-norm embeddings of B PIL images (or preprocessed (B, 3, H, W) pixels); eval mode."""
+        if not len(images):
+            return torch.empty(0, self.embed_dim, device=self.device)
         with _eval_mode(self):
             return self.embed_image_states(self.vision(self._pixels(images)).tokens).float()
 
     def embed_texts(self, texts: Sequence[str]) -> Tensor:
         """(B, E) unit-norm embeddings of B texts; eval mode, no gradients."""
+        if not len(texts):
+            return torch.empty(0, self.embed_dim, device=self.device)
         with _eval_mode(self):
             return self.embed_text_states(*self._text_batch(texts)).float()
 
@@ -307,6 +319,8 @@ class FusionModel(nn.Module):
         """(B,) ITM probability that text i describes image i; eval mode, no gradients."""
         if len(images) != len(texts):
             raise ValueError(f"got {len(images)} images but {len(texts)} texts; match scores one text per image")
+        if not len(texts):
+            return torch.empty(0, device=self.device)
         with _eval_mode(self):
             image = self.vision(self._pixels(images)).tokens  # (B, N, Di)
             return torch.sigmoid(self.match_states(*self._text_batch(texts), image))

@@ -10,7 +10,7 @@ from typing import Any, Callable
 CONFIG_HELP = """\
 configuration: an optional YAML file, then key=value overrides applied in order
 (nested: fusion_kwargs.num_layers=4). Main keys:
-  task            vqa | captioning | classification | a task registered with --import
+  task            vqa | captioning | classification | retrieval | a task registered with --import
   fusion          a registered fusion (fusionzoo list)
   data            a dataset name (easy-vqa, vqa-jsonl, vqa-v2, coco-captions,
                   karpathy-captions, classification-jsonl, caption-match) or a path
@@ -23,6 +23,9 @@ configuration: an optional YAML file, then key=value overrides applied in order
   overwrite       true: replace another run found in output_dir (refused otherwise)
   skip_bad        true: leave out bad entries and undecodable images, with a warning
   verify_images   true: decode every image once when the data is loaded
+task=retrieval (image-caption data) trains itc_weight x ITC + itm_weight x ITM (hard negatives
+by ITC similarity); align_kwargs.embed_dim / text_summary shape the alignment of fusions that do
+not align themselves; rerank_k (default 128 | all), rerank_itc_weight as for eval.
 Ctrl-C or SIGTERM saves a checkpoint after the current step (exit 130); --debug shows tracebacks.
 Every key: fusionzoo train --show-config.
 """
@@ -50,6 +53,9 @@ file). Useful keys:
   split           the split to score (default test)
   data, data_dir  another dataset of the same task
   eval_batch_size, max_eval_samples, num_workers, skip_bad, cpu
+retrieval models: rerank_k (ITC candidates per query the ITM head reranks, default 128; all =
+every pair), rerank_batch_size, rerank_itc_weight (0: rank by ITM log-odds alone; 1: add the ITC
+logit, as BLIP does), results=PATH.npz (the score matrices, for `fusionzoo score retrieval`).
 The last line printed is one JSON object with the scores (on N processes, printed once).
 """
 

@@ -58,6 +58,9 @@ def test_every_fusion_embeds_apart_and_matches_jointly(fusion: str, tmp_path: Pa
     said = ["match" if p > 0.5 else "no match" for p in model.match(photos, TEXTS).tolist()]
     assert model.predict(photos, TEXTS) == said
 
+    assert model.embed_images([]).shape == model.embed_texts([]).shape == (0, model.embed_dim)
+    assert model.match([], []).shape == (0,)
+
     loaded = load_model(model.save_pretrained(tmp_path / "model"))
     assert torch.equal(loaded.embed_images(pixels()), images)
     assert torch.equal(loaded.embed_texts(TEXTS), texts)

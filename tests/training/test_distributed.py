@@ -26,10 +26,13 @@ from fixtures import train_log, write_classification_jsonl, write_karpathy_capti
 
 HERE = Path(__file__).resolve().parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-TASKS = ("vqa", "classification", "captioning")
+TASKS = ("vqa", "classification", "captioning", "retrieval")
 BUILT_IN = ("albef", "attention_weighted", "co_attention", "early_concat", "late_voting", "merged_transformer")
 #: Feature-level fusions whose 2-process losses must equal the 1-process ones (no batch-level auxiliary loss).
 EQUAL = ("early_concat", "co_attention", "merged_transformer")
+#: Retrieval (ITC over the gathered batch + ITM with hard negatives drawn per global row): an
+#: Alignment-based fusion and one that aligns itself.
+EQUAL_RETRIEVAL = ("merged_transformer", "albef")
 QUIET = ["vision=tiny", "text=tiny", "log_with=none", "log_every=1", "seed=1"]
 NO_DROPOUT = ["fusion_kwargs.dropout=0.0", "head_kwargs.dropout=0.0"]
 
@@ -66,9 +69,18 @@ def _equal_args(fusion: str, data: Path, out: Path, batch: int) -> list[str]:
             f"output_dir={out}"]
 
 
-def _pretrain_args(data: Path, out: Path, batch: int) -> list[str]:
-    return [f"data_dir={data / 'cap'}", *QUIET, "freeze_encoders=true", "max_text_len=12",
-            'fusion_kwargs={"dim": 16, "embed_dim": 8, "num_layers": 1, "num_heads": 2, "dropout": 0.0}',
+def _retrieval_args(fusion: str, data: Path, out: Path, batch: int) -> list[str]:
+    return ["task=retrieval", f"fusion={fusion}", *_data_args("retrieval", data), *QUIET, "freeze_encoders=true",
+            'fusion_kwargs={"dim": 16, "num_layers": 1, "num_heads": 2, "dropout": 0.0}', f"batch_size={batch}",
+            "max_steps=10", "warmup_ratio=0.3", "lr=3e-3", "max_eval_samples=0", f"output_dir={out}"]
+
+
+def _pretrain_args(data: Path, out: Path, batch: int, fusion: str = "albef") -> list[str]:
+    kwargs = {"dim": 16, "num_layers": 1, "num_heads": 2, "dropout": 0.0}
+    if fusion == "albef":
+        kwargs["embed_dim"] = 8  # albef aligns itself; the others get an Alignment (align_kwargs)
+    return [f"fusion={fusion}", f"data_dir={data / 'cap'}", *QUIET, "freeze_encoders=true", "max_text_len=12",
+            f"fusion_kwargs={json.dumps(kwargs)}", "align_kwargs.embed_dim=8" if fusion != "albef" else "align_kwargs={}",
             f"batch_size={batch}", "max_steps=10", "warmup_ratio=0.3", "lr=3e-3", "max_eval_samples=0",
             f"output_dir={out}"]
 
@@ -90,6 +102,10 @@ def launched(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
             for task in TASKS for fusion in FUSIONS.list() if fusion in BUILT_IN]
     jobs += [{"kind": "train", "overrides": _equal_args(fusion, data, out / f"equal-{fusion}", 8)} for fusion in EQUAL]
     jobs.append({"kind": "pretrain", "overrides": _pretrain_args(data, out / "equal-pretrain", 4)})
+    jobs.append({"kind": "pretrain", "overrides": _pretrain_args(data, out / "equal-pretrain-merged", 4,
+                                                                 "merged_transformer")})
+    jobs += [{"kind": "train", "overrides": _retrieval_args(fusion, data, out / f"equal-retrieval-{fusion}", 4)}
+             for fusion in EQUAL_RETRIEVAL]
     (out / "jobs.json").write_text(json.dumps(jobs))
     result = _torchrun(str(HERE / "run_jobs.py"), str(out / "jobs.json"), timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -127,12 +143,27 @@ def test_two_processes_at_batch_8_train_like_one_at_16(launched: Path, data: Pat
     assert run_two["param_checksums"][0] == pytest.approx(run_one["param_checksums"][0], rel=1e-6)
 
 
-def test_albef_pretraining_on_two_processes_equals_one(launched: Path, data: Path, tmp_path: Path) -> None:
-    """ITC over the gathered batch, ITM negatives drawn per global row, MLM over the global masked count."""
+@pytest.mark.parametrize("fusion", ["albef", "merged_transformer"])
+def test_pretraining_on_two_processes_equals_one(launched: Path, data: Path, tmp_path: Path, fusion: str) -> None:
+    """ITC over the gathered batch, ITM negatives drawn per global row, MLM over the global masked count;
+    ``merged_transformer`` through the model's Alignment, ``albef`` through its own."""
     one = tmp_path / "one"
-    pretrain(load_config(None, [*_pretrain_args(data, one, 8), "cpu=true"], base=pretrain_base_config()))
-    _compare_logs(one, launched / "equal-pretrain", ("train/loss", "train/itc", "train/itm", "train/mlm",
-                                                     "train/itm_accuracy"))
+    pretrain(load_config(None, [*_pretrain_args(data, one, 8, fusion), "cpu=true"], base=pretrain_base_config()))
+    two = launched / ("equal-pretrain" if fusion == "albef" else "equal-pretrain-merged")
+    _compare_logs(one, two, ("train/loss", "train/itc", "train/itm", "train/mlm", "train/itm_accuracy"))
+
+
+@pytest.mark.parametrize("fusion", EQUAL_RETRIEVAL)
+def test_retrieval_training_on_two_processes_equals_one(launched: Path, data: Path, tmp_path: Path,
+                                                        fusion: str) -> None:
+    one = tmp_path / "one"
+    train(load_config(None, [*_retrieval_args(fusion, data, one, 8), "cpu=true"]))
+    _compare_logs(one, launched / f"equal-retrieval-{fusion}", ("train/loss", "train/itc", "train/itm"))
+    run_one = json.loads((one / "final" / "run.json").read_text())
+    run_two = json.loads((launched / f"equal-retrieval-{fusion}" / "final" / "run.json").read_text())
+    # Adam divides by the root of tiny second moments, so rounding in the gradient all-reduce shows
+    # in the weights a little more than in the losses.
+    assert run_two["param_checksums"][0] == pytest.approx(run_one["param_checksums"][0], rel=1e-5)
 
 
 NAN_PLUGIN = '''
@@ -194,6 +225,32 @@ def test_two_process_eval_prints_the_one_process_scores(launched: Path) -> None:
     assert set(scores_one) == set(scores_two) == {"accuracy", "loss", "num_samples"}
     assert scores_two["accuracy"] == scores_one["accuracy"]
     assert scores_two["loss"] == pytest.approx(scores_one["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("fusion", ["co_attention", "albef"])
+def test_two_process_retrieval_eval_equals_one_process(launched: Path, tmp_path: Path, fusion: str) -> None:
+    """Images sharded and gathered, each process reranks its share of the queries: the same scores."""
+    run = launched / f"retrieval-{fusion}"
+    files = {n: tmp_path / f"{n}.npz" for n in ("one", "two")}
+    args = ["eval", str(run), "split=train", "max_eval_samples=11", "eval_batch_size=4", "rerank_k=5",
+            "rerank_batch_size=7"]
+    two = _torchrun("-m", "fusionzoo", *args, f"results={files['two']}")
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "fusionzoo", *args, f"results={files['one']}"], capture_output=True,
+                         text=True, timeout=300, env=ENV)
+    assert one.returncode == 0, one.stderr[-3000:]
+    lines_two = [line for line in two.stdout.splitlines() if line.startswith("{")]
+    assert len(lines_two) == 1
+    scores_two, scores_one = json.loads(lines_two[0]), json.loads(one.stdout.strip().splitlines()[-1])
+    assert scores_one["num_images"] == scores_two["num_images"] == 11  # 11 images: the last batch is padded
+    recalls = [k for k in scores_one if k.endswith(("_r1", "_r5", "_r10", "r_mean"))]
+    assert len(recalls) == 14 and {k: scores_two[k] for k in recalls} == {k: scores_one[k] for k in recalls}
+    import numpy as np
+
+    with np.load(files["one"]) as a, np.load(files["two"]) as b:
+        assert a["image_ids"].tolist() == b["image_ids"].tolist()
+        for name in ("i2t", "t2i", "itc_i2t", "itc_t2i"):
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-5)
 
 
 def test_accelerate_launch_with_the_cpu_config_starts_two_processes(data: Path, tmp_path: Path) -> None:
