@@ -246,3 +246,45 @@ def test_retrieval_needs_caption_data(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["train", "task=retrieval", "data=easy-vqa", "vision=tiny", "text=tiny", "max_steps=1",
                  f"output_dir={tmp_path / 'run'}"]) == 2
     assert "needs image-caption data" in capsys.readouterr().err
+
+
+def test_retrieval_training_resumes_exactly(captions_root: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Cut a run after its step-3 checkpoint and resume: the same losses and weights as straight through."""
+    import shutil
+
+    import safetensors.torch
+
+    from fusionzoo.cli import main
+
+    def train_log_path(run: Path) -> Path:
+        return run / "train_log.jsonl"
+
+    args = ["train", "task=retrieval", "fusion=albef", "data=karpathy-captions", f"data_dir={captions_root}",
+            "vision=tiny", "text=tiny", 'fusion_kwargs={"dim": 16, "num_heads": 2, "dropout": 0.0}', "batch_size=8",
+            "max_steps=6", "save_every=3", "keep_last=3", "lr=3e-3", "max_text_len=10", "log_with=none",
+            "log_every=1", "max_eval_samples=0"]
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    assert main([*args, f"output_dir={straight}"]) == 0
+    assert main([*args, f"output_dir={cut}"]) == 0
+    shutil.rmtree(cut / "final")
+    shutil.rmtree(cut / "checkpoints" / "step-00000006")
+    log = train_log_path(cut)
+    log.write_text("".join(line + "\n" for line in log.read_text().splitlines()
+                           if json.loads(line).get("step", 0) <= 3))
+    capsys.readouterr()
+    assert main([*args, f"output_dir={cut}", "resume=auto"]) == 0
+    said = capsys.readouterr()
+    assert "resumed from" in said.out + said.err and "step-00000003" in said.out + said.err
+    steps_after = [json.loads(line)["step"] for line in train_log_path(cut).read_text().splitlines()
+                   if "train/loss" in json.loads(line)]
+    assert steps_after == list(range(1, 7))  # 4, 5, 6 appended to the cut log: nothing retrained
+
+    def losses(run: Path) -> dict[int, float]:
+        records = [json.loads(line) for line in train_log_path(run).read_text().splitlines()]
+        return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+    assert losses(cut) == pytest.approx(losses(straight), rel=1e-6) and sorted(losses(cut)) == list(range(1, 7))
+    a = safetensors.torch.load_file(str(straight / "final" / "model.safetensors"))
+    b = safetensors.torch.load_file(str(cut / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
