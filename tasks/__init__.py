@@ -25,8 +25,9 @@ register_task("classification")(ClassificationTask)
 register_task("retrieval")(RetrievalTask)
 
 # The dataset loaders register themselves (easy-vqa, vqa-v2, vqa-jsonl, coco-captions,
-# karpathy-captions, classification-jsonl, caption-match).
+# karpathy-captions, classification-jsonl, caption-match, sort-of-clevr).
 from . import caption_data, classification_data, vqa_data  # noqa: E402,F401
+from . import sort_of_clevr  # noqa: E402,F401
 
 __all__ = ["TASKS", "CaptioningTask", "ClassificationTask", "RetrievalTask", "Task", "VQATask", "caption_data",
-           "classification_data", "get_task", "vqa_data"]
+           "classification_data", "get_task", "sort_of_clevr", "vqa_data"]
