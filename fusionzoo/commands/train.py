@@ -191,7 +191,9 @@ configuration: as for `fusionzoo train` (an optional YAML file, then key=value o
 pretraining starts from fusion=albef, data=karpathy-captions, output_dir=runs/pretrain.
 Pretraining keys:
   data, data_dir      image-caption pairs: karpathy-captions, coco-captions, or a caption folder
-  fusion              a fusion whose output has ITC embeddings (albef)
+  fusion              any fusion: albef aligns its own streams; the others get an Alignment
+                      (ITC projections + temperature, align_kwargs) next to the fusion (ViLT-style
+                      ITM + MLM for merged_transformer)
   itc_weight, itm_weight, mlm_weight   loss weights (an ITM or MLM weight of 0 skips it)
   momentum_distill    momentum (EMA) encoders and ALBEF's distillation targets (true | false)
   momentum, queue_size, distill_alpha  EMA decay, ITC feature queue length, distillation weight

@@ -2,9 +2,11 @@
 
 Follows Li et al., "Align before Fuse: Vision and Language Representation
 Learning with Momentum Distillation" (NeurIPS 2021). The model is the zoo's
-vision encoder, a bidirectional text encoder and a fusion whose output carries
-ITC embeddings (``aux["image_embed"]``, ``aux["text_embed"]``, as ``albef``
-does), plus an ITM head and an MLM head. For a batch of B local pairs
+vision encoder, a bidirectional text encoder, any fusion, the ITC alignment
+(the fusion's own when it aligns its streams, as ``albef`` does, whose output
+carries ``aux["image_embed"]`` / ``aux["text_embed"]``; otherwise an
+:class:`~fusionzoo.alignment.Alignment` on the unimodal states, saved as
+``align.*``), an ITM head and an MLM head. For a batch of B local pairs
 (G = B x processes pairs in the global batch), one training step is:
 
 1. **Encode.** Image tokens (B, N, Di); text states (B, T, Dt) of the caption
