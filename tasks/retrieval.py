@@ -246,9 +246,11 @@ def score_matrices(model: Any, gallery: Gallery, captions: Captions, *, rerank_k
         n_images, n_captions = len(gallery.image_ids), len(captions.caption_ids)
         k_i2t = n_captions if rerank_k == "all" else min(int(rerank_k), n_captions)
         k_t2i = n_images if rerank_k == "all" else min(int(rerank_k), n_images)
-        short_i2t, cos_i2t = top_k_chunked(gallery.embed, captions.embed, k_i2t)  # (I, k) caption indices
-        short_t2i, cos_t2i = top_k_chunked(captions.embed, gallery.embed, k_t2i)  # (C, k) image indices
-        itc_i2t = gallery.embed @ captions.embed.t()  # (I, C) cosines
+        images, texts = gallery.embed.float(), captions.embed.float()  # (I, E), (C, E)
+        with torch.autocast(images.device.type, enabled=False):  # float32 even under a bf16 autocast
+            short_i2t, cos_i2t = top_k_chunked(images, texts, k_i2t)  # (I, k) caption indices
+            short_t2i, cos_t2i = top_k_chunked(texts, images, k_t2i)  # (C, k) image indices
+            itc_i2t = images @ texts.t()  # (I, C) cosines
         itc_seconds = time.perf_counter() - start
 
         start = time.perf_counter()

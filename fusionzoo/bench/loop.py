@@ -22,7 +22,7 @@ import resource
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -194,12 +194,14 @@ class TrainStats:
     final_loss: float
 
 
-def _batches(count: int, batch_size: int, steps: int, generator: torch.Generator) -> Iterator[Tensor]:
-    """``steps`` index batches: epochs of shuffled indices, the last partial batch of each kept."""
+def _batches(count: int, batch_size: int, steps: int, generator: torch.Generator,
+             drop_last: bool = False) -> Iterator[Tensor]:
+    """``steps`` index batches: epochs of shuffled indices, the last partial batch of each kept (or dropped)."""
     done = 0
+    end = count - count % batch_size if drop_last and count >= batch_size else count
     while done < steps:
         order = torch.randperm(count, generator=generator)
-        for begin in range(0, count, batch_size):
+        for begin in range(0, end, batch_size):
             if done == steps:
                 return
             yield order[begin: begin + batch_size]
@@ -220,6 +222,8 @@ def train_model(
     seed: int,
     desc: str = "train",
     progress: bool = True,
+    extra_inputs: Callable[[int, Tensor], dict[str, Any]] | None = None,
+    drop_last: bool = False,
 ) -> TrainStats:
     """Train the fusion and head of ``model`` on ``view`` (the encoders are frozen and never run).
 
@@ -232,8 +236,14 @@ def train_model(
         device: where the model and batches live.
         seed: seeds the shuffling (the model was built under its own seed).
         desc: progress bar label.
+        extra_inputs: ``(step, index) -> more keyword inputs`` of the model for the batch of samples
+            ``index`` at optimiser step ``step`` (retrieval: image ids and per-row generators).
+        drop_last: drop each epoch's last partial batch (retrieval's ITC and hard negatives want
+            full batches), unless the split is smaller than one batch.
     """
-    steps = max(1, round(math.ceil(len(view) / batch_size) * epochs))
+    full = drop_last and len(view) >= batch_size
+    per_epoch = len(view) // batch_size if full else math.ceil(len(view) / batch_size)
+    steps = max(1, round(per_epoch * epochs))
     optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay)
     schedule = warmup_cosine(optimizer, steps, warmup_steps=round(warmup * steps))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -243,9 +253,12 @@ def train_model(
     model.train()
     start = time.perf_counter()
     with tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False) as bar:
-        for index in _batches(len(view), batch_size, steps, generator):
+        for index in _batches(len(view), batch_size, steps, generator, drop_last):
+            inputs = view.batch(index, device)
+            if extra_inputs is not None:
+                inputs.update(extra_inputs(len(losses), index))
             with autocast(precision, device):
-                loss = model(**view.batch(index, device)).loss
+                loss = model(**inputs).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{desc}: the loss became {loss.item()} at step {len(losses)}; "
                                          "lower the learning rate or use --mixed-precision no")

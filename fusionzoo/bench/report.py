@@ -15,7 +15,12 @@ Files written to the output folder:
 * plots (matplotlib, Agg backend): ``score_<task>.png`` (bars from 0, error bars
   over seeds, the priors as lines), ``score_vs_params.png``,
   ``score_vs_throughput.png`` (labels kept apart, :func:`label_points`),
-  ``per_type_<task>.png`` (VQA per answer and question type, classification per label).
+  ``per_type_<task>.png`` (VQA per answer and question type, classification per label),
+  ``score_vs_seconds_<task>.png`` (retrieval: r_mean against milliseconds per query, reranked
+  and all pairs, :func:`plot_retrieval_cost`);
+* ``scores_<task>_<row>_seed<seed>.npz`` -- retrieval: each row's score matrices (``i2t``,
+  ``t2i`` as the row ranks, ``image_ids``, ``caption_ids``, ``owner``, and ``itc_*`` / ``all_*``
+  for a fusion row), which ``fusionzoo score retrieval`` reads.
 
 The priors drawn and printed: the *majority prior* of a VQA or classification task
 (:func:`majority_prior`: every test sample given the test split's commonest answer or
@@ -49,11 +54,18 @@ COLUMNS = {
     "vqa": ("accuracy",),
     "classification": ("accuracy", "macro_f1", "roc_auc"),
     "captioning": ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr"),
+    "retrieval": ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean", "rerank_seconds_per_query",
+                  "all_r_mean", "all_rerank_seconds_per_query", "itc_r_mean"),
 }
+#: Column headers that are not the metric's own name.
+HEADERS = {"rerank_seconds_per_query": "rerank ms/query", "all_r_mean": "all-pairs r_mean",
+           "all_rerank_seconds_per_query": "all-pairs ms/query", "itc_r_mean": "own ITC r_mean"}
 #: Metrics in percent (the others are fractions or scores).
-PERCENT = ("accuracy", "macro_f1")
+PERCENT = ("accuracy", "macro_f1", "txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean",
+           "all_r_mean", "itc_r_mean")
 #: The names a report writes into ``--out`` (shell patterns); a new report removes the previous one's.
-REPORT_FILES = ("results.json", "results.md", "run.json", "captions.json", "score_*.png", "per_type_*.png")
+REPORT_FILES = ("results.json", "results.md", "run.json", "captions.json", "score_*.png", "per_type_*.png",
+                "scores_*.npz")
 #: Line styles of the priors in the plots.
 PRIOR_STYLES = {"majority": {"color": "black", "linestyle": ":", "linewidth": 1.3},
                 "question": {"color": "#c0392b", "linestyle": "-.", "linewidth": 1.2}}
@@ -87,6 +99,8 @@ def ordered(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def _number(value: float, metric: str) -> str:
     if metric in PERCENT or metric.startswith("per_"):
         return f"{value:.2f}"
+    if metric.endswith("seconds_per_query"):
+        return f"{1e3 * value:.2f}"  # in milliseconds (the header says so)
     return f"{value:.3f}"
 
 
@@ -218,10 +232,26 @@ def _prior_lines(task: str, run: dict[str, Any], metric: str) -> list[str]:
 # --------------------------------------------------------------------------------------
 # results.md and the terminal
 # --------------------------------------------------------------------------------------
+def _retrieval_lines(task_rows: Sequence[dict[str, Any]]) -> list[str]:
+    """What a retrieval table's columns mean (no lines for other tasks)."""
+    if not task_rows or task_rows[0]["config"]["model_task"] != "retrieval":
+        return []
+    ks = sorted({int(r["metrics"]["rerank_k"]) for r in task_rows if r["metrics"].get("rerank_k")})
+    k = "/".join(map(str, ks)) or "k"
+    return [f"recall@K in percent, txt_ image -> text, img_ text -> image, r_mean their mean; a fusion row ranks "
+            f"each query's {k} best candidates by its own ITC embeddings, then reranks them with its ITM head "
+            f"(all-pairs: ITM on every pair; own ITC: its embeddings alone); the itc reference is a dual encoder "
+            f"trained with ITC alone. ms/query: milliseconds of ITM reranking per query (image or caption), on "
+            f"cached features; eval queries/s counts the ITC shortlist too", ""]
+
+
 def _schedule(row: dict[str, Any]) -> str:
     config = row["config"]
-    return (f"{config['epochs']:g} x {config['batch_size']}, lr {config['lr']:g}, "
+    text = (f"{config['epochs']:g} x {config['batch_size']}, lr {config['lr']:g}, "
             f"dim {config['fusion_kwargs'].get('dim', '-')}")
+    if "itm_weight" in config:  # retrieval
+        text += f", itm {config['itm_weight']:g}"
+    return text
 
 
 def task_table(task_rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -229,9 +259,11 @@ def task_table(task_rows: Sequence[dict[str, Any]]) -> list[str]:
     task_rows = ordered(task_rows)
     columns = COLUMNS[task_rows[0]["config"]["model_task"]]
     varies = len({_schedule(r) for r in task_rows}) > 1
-    header = ["fusion", *columns, "trainable params", "train s", "eval samples/s", "peak MB"]
+    header = ["fusion", *[HEADERS.get(c, c) for c in columns], "trainable params", "train s",
+              "eval queries/s" if task_rows[0]["config"]["model_task"] == "retrieval" else "eval samples/s",
+              "peak MB"]
     if varies:
-        header.append("epochs x batch, lr, dim")
+        header.append("epochs x batch, lr, dim" + (", itm weight" if "itm_weight" in task_rows[0]["config"] else ""))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in task_rows:
         cells = [_label(row), *[_with_std(row["metrics"], c) for c in columns], _count(row["params_trainable"]),
@@ -299,9 +331,12 @@ def markdown(rows: Sequence[dict[str, Any]], run: dict[str, Any]) -> str:
                   f"trained on {first['config']['train_samples']:,} samples"
                   + ("" if varies else f" for {first['config']['epochs']:g} epochs (batch "
                      f"{first['config']['batch_size']}, lr {first['config']['lr']:g})")
-                  + f", scored on {first['config']['test_samples']:,} test samples"
+                  + (f", scored on {first['config']['test_images']:,} test images x "
+                     f"{first['config']['test_samples']:,} captions" if "test_images" in first["config"] else
+                     f", scored on {first['config']['test_samples']:,} test samples")
                   + ("; each fusion's epochs x batch, learning rate and width in the table" if varies else ""), ""]
         lines += _prior_lines(task, run, first["config"]["headline_metric"])
+        lines += _retrieval_lines(task_rows)
         lines += [*task_table(task_rows), ""]
         lines += _breakdown_tables(task_rows, run.get("majority_prior", {}).get(task))
     return "\n".join(lines).rstrip() + "\n"
@@ -318,7 +353,7 @@ def results_tables(rows: Sequence[dict[str, Any]], run: dict[str, Any]) -> str:
         seeds = len(task_rows[0]["seeds"])
         lines += [f"## {task}: test {metric}, best first, references last"
                   + (f" (mean ± sd over {seeds} seeds)" if seeds > 1 else ""), "",
-                  *task_table(task_rows), "", *_prior_lines(task, run, metric)]
+                  *task_table(task_rows), "", *_prior_lines(task, run, metric), *_retrieval_lines(task_rows)]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -568,6 +603,60 @@ def plot_scatter(rows: Sequence[dict[str, Any]], tasks: Sequence[str], key: str,
     plt.close(fig)
 
 
+def plot_retrieval_cost(rows: Sequence[dict[str, Any]], task: str, path: Path) -> None:
+    """A retrieval task's r_mean against milliseconds per query (ITC shortlist + ITM reranking), log x.
+
+    Each fusion is two points joined by a line: reranking its ITC shortlist (filled) and
+    ITM on every pair (hollow); the dual encoder (ITC alone) is the grey reference point.
+    Error bars are the seed standard deviation.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    rows = ordered(rows)
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=DPI)
+    xs, ys, names, errors = [], [], [], []
+    k = "k"
+    for row, color in zip(rows, _colors(rows)):
+        m = row["metrics"]
+        x, y = 1e3 * max(m["seconds_per_query"], 1e-9), m["r_mean"]
+        if m.get("rerank_k"):
+            k = f"{m['rerank_k']:g}"
+        ax.errorbar([x], [y], yerr=[m.get("r_mean_std", 0.0)] if "r_mean_std" in m else None, fmt="o", color=color,
+                    ms=6.5, capsize=3, elinewidth=0.8, zorder=3)
+        xs.append(x), ys.append(y), errors.append(m.get("r_mean_std", 0.0))
+        names.append(row["fusion"] + (" (ref.)" if _is_reference(row) else ""))
+        if "all_r_mean" in m:
+            x_all, y_all = 1e3 * max(m["all_seconds_per_query"], 1e-9), m["all_r_mean"]
+            ax.plot([x, x_all], [y, y_all], color=color, lw=0.8, alpha=0.6, zorder=2)
+            ax.errorbar([x_all], [y_all], yerr=[m["all_r_mean_std"]] if "all_r_mean_std" in m else None, fmt="o",
+                        mfc="white", color=color, ms=6.5, capsize=3, elinewidth=0.8, zorder=3)
+            xs.append(x_all), ys.append(y_all), errors.append(m.get("all_r_mean_std", 0.0))
+            names.append(f"{row['fusion']} (all)")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.15, y=0.12)
+    ax.set_xlabel("milliseconds per query (ITC shortlist + ITM rerank, cached features)")
+    ax.set_ylabel(_axis_label("r_mean"))
+    seeds = len(rows[0]["seeds"]) if rows else 1
+    ax.set_title(f"{task}: test r_mean against cost" + (f" (mean ± sd over {seeds} seeds)" if seeds > 1 else ""))
+    ax.grid(alpha=0.3)
+    handles = [Line2D([], [], marker="o", ls="none", color="#3b75af"),
+               Line2D([], [], marker="o", ls="none", color="#3b75af", mfc="white"),
+               Line2D([], [], marker="o", ls="none", color="#9e9e9e")]
+    reserve = _legend_below(fig, handles, [f"ITM reranks the {k} best by ITC", "ITM on every pair",
+                                           "dual encoder (ITC alone)"], ncol=3)
+    fig.tight_layout(rect=(0, reserve, 1, 1))
+    ax.set_xlim(ax.get_xlim())  # freeze the limits: the labels are placed in pixels
+    ax.set_ylim(ax.get_ylim())
+    label_points(ax, xs, ys, names, yerr=[errors, errors] if any(errors) else None)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
 def plot_breakdowns(rows: Sequence[dict[str, Any]], task: str, path: Path,
                     majority: dict[str, Any] | None = None) -> bool:
     """Grouped bars of accuracy per type (question type, answer type, label); False when there is none.
@@ -644,8 +733,13 @@ def previous_report_files(out: Path) -> list[str]:
 
 
 def write_report(out: Path, rows: Sequence[dict[str, Any]], run: dict[str, Any],
-                 captions: dict[str, Any] | None = None) -> list[Path]:
-    """Write every report file to ``out``, replacing the previous report there; returns their paths."""
+                 captions: dict[str, Any] | None = None,
+                 scores: dict[tuple[str, str], dict[str, dict[str, Any]]] | None = None) -> list[Path]:
+    """Write every report file to ``out``, replacing the previous report there; returns their paths.
+
+    ``scores``: retrieval score arrays, ``(task, row) -> seed -> arrays`` (``i2t``, ``t2i``,
+    ``image_ids``, ``caption_ids`` and extras), each written to ``scores_<task>_<row>_seed<seed>.npz``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed; set before pyplot is imported
@@ -653,7 +747,7 @@ def write_report(out: Path, rows: Sequence[dict[str, Any]], run: dict[str, Any],
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
     try:
-        names = _write_files(staging, rows, run, captions)
+        names = _write_files(staging, rows, run, captions, scores)
         for name in previous_report_files(out):
             if name not in names:
                 (out / name).unlink(missing_ok=True)
@@ -665,7 +759,8 @@ def write_report(out: Path, rows: Sequence[dict[str, Any]], run: dict[str, Any],
 
 
 def _write_files(folder: Path, rows: Sequence[dict[str, Any]], run: dict[str, Any],
-                 captions: dict[str, Any] | None) -> list[str]:
+                 captions: dict[str, Any] | None,
+                 scores: dict[tuple[str, str], dict[str, dict[str, Any]]] | None = None) -> list[str]:
     """Write the report into ``folder``; returns the file names, ``run.json`` last."""
     write_json_atomic(folder / "results.json", list(rows))
     (folder / "results.md").write_text(markdown(rows, run))
@@ -673,6 +768,15 @@ def _write_files(folder: Path, rows: Sequence[dict[str, Any]], run: dict[str, An
     if captions:
         write_json_atomic(folder / "captions.json", captions)
         names.append("captions.json")
+    for (task, row), per_seed in (scores or {}).items():
+        from ..tasks.retrieval_eval import save_scores
+
+        for seed, arrays in per_seed.items():
+            name = f"scores_{task}_{row}_seed{seed}.npz"
+            extra = {k: v for k, v in arrays.items() if k not in ("i2t", "t2i", "image_ids", "caption_ids")}
+            save_scores(folder / name, arrays["i2t"], arrays["t2i"], arrays["image_ids"], arrays["caption_ids"],
+                        extra=extra)
+            names.append(name)
     tasks = [t for t in run["tasks"] if any(r["task"] == t for r in rows)]
     for task in tasks:
         task_rows = [r for r in rows if r["task"] == task]
@@ -681,6 +785,9 @@ def _write_files(folder: Path, rows: Sequence[dict[str, Any]], run: dict[str, An
         names.append(f"score_{task}.png")
         if plot_breakdowns(task_rows, task, folder / f"per_type_{task}.png", run.get("majority_prior", {}).get(task)):
             names.append(f"per_type_{task}.png")
+        if task_rows[0]["config"]["model_task"] == "retrieval":
+            plot_retrieval_cost(task_rows, task, folder / f"score_vs_seconds_{task}.png")
+            names.append(f"score_vs_seconds_{task}.png")
     if tasks:
         plot_scatter(rows, tasks, "params_trainable", "trainable parameters", folder / "score_vs_params.png", run)
         plot_scatter(rows, tasks, "eval_samples_per_second", "test samples / s (fusion + head)",

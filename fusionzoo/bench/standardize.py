@@ -107,3 +107,32 @@ class StandardizedFusion(FusionModule):
 
     def aux_loss(self, output: FusionOutput) -> dict[str, Tensor]:
         return self.inner.aux_loss(output)
+
+
+class StandardizedAligningFusion(StandardizedFusion):
+    """:class:`StandardizedFusion` around a fusion that aligns its own streams (``aligns``, as ``albef``).
+
+    Its ITC embeddings (:meth:`embed_images`, :meth:`embed_texts`) are the inner fusion's of
+    the standardised states, as its ``forward``'s ``aux`` are, so a retrieval model embeds a
+    gallery with what it was trained on.
+    """
+
+    aligns = True
+
+    def __init__(self, inner: FusionModule, **stats: Tensor | None) -> None:
+        if not inner.aligns:
+            raise ValueError(f"{type(inner).__name__} does not align its own streams; use StandardizedFusion")
+        super().__init__(inner, **stats)
+
+    def embed_images(self, image: Tensor, image_mask: Tensor | None = None) -> Tensor:
+        """(B, N, Di) image tokens -> (B, E) unit-norm embeddings of the standardised tokens."""
+        image = (image - self.image_shift.to(image.dtype)) * self.image_scale.to(image.dtype)
+        return self.inner.embed_images(image, image_mask)
+
+    def embed_texts(self, text: Tensor, text_mask: Tensor) -> Tensor:
+        """(B, T, Dt) text states and their (B, T) mask -> (B, E) unit-norm embeddings of the standardised states."""
+        text = (text - self.text_shift.to(text.dtype)) * self.text_scale.to(text.dtype)
+        return self.inner.embed_texts(text, text_mask)
+
+    def itc_temperature(self) -> Tensor:
+        return self.inner.itc_temperature()

@@ -15,7 +15,14 @@ coco       ``coco-captioning`` captioning      Karpathy split of ``<data-dir>``:
 coco       ``coco-match``      classification  the same images: each caption paired with its
                                                image (match) and with another image's caption
                                                (mismatch); accuracy, macro-F1, ROC-AUC
+coco       ``coco-retrieval``  retrieval       the same Karpathy split: 4,224 (image, caption)
+                                               pairs of 844 train images -> 74 test images x
+                                               370 captions; recall@1/5/10 both ways, r_mean
+                                               (:mod:`fusionzoo.bench.retrieval`)
 =========  ==================  ==============  ============================================
+
+A Flickr30k-format Karpathy file (``dataset_flickr30k.json``, ``imgid`` ids) loads the
+same way as COCO's, by the ``karpathy-captions`` dataset.
 
 ``--quick`` keeps a small, fixed subset of images per split (64 train / 32 test for
 easy-VQA, 128 / 48 for COCO), preferring images that every selected task uses,
@@ -75,8 +82,9 @@ class SplitData:
             captioning: None (the caption ids are the targets).
         answers: VQA: the gold answers of each sample (scoring).
         groups: breakdown name -> one category per sample (``question_type``, ...).
-        image_ids: captioning: one image id per sample.
+        image_ids: captioning and retrieval: one image id per sample.
         references: captioning evaluation: image id -> reference captions.
+        caption_ids: retrieval: one caption id per sample (Karpathy ``sentid``).
     """
 
     image_paths: list[str]
@@ -86,6 +94,7 @@ class SplitData:
     groups: dict[str, list[str]] = field(default_factory=dict)
     image_ids: list[int] | None = None
     references: dict[int, list[str]] | None = None
+    caption_ids: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -106,6 +115,7 @@ class SplitData:
             groups={name: pick(values) for name, values in self.groups.items()},
             image_ids=image_ids,
             references=references,
+            caption_ids=pick(self.caption_ids),
         )
 
 
@@ -257,12 +267,34 @@ def load_coco_match_task(data_dir: Path) -> BenchTask:
                      description="COCO image-caption match (balanced match / mismatch pairs): test accuracy")
 
 
+def load_coco_retrieval_task(data_dir: Path, eval_split: str = "test") -> BenchTask:
+    """Image-text retrieval on the Karpathy split: train on every (image, caption) pair, rank ``eval_split``.
+
+    Both splits are one sample per caption (image path, caption, image id, caption id); the
+    evaluation ranks every caption of ``eval_split`` against every one of its images both
+    ways. ``eval_split="val"`` is how the task's settings were chosen
+    (:func:`fusionzoo.bench.retrieval.select_settings`); the benchmark scores ``test``.
+    """
+    data = DATASETS.get("karpathy-captions")(data_dir, splits=("train", eval_split))
+
+    def split(name: str) -> SplitData:
+        pairs = data.pairs(name).with_format(None).to_dict()
+        return SplitData(image_paths=list(pairs["image_path"]), texts=list(pairs["caption"]),
+                         image_ids=list(pairs["image_id"]), caption_ids=list(pairs["caption_id"]))
+
+    return BenchTask(name="coco-retrieval", task="retrieval", metric="r_mean", vocabulary=None,
+                     train=split("train"), test=split(eval_split), scoring="recall",
+                     description="COCO image-text retrieval, Karpathy split: recall@1/5/10 image->text (txt_) "
+                                 "and text->image (img_), r_mean their mean; ITC shortlist, ITM rerank")
+
+
 #: Task name -> loader(data_dir) -> BenchTask.
 TASK_LOADERS: dict[str, Callable[[Path | None], BenchTask]] = {
     "easy-vqa": load_easy_vqa_task,
     "coco-yesno": load_coco_yesno_task,
     "coco-captioning": load_coco_captioning_task,
     "coco-match": load_coco_match_task,
+    "coco-retrieval": load_coco_retrieval_task,
 }
 
 
@@ -299,8 +331,8 @@ SUITES: dict[str, Suite] = {
     "easy-vqa": Suite("easy-vqa", ("easy-vqa",), image_size=128, needs_data_dir=False, quick_images=(64, 32),
                       image_grid=2),
     # COCO photographs: EfficientNet's 7x7 map at 224 px, pooled to 3x3 (9 tokens instead of 49).
-    "coco": Suite("coco", ("coco-yesno", "coco-captioning", "coco-match"), image_size=224, needs_data_dir=True,
-                  quick_images=(128, 48), image_grid=3),
+    "coco": Suite("coco", ("coco-yesno", "coco-captioning", "coco-match", "coco-retrieval"), image_size=224,
+                  needs_data_dir=True, quick_images=(128, 48), image_grid=3),
 }
 
 

@@ -12,7 +12,10 @@ suites:
             13 answers; six fusions plus text-only and image-only reference rows
   coco      needs --data-dir (e.g. ../shared/data/coco-vqa-mini): tasks coco-yesno (real
             yes/no VQA), coco-captioning (Karpathy split; BLEU-4, METEOR, ROUGE-L, CIDEr;
-            needs Java) and coco-match (image-caption match classification)
+            needs Java), coco-match (image-caption match classification) and
+            coco-retrieval (Karpathy split; recall@1/5/10 both ways and r_mean: a dual-encoder
+            ITC row, and each fusion reranking its ITC shortlist with its ITM head, with
+            milliseconds per query; score matrices in scores_*.npz)
 
 Encoders: efficientnet-lite0 and minilm-l6, frozen. Their outputs are computed once and
 cached on disk (memory-mapped, float16), keyed by a hash of the encoder weights, the

@@ -201,6 +201,7 @@ def test_bench_quick_coco(tmp_path: Path, coco_mini: Path, capsys) -> None:
     out = tmp_path / "out"
     fusions = "early_concat,late_voting,text_only"
     assert main(["bench", "--suite", "coco", "--data-dir", str(coco_mini), "--quick", "--no-progress",
+                 "--tasks", "coco-yesno,coco-captioning,coco-match",  # retrieval: test_bench_retrieval.py
                  "--fusions", fusions, "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
     printed = capsys.readouterr().out
     rows = _rows(out)
