@@ -17,9 +17,10 @@ The score matrices (:func:`retrieval_scores`):
 
 Several processes: the image loader is sharded and the image embeddings and
 tokens are gathered (padding dropped); every process embeds all captions, so
-every process holds the same ITC matrices; process r reranks the queries
-r, r + P, r + 2P, ... of each direction and the scores are gathered, so the
-matrices equal a one-process run's (up to float rounding of batched products).
+every process holds the same ITC matrices; the distinct pairs of both
+directions' shortlists (a pair on both is scored once) are split over the
+processes and their scores gathered, so the matrices equal a one-process run's
+(up to float rounding of batched products).
 
 Memory: the I x C matrices and every image's tokens and caption's states are
 kept (on the CPU); shortlisting itself goes block by block
@@ -171,29 +172,35 @@ def score_pairs(model: Any, captions: Captions, gallery: Gallery, text_index: An
     return out
 
 
-def rerank(model: Any, captions: Captions, gallery: Gallery, shortlist: Any, *, queries_are_images: bool,
-           batch_size: int, accelerator: Any) -> Any:
-    """(Q, k) ITM log-odds of each query's shortlist; process r scores queries r, r + P, ... (then gathered)."""
+def rerank(model: Any, captions: Captions, gallery: Gallery, short_i2t: Any, short_t2i: Any, *,
+           batch_size: int, accelerator: Any) -> tuple[Any, Any]:
+    """ITM log-odds of both directions' shortlists: (I, k) for the image queries, (C, k') for the captions.
+
+    A pair on both shortlists (caption c in image i's, image i in caption c's) is scored once, so
+    ``rerank_k="all"`` runs ITM once per pair. Process r scores the distinct pairs r, r + P, ...
+    (in a fixed order), and the scores are gathered.
+    """
     import torch
 
-    n_queries, k = shortlist.shape
+    n_images = len(gallery.image_ids)
+    keys_i2t = short_i2t * n_images + torch.arange(len(short_i2t))[:, None]  # caption * I + image, (I, k)
+    keys_t2i = torch.arange(len(short_t2i))[:, None] * n_images + short_t2i  # (C, k')
+    pairs, where = torch.unique(torch.cat([keys_i2t.reshape(-1), keys_t2i.reshape(-1)]), return_inverse=True)
     processes, rank = accelerator.num_processes, accelerator.process_index
-    mine = torch.arange(rank, n_queries, processes)  # (Q_r,) this process's queries
-    query = mine[:, None].expand(-1, k).reshape(-1)  # (Q_r * k,)
-    candidate = shortlist[mine].reshape(-1)
-    text_index, image_index = (candidate, query) if queries_are_images else (query, candidate)
-    local = score_pairs(model, captions, gallery, text_index, image_index, batch_size, accelerator).view(-1, k)
+    mine = pairs[rank::processes]  # (P_r,) this process's share
+    local = score_pairs(model, captions, gallery, mine // n_images, mine % n_images, batch_size, accelerator)
     if processes == 1:
-        return local
-    share = -(-n_queries // processes)  # rows per process, padded to one shape
-    padded = torch.zeros(share, k, dtype=torch.float32, device=accelerator.device)
-    padded[: len(local)] = local.to(accelerator.device)
-    gathered = accelerator.gather(padded).cpu().view(processes, share, k)
-    scores = torch.empty(n_queries, k, dtype=torch.float32)
-    for r in range(processes):
-        rows = torch.arange(r, n_queries, processes)
-        scores[rows] = gathered[r, : len(rows)]
-    return scores
+        scores = local
+    else:
+        share = -(-len(pairs) // processes)  # pairs per process, padded to one shape
+        padded = torch.zeros(share, dtype=torch.float32, device=accelerator.device)
+        padded[: len(local)] = local.to(accelerator.device)
+        gathered = accelerator.gather(padded).cpu().view(processes, share)
+        scores = torch.empty(len(pairs), dtype=torch.float32)
+        for r in range(processes):
+            scores[r::processes] = gathered[r, : len(scores[r::processes])]
+    scores = scores[where]
+    return scores[: keys_i2t.numel()].view_as(keys_i2t), scores[keys_i2t.numel():].view_as(keys_t2i)
 
 
 def reranked_matrix(itc: Any, shortlist: Any, scores: Any) -> Any:
@@ -254,10 +261,8 @@ def score_matrices(model: Any, gallery: Gallery, captions: Captions, *, rerank_k
         itc_seconds = time.perf_counter() - start
 
         start = time.perf_counter()
-        scores_i2t = rerank(model, captions, gallery, short_i2t, queries_are_images=True,
-                            batch_size=rerank_batch_size, accelerator=accelerator)
-        scores_t2i = rerank(model, captions, gallery, short_t2i, queries_are_images=False,
-                            batch_size=rerank_batch_size, accelerator=accelerator)
+        scores_i2t, scores_t2i = rerank(model, captions, gallery, short_i2t, short_t2i,
+                                        batch_size=rerank_batch_size, accelerator=accelerator)
         if rerank_itc_weight:
             temperature = float(model.aligner.itc_temperature().detach())
             scores_i2t = scores_i2t + rerank_itc_weight * cos_i2t.float().cpu() / temperature

@@ -238,9 +238,12 @@ def _retrieval_lines(task_rows: Sequence[dict[str, Any]]) -> list[str]:
         return []
     ks = sorted({int(r["metrics"]["rerank_k"]) for r in task_rows if r["metrics"].get("rerank_k")})
     k = "/".join(map(str, ks)) or "k"
+    weights = sorted({float(r["config"].get("rerank_itc_weight", 0.0)) for r in task_rows if not _is_reference(r)})
+    plus = ("" if not any(weights) else
+            f" plus {'/'.join(f'{w:g}' for w in weights)} x its ITC logit")
     return [f"recall@K in percent, txt_ image -> text, img_ text -> image, r_mean their mean; a fusion row ranks "
-            f"each query's {k} best candidates by its own ITC embeddings, then reranks them with its ITM head "
-            f"(all-pairs: ITM on every pair; own ITC: its embeddings alone); the itc reference is a dual encoder "
+            f"each query's {k} best candidates by its own ITC embeddings, then reranks them by its ITM log-odds{plus} "
+            f"(all-pairs: every pair scored so; own ITC: its embeddings alone); the itc reference is a dual encoder "
             f"trained with ITC alone. ms/query: milliseconds of ITM reranking per query (image or caption), on "
             f"cached features; eval queries/s counts the ITC shortlist too", ""]
 
