@@ -632,6 +632,19 @@ class PretrainData:
     eval_split: str | None
     cache: "ImageFeatureCache | None" = None
 
+    def check_one_global_batch(self, config: TrainConfig, num_processes: int) -> None:
+        """A ConfigError unless the training pairs fill one global batch (ITC and ITM train on full batches)."""
+        if len(self.train) < config.batch_size * num_processes:
+            raise ConfigError(f"split {config.train_split!r} has {len(self.train)} pairs, fewer than one global "
+                              f"batch ({config.batch_size} x {num_processes}); lower batch_size")
+
+    def cache_note(self) -> str | None:
+        """The line the run prints about the feature cache, or None without one."""
+        if self.cache is None:
+            return None
+        return (f"encoded {len(self.cache)} images once with the frozen vision encoder "
+                f"(tokens {tuple(self.cache.states.shape[1:])})")
+
 
 class ImageFeatureCache:
     """Image tokens of a frozen vision encoder, computed once per image.
@@ -867,17 +880,11 @@ class PretrainRecipe(Recipe):
         with accelerator.main_process_first():
             captions = load_caption_data(config)
         data = prepare_pretrain_data(config, model, accelerator, captions)
-        global_batch = config.batch_size * accelerator.num_processes
-        if len(data.train) < global_batch:
-            raise ConfigError(f"split {config.train_split!r} has {len(data.train)} pairs, fewer than one global "
-                              f"batch ({config.batch_size} x {accelerator.num_processes}); lower batch_size")
+        data.check_one_global_batch(config, accelerator.num_processes)
         evaluation = data.eval
         if evaluation is not None and len(evaluation) < config.effective_eval_batch_size * accelerator.num_processes:
             evaluation = None  # ITC and ITM need full batches: too few pairs to evaluate
-        note = None
-        if data.cache is not None:
-            note = (f"encoded {len(data.cache)} images once with the frozen vision encoder "
-                    f"(tokens {tuple(data.cache.states.shape[1:])})")
+        note = data.cache_note()
         # Full batches only: every process gathers the same shapes and ITC always has B x processes columns.
         return RecipeData(train=data.train, eval=evaluation, collate=data.collate, eval_collate=data.collate,
                           drop_last=True, eval_drop_last=True, note=note)

@@ -77,10 +77,7 @@ class RetrievalRecipe(PretrainRecipe):
         pairs_config = dataclasses.replace(config, eval_split=self.eval_split if evaluate else None,
                                            max_eval_samples=None if evaluate else 0)
         data = prepare_pretrain_data(pairs_config, model, accelerator, self.data)
-        global_batch = config.batch_size * accelerator.num_processes
-        if len(data.train) < global_batch:
-            raise ConfigError(f"split {config.train_split!r} has {len(data.train)} pairs, fewer than one global "
-                              f"batch ({config.batch_size} x {accelerator.num_processes}); lower batch_size")
+        data.check_one_global_batch(config, accelerator.num_processes)
         images, eval_collate = None, None
         if evaluate:
             collate = self.data.collator(self.model.text.tokenize, config.max_text_len)
@@ -95,12 +92,8 @@ class RetrievalRecipe(PretrainRecipe):
             images = limit_rows(images, config.max_eval_samples, config.seed)
             if data.cache is not None and len(data.cache) < len(self.data[self.eval_split]):
                 images = images.filter(lambda row: row["image_id"] in data.cache.row)  # skip_bad dropped some
-        note = None
-        if data.cache is not None:
-            note = (f"encoded {len(data.cache)} images once with the frozen vision encoder "
-                    f"(tokens {tuple(data.cache.states.shape[1:])})")
         return RecipeData(train=data.train, eval=images, collate=data.collate, eval_collate=eval_collate or data.collate,
-                          drop_last=True, eval_drop_last=False, note=note)
+                          drop_last=True, eval_drop_last=False, note=data.cache_note())
 
     def evaluate(self, model: nn.Module, loader: DataLoader, accelerator: Any, config: TrainConfig) -> dict[str, float]:
         options = {**self.task.eval_options(config), "results": None}  # no score files while training
