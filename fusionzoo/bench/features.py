@@ -73,6 +73,7 @@ def image_features(
     device: torch.device | str = "cpu",
     workers: int | None = None,
     progress: bool = True,
+    stage: int | None = None,
 ) -> CacheEntry:
     """Image tokens of every file in ``paths`` (in that order), cached.
 
@@ -86,16 +87,19 @@ def image_features(
         workers: DataLoader workers decoding images (default 1 when there are
             several CPU cores, else 0).
         progress: show a progress bar.
+        stage: None = the encoder's last feature map (``VisionEncoder(pixels).tokens``);
+            an index = that intermediate stage's map (:meth:`VisionEncoder.stage_tokens`).
     Returns:
         an entry with ``tokens`` (U, N, Di) float16.
     """
     paths = list(paths)
     if len(set(paths)) != len(paths):
         raise ValueError("image_features expects distinct paths (one row per image file)")
-    preprocessing = {"data_config": data_config, "dtype": np.dtype(FEATURE_DTYPE).name, "output": "tokens"}
+    output = "tokens" if stage is None else f"stage-{stage}"
+    preprocessing = {"data_config": data_config, "dtype": np.dtype(FEATURE_DTYPE).name, "output": output}
     key = cache_key({"weights": fingerprint_module(vision), "spec": vision.spec, "class": type(vision.model).__name__},
                     preprocessing, fingerprint_files(paths))
-    name = f"image-{_slug(vision.spec)}-{data_config['input_size'][-1]}px"
+    name = f"image-{_slug(vision.spec)}-{data_config['input_size'][-1]}px" + ("" if stage is None else f"-stage{stage}")
 
     def build(write) -> dict[str, Any]:
         saved_config = vision.data_config
@@ -111,7 +115,7 @@ def image_features(
                                           disable=not progress, leave=False) as bar:
             for pixels in loader:  # (B, 3, H, W)
                 pixels = pixels.to(device).contiguous(memory_format=torch.channels_last)
-                tokens = model(pixels).tokens  # (B, N, Di)
+                tokens = model(pixels).tokens if stage is None else model.stage_tokens(pixels, stage)  # (B, N, Di)
                 if out is None:
                     out = np.empty((len(paths), *tokens.shape[1:]), dtype=FEATURE_DTYPE)
                 out[row: row + len(tokens)] = tokens.float().cpu().numpy()

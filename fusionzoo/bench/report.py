@@ -96,6 +96,11 @@ def ordered(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (_is_reference(r), -_score(r) if not math.isnan(_score(r)) else 0.0))
 
 
+def _split(rows: Sequence[dict[str, Any]]) -> str:
+    """The split the rows were scored on: ``test``, or ``val`` for a run with ``--eval-split val``."""
+    return str(rows[0]["config"].get("eval_split", "test")) if rows else "test"
+
+
 def _number(value: float, metric: str) -> str:
     if metric in PERCENT or metric.startswith("per_"):
         return f"{value:.2f}"
@@ -314,7 +319,10 @@ def markdown(rows: Sequence[dict[str, Any]], run: dict[str, Any]) -> str:
         f"{run['precision']}",
         f"- wall time: {_duration(run['wall_seconds'])} (feature cache: {cache_text})",
         f"- encoders (frozen): efficientnet-lite0 at {features['image_size']} px "
-        f"({features['image_tokens'][0]} tokens of {features['image_tokens'][1]}) + minilm-l6; "
+        f"({features['image_tokens'][0]} tokens of {features['image_tokens'][1]}"
+        + (f": stage {features['image_stage']} map" if features.get("image_stage") is not None else "")
+        + (f", {features['position_channels']} of them position channels" if features.get("position_channels")
+           else "") + ") + minilm-l6; "
         f"{features['images']:,} images, {features.get('texts', 0):,} distinct texts"
         + (f", {features['captions']:,} distinct captions" if features.get("captions") else "")
         + " encoded once",
@@ -336,7 +344,7 @@ def markdown(rows: Sequence[dict[str, Any]], run: dict[str, Any]) -> str:
                      f"{first['config']['batch_size']}, lr {first['config']['lr']:g})")
                   + (f", scored on {first['config']['test_images']:,} test images x "
                      f"{first['config']['test_samples']:,} captions" if "test_images" in first["config"] else
-                     f", scored on {first['config']['test_samples']:,} test samples")
+                     f", scored on {first['config']['test_samples']:,} {_split(task_rows)} samples")
                   + ("; each fusion's epochs x batch, learning rate and width in the table" if varies else ""), ""]
         lines += _prior_lines(task, run, first["config"]["headline_metric"])
         lines += _retrieval_lines(task_rows)
@@ -354,7 +362,7 @@ def results_tables(rows: Sequence[dict[str, Any]], run: dict[str, Any]) -> str:
             continue
         metric = task_rows[0]["config"]["headline_metric"]
         seeds = len(task_rows[0]["seeds"])
-        lines += [f"## {task}: test {metric}, best first, references last"
+        lines += [f"## {task}: {_split(task_rows)} {metric}, best first, references last"
                   + (f" (mean ± sd over {seeds} seeds)" if seeds > 1 else ""), "",
                   *task_table(task_rows), "", *_prior_lines(task, run, metric), *_retrieval_lines(task_rows)]
     return "\n".join(lines).rstrip() + "\n"
@@ -540,7 +548,7 @@ def plot_scores(rows: Sequence[dict[str, Any]], task: str, path: Path,
                   rotation=30, ha="right")
     seeds = len(rows[0]["seeds"])
     ax.set_ylabel(_axis_label(metric))
-    ax.set_title(f"{task}: test {metric}" + (f" (mean ± sd over {seeds} seeds)" if seeds > 1 else ""))
+    ax.set_title(f"{task}: {_split(rows)} {metric}" + (f" (mean ± sd over {seeds} seeds)" if seeds > 1 else ""))
     for i, (score, error) in enumerate(zip(scores, errors)):
         ax.annotate(_number(score, metric), (i, score + error), ha="center", va="bottom", fontsize=8,
                     xytext=(0, 2), textcoords="offset points")

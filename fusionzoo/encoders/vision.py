@@ -152,6 +152,39 @@ class VisionEncoder(nn.Module):
             )
         return VisionOutput(tokens=tokens, pooled=pooled)
 
+    def stage_tokens(self, pixel_values: Tensor, stage: int) -> Tensor:
+        """Tokens of an intermediate feature map: (B, 3, H, W) -> (B, h*w, C_stage), row-major.
+
+        ``stage`` indexes timm's ``feature_info`` (the model's stage outputs, finest first;
+        EfficientNet-Lite0: strides 2, 4, 8, 16, 32 with 16, 24, 40, 112, 320 channels;
+        negative counts from the end). Earlier stages keep more of the grid and of low-level
+        cues (colour, edges) than the last map, which a CNN has pooled into what ImageNet
+        classes need. Runs through timm's ``forward_intermediates``, stopping at that stage.
+
+        Raises:
+            ValueError: the model has no ``forward_intermediates`` (not a timm model that
+                exposes its stages) or no such stage; the message lists the stages.
+        """
+        stages = self.stages()
+        if not -len(stages) <= stage < len(stages):
+            raise ValueError(f"{self.spec}: no stage {stage}; its stages (index: channels, stride) are "
+                             + ", ".join(f"{i}: {s['num_chs']} ch, /{s['reduction']}" for i, s in enumerate(stages)))
+        index = stage % len(stages)
+        maps = self.model.forward_intermediates(pixel_values, indices=[index], intermediates_only=True,
+                                                stop_early=True)
+        features = maps[0]  # (B, C, h, w) in timm's NCHW convention for intermediates
+        if features.ndim != 4:
+            raise ValueError(f"{self.spec}: stage {stage} gave shape {tuple(features.shape)}; expected (B, C, h, w)")
+        return features.flatten(2).transpose(1, 2)  # (B, h*w, C)
+
+    def stages(self) -> list[dict[str, Any]]:
+        """timm's ``feature_info`` of the model: one dict per stage (``num_chs``, ``reduction``, ``module``)."""
+        info = getattr(self.model, "feature_info", None)
+        if not info or not hasattr(self.model, "forward_intermediates"):
+            raise ValueError(f"{self.spec}: {type(self.model).__name__} does not expose its stages "
+                             "(timm feature_info and forward_intermediates); use its last feature map")
+        return [dict(entry) for entry in info]
+
     # -- preprocessing ------------------------------------------------------
     def transform(self, train: bool = False) -> Callable[[Image.Image], Tensor]:
         """timm's transform for this encoder's data config: PIL image -> (3, H, W) tensor.

@@ -153,7 +153,7 @@ def _rows(out: Path) -> list[dict]:
 @pytest.mark.slow
 def test_bench_quick_easy_vqa_writes_report_and_reuses_cache(tmp_path: Path, capsys) -> None:
     out, cache = tmp_path / "out", tmp_path / "cache"
-    args = ["bench", "--quick", "--no-progress", "--out", str(out), "--cache-dir", str(cache)]
+    args = ["bench", "--suite", "easy-vqa", "--quick", "--no-progress", "--out", str(out), "--cache-dir", str(cache)]
     assert main(args) == 0
     first = capsys.readouterr().out
     assert "2 misses" in first and "easy-vqa (accuracy" in first  # extracted; one summary line per task
