@@ -14,9 +14,10 @@ from PIL import Image
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30)}
 
 
-def _square(path: Path, colour: str) -> None:
+def _square(path: Path, colour: str, shift: tuple[int, int] = (0, 0)) -> None:
     image = Image.new("RGB", (32, 32), (255, 255, 255))
-    image.paste(COLOURS[colour], (6, 6, 26, 26))
+    dx, dy = shift
+    image.paste(COLOURS[colour], (6 + dx, 6 + dy, 26 + dx, 26 + dy))
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
 
@@ -61,15 +62,20 @@ def write_classification_jsonl(root: Path, sizes: dict[str, int], labels: tuple[
 
 
 def write_karpathy_captions(root: Path, sizes: dict[str, int]) -> Path:
-    """A Karpathy-schema ``dataset_coco.json`` over squares, two captions an image."""
+    """A Karpathy-schema ``dataset_coco.json`` over squares, two captions an image.
+
+    Every image and caption is distinct (the square shifted, the caption numbered, by image):
+    retrieval ranks of exact duplicates would hang on float noise in the last bits, which
+    differs between one process and several on some CPUs.
+    """
     names = list(COLOURS)
     images, k = [], 0
     for split, count in sizes.items():
         for _ in range(count):
             colour = names[k % len(names)]
             filename = f"sq_{k:04d}.png"
-            _square(root / "images" / filename, colour)
-            raws = [f"a {colour} square on white", f"the square is {colour}"]
+            _square(root / "images" / filename, colour, (k % 5 - 2, k // 5 % 5 - 2))
+            raws = [f"a {colour} square on white number {k}", f"the square is {colour} in picture {k}"]
             sentences = [{"raw": raw, "tokens": raw.split(), "imgid": k, "sentid": 2 * k + i}
                          for i, raw in enumerate(raws)]
             images.append({"filepath": "images", "filename": filename, "imgid": k, "split": split,
