@@ -318,11 +318,11 @@ def markdown(rows: Sequence[dict[str, Any]], run: dict[str, Any]) -> str:
         f"device {machine['device']}{', ' + machine['gpu'] if 'gpu' in machine else ''}; precision "
         f"{run['precision']}",
         f"- wall time: {_duration(run['wall_seconds'])} (feature cache: {cache_text})",
-        f"- encoders (frozen): efficientnet-lite0 at {features['image_size']} px "
+        f"- encoders (frozen): {run.get('config', {}).get('vision', 'efficientnet-lite0')} at {features['image_size']} px "
         f"({features['image_tokens'][0]} tokens of {features['image_tokens'][1]}"
         + (f": stage {features['image_stage']} map" if features.get("image_stage") is not None else "")
         + (f", {features['position_channels']} of them position channels" if features.get("position_channels")
-           else "") + ") + minilm-l6; "
+           else "") + f") + {run.get('config', {}).get('text', 'minilm-l6')}; "
         f"{features['images']:,} images, {features.get('texts', 0):,} distinct texts"
         + (f", {features['captions']:,} distinct captions" if features.get("captions") else "")
         + " encoded once",

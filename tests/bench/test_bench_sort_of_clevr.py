@@ -100,3 +100,28 @@ def test_bench_quick_sort_of_clevr_reports_types_and_scores_val(tmp_path: Path, 
     val_markdown = (tmp_path / "val" / "results.md").read_text()
     assert "val samples" in val_markdown and "test samples" not in val_markdown.split("## sort-of-clevr")[1]
     assert len(list(data.iterdir())) == 1  # one generated set, reused
+
+    # Other encoders (--vision / --text): the random tiny presets. The tiny ViT's stage-2 map at the
+    # suite's 128 px is 8x8 tokens of 64 (its [CLS] left out), pooled to 4x4; the same generated set.
+    assert main([*args, "--out", str(tmp_path / "tiny"), "--vision", "tiny", "--text", "tiny",
+                 "--fusions", "early_concat,text_only", "--cache-dir", str(tmp_path / "tiny-cache")]) == 0
+    capsys.readouterr()
+    tiny_rows = json.loads((tmp_path / "tiny" / "results.json").read_text())
+    assert [(r["config"]["vision"], r["config"]["text"]) for r in tiny_rows] == [("tiny", "tiny")] * 2
+    tiny_run = json.loads((tmp_path / "tiny" / "run.json").read_text())
+    assert tiny_run["features"]["encoder_tokens"] == [64, 64] and tiny_run["features"]["image_tokens"] == [16, 72]
+    assert "- encoders (frozen): tiny at 128 px" in (tmp_path / "tiny" / "results.md").read_text()
+    assert len(list(data.iterdir())) == 1
+
+
+def test_bench_encoder_options_fail_clearly(tmp_path: Path, capsys) -> None:
+    common = ["bench", "--suite", "easy-vqa", "--quick", "--out", str(tmp_path / "out"),
+              "--cache-dir", str(tmp_path / "cache")]
+    assert main([*common, "--vision", "no_such_model_xyz"]) == 2
+    err = capsys.readouterr().err
+    assert "--vision no_such_model_xyz:" in err and "efficientnet-lite0" in err  # names the presets
+    assert main([*common, "--vision", "test_efficientnet"]) == 2  # a timm name: weights from the hub, offline here
+    assert "--vision test_efficientnet: could not get pretrained weights" in capsys.readouterr().err
+    assert main([*common, "--text", str(tmp_path / "no-such-folder")]) == 2
+    assert "--text " in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing written before the encoders were built

@@ -7,6 +7,7 @@ preset gets the same checks without a new test.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
@@ -23,6 +24,7 @@ from fusionzoo.encoders import (
     build_text_encoder,
     build_vision_encoder,
     load_efficientnet_lite0_weights,
+    load_efficientnet_lite_weights,
 )
 from fusionzoo.encoders.presets import efficientnet_lite0_weights_path
 from fusionzoo.layers import masked_mean
@@ -230,6 +232,35 @@ def test_efficientnet_lite0_classifies_a_coco_photo(coco_mini) -> None:
     with torch.no_grad():
         top5 = model(encoder.preprocess([Image.open(path)])).topk(5).indices[0].tolist()
     assert 920 in top5  # ImageNet class 920: traffic light
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant, size, grid", [(1, 240, 8), (2, 260, 9)])
+def test_efficientnet_lite1_and_lite2_presets_map_every_tensor(variant: int, size: int, grid: int) -> None:
+    from fusionzoo.encoders.presets import efficientnet_lite_weights_path
+
+    encoder = build_vision_encoder(f"efficientnet-lite{variant}").eval()
+    assert encoder.spec == {"preset": f"efficientnet-lite{variant}"}
+    assert encoder.data_config["input_size"] == (3, size, size) and encoder.out_dim == 1280
+    full = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False, num_classes=1000).eval()
+    mapping = load_efficientnet_lite_weights(full, variant)
+    source = torch.load(efficientnet_lite_weights_path(variant), map_location="cpu", weights_only=True)
+    assert len(mapping) == len(source) == 386 and sorted(mapping.values()) == sorted(source)
+    state = full.state_dict()
+    for timm_name, source_name in mapping.items():
+        assert torch.equal(state[timm_name], source[source_name]), (timm_name, source_name)
+    headless = encoder.model.state_dict()
+    assert len(headless) == 384 and all(torch.equal(value, state[key]) for key, value in headless.items())
+    with torch.no_grad():
+        assert encoder(torch.zeros(1, 3, size, size)).tokens.shape == (1, grid * grid, 1280)
+    with pytest.raises(ValueError, match="expected 386 .num_classes=1000. or 384 .num_classes=0."):
+        load_efficientnet_lite_weights(timm.create_model("tf_efficientnet_lite0", num_classes=0), variant)
+    coco_mini = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "coco-vqa-mini"
+    path = coco_mini / "images" / "val2014" / "COCO_val2014_000000000359.jpg"  # traffic lights
+    if path.is_file():  # the shared real photos, where they are (the mapping checks above run anyway)
+        with torch.no_grad():
+            top5 = full(encoder.preprocess([Image.open(path)])).topk(5).indices[0].tolist()
+        assert 920 in top5  # ImageNet class 920: traffic light
 
 
 # -- text ---------------------------------------------------------------------------
