@@ -41,6 +41,7 @@ examples:
   fusionzoo bench --quick --out /tmp/bench         a few hundred samples per task (a minute)
   fusionzoo bench --suite coco --data-dir ../shared/data/coco-vqa-mini
   fusionzoo bench --fusions co_attention,albef,text_only --seeds 0 1 2 --epochs 3
+  fusionzoo bench compare bench-results other-results    metric differences between two reports
 """
 
 
@@ -98,6 +99,28 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                         "looking at test scores (tasks with one: sort-of-clevr, coco-retrieval)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_bench)
+    actions = p.add_subparsers(dest="bench_action", metavar="compare", required=False,
+                               title="other actions (instead of a run)")
+    c = actions.add_parser(
+        "compare", help="per task x fusion, the headline metric's difference between two reports",
+        description="Read RUN_A/results.json and RUN_B/results.json and print, per task and fusion in both, "
+        "B - A of the task's headline metric; with several seeds in both, the seeds' combined spread "
+        "sqrt(sd_A^2 + sd_B^2), and * where the difference is larger than it.")
+    c.add_argument("run_a", type=Path, metavar="RUN_A", help="a report folder (fusionzoo bench --out)")
+    c.add_argument("run_b", type=Path, metavar="RUN_B", help="another report folder")
+    c.set_defaults(func=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from ..bench.compare import run_compare
+    from ..bench.suites import BenchError
+
+    try:
+        run_compare(args.run_a, args.run_b)
+    except BenchError as exc:
+        print(f"fusionzoo bench compare: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _run_bench(args: argparse.Namespace) -> int:
