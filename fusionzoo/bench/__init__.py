@@ -7,7 +7,8 @@
 
 Modules, in the order a run uses them:
 
-* :mod:`~fusionzoo.bench.suites` -- the suites (``sort-of-clevr``, ``easy-vqa``, ``coco``) and their tasks;
+* :mod:`~fusionzoo.bench.suites` -- the suites (``sort-of-clevr``, ``easy-vqa``, ``coco``, ``vqav2``,
+  ``flickr30k``), their tasks and data layouts;
 * :mod:`~fusionzoo.bench.cache` / :mod:`~fusionzoo.bench.features` -- the feature cache
   and the extraction it avoids;
 * :mod:`~fusionzoo.bench.baselines` -- the text-only and image-only reference rows;

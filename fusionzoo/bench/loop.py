@@ -119,6 +119,31 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if cpu_has_fast_bf16() else "no"
 
 
+#: Held while a row seeds torch's global RNG and builds its model (rows on several GPUs run in threads).
+_BUILD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Seed torch's RNG with ``seed`` and hold it for the block: the model's initial weights.
+
+    Rows trained at once in threads (one per GPU) build their models in turn, so each gets
+    the weights its seed gives alone. The shuffling and the retrieval draws come from
+    explicit generators; the heads' dropout draws from the device's generator, so on a CUDA
+    ``device`` only that GPU's generator is seeded (with the CPU's), leaving the streams of
+    rows training on the other GPUs alone. On CPU the dropout of rows trained at once in
+    threads would share one generator; the CPU runs rows in processes instead.
+    """
+    with _BUILD_LOCK:
+        if device is not None and device.type == "cuda":
+            torch.default_generator.manual_seed(seed)
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        else:
+            torch.manual_seed(seed)
+        yield
+
+
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """The autocast context of a resolved precision (``no`` = plain float32)."""
     if precision == "bf16":

@@ -20,7 +20,10 @@ Files written to the output folder:
   and all pairs, :func:`plot_retrieval_cost`);
 * ``scores_<task>_<row>_seed<seed>.npz`` -- retrieval: each row's score matrices (``i2t``,
   ``t2i`` as the row ranks, ``image_ids``, ``caption_ids``, ``owner``, and ``itc_*`` / ``all_*``
-  for a fusion row), which ``fusionzoo score retrieval`` reads.
+  for a fusion row), which ``fusionzoo score retrieval`` reads;
+* ``vqa_results_<task>_<fusion>.json`` -- a VQA task with official question ids (VQA v2):
+  the first seed's answer to every scored question, ``[{"question_id": int, "answer": str}]``,
+  the official VQA results format.
 
 The priors drawn and printed: the *majority prior* of a VQA or classification task
 (:func:`majority_prior`: every test sample given the test split's commonest answer or
@@ -65,7 +68,7 @@ PERCENT = ("accuracy", "macro_f1", "txt_r1", "txt_r5", "txt_r10", "img_r1", "img
            "all_r_mean", "itc_r_mean")
 #: The names a report writes into ``--out`` (shell patterns); a new report removes the previous one's.
 REPORT_FILES = ("results.json", "results.md", "run.json", "captions.json", "score_*.png", "per_type_*.png",
-                "scores_*.npz")
+                "scores_*.npz", "vqa_results_*.json")
 #: Line styles of the priors in the plots.
 PRIOR_STYLES = {"majority": {"color": "black", "linestyle": ":", "linewidth": 1.3},
                 "question": {"color": "#c0392b", "linestyle": "-.", "linewidth": 1.2}}
@@ -262,19 +265,35 @@ def _schedule(row: dict[str, Any]) -> str:
     return text
 
 
+def _tune_lines(task_rows: Sequence[dict[str, Any]]) -> list[str]:
+    """What ``--tune`` tried, when it ran: the grid, trials per row, the seed."""
+    record = next((r["tune"] for r in task_rows if "tune" in r), None)
+    if record is None:
+        return []
+    grid = " x ".join(f"{key} {{{', '.join(f'{v:g}' for v in values)}}}" for key, values in record["grid"].items())
+    return [f"settings chosen by --tune on the validation split: the same grid for every row ({grid}: "
+            f"{len(record['trials'])} trials, seed {record['seed']}), each row's best trial by "
+            f"{task_rows[0]['config']['headline_metric']} trained again and scored on the test split once; "
+            "\"val\" is that best trial's validation score, the table's settings column what it chose", ""]
+
+
 def task_table(task_rows: Sequence[dict[str, Any]]) -> list[str]:
     """The Markdown table of one task's rows (best first, references last); "mean ± sd" with several seeds."""
     task_rows = ordered(task_rows)
     columns = COLUMNS[task_rows[0]["config"]["model_task"]]
     varies = len({_schedule(r) for r in task_rows}) > 1
-    header = ["fusion", *[HEADERS.get(c, c) for c in columns], "trainable params", "train s",
+    metric = task_rows[0]["config"]["headline_metric"]
+    tuned = any("tune" in r for r in task_rows)
+    header = ["fusion", *[HEADERS.get(c, c) for c in columns],
+              *([f"val {HEADERS.get(metric, metric)} (--tune)"] if tuned else []), "trainable params", "train s",
               "eval queries/s" if task_rows[0]["config"]["model_task"] == "retrieval" else "eval samples/s",
               "peak MB"]
     if varies:
         header.append("epochs x batch, lr, dim" + (", itm weight" if "itm_weight" in task_rows[0]["config"] else ""))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in task_rows:
-        cells = [_label(row), *[_with_std(row["metrics"], c) for c in columns], _count(row["params_trainable"]),
+        val = [_number(row["tune"]["val_score"], metric) if "tune" in row else "-"] if tuned else []
+        cells = [_label(row), *[_with_std(row["metrics"], c) for c in columns], *val, _count(row["params_trainable"]),
                  f"{row['train_seconds']:.1f}", f"{row['eval_samples_per_second']:,.0f}",
                  f"{row['peak_memory_mb']:.0f}"]
         if varies:
@@ -318,7 +337,9 @@ def markdown(rows: Sequence[dict[str, Any]], run: dict[str, Any]) -> str:
         f"device {machine['device']}{', ' + machine['gpu'] if 'gpu' in machine else ''}; precision "
         f"{run['precision']}",
         f"- wall time: {_duration(run['wall_seconds'])} (feature cache: {cache_text})",
-        f"- encoders (frozen): {run.get('config', {}).get('vision', 'efficientnet-lite0')} at {features['image_size']} px "
+        f"- encoders (frozen): {run.get('config', {}).get('vision', 'efficientnet-lite0')}"
+        + (" (random weights)" if run.get("config", {}).get("vision_weights") == "random" else "")
+        + f" at {features['image_size']} px "
         f"({features['image_tokens'][0]} tokens of {features['image_tokens'][1]}"
         + (f": stage {features['image_stage']} map" if features.get("image_stage") is not None else "")
         + (f", {features['position_channels']} of them position channels" if features.get("position_channels")
@@ -347,6 +368,7 @@ def markdown(rows: Sequence[dict[str, Any]], run: dict[str, Any]) -> str:
                      f", scored on {first['config']['test_samples']:,} {_split(task_rows)} samples")
                   + ("; each fusion's epochs x batch, learning rate and width in the table" if varies else ""), ""]
         lines += _prior_lines(task, run, first["config"]["headline_metric"])
+        lines += _tune_lines(task_rows)
         lines += _retrieval_lines(task_rows)
         lines += [*task_table(task_rows), ""]
         lines += _breakdown_tables(task_rows, run.get("majority_prior", {}).get(task))
@@ -745,11 +767,14 @@ def previous_report_files(out: Path) -> list[str]:
 
 def write_report(out: Path, rows: Sequence[dict[str, Any]], run: dict[str, Any],
                  captions: dict[str, Any] | None = None,
-                 scores: dict[tuple[str, str], dict[str, dict[str, Any]]] | None = None) -> list[Path]:
+                 scores: dict[tuple[str, str], dict[str, dict[str, Any]]] | None = None,
+                 answers: dict[tuple[str, str], list[dict[str, Any]]] | None = None) -> list[Path]:
     """Write every report file to ``out``, replacing the previous report there; returns their paths.
 
     ``scores``: retrieval score arrays, ``(task, row) -> seed -> arrays`` (``i2t``, ``t2i``,
     ``image_ids``, ``caption_ids`` and extras), each written to ``scores_<task>_<row>_seed<seed>.npz``.
+    ``answers``: VQA results, ``(task, fusion) -> [{"question_id", "answer"}]``, each written to
+    ``vqa_results_<task>_<fusion>.json``.
     """
     import matplotlib
 
@@ -758,7 +783,7 @@ def write_report(out: Path, rows: Sequence[dict[str, Any]], run: dict[str, Any],
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
     try:
-        names = _write_files(staging, rows, run, captions, scores)
+        names = _write_files(staging, rows, run, captions, scores, answers)
         for name in previous_report_files(out):
             if name not in names:
                 (out / name).unlink(missing_ok=True)
@@ -771,7 +796,8 @@ def write_report(out: Path, rows: Sequence[dict[str, Any]], run: dict[str, Any],
 
 def _write_files(folder: Path, rows: Sequence[dict[str, Any]], run: dict[str, Any],
                  captions: dict[str, Any] | None,
-                 scores: dict[tuple[str, str], dict[str, dict[str, Any]]] | None = None) -> list[str]:
+                 scores: dict[tuple[str, str], dict[str, dict[str, Any]]] | None = None,
+                 answers: dict[tuple[str, str], list[dict[str, Any]]] | None = None) -> list[str]:
     """Write the report into ``folder``; returns the file names, ``run.json`` last."""
     write_json_atomic(folder / "results.json", list(rows))
     (folder / "results.md").write_text(markdown(rows, run))
@@ -788,6 +814,10 @@ def _write_files(folder: Path, rows: Sequence[dict[str, Any]], run: dict[str, An
             save_scores(folder / name, arrays["i2t"], arrays["t2i"], arrays["image_ids"], arrays["caption_ids"],
                         extra=extra)
             names.append(name)
+    for (task, fusion), results in (answers or {}).items():
+        name = f"vqa_results_{task}_{fusion}.json"
+        (folder / name).write_text(json.dumps(results, separators=(",", ":")))  # 214k entries for val2014
+        names.append(name)
     tasks = [t for t in run["tasks"] if any(r["task"] == t for r in rows)]
     for task in tasks:
         task_rows = [r for r in rows if r["task"] == task]

@@ -59,7 +59,7 @@ from ..tasks.retrieval import Captions, Gallery, OneProcess, score_matrices
 from ..tasks.retrieval_eval import recall_at_k
 from ..training.pretrain import PretrainModel, row_generators
 from .baselines import REFERENCES, TEXT_ONLY
-from .loop import PeakMemory, autocast, train_model
+from .loop import PeakMemory, autocast, seeded, train_model
 from .runner import (SCORES_KEY, TEXT_ENCODER, VISION_ENCODER, _mean_metrics, result_row, count_parameters, fusion_kwargs_for,
                      settings_for)
 from .standardize import STD_FLOOR, StandardizedAligningFusion, StandardizedFusion
@@ -329,9 +329,9 @@ def run_retrieval_row(task: BenchTask, fusion: str, settings: Any, features: Any
     params = (0, 0)
     model = None
     for seed in seeds:
-        torch.manual_seed(seed)
-        model = build_retrieval_model(task, fusion, encoders["vision"], encoders["text"], kwargs, settings,
-                                      feature_stats).to(device)
+        with seeded(seed, device):
+            model = build_retrieval_model(task, fusion, encoders["vision"], encoders["text"], kwargs, settings,
+                                          feature_stats).to(device)
         params = row_parameters(model, fusion)
         with PeakMemory(device) as peak:
             stats = train_retrieval_model(model, task.train, features, settings, precision=precision, device=device,

