@@ -11,6 +11,7 @@ Modules, in the order a run uses them:
   ``flickr30k``), their tasks and data layouts;
 * :mod:`~fusionzoo.bench.cache` / :mod:`~fusionzoo.bench.features` -- the feature cache
   and the extraction it avoids;
+* :mod:`~fusionzoo.bench.tails` -- ``--train-encoders``: the encoders' last blocks trained per row;
 * :mod:`~fusionzoo.bench.baselines` -- the text-only and image-only reference rows;
 * :mod:`~fusionzoo.bench.loop` -- the training / inference loop over cached features;
 * :mod:`~fusionzoo.bench.scoring` -- metrics and per-type breakdowns;

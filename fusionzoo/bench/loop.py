@@ -10,7 +10,10 @@ into the memory-mapped feature arrays, AdamW with the project's decay groups
 (:func:`~fusionzoo.training.optim.build_optimizer`) and warmup-cosine schedule
 (:func:`~fusionzoo.training.optim.warmup_cosine`), gradient clipping, optional
 autocast. The models it trains are ordinary :class:`~fusionzoo.model.FusionModel` s
-fed through ``forward(image_states=..., text_states=...)``.
+fed through ``forward(image_states=..., text_states=...)``, or, with ``--train-encoders``,
+:class:`~fusionzoo.bench.tails.EncoderTailsModel` s fed the encoders' cached tail inputs
+(``forward(image_tail_inputs=..., text_tail_inputs=...)``), which run trainable copies of
+the encoders' last blocks first.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..model import FusionModel
-from ..training.optim import build_optimizer, warmup_cosine
+from ..training.optim import ENCODER_PREFIXES, build_optimizer, warmup_cosine
 from .suites import BenchError
 
 #: ``--mixed-precision`` values.
@@ -45,13 +48,19 @@ class FeatureView:
     """The samples of one split as rows of the cached feature arrays.
 
     Attributes:
-        image_tokens: (U_img, N, Di) float16, one row per distinct image (memory-mapped).
+        image_tokens: (U_img, N, Di) float16, one row per distinct image (memory-mapped); with
+            ``--train-encoders``, the image encoder's tail inputs (U_img, ...) instead.
         image_rows: (S,) long, the image row of each sample.
-        text_states: (U_txt, T, Dt) float16 text states, or None (captioning evaluation).
+        text_states: (U_txt, T, Dt) float16 text states, or None (captioning evaluation); with
+            ``--train-encoders``, the text encoder's tail inputs (U_txt, T, Dt) instead.
         text_ids: (U_txt, T) token ids of the same texts.
         text_mask: (U_txt, T) bool, True = real token.
         text_rows: (S,) long, the text row of each sample.
         labels: (S, A) soft scores (VQA), (S,) label ids (classification) or None.
+        image_input, text_input: the model inputs the two arrays are batched as: ``image_states``
+            and ``text_states`` (a :class:`~fusionzoo.model.FusionModel`), or ``image_tail_inputs``
+            and ``text_tail_inputs`` (an :class:`~fusionzoo.bench.tails.EncoderTailsModel`), so
+            tail inputs never reach a model that would take them for final states.
     """
 
     image_tokens: Tensor
@@ -61,20 +70,22 @@ class FeatureView:
     text_mask: Tensor | None = None
     text_rows: Tensor | None = None
     labels: Tensor | None = None
+    image_input: str = "image_states"
+    text_input: str = "text_states"
 
     def __len__(self) -> int:
         return len(self.image_rows)
 
     def batch(self, index: Tensor, device: torch.device) -> dict[str, Tensor]:
-        """Model inputs of samples ``index`` (B,): image states, trimmed text, labels."""
-        out = {"image_states": self.image_tokens[self.image_rows[index]].to(device, torch.float32)}  # (B, N, Di)
+        """Model inputs of samples ``index`` (B,): image states (or tail inputs), trimmed text, labels."""
+        out = {self.image_input: self.image_tokens[self.image_rows[index]].to(device, torch.float32)}  # (B, N, Di)
         if self.text_rows is not None:
             rows = self.text_rows[index]  # (B,)
             mask = self.text_mask[rows]  # (B, T)
             width = int(mask.sum(dim=1).max())  # drop padding every text of the batch has
             out["attention_mask"] = mask[:, :width].to(device)  # (B, t)
             out["input_ids"] = self.text_ids[rows, :width].to(device, torch.long)  # (B, t)
-            out["text_states"] = self.text_states[rows, :width].to(device, torch.float32)  # (B, t, Dt)
+            out[self.text_input] = self.text_states[rows, :width].to(device, torch.float32)  # (B, t, Dt)
         if self.labels is not None:
             out["labels"] = self.labels[index].to(device)
         return out
@@ -249,8 +260,11 @@ def train_model(
     progress: bool = True,
     extra_inputs: Callable[[int, Tensor], dict[str, Any]] | None = None,
     drop_last: bool = False,
+    encoder_prefixes: tuple[str, ...] = ENCODER_PREFIXES,
 ) -> TrainStats:
-    """Train the fusion and head of ``model`` on ``view`` (the encoders are frozen and never run).
+    """Train the trainable parameters of ``model`` on ``view``: its fusion and head (the frozen encoders
+    never run), and with ``--train-encoders`` the encoder tails of an
+    :class:`~fusionzoo.bench.tails.EncoderTailsModel`.
 
     Args:
         epochs: passes over the split (fractions allowed; at least one step).
@@ -265,11 +279,14 @@ def train_model(
             ``index`` at optimiser step ``step`` (retrieval: image ids and per-row generators).
         drop_last: drop each epoch's last partial batch (retrieval's ITC and hard negatives want
             full batches), unless the split is smaller than one batch.
+        encoder_prefixes: name prefixes of the encoder parameters, trained at a tenth of ``lr``
+            (:func:`~fusionzoo.training.optim.parameter_groups`); by default a FusionModel's
+            ``vision.`` and ``text.``, frozen here.
     """
     full = drop_last and len(view) >= batch_size
     per_epoch = len(view) // batch_size if full else math.ceil(len(view) / batch_size)
     steps = max(1, round(per_epoch * epochs))
-    optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay)
+    optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay, encoder_prefixes=encoder_prefixes)
     schedule = warmup_cosine(optimizer, steps, warmup_steps=round(warmup * steps))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -330,6 +330,8 @@ def markdown(rows: Sequence[dict[str, Any]], run: dict[str, Any]) -> str:
     cache_text = ("off" if not cache["enabled"] else
                   f"{cache['hits']} hits, {cache['misses']} misses ({cache['extraction_seconds']:.0f}s extracting)")
     features = run["features"]
+    trained = run.get("config", {}).get("train_encoders") or 0  # --train-encoders N
+    encoders = f"last {trained} block{'s' if trained > 1 else ''} trained" if trained else "frozen"
     lines = [
         f"# fusionzoo bench: {run['suite']} suite{' (--quick)' if run['quick'] else ''}",
         "",
@@ -337,7 +339,8 @@ def markdown(rows: Sequence[dict[str, Any]], run: dict[str, Any]) -> str:
         f"device {machine['device']}{', ' + machine['gpu'] if 'gpu' in machine else ''}; precision "
         f"{run['precision']}",
         f"- wall time: {_duration(run['wall_seconds'])} (feature cache: {cache_text})",
-        f"- encoders (frozen): {run.get('config', {}).get('vision', 'efficientnet-lite0')}"
+        f"- encoders ({encoders}): "
+        f"{run.get('config', {}).get('vision', 'efficientnet-lite0')}"
         + (" (random weights)" if run.get("config", {}).get("vision_weights") == "random" else "")
         + f" at {features['image_size']} px "
         f"({features['image_tokens'][0]} tokens of {features['image_tokens'][1]}"
@@ -346,11 +349,13 @@ def markdown(rows: Sequence[dict[str, Any]], run: dict[str, Any]) -> str:
            else "") + f") + {run.get('config', {}).get('text', 'minilm-l6')}; "
         f"{features['images']:,} images, {features.get('texts', 0):,} distinct texts"
         + (f", {features['captions']:,} distinct captions" if features.get("captions") else "")
-        + " encoded once",
+        + (" encoded once up to the trained blocks" if trained else " encoded once"),
         f"- seeds: {', '.join(map(str, run['seeds']))}"
         + (" (every cell: mean ± standard deviation over the seeds)" if len(run["seeds"]) > 1 else ""),
-        "- throughput: test samples per second through fusion + head on cached features (encoders excluded); "
-        "peak memory: extra resident memory while training and scoring the row",
+        ("- throughput: test samples per second through the encoders' trained tails, fusion + head on cached "
+         "tail inputs (the frozen part of the encoders excluded); " if trained else
+         "- throughput: test samples per second through fusion + head on cached features (encoders excluded); ")
+        + "peak memory: extra resident memory while training and scoring the row",
         "",
     ]
     for task in run["tasks"]:
@@ -831,7 +836,8 @@ def _write_files(folder: Path, rows: Sequence[dict[str, Any]], run: dict[str, An
             names.append(f"score_vs_seconds_{task}.png")
     if tasks:
         plot_scatter(rows, tasks, "params_trainable", "trainable parameters", folder / "score_vs_params.png", run)
-        plot_scatter(rows, tasks, "eval_samples_per_second", "test samples / s (fusion + head)",
+        through = "encoder tails, fusion + head" if run.get("config", {}).get("train_encoders") else "fusion + head"
+        plot_scatter(rows, tasks, "eval_samples_per_second", f"test samples / s ({through})",
                      folder / "score_vs_throughput.png", run)
         names += ["score_vs_params.png", "score_vs_throughput.png"]
     names.append("run.json")

@@ -18,6 +18,10 @@
    score files and the VQA results files (:mod:`fusionzoo.bench.report`) to ``--out``, replacing the report
    there, and print the results tables.
 
+``--train-encoders N`` (:mod:`fusionzoo.bench.tails`) caches the inputs of the encoders' last N
+blocks instead of their outputs in step 2, and in step 3 trains a copy of those blocks with
+each fusion and head.
+
 Training settings (:data:`TASK_SETTINGS`, :data:`FUSION_SETTINGS`, :data:`COMMON_FUSION_KWARGS`,
 :data:`TASK_FUSION_KWARGS`) were tuned so
 the default easy-VQA run fits its time budget on a 2-core CPU; the README's
@@ -27,7 +31,6 @@ benchmark section reports what they give.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import platform
 import sys
@@ -44,9 +47,10 @@ from ..encoders import TextEncoder, VisionEncoder, build_text_encoder, build_vis
 from ..model import FusionModel
 from ..registry import FUSIONS, HEADS, RegistryError
 from ..tasks import get_task
+from ..training.optim import ENCODER_PREFIXES
 from .baselines import REFERENCES
 from .cache import FeatureCache, default_cache_dir
-from .features import image_features, image_preprocessing, text_features
+from .features import add_position_channels, image_features, image_preprocessing, pool_image_tokens, text_features
 from .loop import (
     FeatureView,
     PeakMemory,
@@ -61,6 +65,8 @@ from .scoring import (
     question_prior,
 )
 from .standardize import StandardizedFusion, channel_stats
+from .tails import (EncoderTailsModel, check_tail_blocks, check_tail_tasks, untrained_image_tokens,
+                    untrained_text_states, with_encoder_tails)
 
 #: The key under which a retrieval row carries its score matrices (see :mod:`fusionzoo.bench.retrieval`).
 SCORES_KEY = "_scores"
@@ -258,6 +264,9 @@ class BenchConfig:
             (:mod:`fusionzoo.bench.tune`), then train with them and score ``eval_split`` once.
         tune_grid: the grid ``tune`` tries for every row (setting -> values); None = each
             task's :func:`~fusionzoo.bench.tune.grid_for`.
+        train_encoders: 0 = frozen encoders; N > 0 = fine-tune the last N blocks of both encoders
+            with every row (each row its own copy; the cache keeps the inputs of those blocks;
+            VQA and classification tasks only; meant for a GPU): :mod:`fusionzoo.bench.tails`.
         progress: show progress bars.
     """
 
@@ -284,6 +293,7 @@ class BenchConfig:
     vision_weights: str = "pretrained"
     tune: bool = False
     tune_grid: dict[str, list[Any]] | None = None
+    train_encoders: int = 0
     progress: bool = True
 
 
@@ -391,11 +401,28 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------
 @dataclass
 class Features:
-    """The run's cached arrays as tensors, with lookups from image path / text to row."""
+    """The run's cached arrays as tensors, with lookups from image path / text to row.
+
+    Attributes:
+        image_tokens: (U, G, Di) the image tokens the fusions are fed, one row per image (with
+            ``--train-encoders``: the untrained tails' tokens, the statistics' source).
+        image_row: image path -> row.
+        texts: causal? -> (arrays, text -> row); arrays ``input_ids``, ``mask``, ``states``
+            (with ``--train-encoders``: the untrained tail's states) and, with
+            ``--train-encoders``, ``tail_inputs`` (U, T, Dt).
+        train_encoders: ``--train-encoders`` (0 = frozen encoders).
+        image_tail_inputs: with ``--train-encoders``: (U, ...) the image encoder's tail inputs.
+        image_grid, image_positions: how image tokens are finished after the encoder
+            (:func:`pool_image_tokens`, :func:`add_position_channels`); the tails' rows do it in the model.
+    """
 
     image_tokens: torch.Tensor
     image_row: dict[str, int]
     texts: dict[bool, tuple[dict[str, torch.Tensor], dict[str, int]]]  # causal? -> (arrays, text -> row)
+    train_encoders: int = 0
+    image_tail_inputs: torch.Tensor | None = None
+    image_grid: int | None = None
+    image_positions: int = 0
 
     @property
     def image_dim(self) -> int:
@@ -422,77 +449,25 @@ class Features:
         return torch.unique(ids[torch.as_tensor(arrays["mask"][rows]).bool()]).tolist()
 
     def view(self, split: SplitData, causal: bool) -> FeatureView:
+        """The samples of ``split`` as rows of the arrays: final states, or with ``--train-encoders`` tail inputs."""
         image_rows = torch.as_tensor([self.image_row[p] for p in split.image_paths], dtype=torch.long)
-        view = FeatureView(image_tokens=self.image_tokens, image_rows=image_rows, labels=split.labels)
+        if self.train_encoders:
+            view = FeatureView(image_tokens=self.image_tail_inputs, image_rows=image_rows, labels=split.labels,
+                               image_input="image_tail_inputs", text_input="text_tail_inputs")
+        else:
+            view = FeatureView(image_tokens=self.image_tokens, image_rows=image_rows, labels=split.labels)
         if split.texts is not None:
             arrays, row = self.texts[causal]
             view.text_rows = torch.as_tensor([row[t] for t in split.texts], dtype=torch.long)
-            view.text_states, view.text_ids, view.text_mask = arrays["states"], arrays["input_ids"], arrays["mask"]
+            view.text_states = arrays["tail_inputs" if self.train_encoders else "states"]
+            view.text_ids, view.text_mask = arrays["input_ids"], arrays["mask"]
         return view
-
-
-def pool_image_tokens(tokens: np.ndarray | torch.Tensor, grid: int | None, chunk: int = 1024) -> torch.Tensor:
-    """Average-pool square token grids (U, h*w, D) to (U, grid*grid, D), in the input's dtype.
-
-    The cache keeps every token of the encoder's feature map; a run that wants
-    fewer (easy-VQA's shapes fill the image, so where a colour sits does not
-    matter) pools them once here, in memory. Pooling is the CNN's own global
-    average pool done per region: ``grid=1`` gives its pooled vector as one token.
-
-    Args:
-        tokens: image tokens, row-major over an h x h grid (the vision encoder's layout).
-        grid: output side; None or 0, or a grid not smaller than h, returns the tokens unchanged.
-        chunk: images pooled per step (bounds the float32 temporary).
-    """
-    tokens = as_tensor(tokens) if isinstance(tokens, np.ndarray) else tokens
-    count, side = tokens.shape[1], math.isqrt(tokens.shape[1])
-    if not grid or grid >= side:
-        return tokens
-    if side * side != count:
-        raise BenchError(f"cannot pool {count} image tokens to a {grid}x{grid} grid: they are not a square grid "
-                         "(a ViT with prefix tokens?); use --image-grid 0")
-    out = torch.empty(tokens.shape[0], grid * grid, tokens.shape[2], dtype=tokens.dtype)
-    for begin in range(0, tokens.shape[0], chunk):
-        block = tokens[begin: begin + chunk].float()  # (u, h*w, D)
-        block = block.transpose(1, 2).reshape(len(block), -1, side, side)  # (u, D, h, w)
-        pooled = torch.nn.functional.adaptive_avg_pool2d(block, grid)  # (u, D, g, g)
-        out[begin: begin + chunk] = pooled.flatten(2).transpose(1, 2).to(tokens.dtype)  # (u, g*g, D)
-    return out
-
-
-def add_position_channels(tokens: torch.Tensor, frequencies: int) -> torch.Tensor:
-    """Append fixed 2-D position channels to square token grids: (U, g*g, D) -> (U, g*g, D + 4F).
-
-    A token at column ``i`` and row ``j`` of a ``g`` x ``g`` grid has centre
-    ``x = (i + 0.5) / g`` and ``y = (j + 0.5) / g`` in [0, 1]; it gets
-    ``sin(2^k pi x), cos(2^k pi x), sin(2^k pi y), cos(2^k pi y)`` for
-    ``k = 0 .. F-1`` (Transformer-style sinusoids over the image, lowest frequency a
-    half period across it). The lowest pair already orders tokens left to right
-    (``cos(pi x)`` falls monotonically) and the dot product of two tokens' channels is
-    ``sum_k cos(2^k pi dx) + cos(2^k pi dy)``, a function of their offset alone: what
-    "left of", "closest to" and "furthest from" need. The same channels for every
-    fusion, so a fusion without position embeddings of its own (co-attention, ALBEF,
-    early concatenation) is fed the grid as well as one that has them (the merged
-    Transformer). ``frequencies=0`` returns ``tokens`` unchanged.
-    """
-    if frequencies <= 0:
-        return tokens
-    count = tokens.shape[1]
-    side = math.isqrt(count)
-    if side * side != count:
-        raise BenchError(f"cannot add 2-D positions to {count} image tokens: they are not a square grid")
-    centres = (torch.arange(side, dtype=torch.float64) + 0.5) / side  # (g,)
-    y, x = torch.meshgrid(centres, centres, indexing="ij")  # (g, g): row j, column i
-    angles = (2.0 ** torch.arange(frequencies, dtype=torch.float64)) * math.pi  # (F,)
-    ax, ay = x.reshape(-1, 1) * angles, y.reshape(-1, 1) * angles  # (g*g, F)
-    channels = torch.cat([ax.sin(), ax.cos(), ay.sin(), ay.cos()], dim=1).to(tokens.dtype)  # (g*g, 4F)
-    return torch.cat([tokens, channels.expand(tokens.shape[0], -1, -1)], dim=2)
 
 
 def extract_features(tasks: Sequence[BenchTask], vision: VisionEncoder, text: TextEncoder,
                      causal_text: TextEncoder | None, cache: FeatureCache, image_size: int,
                      device: torch.device, progress: bool, image_grid: int | None = None,
-                     image_stage: int | None = None, image_positions: int = 0
+                     image_stage: int | None = None, image_positions: int = 0, train_encoders: int = 0
                      ) -> tuple[Features, dict[str, Any]]:
     """Get (from the cache, or by extracting) every feature the run's tasks need.
 
@@ -500,16 +475,28 @@ def extract_features(tasks: Sequence[BenchTask], vision: VisionEncoder, text: Te
     the cache always holds the encoder's full token grid. ``image_stage`` takes an
     intermediate feature map instead of the last (:meth:`VisionEncoder.stage_tokens`),
     ``image_positions`` appends that many frequencies of 2-D position channels per axis
-    after pooling (:func:`add_position_channels`).
+    after pooling (:func:`add_position_channels`). ``train_encoders`` > 0 caches the inputs
+    of both encoders' last ``train_encoders`` blocks instead, and runs the untrained tails
+    over them once for the image tokens and text states (:mod:`fusionzoo.bench.tails`).
     """
     paths = sorted({p for task in tasks for split in (task.train, task.test) for p in split.image_paths})
     data_config = image_preprocessing(vision, image_size)
-    images = image_features(cache, vision, paths, data_config, device=device, progress=progress, stage=image_stage)
-    image_tokens = add_position_channels(pool_image_tokens(images["tokens"], image_grid), image_positions)
+    images = image_features(cache, vision, paths, data_config, device=device, progress=progress, stage=image_stage,
+                            tail=train_encoders or None)
+    image_tail_inputs = None
+    if train_encoders:
+        image_tail_inputs = as_tensor(images["tail_inputs"])  # (U, ...)
+        pooled, encoder_tokens = untrained_image_tokens(vision.tail(train_encoders), image_tail_inputs, image_grid,
+                                                        device=device, progress=progress)
+    else:
+        pooled, encoder_tokens = pool_image_tokens(images["tokens"], image_grid), list(images["tokens"].shape[1:])
+    image_tokens = add_position_channels(pooled, image_positions)
     info: dict[str, Any] = {"images": len(paths), "image_size": image_size,
-                            "encoder_tokens": list(images["tokens"].shape[1:]), "image_stage": image_stage,
+                            "encoder_tokens": encoder_tokens, "image_stage": image_stage,
                             "position_channels": 4 * max(0, image_positions),
                             "image_tokens": list(image_tokens.shape[1:])}
+    if train_encoders:
+        info["tail_inputs"] = {"blocks": train_encoders, "image": list(image_tail_inputs.shape[1:])}
     texts: dict[bool, tuple[dict[str, torch.Tensor], dict[str, int]]] = {}
     for causal, encoder in ((False, text), (True, causal_text)):
         wanted = sorted({t for task in tasks if task.causal_text == causal
@@ -517,12 +504,19 @@ def extract_features(tasks: Sequence[BenchTask], vision: VisionEncoder, text: Te
         if not wanted:
             continue
         max_len = max(TASK_SETTINGS[task.name].max_text_len for task in tasks if task.causal_text == causal)
-        entry = text_features(cache, encoder, wanted, max_length=max_len, device=device, progress=progress)
-        arrays = {name: as_tensor(entry[name]) for name in ("input_ids", "mask", "states")}
+        entry = text_features(cache, encoder, wanted, max_length=max_len, device=device, progress=progress,
+                              tail=train_encoders or None)
+        if train_encoders:
+            arrays = {name: as_tensor(entry[name]) for name in ("input_ids", "mask", "tail_inputs")}
+            arrays["states"] = untrained_text_states(encoder.tail(train_encoders), arrays["tail_inputs"],
+                                                     arrays["mask"], device=device, progress=progress)
+        else:
+            arrays = {name: as_tensor(entry[name]) for name in ("input_ids", "mask", "states")}
         texts[causal] = (arrays, {t: i for i, t in enumerate(wanted)})
         info["captions" if causal else "texts"] = len(wanted)
     features = Features(image_tokens=image_tokens, image_row={p: i for i, p in enumerate(paths)},
-                        texts=texts)
+                        texts=texts, train_encoders=train_encoders, image_tail_inputs=image_tail_inputs,
+                        image_grid=image_grid, image_positions=image_positions)
     return features, info
 
 
@@ -548,7 +542,9 @@ def run_row(task: BenchTask, fusion: str, settings: TrainSettings, features: Fea
             captions_out: dict[str, Any]) -> dict[str, Any]:
     """Train and score one fusion on one task for every seed; the aggregated results row.
 
-    A retrieval task's rows are :func:`~fusionzoo.bench.retrieval.run_retrieval_row`'s.
+    A retrieval task's rows are :func:`~fusionzoo.bench.retrieval.run_retrieval_row`'s. With
+    ``features.train_encoders``, every seed's model trains its own copies of the encoder tails
+    (``encoders["vision_tail"]``, ``encoders["text_tail"]``; :func:`~fusionzoo.bench.tails.with_encoder_tails`).
     """
     if task.task == "retrieval":
         from .retrieval import run_retrieval_row
@@ -565,16 +561,27 @@ def run_row(task: BenchTask, fusion: str, settings: TrainSettings, features: Fea
     per_seed, seconds, throughput, memory, losses = [], [], [], [], []
     params = (0, 0)
     answers = None  # VQA with official question ids: the first seed's answers, for the results file
+    trained = features.train_encoders  # --train-encoders N: last blocks each model trains
+    if trained and (task_object.generates_text or task.task == "retrieval"):  # run_bench refuses these first
+        raise BenchError(f"--train-encoders does not train {task.task} rows ({task.name})")
     for seed in seeds:
         with seeded(seed, device):
             model = build_bench_model(task, fusion, encoders["vision"], text, kwargs, settings.max_text_len,
-                                      feature_stats, head_kwargs, image_dim=features.image_dim).to(device)
+                                      feature_stats, head_kwargs, image_dim=features.image_dim)
+            if trained:  # the tails are copied under the seed, as the fusion and head are built
+                model = with_encoder_tails(model, encoders["vision_tail"], encoders["text_tail"],
+                                           features.image_grid, features.image_positions)
+            model = model.to(device)
         params = count_parameters(model)
+        if trained:  # the frozen blocks the tails stand in for never run: the same total as a frozen row
+            params = (params[0], params[1] - model.replaced_parameters)
         with PeakMemory(device) as peak:
             train_stats = train_model(model, train_view, epochs=settings.epochs, batch_size=settings.batch_size,
                                       lr=settings.lr, weight_decay=settings.weight_decay, warmup=settings.warmup,
                                       precision=precision, device=device, seed=seed,
-                                      desc=f"{task.name} {fusion} seed {seed}", progress=progress)
+                                      desc=f"{task.name} {fusion} seed {seed}", progress=progress,
+                                      encoder_prefixes=EncoderTailsModel.ENCODER_PREFIXES if trained
+                                      else ENCODER_PREFIXES)
             if task_object.generates_text:
                 outputs, eval_seconds = generate_captions(
                     model, test_view, batch_size=settings.eval_batch_size, precision=precision, device=device,
@@ -608,6 +615,7 @@ def run_row(task: BenchTask, fusion: str, settings: TrainSettings, features: Fea
         "device": str(device),
         "train_samples": len(train_view),
         "test_samples": len(test_view),
+        "train_encoders": trained,
     })
     if answers is not None:
         row[ANSWERS_KEY] = answers
@@ -629,7 +637,8 @@ def result_row(task: BenchTask, fusion: str, metrics: dict[str, Any], params: tu
         "peak_memory_mb": round(float(np.max(memory)), 1),
         "seeds": list(seeds),
         "config": {"reference": config.pop("reference"), "model_task": task.task, "headline_metric": task.metric,
-                   **config, "vision": VISION_ENCODER, "text": TEXT_ENCODER, "frozen_encoders": True},
+                   **config, "vision": VISION_ENCODER, "text": TEXT_ENCODER,
+                   "frozen_encoders": not config.get("train_encoders")},
     }
 
 
@@ -895,6 +904,7 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
             raise BenchError(f"{option} must be a whole number of images >= 1, got {limit!r}")
     if config.vision_weights not in ("pretrained", "random"):
         raise BenchError(f"--vision-weights must be pretrained or random, got {config.vision_weights!r}")
+    check_tail_tasks(config.train_encoders, suite, task_names)  # --train-encoders: which suites and tasks
     if config.tune:
         if config.eval_split != "test":
             raise BenchError("--tune scores the validation split itself, then the test split: leave --eval-split "
@@ -923,6 +933,8 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
     except (RegistryError, RuntimeError, ImportError, FileNotFoundError, OSError) as exc:
         raise BenchError(f"--text {config.text}: {exc}") from exc
     text.freeze()
+    if config.train_encoders:
+        check_tail_blocks(config.train_encoders, vision, text, _spec_name(config.vision), _spec_name(config.text))
     tasks = load_tasks(suite, task_names, config.data_dir, config.quick, eval_split=config.eval_split,
                        max_train=config.max_train, max_test=config.max_test, drop_missing=not config.tasks)
     causal_text = None
@@ -931,6 +943,8 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
         causal_text.freeze()
     encoders = {"vision": vision.to(device), "text": text.to(device),
                 "causal_text": causal_text.to(device) if causal_text is not None else None}
+    if config.train_encoders:  # views of the frozen encoders' last blocks; every row trains a copy
+        encoders.update(vision_tail=vision.tail(config.train_encoders), text_tail=text.tail(config.train_encoders))
 
     cache = FeatureCache(Path(config.cache_dir) if config.cache_dir else default_cache_dir(),
                          enabled=not config.no_cache)
@@ -940,7 +954,7 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
     features, feature_info = extract_features([*tasks, *val_tasks], vision, text, causal_text, cache, image_size,
                                               device,
                                               config.progress, image_grid, suite.image_stage,
-                                              suite.image_positions)
+                                              suite.image_positions, config.train_encoders)
     if not cache.enabled:
         echo(f"feature cache off (--no-cache): extracted features in {cache.extraction_seconds:.1f}s")
     elif cache.misses == 0:

@@ -33,7 +33,9 @@ suites:
 
 Encoders: efficientnet-lite0 and minilm-l6 (--vision, --text), frozen. Their outputs are computed once and
 cached on disk (memory-mapped, float16), keyed by a hash of the encoder weights, the
-preprocessing and the inputs; a second run skips extraction and says so.
+preprocessing and the inputs; a second run skips extraction and says so. --train-encoders N
+(for a GPU; VQA and classification tasks) fine-tunes the last N blocks of both encoders with
+each fusion instead: the cache then holds the inputs of those blocks.
 
 Report in --out: results.json (one object per task x fusion), results.md (the tables),
 run.json (machine, wall time, cache hits), captions.json (captioning), PNG plots. A new
@@ -51,6 +53,7 @@ examples:
   fusionzoo bench --suite coco --data-dir ../shared/data/coco-vqa-mini
   fusionzoo bench --suite vqav2 --data-dir /data/vqa --max-train 5000 --max-test 1000   a slice of VQA v2
   fusionzoo bench --fusions co_attention,albef,text_only --seeds 0 1 2 --epochs 3
+  fusionzoo bench --suite easy-vqa --train-encoders 1 --device cuda   fine-tune the encoders' last blocks too
   fusionzoo bench compare bench-results other-results    metric differences between two reports
 """
 
@@ -139,7 +142,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                         "the report shows each row's validation score and chosen settings")
     p.add_argument("--tune-grid", type=_grid, metavar="'KEY=V1,V2 ...'",
                    help="the grid --tune tries, e.g. 'epochs=2,6 lr=1e-3,2e-3' (settings: epochs, lr, batch_size, "
-                        "weight_decay, warmup) (default: each task's, 2 epochs x 2 learning rates)")
+                        "weight_decay, warmup) (default: each task's: 2 epoch counts x 2 learning rates, x 2 "
+                        "batch sizes on easy-VQA)")
+    p.add_argument("--train-encoders", type=int, default=0, metavar="N",
+                   help="fine-tune the last N blocks of both encoders with every fusion and head (each row its own "
+                        "copy, at a tenth of the row's learning rate); the cache keeps the inputs of those blocks, "
+                        "so only they run per step: meant for a GPU. VQA and classification tasks only (easy-vqa, "
+                        "coco-yesno, coco-match, vqav2, flickr30k-match), not captioning, retrieval or "
+                        "sort-of-clevr (its stage-2 features lie before the last blocks) (default: 0, frozen)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_bench)
     actions = p.add_subparsers(dest="bench_action", metavar="compare", required=False,
@@ -181,7 +191,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         image_grid=args.image_grid, jobs=args.jobs, eval_split=args.eval_split, vision=args.vision, text=args.text,
         max_train=args.max_train, max_test=args.max_test,
         progress=not args.no_progress, vision_weights=args.vision_weights, tune=args.tune or args.tune_grid is not None,
-        tune_grid=args.tune_grid,
+        tune_grid=args.tune_grid, train_encoders=args.train_encoders,
     )
     try:
         run_bench(config)

@@ -16,10 +16,11 @@ with ``@fusionzoo.register_vision_encoder("name")`` /
 ``fn(pretrained=True, **kw) -> VisionEncoder`` (text builders also take ``causal``).
 """
 
-from .text import TextEncoder, TextOutput, build_text_encoder, create_hf_encoder
+from .text import TextEncoder, TextOutput, TextTail, build_text_encoder, create_hf_encoder
 from .vision import (
     VisionEncoder,
     VisionOutput,
+    VisionTail,
     build_vision_encoder,
     create_timm_encoder,
     resolve_data_config,
@@ -30,8 +31,10 @@ from .presets import load_efficientnet_lite0_weights, load_efficientnet_lite_wei
 __all__ = [
     "TextEncoder",
     "TextOutput",
+    "TextTail",
     "VisionEncoder",
     "VisionOutput",
+    "VisionTail",
     "build_text_encoder",
     "build_vision_encoder",
     "create_hf_encoder",

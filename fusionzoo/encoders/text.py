@@ -23,6 +23,13 @@ Specs (what :func:`build_text_encoder` accepts and ``encoder.spec`` records):
 Checkpoints store the HF config and tokenizer next to the weights
 (:meth:`TextEncoder.save_config`), so :meth:`TextEncoder.from_saved` rebuilds
 the architecture without the hub.
+
+To fine-tune only its last ``n`` layers, a BERT-style encoder (BERT, RoBERTa,
+XLM-RoBERTa: layers in ``model.encoder.layer``) splits in two:
+:meth:`TextEncoder.tail_inputs` gives the hidden states entering those layers and
+:meth:`TextEncoder.tail` a :class:`TextTail` running them, with the attention mask the
+model itself builds, so ``tail(n)(tail_inputs(ids, mask, n), mask)`` are the states of
+``forward(ids, mask)``.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from torch import Tensor, nn
@@ -44,6 +53,12 @@ from ..registry import TEXT_ENCODERS, RegistryError
 
 CONFIG_DIR = "text_encoder"  # save_config: HF model config under <directory>/text_encoder/config.json
 TOKENIZER_DIR = "tokenizer"  # save_config: tokenizer files under <directory>/tokenizer/
+#: ``config.model_type`` of the architectures whose last layers :meth:`TextEncoder.tail` can run:
+#: BERT's layer stack in ``model.encoder.layer``, each layer called as ``layer(states, mask)``.
+TAIL_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
+#: transformers 5 builds attention masks with ``transformers.masking_utils`` (a boolean or
+#: block mask chosen by the attention implementation); 4.x layers take an additive float mask.
+_MASKING_UTILS = int(transformers.__version__.split(".")[0]) >= 5
 
 
 @dataclass
@@ -149,6 +164,59 @@ class TextEncoder(nn.Module):
             states=out.last_hidden_state, past_key_values=getattr(out, self._cache_arg, None) if use_cache else None
         )
 
+    # -- the last layers, for fine-tuning only them -------------------------
+    def num_blocks(self) -> int:
+        """How many layers :meth:`tail` can take (``len(model.encoder.layer)``).
+
+        Raises:
+            ValueError: not a BERT-style encoder (:data:`TAIL_MODEL_TYPES`).
+        """
+        return len(self._layers())
+
+    def tail_inputs(self, input_ids: Tensor, attention_mask: Tensor | None, n: int) -> Tensor:
+        """The hidden states (B, T, D) entering the last ``n`` layers: the input of :meth:`tail` (``n``).
+
+        Args:
+            input_ids: (B, T) token ids.
+            attention_mask: (B, T) 1/True for real tokens; None = all real.
+            n: 1 .. :meth:`num_blocks` (``n`` = all of them: the embeddings' output).
+        """
+        self._tail_layers(n)
+        if attention_mask is not None:
+            attention_mask = attention_mask.long()
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return out.hidden_states[-n - 1]  # hidden_states: the embeddings' output, then each layer's
+
+    def tail(self, n: int) -> TextTail:
+        """A :class:`TextTail` running the last ``n`` layers of this encoder (its own modules, not copies).
+
+        ``copy.deepcopy`` it to train it apart.
+
+        Raises:
+            ValueError: ``n`` outside 1 .. :meth:`num_blocks`, or not a BERT-style encoder.
+        """
+        layers = self._tail_layers(n)
+        return TextTail(layers[len(layers) - n:], self.model.config)
+
+    def _layers(self) -> list[nn.Module]:
+        model_type = getattr(self.model.config, "model_type", None)
+        layers = getattr(getattr(self.model, "encoder", None), "layer", None)
+        if model_type not in TAIL_MODEL_TYPES or not isinstance(layers, nn.ModuleList):
+            raise ValueError(
+                f"text encoder {self.spec}: cannot run the last layers of a {type(self.model).__name__} "
+                f"(model_type {model_type!r}) on their own; supported: BERT-style encoders whose layers are "
+                f"model.encoder.layer (model types {', '.join(TAIL_MODEL_TYPES)}; minilm-l6, the tiny preset)"
+            )
+        return list(layers)
+
+    def _tail_layers(self, n: int) -> list[nn.Module]:
+        """Every layer (:meth:`_layers`), once ``n`` is known to be a valid tail length."""
+        layers = self._layers()
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(layers):
+            raise ValueError(f"text encoder {self.spec}: the number of last layers must be 1..{len(layers)} "
+                             f"(it has {len(layers)}), got {n!r}")
+        return layers
+
     # -- tokens -------------------------------------------------------------
     def tokenize(self, texts: list[str], max_length: int = 32) -> dict[str, Tensor]:
         """Tokenize with special tokens, padded to the longest text and truncated.
@@ -243,6 +311,61 @@ class TextEncoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"spec={self.spec}, out_dim={self.out_dim}, causal={self.causal}, frozen={self.frozen}"
+
+
+class TextTail(nn.Module):
+    """The last layers of a BERT-style encoder: the hidden states entering them and the mask -> states (B, T, D).
+
+    Built by :meth:`TextEncoder.tail`.
+
+    Args:
+        layers: the last layers (``model.encoder.layer[-n:]``), in order.
+        config: the model's config: its attention implementation and ``is_decoder`` decide
+            the attention mask, as in the model's own forward.
+    """
+
+    def __init__(self, layers: list[nn.Module], config: PretrainedConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.config = config
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """(B, T, D) states from :meth:`TextEncoder.tail_inputs` and the (B, T) 1/True = real mask -> (B, T, D).
+
+        ``attention_mask`` None = every token real.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden_states.shape[:2], dtype=torch.long, device=hidden_states.device)
+        mask = self.layer_mask(hidden_states, attention_mask.long())
+        for layer in self.layers:
+            out = layer(hidden_states, mask)
+            hidden_states = out[0] if isinstance(out, tuple) else out  # transformers 4.x: a tuple; 5: the states
+        return hidden_states
+
+    def layer_mask(self, hidden_states: Tensor, attention_mask: Tensor) -> Any:
+        """The mask the layers take, as the model's forward builds it from the (B, T) 0/1 mask.
+
+        transformers 5: ``masking_utils`` (a boolean (B, 1, T, T) mask, None when nothing is
+        masked, or a block mask, by attention implementation); causal when ``is_decoder``.
+        4.x: the additive (B, 1, 1, T) mask of ``get_extended_attention_mask``, 0 for real keys
+        and the dtype's minimum for padding, with the causal triangle for a decoder.
+        """
+        causal = bool(getattr(self.config, "is_decoder", False))
+        if _MASKING_UTILS:
+            from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+
+            if causal:
+                return create_causal_mask(config=self.config, inputs_embeds=hidden_states,
+                                          attention_mask=attention_mask, cache=None)
+            return create_bidirectional_mask(config=self.config, inputs_embeds=hidden_states,
+                                             attention_mask=attention_mask)
+        keep = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T)
+        if causal:
+            length = hidden_states.shape[1]
+            triangle = torch.ones(length, length, dtype=torch.bool, device=hidden_states.device).tril()
+            keep = keep & triangle  # (B, 1, T, T)
+        additive = torch.zeros(keep.shape, dtype=hidden_states.dtype, device=hidden_states.device)
+        return additive.masked_fill(~keep, torch.finfo(hidden_states.dtype).min)
 
 
 def _first_id(*ids: int | None) -> int | None:

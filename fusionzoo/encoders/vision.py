@@ -12,6 +12,14 @@ Each encoder carries the preprocessing its weights expect (input size, mean,
 std, interpolation, crop) as timm's resolved ``data_config``, so images are
 never normalised with another model's statistics.
 
+To fine-tune only its last ``n`` blocks, an encoder splits in two:
+:meth:`VisionEncoder.tail_inputs` runs what comes before them (the part that stays
+frozen, whose output can be computed once) and :meth:`VisionEncoder.tail` gives a
+:class:`VisionTail` of the last ``n`` blocks and what follows them in
+``forward_features``, so ``tail(n)(tail_inputs(x, n))`` are the tokens of ``forward(x)``.
+Supported: timm's ``EfficientNet`` class (EfficientNet, EfficientNet-Lite, MobileNetV2,
+MixNet, MnasNet...) and ``VisionTransformer``.
+
 Specs (what :func:`build_vision_encoder` accepts and ``encoder.spec`` records):
 
 * a string: a registered preset (``fusionzoo.list_encoders()["vision"]``,
@@ -52,6 +60,8 @@ import timm
 import timm.data
 import torch
 from PIL import Image
+from timm.models.efficientnet import EfficientNet
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from ..errors import ModelFolderError
@@ -137,19 +147,7 @@ class VisionEncoder(nn.Module):
         """
         features = self.model.forward_features(pixel_values)  # (B, C, h, w), (B, h, w, C) or (B, N, D)
         pooled = self.model.forward_head(features, pre_logits=True)  # (B, D_pool)
-        if features.ndim == 4:
-            if self._channels_last:
-                tokens = features.flatten(1, 2)  # (B, h*w, C)
-            else:
-                tokens = features.flatten(2).transpose(1, 2)  # (B, h*w, C)
-        elif features.ndim == 3:
-            tokens = features  # (B, N, D)
-        else:
-            raise ValueError(
-                f"{self.spec}: forward_features returned shape {tuple(features.shape)}; expected a "
-                "feature map "
-                "(B, C, H, W) or tokens (B, N, D)"
-            )
+        tokens = feature_tokens(features, self._channels_last, f"{self.spec}: forward_features")  # (B, N, D)
         return VisionOutput(tokens=tokens, pooled=pooled)
 
     def stage_tokens(self, pixel_values: Tensor, stage: int) -> Tensor:
@@ -188,6 +186,74 @@ class VisionEncoder(nn.Module):
             raise ValueError(f"{self.spec}: {type(self.model).__name__} does not expose its stages "
                              "(timm feature_info and forward_intermediates); use its last feature map")
         return [dict(entry) for entry in info]
+
+    # -- the last blocks, for fine-tuning only them -------------------------
+    def num_blocks(self) -> int:
+        """How many blocks :meth:`tail` can take: EfficientNet's blocks over all stages, a ViT's blocks.
+
+        Raises:
+            ValueError: a model whose blocks :meth:`tail` does not know (the message names what it knows).
+        """
+        return len(self._blocks())
+
+    def tail_inputs(self, pixel_values: Tensor, n: int) -> Tensor:
+        """What the encoder computes before its last ``n`` blocks: the input of :meth:`tail` (``n``).
+
+        Args:
+            pixel_values: (B, 3, H, W) images normalised as :meth:`transform` does.
+            n: 1 .. :meth:`num_blocks`.
+        Returns:
+            EfficientNet: the feature map (B, C, h, w) entering block ``-n``; ViT: the tokens
+            (B, N, D) entering block ``-n`` (positions added, prefix tokens first).
+        """
+        blocks = self._tail_blocks(n)
+        model = self.model
+        if isinstance(model, EfficientNet):
+            x = model.bn1(model.conv_stem(pixel_values))  # (B, C0, H/2, W/2)
+        else:  # VisionTransformer, as its forward_features
+            x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(pixel_values))))  # (B, N, D)
+        for block in blocks[: len(blocks) - n]:
+            x = block(x)
+        return x
+
+    def tail(self, n: int) -> VisionTail:
+        """The last ``n`` blocks and what follows them in ``forward_features``, as one module.
+
+        EfficientNet: the last ``n`` of its blocks (stages flattened into one list), ``conv_head``
+        and ``bn2``; ViT: the last ``n`` of ``blocks`` and ``norm``. The tail holds this encoder's
+        own modules, not copies (``copy.deepcopy`` it to train it apart), and maps
+        :meth:`tail_inputs` to the tokens (B, N, D) that :meth:`forward` returns.
+
+        Raises:
+            ValueError: ``n`` outside 1 .. :meth:`num_blocks`, or a model other than timm's
+                EfficientNet and VisionTransformer.
+        """
+        blocks = self._tail_blocks(n)
+        model = self.model
+        after = [model.conv_head, model.bn2] if isinstance(model, EfficientNet) else [model.norm]
+        return VisionTail(blocks[len(blocks) - n:], after, self._channels_last)
+
+    def _blocks(self) -> list[nn.Module]:
+        model = self.model
+        # The layout tail_inputs / tail follow is that of these classes' own forward_features.
+        if isinstance(model, EfficientNet) and type(model).forward_features is EfficientNet.forward_features:
+            return [block for stage in model.blocks for block in stage]
+        if (isinstance(model, VisionTransformer)
+                and type(model).forward_features is VisionTransformer.forward_features):
+            return list(model.blocks)
+        raise ValueError(
+            f"{self.spec}: cannot split a timm {type(model).__name__} into a frozen part and its last blocks; "
+            "supported: timm's EfficientNet class (efficientnet-lite0/1/2, efficientnet_b*, mobilenetv2_*, "
+            "mixnet_*, ...) and VisionTransformer (vit_*, deit_*, test_vit, the tiny preset)"
+        )
+
+    def _tail_blocks(self, n: int) -> list[nn.Module]:
+        """Every block (:meth:`_blocks`), once ``n`` is known to be a valid tail length."""
+        blocks = self._blocks()
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(blocks):
+            raise ValueError(f"{self.spec}: the number of last blocks must be 1..{len(blocks)} (its "
+                             f"{type(self.model).__name__} has {len(blocks)} blocks), got {n!r}")
+        return blocks
 
     # -- preprocessing ------------------------------------------------------
     def transform(self, train: bool = False) -> Callable[[Image.Image], Tensor]:
@@ -229,6 +295,44 @@ class VisionEncoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"spec={self.spec}, out_dim={self.out_dim}, frozen={self.frozen}"
+
+
+class VisionTail(nn.Module):
+    """The last blocks of a timm model and what follows them: tail inputs -> image tokens (B, N, D).
+
+    Built by :meth:`VisionEncoder.tail`, which documents what it holds.
+
+    Args:
+        blocks: the last blocks, in order.
+        after: what ``forward_features`` runs after the blocks (EfficientNet: ``conv_head``,
+            ``bn2``; ViT: ``norm``).
+        channels_last: whether the model's feature maps are (B, h, w, C) (timm's ``output_fmt``).
+    """
+
+    def __init__(self, blocks: list[nn.Module], after: list[nn.Module], channels_last: bool = False) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*blocks)
+        self.after = nn.Sequential(*after)
+        self.channels_last = channels_last
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, h, w) feature map or (B, N, D) tokens from :meth:`VisionEncoder.tail_inputs` -> tokens (B, N', D')."""
+        return feature_tokens(self.after(self.blocks(x)), self.channels_last, "VisionTail")
+
+
+def feature_tokens(features: Tensor, channels_last: bool, where: str = "forward_features") -> Tensor:
+    """A timm model's features as tokens: a map (B, C, h, w) or (B, h, w, C) -> (B, h*w, C), row-major.
+
+    Tokens (B, N, D) are returned as they are.
+    """
+    if features.ndim == 4:
+        if channels_last:
+            return features.flatten(1, 2)  # (B, h*w, C)
+        return features.flatten(2).transpose(1, 2)  # (B, h*w, C)
+    if features.ndim == 3:
+        return features  # (B, N, D)
+    raise ValueError(f"{where} returned shape {tuple(features.shape)}; expected a feature map (B, C, H, W) "
+                     "or tokens (B, N, D)")
 
 
 # -- data config ------------------------------------------------------------

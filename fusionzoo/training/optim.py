@@ -12,10 +12,13 @@ import math
 import torch
 from torch import nn
 
+#: Parameter-name prefixes of a FusionModel's encoders: the group trained at ``encoder_lr``.
+ENCODER_PREFIXES = ("vision.", "text.")
+
 
 def parameter_groups(
     model: nn.Module, lr: float, weight_decay: float, encoder_lr: float | None = None,
-    encoder_prefixes: tuple[str, ...] = ("vision.", "text."),
+    encoder_prefixes: tuple[str, ...] = ENCODER_PREFIXES,
 ) -> list[dict]:
     """Four groups at most: {fusion/head, encoders} x {decay, no decay}; frozen params skipped."""
     encoder_lr = lr / 10 if encoder_lr is None else encoder_lr
@@ -40,7 +43,8 @@ def parameter_groups(
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
-                    encoder_lr: float | None = None) -> torch.optim.AdamW:
+                    encoder_lr: float | None = None,
+                    encoder_prefixes: tuple[str, ...] = ENCODER_PREFIXES) -> torch.optim.AdamW:
     """AdamW over :func:`parameter_groups`, with the fused kernel where torch has one, else foreach.
 
     The fused kernel does the whole update of all parameters in one call per dtype
@@ -48,7 +52,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
     whose step is mostly per-operator overhead (the benchmark's attention_weighted:
     37 -> 28 ms a step on one thread, merged_transformer 12.7 -> 8.8 ms).
     """
-    groups = parameter_groups(model, lr, weight_decay, encoder_lr)
+    groups = parameter_groups(model, lr, weight_decay, encoder_lr, encoder_prefixes)
     device_type = next(p for g in groups for p in g["params"]).device.type
     if device_type in ("cuda", "cpu"):
         try:

@@ -281,10 +281,15 @@ def test_flickr30k_tasks_read_the_karpathy_file_and_its_image_folder(tmp_path: P
 def test_bench_flickr30k_suite(tmp_path: Path, capsys) -> None:
     write_flickr30k(tmp_path / "flickr", {"train": 10, "val": 3, "test": 4})
     out = tmp_path / "out"
+    # with --tune (one trial a row): captioning, match and retrieval rows tuned on their validation split
     assert main(["bench", "--suite", "flickr30k", "--data-dir", str(tmp_path / "flickr"), *RUN, "--out", str(out),
-                 "--cache-dir", str(tmp_path / "cache")]) == 0
+                 "--cache-dir", str(tmp_path / "cache"), "--tune-grid", "lr=1e-3"]) == 0
     capsys.readouterr()
     rows = json.loads((out / "results.json").read_text())
+    for row in rows:
+        metric = row["config"]["headline_metric"]
+        assert row["tune"]["chosen"] == {"lr": 1e-3} and [t["lr"] for t in row["tune"]["trials"]] == [1e-3]
+        assert row["tune"]["val_score"] == row["tune"]["trials"][0]["score"] and metric in row["metrics"]
     assert [(r["task"], r["fusion"]) for r in rows] == [
         ("flickr30k-captioning", "early_concat"), ("flickr30k-captioning", "text_only"),
         ("flickr30k-match", "early_concat"), ("flickr30k-match", "text_only"),
