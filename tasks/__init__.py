@@ -25,9 +25,12 @@ register_task("classification")(ClassificationTask)
 register_task("retrieval")(RetrievalTask)
 
 # The dataset loaders register themselves (easy-vqa, vqa-v2, vqa-jsonl, coco-captions,
-# karpathy-captions, classification-jsonl, caption-match, sort-of-clevr).
+# karpathy-captions, classification-jsonl, caption-match, sort-of-clevr, and the pretraining-scale
+# image-text sources image-text-jsonl, webdataset, hf-datasets).
 from . import caption_data, classification_data, vqa_data  # noqa: E402,F401
 from . import sort_of_clevr  # noqa: E402,F401
+from . import hf_data, image_text_jsonl, webdataset_data  # noqa: E402,F401
 
 __all__ = ["TASKS", "CaptioningTask", "ClassificationTask", "RetrievalTask", "Task", "VQATask", "caption_data",
-           "classification_data", "get_task", "sort_of_clevr", "vqa_data"]
+           "classification_data", "get_task", "hf_data", "image_text_jsonl", "sort_of_clevr", "vqa_data",
+           "webdataset_data"]

@@ -38,6 +38,37 @@ def call_loader(loader: Any, kwargs: dict[str, Any]) -> Any:
     return loader(**{k: v for k, v in kwargs.items() if accepts_any or k in params})
 
 
+def _file_and_option_kwargs(loader: Any, name: str, data_files: Any, data_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The loader's keyword arguments for ``data_files=`` and ``data_kwargs.*``; a ConfigError for ones it lacks.
+
+    ``data_files`` goes to the loader's ``files`` (``file`` for a loader of one file, such as
+    ``karpathy-captions``). Unlike the run-wide flags, which a loader may not need, a data option
+    the loader does not take is an error that lists the ones it does.
+    """
+    from fusionzoo.training.config import ConfigError
+
+    params = inspect.signature(loader).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    out: dict[str, Any] = {}
+    if data_files is not None:
+        if "files" in params or accepts_any:
+            out["files"] = data_files
+        elif "file" in params and isinstance(data_files, str):
+            out["file"] = data_files
+        else:
+            raise ConfigError(f"key 'data_files': data={name!r} does not take data files; "
+                              f"pass data_dir=<its folder> instead")
+    options = [p for p, spec in params.items() if spec.kind is inspect.Parameter.KEYWORD_ONLY]
+    for key, value in data_kwargs.items():
+        if key in ("root", "files", "file"):
+            raise ConfigError(f"key 'data_kwargs.{key}': give it as data_dir= or data_files=")
+        if key not in params and not accepts_any:
+            raise ConfigError(f"key 'data_kwargs.{key}': data={name!r} has no option {key!r}; "
+                              f"it takes {', '.join(options) or 'none'}")
+        out[key] = value
+    return out
+
+
 def sample_losses(head: Any, logits: "Tensor", labels: "Tensor") -> "Tensor":
     """(B,) the head's own loss of each sample alone (so a mean over samples needs no batch size)."""
     import torch
@@ -93,6 +124,7 @@ class Task:
             kwargs["only_present"] = True
         kwargs.update(self.loader_kwargs(config))
         loader = DATASETS.get(name)
+        kwargs.update(_file_and_option_kwargs(loader, name, config.data_files, dict(config.data_kwargs)))
         try:
             data = call_loader(loader, kwargs)
         except MissingRootError as exc:  # say it with the command line's name

@@ -149,7 +149,8 @@ class CaptionData(TaskData):
         pairs = {}
         for split, dataset in self.pair_splits.items():
             chosen = train_transform if (train_transform is not None and split in train_splits) else transform
-            pairs[split] = dataset.with_transform(ImageLoader(chosen, self.id_key, skip_bad=skip_bad))
+            pairs[split] = dataset.with_transform(ImageLoader(chosen, self.id_key, skip_bad=skip_bad,
+                                                              images=self.images))
         return replace(out, pair_splits=pairs)
 
     def collator(self, tokenize: Tokenize, max_length: int = 32) -> CaptionCollator:
@@ -161,7 +162,9 @@ class CaptionData(TaskData):
 # Shared steps
 # --------------------------------------------------------------------------------------
 @dataclass
-class _ParsedSplit:
+class ParsedCaptions:
+    """One split's parsed image rows (``image_id``, ``image_path``, ``captions``, ``caption_ids``, ``_entry``)."""
+
     rows: list[dict[str, Any]]
     log: ProblemLog
     source: Path
@@ -171,13 +174,27 @@ def _describe(row: dict[str, Any]) -> str:
     return row["_entry"]
 
 
-def _build(name: str, parsed: dict[str, _ParsedSplit], *, image_root: Path, only_present: bool,
-           verify_images: bool) -> CaptionData:
+def build_caption_data(name: str, parsed: dict[str, ParsedCaptions], *, image_root: Path, only_present: bool,
+                       verify_images: bool, images: Callable[..., Image.Image] | None = None) -> CaptionData:
+    """The :class:`CaptionData` of parsed splits: missing images dropped or reported, pair views built.
+
+    Every caption loader ends here (the COCO and Karpathy files, image-text JSONL, ``datasets``).
+
+    Args:
+        name: the loader's registry name.
+        parsed: split -> its parsed rows and problem log.
+        image_root: the folder the images are under (for messages and ``describe()``).
+        only_present, verify_images: see :mod:`fusionzoo.tasks.common`.
+        images: for images stored inside a dataset, the callable that opens a row's
+            ``image_path`` reference (see :attr:`TaskData.images`); nothing is then looked up on disk.
+    """
     splits, pairs, reports = {}, {}, {}
     for split, part in parsed.items():
-        rows = keep_present(part.rows, part.log, source=part.source, only_present=only_present, describe=_describe)
+        rows = part.rows
+        if images is None:
+            rows = keep_present(rows, part.log, source=part.source, only_present=only_present, describe=_describe)
         if verify_images:
-            rows = verify_rows(rows, part.log, source=part.source, describe=_describe)
+            rows = verify_rows(rows, part.log, source=part.source, describe=_describe, opener=images)
         reports[split] = part.log.finish(len(rows), part.source)
         splits[split] = rows_to_dataset(rows, IMAGE_FEATURES)
         flat = [
@@ -186,7 +203,8 @@ def _build(name: str, parsed: dict[str, _ParsedSplit], *, image_root: Path, only
             for caption, cid in zip(row["captions"], row["caption_ids"])
         ]
         pairs[split] = rows_to_dataset(flat, PAIR_FEATURES)
-    return CaptionData(name=name, splits=splits, pair_splits=pairs, image_root=image_root, reports=reports)
+    return CaptionData(name=name, splits=splits, pair_splits=pairs, image_root=image_root, reports=reports,
+                       images=images)
 
 
 # --------------------------------------------------------------------------------------
@@ -212,7 +230,7 @@ def _discover_coco(root: Path) -> dict[str, Path]:
 
 def _parse_coco(
     path: Path, split: str, image_root: Path | None, root: Path | None, skip_bad: bool
-) -> tuple[_ParsedSplit, Path]:
+) -> tuple[ParsedCaptions, Path]:
     log = ProblemLog(split, skip_bad)
     data = read_json(path, what="COCO captions file")
     images = require(data, "images", list, file=path, entry="top level")
@@ -275,7 +293,7 @@ def _parse_coco(
                               expected="at least one annotation with its image_id"))
             continue
         rows.append(row)
-    return _ParsedSplit(rows, log, path), base
+    return ParsedCaptions(rows, log, path), base
 
 
 def load_coco_captions(
@@ -314,7 +332,7 @@ def load_coco_captions(
         parsed[split], folder = _parse_coco(paths[split], split, Path(image_root) if image_root else None,
                                             base, skip_bad)
         folders.append(folder)
-    return _build("coco-captions", parsed, image_root=folders[0], only_present=only_present,
+    return build_caption_data("coco-captions", parsed, image_root=folders[0], only_present=only_present,
                   verify_images=verify_images)
 
 
@@ -335,7 +353,7 @@ def _discover_karpathy(root: Path) -> Path:
 
 
 def _parse_karpathy(path: Path, image_root: Path | None, root: Path | None, merge_restval: bool,
-                    skip_bad: bool) -> tuple[dict[str, _ParsedSplit], Path]:
+                    skip_bad: bool) -> tuple[dict[str, ParsedCaptions], Path]:
     data = read_json(path, what="Karpathy split file")
     images = require(data, "images", list, file=path, entry="top level")
     if not images:
@@ -390,7 +408,7 @@ def _parse_karpathy(path: Path, image_root: Path | None, root: Path | None, merg
     for error in pending:
         logs.setdefault("train", ProblemLog("train", skip_bad)).bad(error)
     order = sorted(logs, key=split_order)
-    return {split: _ParsedSplit(rows.get(split, []), logs[split], path) for split in order}, base
+    return {split: ParsedCaptions(rows.get(split, []), logs[split], path) for split in order}, base
 
 
 def load_karpathy_captions(
@@ -421,7 +439,7 @@ def load_karpathy_captions(
     path = Path(file) if file is not None else _discover_karpathy(base)
     parsed, folder = _parse_karpathy(path, Path(image_root) if image_root else None, base, merge_restval, skip_bad)
     wanted = select_splits(list(parsed), splits, source=path)
-    return _build("karpathy-captions", {split: parsed[split] for split in wanted}, image_root=folder,
+    return build_caption_data("karpathy-captions", {split: parsed[split] for split in wanted}, image_root=folder,
                   only_present=only_present, verify_images=verify_images)
 
 

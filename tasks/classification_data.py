@@ -382,7 +382,8 @@ def build_caption_match(
         source = captions.reports.get(split, LoadReport())
         reports[split] = LoadReport(source.bad_entries, source.missing_images, len(rows), list(source.examples))
     return ClassificationData(name="caption-match", splits=splits, image_root=captions.image_root,
-                              metric="accuracy", reports=reports, label_names=list(MATCH_LABELS))
+                              metric="accuracy", reports=reports, label_names=list(MATCH_LABELS),
+                              images=captions.images)
 
 
 def load_caption_match(

@@ -56,6 +56,9 @@ KNOWN_SPLITS: tuple[str, ...] = ("train", "val", "validation", "dev", "test", "r
 #: How many missing images / skipped entries an error or warning quotes.
 SHOW_FIRST: int = 5
 
+#: How many missing image files a :class:`LoadReport` keeps by name (``fusionzoo data check`` lists them).
+SHOW_FILES: int = 10
+
 PathLike = str | os.PathLike
 
 
@@ -244,12 +247,16 @@ class LoadReport:
             (``only_present`` or ``skip_bad``).
         kept: entries in the split after dropping.
         examples: the first few messages, for the warning.
+        missing_files: the first :data:`SHOW_FILES` image files that were not on disk.
+        bad_examples: the messages of the first :data:`SHOW_FILES` bad entries.
     """
 
     bad_entries: int = 0
     missing_images: int = 0
     kept: int = 0
     examples: list[str] = field(default_factory=list)
+    missing_files: list[str] = field(default_factory=list)
+    bad_examples: list[str] = field(default_factory=list)
 
     @property
     def skipped(self) -> int:
@@ -277,11 +284,16 @@ class ProblemLog:
         self.report.bad_entries += 1
         if len(self.report.examples) < SHOW_FIRST:
             self.report.examples.append(str(error))
+        if len(self.report.bad_examples) < SHOW_FILES:
+            self.report.bad_examples.append(str(error))
 
-    def missing(self, count: int, examples: Sequence[str]) -> None:
+    def missing(self, count: int, examples: Sequence[str], files: Sequence[str] = ()) -> None:
+        """Count ``count`` entries without an image on disk; keep the first messages and file names."""
         self.report.missing_images += count
         for text in examples[: max(0, SHOW_FIRST - len(self.report.examples))]:
             self.report.examples.append(text)
+        for path in files[: max(0, SHOW_FILES - len(self.report.missing_files))]:
+            self.report.missing_files.append(path)
 
     def finish(self, kept: int, source: PathLike) -> LoadReport:
         """Record the kept count, warn about what was skipped, fail on an empty split."""
@@ -407,7 +419,7 @@ def keep_present(
             expected="every referenced image under the image root",
             hint="Pass only_present=True to use only the images that are present, or fix the image root",
         )
-    log.missing(len(missing), examples)
+    log.missing(len(missing), examples, list(dict.fromkeys(row[path_key] for row in missing))[:SHOW_FILES])
     return [row for row in rows if row[path_key] in present]
 
 
@@ -418,10 +430,13 @@ def verify_rows(
     source: PathLike,
     describe: Callable[[dict[str, Any]], str],
     path_key: str = "image_path",
+    opener: Callable[..., Image.Image] | None = None,
 ) -> list[dict[str, Any]]:
     """Decode each distinct image once; rows with a corrupt image raise or (``skip_bad``) are dropped.
 
     The error names the image file and the annotation entry (``line 2 of train.jsonl``).
+    ``opener``: opens a row's ``path_key`` reference for images stored in a dataset
+    (default :func:`open_image` of a file path).
     """
     status: dict[str, DataError | None] = {}
     kept = []
@@ -429,7 +444,7 @@ def verify_rows(
         path = row[path_key]
         if path not in status:
             try:
-                open_image(path, entry=describe(row))
+                (opener or open_image)(path, entry=describe(row))
                 status[path] = None
             except DataError as error:
                 status[path] = error
@@ -445,6 +460,10 @@ def verify_rows(
 # --------------------------------------------------------------------------------------
 # Images, decoded lazily
 # --------------------------------------------------------------------------------------
+#: What PIL raises for a file that is not a decodable image (truncated, another format, too large).
+IMAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def open_image(path: PathLike, *, entry: str | None = None) -> Image.Image:
     """Open and fully decode an image as RGB.
 
@@ -460,7 +479,7 @@ def open_image(path: PathLike, *, entry: str | None = None) -> Image.Image:
     except PermissionError as exc:
         raise DataError("image file is not readable (permission denied)", file=path, entry=entry,
                         expected="a readable image file") from exc
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except IMAGE_ERRORS as exc:
         raise DataError(f"cannot decode image ({type(exc).__name__}: {exc})", file=path, entry=entry,
                         expected="a valid JPEG/PNG image") from exc
 
@@ -477,16 +496,21 @@ class ImageLoader:
         path_key: column holding the image path.
         skip_bad: an undecodable image gives ``pixel_values=None`` and its error under
             ``bad_image`` instead of raising (:class:`SkipBadImages` then leaves the row out).
+        images: opens the image a row names (``images(reference, entry=...)``) when the images
+            are stored inside a dataset rather than in files (see :attr:`TaskData.images`);
+            None: ``path_key`` is a file path, opened with :func:`open_image`.
     """
 
     transform: Callable[[Image.Image], Tensor]
     id_key: str
     path_key: str = "image_path"
     skip_bad: bool = False
+    images: Callable[..., Image.Image] | None = None
 
     def _pixels(self, path: str, ident: Any) -> tuple[Tensor | None, str | None]:
+        opener = open_image if self.images is None else self.images
         try:
-            return self.transform(open_image(path, entry=f"{self.id_key}={ident}")), None  # (3, H, W)
+            return self.transform(opener(path, entry=f"{self.id_key}={ident}")), None  # (3, H, W)
         except DataError as error:
             if not self.skip_bad:
                 raise DataError(error.problem, file=error.file, entry=error.entry, expected=error.expected,
@@ -558,29 +582,13 @@ class SkipBadImages:
 # --------------------------------------------------------------------------------------
 # The loaded dataset
 # --------------------------------------------------------------------------------------
-@dataclass(kw_only=True)
-class TaskData:
-    """Splits of one dataset with the metadata a model, trainer and benchmark need.
+class SplitsByName:
+    """``data[split]``, ``split in data`` and ``data.split_names`` over a ``splits`` dict and a ``name``."""
 
-    Attributes:
-        name: registry name of the loader (``easy-vqa``, ``coco-captions``, ...).
-        task: the task it serves (``vqa``, ``captioning``, ``classification``).
-        splits: split name -> ``datasets.Dataset`` of rows holding image paths.
-        image_root: folder the image paths are under.
-        metric: the task's headline metric name.
-        reports: split name -> :class:`LoadReport` (what was skipped).
-        id_key: the column that identifies a row.
-    """
-
+    splits: dict[str, Any]
     name: str
-    task: str
-    splits: dict[str, Dataset]
-    image_root: Path
-    metric: str
-    reports: dict[str, LoadReport] = field(default_factory=dict)
-    id_key: str = "id"
 
-    def __getitem__(self, split: str) -> Dataset:
+    def __getitem__(self, split: str) -> Any:
         if split not in self.splits:
             raise UnknownSplitError(
                 f"dataset {self.name!r} has no split {split!r}; it has {', '.join(self.splits) or '(none)'}"
@@ -593,6 +601,34 @@ class TaskData:
     @property
     def split_names(self) -> list[str]:
         return list(self.splits)
+
+
+@dataclass(kw_only=True)
+class TaskData(SplitsByName):
+    """Splits of one dataset with the metadata a model, trainer and benchmark need.
+
+    Attributes:
+        name: registry name of the loader (``easy-vqa``, ``coco-captions``, ...).
+        task: the task it serves (``vqa``, ``captioning``, ``classification``).
+        splits: split name -> ``datasets.Dataset`` of rows holding image paths.
+        image_root: folder the image paths are under.
+        metric: the task's headline metric name.
+        reports: split name -> :class:`LoadReport` (what was skipped).
+        id_key: the column that identifies a row.
+        images: None when ``image_path`` holds file paths (the usual case); for images stored
+            inside a dataset (a ``datasets`` Image column), the picklable callable
+            ``images(reference, entry=...) -> PIL.Image`` that opens the image a row's
+            ``image_path`` names.
+    """
+
+    name: str
+    task: str
+    splits: dict[str, Dataset]
+    image_root: Path
+    metric: str
+    reports: dict[str, LoadReport] = field(default_factory=dict)
+    id_key: str = "id"
+    images: Callable[..., Image.Image] | None = field(default=None, repr=False)
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -617,7 +653,8 @@ class TaskData:
         splits = {}
         for split, dataset in self.splits.items():
             chosen = train_transform if (train_transform is not None and split in train_splits) else transform
-            splits[split] = dataset.with_transform(ImageLoader(chosen, self.id_key, skip_bad=skip_bad))
+            splits[split] = dataset.with_transform(ImageLoader(chosen, self.id_key, skip_bad=skip_bad,
+                                                               images=self.images))
         return replace(self, splits=splits)
 
     def describe(self) -> str:

@@ -13,8 +13,13 @@ configuration: an optional YAML file, then key=value overrides applied in order
   task            vqa | captioning | classification | retrieval | a task registered with --import
   fusion          a registered fusion (fusionzoo list)
   data            a dataset name (easy-vqa, vqa-jsonl, vqa-v2, coco-captions,
-                  karpathy-captions, classification-jsonl, caption-match) or a path
+                  karpathy-captions, classification-jsonl, caption-match, image-text-jsonl,
+                  webdataset, hf-datasets) or a path
   data_dir        the dataset's root folder, where it needs one
+  data_files      its files instead: a path, glob, brace list (shards/{0000..0003}.tar), a list,
+                  {split: files}; webdataset sources mix by weight: 'a/{0..3}.tar::0.7,b/x.tar::0.3'
+  data_kwargs.*   loader options (data_kwargs.streaming=true, data_kwargs.caption_column=text)
+                  `fusionzoo data check data=... ` reads a source and reports what is in it
   vision, text    encoder presets (efficientnet-lite0, minilm-l6, tiny) or timm / hub names
   output_dir      where checkpoints, metrics.json and the final model go
   max_steps | epochs, batch_size, lr, seed, mixed_precision (no | bf16 | fp16)
@@ -190,7 +195,10 @@ PRETRAIN_HELP = """\
 configuration: as for `fusionzoo train` (an optional YAML file, then key=value overrides);
 pretraining starts from fusion=albef, data=karpathy-captions, output_dir=runs/pretrain.
 Pretraining keys:
-  data, data_dir      image-caption pairs: karpathy-captions, coco-captions, or a caption folder
+  data, data_dir      image-caption pairs: karpathy-captions, coco-captions, image-text-jsonl,
+                      hf-datasets, or a caption folder; streamed: webdataset (data_files=
+                      'shards/{0000..0331}.tar'), hf-datasets data_kwargs.streaming=true --
+                      streamed sources train by max_steps and resume by re-reading the batches done
   fusion              any fusion: albef aligns its own streams; the others get an Alignment
                       (ITC projections + temperature, align_kwargs) next to the fusion (ViLT-style
                       ITM + MLM for merged_transformer)

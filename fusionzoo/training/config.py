@@ -55,6 +55,13 @@ class TrainConfig:
     """A registered dataset name (``easy-vqa``, ``vqa-jsonl``, ...) or a path."""
     data_dir: str | None = None
     """Root folder of the dataset files, for datasets that need one."""
+    data_files: str | list | dict | None = None
+    """The dataset's files instead of those found in ``data_dir``: a path, glob or brace list
+    (``shards/{0000..0003}.tar``), a list, or ``{split: files}``; webdataset sources mix with
+    ``a/{0..3}.tar::0.7,b/{0..1}.tar::0.3`` (the README's data sources section)."""
+    data_kwargs: dict = field(default_factory=dict)
+    """Options of the dataset loader, e.g. ``data_kwargs.caption_column=text``,
+    ``data_kwargs.streaming=true``, ``data_kwargs.shuffle_buffer=5000`` (an unknown one is an error)."""
     split: str = "test"
     """The split ``eval`` scores."""
     train_split: str = "train"
@@ -204,6 +211,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if isinstance(value, (dict, list)) or value is None:
             raise ConfigError(f"{source}: key '{key}' expects a string, got {value!r}")
         return str(value)
+    if tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise ConfigError(f"{source}: key '{key}' expects a list, got {value!r}")
     if tp is dict or origin is dict:
         if isinstance(value, dict):
             return dict(value)

@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from ..errors import OutputDirError, TrainingInterrupted, TrainingStopped
 from .checkpoint import CheckpointManager, run_metadata, write_json_atomic
@@ -110,6 +110,14 @@ class RecipeData:
         drop_last: train on full batches only (every process then gathers one shape).
         eval_drop_last: evaluate full batches only.
         note: one line the main process prints once the data is ready (or None).
+        eval_batches: for a streamed ``eval`` (an ``IterableDataset``), the batches each process
+            evaluates (a stream has no end every process reaches together).
+
+    ``train`` and ``eval`` may be ``torch.utils.data.IterableDataset`` s that read this
+    process's share of a stream themselves (:class:`~fusionzoo.tasks.streaming.ImageTextStream`):
+    the loop then needs ``max_steps``, does not hand their loaders to ``accelerator.prepare``
+    (which would read them on one process, or have every process read all of them) and moves
+    their batches to the device itself.
     """
 
     train: Any
@@ -119,6 +127,7 @@ class RecipeData:
     drop_last: bool = False
     eval_drop_last: bool = False
     note: str | None = None
+    eval_batches: int | None = None
 
 
 class Recipe:
@@ -210,6 +219,21 @@ def make_accelerator(config: TrainConfig, with_trackers: bool = True, find_unuse
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
     )
+
+
+class OnDevice:
+    """The batches of a loader ``accelerator.prepare`` did not wrap, moved to ``device`` (the first ``batches``)."""
+
+    def __init__(self, loader: Any, device: Any, batches: int | None = None) -> None:
+        self.loader, self.device, self.batches = loader, device, batches
+
+    def __iter__(self):
+        from accelerate.utils import send_to_device
+
+        for i, batch in enumerate(self.loader):
+            if self.batches is not None and i >= self.batches:
+                return
+            yield send_to_device(batch, self.device)
 
 
 def param_checksum(model: nn.Module) -> float:
@@ -370,9 +394,19 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
     if data.note:
         accelerator.print(data.note)
 
+    streamed = isinstance(data.train, IterableDataset)  # reads its own share of a stream, without end
+    if streamed and config.max_steps is None:
+        raise ConfigError(f"key 'max_steps': data={config.data!r} is streamed and has no length, so epochs "
+                          "cannot be counted; set max_steps=<optimizer steps>")
+    # The loader draws its workers' base seed from its own generator, never from the global RNG
+    # (which a resumed run restores before making its loader: one draw would shift every dropout mask).
     generator = torch.Generator().manual_seed(config.seed)
-    train_loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, collate_fn=data.collate,
-                              num_workers=config.num_workers, generator=generator, drop_last=data.drop_last)
+    if streamed:
+        train_loader = DataLoader(data.train, batch_size=config.batch_size, collate_fn=data.collate,
+                                  num_workers=config.num_workers, drop_last=data.drop_last, generator=generator)
+    else:
+        train_loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, collate_fn=data.collate,
+                                  num_workers=config.num_workers, generator=generator, drop_last=data.drop_last)
     eval_loader = None
     if data.eval is not None:
         eval_loader = DataLoader(data.eval, batch_size=config.effective_eval_batch_size, shuffle=False,
@@ -381,13 +415,16 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
 
     optimizer = build_optimizer(model, config.lr, config.weight_decay, config.encoder_lr)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
-    # Batches per process per epoch: prepare() shards the loader over processes.
-    if data.drop_last:
-        batches_per_epoch = len(train_loader) // accelerator.num_processes
+    if streamed:  # the whole run is one "epoch" (a stream repeats its passes itself)
+        steps_per_epoch = total_steps = config.max_steps
     else:
-        batches_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes)
-    steps_per_epoch = max(1, math.ceil(batches_per_epoch / config.grad_accum))
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+        # Batches per process per epoch: prepare() shards the loader over processes.
+        if data.drop_last:
+            batches_per_epoch = len(train_loader) // accelerator.num_processes
+        else:
+            batches_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes)
+        steps_per_epoch = max(1, math.ceil(batches_per_epoch / config.grad_accum))
+        total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     warmup_steps = int(config.warmup_ratio * total_steps)
 
     def set_lr(step_: int) -> float:
@@ -397,9 +434,15 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
             group["lr"] = base * factor
         return base_lrs[0] * factor
 
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if streamed:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if eval_loader is not None:
-        eval_loader = accelerator.prepare(eval_loader)
+        if isinstance(data.eval, IterableDataset):
+            eval_loader = OnDevice(eval_loader, accelerator.device, data.eval_batches)
+        else:
+            eval_loader = accelerator.prepare(eval_loader)
     unwrapped = accelerator.unwrap_model(model)
 
     manager = CheckpointManager(out_dir, config.keep_last, run_id)
@@ -447,7 +490,10 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
         while not done:
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
+            # A resumed stream re-reads (and drops) the batches done: it gives the same batches in the same order.
             loader = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
+            if streamed:
+                loader = OnDevice(loader, accelerator.device)
             for batch in loader:
                 context = StepContext(step, micro, epoch, steps_per_epoch, processes)
                 with accelerator.accumulate(model):

@@ -87,7 +87,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -125,6 +124,7 @@ from .config import ConfigError, TrainConfig
 from .loop import NonFiniteLossError, Recipe, RecipeData, StepContext, StepOutput, run
 from .processes import ProcessView
 from ..tasks.common import BadImageLog, SkipBadImages
+from ..tasks.streaming import derive_seed  # a 63-bit seed from (seed, purpose, step, ...)
 from .trainer import eval_split_of, limit_rows, load_matching_weights
 
 __all__ = ["NonFiniteLossError", "PretrainModel", "PretrainRecipe", "ProcessView", "build_pretrain_model", "pretrain"]
@@ -144,12 +144,6 @@ def pretrain_base_config() -> TrainConfig:
 
 
 # -- seeds and processes ---------------------------------------------------------------
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from its parts, e.g. ``(seed, process, step, micro)``; stable across runs and machines."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def make_generator(*parts: int | str) -> torch.Generator:
@@ -733,6 +727,38 @@ def load_caption_data(config: TrainConfig) -> Any:
     return get_task("captioning").load_data(dataclasses.replace(config, task="captioning"))
 
 
+#: Samples a streamed evaluation split is scored on when ``max_eval_samples`` is not set.
+STREAM_EVAL_SAMPLES = 1024
+
+
+def prepare_streamed_pretrain_data(config: TrainConfig, model: PretrainModel, data: Any, rank: int = 0,
+                                   processes: int = 1) -> PretrainData:
+    """Caption pairs of a streamed source (:class:`~fusionzoo.tasks.streaming.StreamData`) for pretraining.
+
+    Training reads this process's share of the ``train_split`` stream, shuffled (shard order and
+    a buffer, seeded by ``config.seed``) and repeated pass after pass, so ``max_steps`` sets the
+    length of the run. Images are decoded in the stream (with DataLoader workers, in them) and
+    encoded in every step: there is no feature cache, as a stream's images cannot be listed
+    before training. The evaluation split is read in order, repeated if it runs short, for
+    ``max_eval_samples`` samples (:data:`STREAM_EVAL_SAMPLES` when unset).
+    """
+    if config.max_train_samples is not None:
+        raise ConfigError(f"key 'max_train_samples': data={config.data!r} is streamed; its length is set by "
+                          "max_steps (and the shards named in data_files)")
+    if config.train_split not in data:
+        raise ConfigError(f"key 'train_split': data={config.data!r} has no split {config.train_split!r}; "
+                          f"it has {', '.join(data.split_names)}")
+    with_pixels = data.with_image_transform(model.vision.transform(train=False))
+    train = with_pixels.pairs(config.train_split).with_options(shuffle=True, repeat=True, seed=config.seed)
+    eval_split = eval_split_of(config, data, training=True)
+    eval_pairs = None
+    if eval_split is not None and config.max_eval_samples != 0:
+        eval_pairs = with_pixels.pairs(eval_split).with_options(shuffle=False, repeat=True, seed=config.seed)
+        eval_pairs = eval_pairs.for_process(rank, processes)
+    return PretrainData(train=train.for_process(rank, processes), eval=eval_pairs,
+                        collate=data.collator(model.text.tokenize, config.max_text_len), eval_split=eval_split)
+
+
 def prepare_pretrain_data(config: TrainConfig, model: PretrainModel, accelerator: Any | None = None,
                           data: Any | None = None) -> PretrainData:
     """Image-caption pairs of ``config.train_split`` (and of an evaluation split), with transforms and collate.
@@ -879,6 +905,8 @@ class PretrainRecipe(Recipe):
     def prepare_data(self, config: TrainConfig, model: nn.Module, accelerator: Any) -> RecipeData:
         with accelerator.main_process_first():
             captions = load_caption_data(config)
+        if getattr(captions, "iterable", False):
+            return self._prepare_streamed(config, model, accelerator, captions)
         data = prepare_pretrain_data(config, model, accelerator, captions)
         data.check_one_global_batch(config, accelerator.num_processes)
         evaluation = data.eval
@@ -888,6 +916,23 @@ class PretrainRecipe(Recipe):
         # Full batches only: every process gathers the same shapes and ITC always has B x processes columns.
         return RecipeData(train=data.train, eval=evaluation, collate=data.collate, eval_collate=data.collate,
                           drop_last=True, eval_drop_last=True, note=note)
+
+    def _prepare_streamed(self, config: TrainConfig, model: nn.Module, accelerator: Any, captions: Any) -> RecipeData:
+        """Pretraining data read from a stream: no length, so the run is ``max_steps`` long."""
+        if config.max_steps is None:
+            raise ConfigError(f"key 'max_steps': data={config.data!r} is streamed and has no length; "
+                              "set max_steps=<optimizer steps>")
+        data = prepare_streamed_pretrain_data(config, model, captions, accelerator.process_index,
+                                              accelerator.num_processes)
+        eval_batches = None
+        if data.eval is not None:
+            samples = config.max_eval_samples or STREAM_EVAL_SAMPLES
+            eval_batches = max(1, samples // (config.effective_eval_batch_size * accelerator.num_processes))
+        note = (f"streaming {config.train_split!r} from {data.train.num_shards} shards "
+                f"(shuffle buffer {data.train.options.shuffle_buffer}, seed {config.seed}); "
+                f"{max(1, config.num_workers)} reader(s) per process, {accelerator.num_processes} process(es)")
+        return RecipeData(train=data.train, eval=data.eval, collate=data.collate, eval_collate=data.collate,
+                          drop_last=True, eval_drop_last=True, note=note, eval_batches=eval_batches)
 
     def _alpha(self, step: int, steps_per_epoch: int) -> float:
         """ALBEF's ramp: from 0 to ``distill_alpha`` over the first epoch."""

@@ -27,7 +27,7 @@ from ..losses import ITMLoss
 from .config import ConfigError, TrainConfig
 from .loop import RecipeData
 from .pretrain import CachedImageCollate, PretrainModel, PretrainRecipe, _check_config, prepare_pretrain_data
-from .trainer import _build_model, check_names, eval_split_of, limit_rows
+from .trainer import _build_model, check_names, eval_split_of, limit_rows, refuse_streamed
 
 
 class RetrievalRecipe(PretrainRecipe):
@@ -71,6 +71,7 @@ class RetrievalRecipe(PretrainRecipe):
         )
 
     def prepare_data(self, config: TrainConfig, model: nn.Module, accelerator: Any) -> RecipeData:
+        refuse_streamed(self.data, config)
         self.eval_split = eval_split_of(config, self.data, training=True)
         evaluate = self.eval_split is not None and config.max_eval_samples != 0
         # Every evaluation image is cached (max_eval_samples counts images here, not pairs).

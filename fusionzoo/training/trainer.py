@@ -51,6 +51,14 @@ def eval_split_of(config: TrainConfig, data: Any, training: bool) -> str | None:
     return split
 
 
+def refuse_streamed(data: Any, config: TrainConfig) -> None:
+    """A ConfigError for streamed data in a recipe that needs a dataset's length and random access."""
+    if getattr(data, "iterable", False):
+        raise ConfigError(f"task={config.task} trains and evaluates on map-style data (whole splits); "
+                          f"data={config.data!r} is streamed. Stream it into `fusionzoo pretrain`, or load it "
+                          "map-style (image-text-jsonl; hf-datasets without data_kwargs.streaming=true)")
+
+
 def check_names(config: TrainConfig) -> None:
     """Task, fusion, dataset and encoder names exist (checked before any data is loaded)."""
     from fusionzoo.encoders.vision import check_vision_name
@@ -84,6 +92,7 @@ class FinetuneRecipe(Recipe):
         return _build_model(config, self.task, self.data, init=True)
 
     def prepare_data(self, config: TrainConfig, model: nn.Module, accelerator: Any) -> RecipeData:
+        refuse_streamed(self.data, config)
         data = self.data.with_image_transform(model.vision.transform(train=False), skip_bad=config.skip_bad)
         train = limit_rows(self.task.train_rows(data, config.train_split), config.max_train_samples, config.seed)
         self.eval_split = eval_split_of(config, data, training=True)
@@ -229,6 +238,7 @@ def evaluate_checkpoint(checkpoint: str | Path, config: TrainConfig) -> dict[str
     task = get_task(model.task)
     with accelerator.main_process_first():
         data = task.load_data(config)
+    refuse_streamed(data, config)
     split = eval_split_of(config, data, training=False)
     if split is None or split not in data:
         raise ConfigError(f"key 'split': dataset {config.data!r} has no split {config.split!r}; it has "

@@ -306,7 +306,8 @@ def test_unknown_split_lists_available(vqa_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["easy-vqa", "vqa-v2", "vqa-jsonl", "coco-captions", "karpathy-captions",
-                                  "classification-jsonl", "caption-match"])
+                                  "classification-jsonl", "caption-match", "image-text-jsonl", "webdataset",
+                                  "hf-datasets"])
 def test_registered_loaders_share_one_interface(name: str) -> None:
     """Trainer and benchmark call DATASETS.get(name)(root, splits=..., skip_bad=..., ...)."""
     params = inspect.signature(DATASETS.get(name)).parameters
