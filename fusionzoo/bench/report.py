@@ -272,9 +272,10 @@ def _tune_lines(task_rows: Sequence[dict[str, Any]]) -> list[str]:
         return []
     grid = " x ".join(f"{key} {{{', '.join(f'{v:g}' for v in values)}}}" for key, values in record["grid"].items())
     return [f"settings chosen by --tune on the validation split: the same grid for every row ({grid}: "
-            f"{len(record['trials'])} trials, seed {record['seed']}), each row's best trial by "
-            f"{task_rows[0]['config']['headline_metric']} trained again and scored on the test split once; "
-            "\"val\" is that best trial's validation score, the table's settings column what it chose", ""]
+            f"{len(record['trials'])} trials, seed {record['seed']}); each row's first trial in grid order "
+            f"within {100 * record.get('tolerance', 0):g}% of its best {task_rows[0]['config']['headline_metric']} "
+            "trained again and scored on the test split once; \"val\" is that trial's validation score, the "
+            "table's settings column what it chose", ""]
 
 
 def task_table(task_rows: Sequence[dict[str, Any]]) -> list[str]:

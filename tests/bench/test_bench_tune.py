@@ -32,9 +32,15 @@ def test_trials_choice_and_record() -> None:
     assert trials == [{"epochs": 2, "lr": 1e-3}, {"epochs": 2, "lr": 2e-3}, {"epochs": 6, "lr": 1e-3},
                       {"epochs": 6, "lr": 2e-3}]
     assert best_trial([50.0, 70.0, 70.0, 60.0]) == 1  # the first of a tie (the cheaper one)
-    assert best_trial([math.nan, 10.0]) == 1
+    assert best_trial([math.nan, 10.0]) == 1 and best_trial([math.nan, math.nan]) == 0
+    # within 0.5% of the best counts as the best: the first such trial in grid order
+    assert best_trial([99.3, 99.7, 99.6]) == 0 and best_trial([99.1, 99.7, 99.6]) == 1
+    assert best_trial([99.3, 99.7], tolerance=0.0) == 1
     record = tune_record(grid, trials, [50.0, 70.0, 71.5, 60.0], seed=3)
     assert record["chosen"] == {"epochs": 6, "lr": 1e-3} and record["val_score"] == 71.5 and record["seed"] == 3
+    assert record["best_score"] == 71.5
+    close = tune_record(grid, trials, [50.0, 71.3, 71.5, 60.0], seed=0)  # 71.3 is within 0.5% of 71.5
+    assert close["chosen"] == {"epochs": 2, "lr": 2e-3} and close["val_score"] == 71.3 and close["best_score"] == 71.5
     assert [t["score"] for t in record["trials"]] == [50.0, 70.0, 71.5, 60.0]
     base = TASK_SETTINGS["easy-vqa"]
     assert apply_trial(base, {"epochs": 6, "lr": 2e-3}) == replace(base, epochs=6, lr=2e-3)
@@ -69,7 +75,7 @@ def test_tune_scores_validation_then_test_as_separate_runs_do(tmp_path: Path, ca
         fusion, record = row["fusion"], row["tune"]
         assert [t["epochs"] for t in record["trials"]] == [1.0, 2.0]
         assert [t["score"] for t in record["trials"]] == pytest.approx([val[1][fusion], val[2][fusion]])
-        chosen = 1 if val[1][fusion] >= val[2][fusion] else 2
+        chosen = 2 if val[2][fusion] > val[1][fusion] + 0.005 * abs(max(val[1][fusion], val[2][fusion])) else 1
         assert record["chosen"] == {"epochs": chosen} and row["config"]["epochs"] == chosen
         assert record["val_score"] == pytest.approx(val[chosen][fusion])
         assert row["metrics"]["accuracy"] == pytest.approx(test[chosen][fusion])
