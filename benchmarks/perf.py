@@ -61,7 +61,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 # OpenMP's wait policy is left to the environment. OMP_WAIT_POLICY=PASSIVE (idle threads sleep)
 # helps only when other processes share the cores; on an idle 2-core machine it made cached caption

@@ -88,6 +88,10 @@ class Task:
         generates_text: the model writes text (``generate``) instead of choosing an output.
         needs_text: inference takes a text (a question, a hypothesis) with each image.
         data_kind, data_needs: what the loaded data must be, and the attributes it must have.
+        reads_cached_features: with frozen encoders, training and evaluation may feed this task
+            cached features (:mod:`fusionzoo.training.features`): its collate takes rows without
+            ``pixel_values`` and its evaluation reads ``image_states`` where a batch has them.
+            False for a new task until it says so; the built-in tasks do.
     """
 
     head: ClassVar[str]
@@ -98,6 +102,7 @@ class Task:
     needs_text: ClassVar[bool] = True
     data_kind: ClassVar[str] = "data"
     data_needs: ClassVar[tuple[str, ...]] = ()
+    reads_cached_features: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
@@ -194,6 +199,8 @@ class Task:
 
 class _ChoiceTask(Task):
     """A task whose head picks one entry of an output vocabulary (VQA answers, class labels)."""
+
+    reads_cached_features = True  # model(**model_inputs(batch)) reads image_states and text_states
 
     def sample_values(self, logits: "Tensor", batch: dict[str, Any]) -> dict[str, "Tensor"]:
         """Per-sample tensors (first dimension B) of one batch, gathered over processes for :meth:`metrics`."""
@@ -303,6 +310,7 @@ class CaptioningTask(Task):
 
     data_kind = "image-caption data"
     data_needs = ("pairs", "references")
+    reads_cached_features = True  # generation starts from image_states where a batch has them
 
     def train_rows(self, data: Any, split: str) -> Any:
         return data.pairs(split)  # one row per caption; evaluation reads one row per image
@@ -320,8 +328,8 @@ class CaptioningTask(Task):
         with torch.no_grad():
             for batch in loader:
                 with accelerator.autocast():
-                    ids = unwrapped.generate_ids(batch["pixel_values"], max_new_tokens=max_new_tokens,
-                                                 num_beams=num_beams)
+                    ids = unwrapped.generate_ids(batch.get("pixel_values"), image_states=batch.get("image_states"),
+                                                 max_new_tokens=max_new_tokens, num_beams=num_beams)
                 padded = torch.full((ids.shape[0], width), unwrapped.text.pad_token_id, dtype=torch.long,
                                     device=ids.device)  # (B, width): one shape on every process
                 padded[:, : ids.shape[1]] = ids[:, :width]

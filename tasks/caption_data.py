@@ -30,7 +30,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from datasets import Dataset, Features, Sequence as ListOf, Value
@@ -98,13 +98,15 @@ class CaptionCollator:
 
     tokenize: Tokenize
     max_length: int = 32
+    #: The column whose text a pair row tokenizes (the feature cache keys text states by it).
+    text_key: ClassVar[str] = "caption"
 
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
         batch: dict[str, Tensor] = {}
         pixels = stack_pixels(items)  # (B, 3, H, W) or None
         if pixels is not None:
             batch["pixel_values"] = pixels
-        texts = [item["caption"] if "caption" in item else item["captions"][0] for item in items]
+        texts = [item[self.text_key] if self.text_key in item else item["captions"][0] for item in items]
         batch.update(tokenize_texts(self.tokenize, texts, self.max_length))
         batch["labels"] = batch["input_ids"].long().masked_fill(~batch["attention_mask"].bool(), IGNORE_INDEX)  # (B, T)
         batch["image_id"] = torch.as_tensor([item["image_id"] for item in items], dtype=torch.long)  # (B,)

@@ -29,7 +29,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -169,13 +169,15 @@ class ClassificationCollator:
 
     tokenize: Tokenize
     max_length: int = 32
+    #: The column whose text an item tokenizes (the feature cache keys text states by it).
+    text_key: ClassVar[str] = "text"
 
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {}
         pixels = stack_pixels(items)  # (B, 3, H, W) or None
         if pixels is not None:
             batch["pixel_values"] = pixels
-        batch.update(tokenize_texts(self.tokenize, [item["text"] for item in items], self.max_length))
+        batch.update(tokenize_texts(self.tokenize, [item[self.text_key] for item in items], self.max_length))
         batch["labels"] = torch.as_tensor([item["label"] for item in items], dtype=torch.long)  # (B,)
         batch["id"] = [item["id"] for item in items]
         return batch

@@ -43,8 +43,10 @@ from fusionzoo.losses import IGNORE_INDEX  # noqa: F401  (collates mark ignored 
 
 logger = logging.getLogger(__name__)
 
-#: Keys of a collated batch that ``FusionModel.forward`` takes; the others are metadata.
-MODEL_INPUTS: tuple[str, ...] = ("pixel_values", "image_states", "image_mask", "input_ids", "attention_mask", "labels")
+#: Keys of a collated batch that ``FusionModel.forward`` takes; the others are metadata. ``image_states`` and
+#: ``text_states`` come from the feature cache (:mod:`fusionzoo.training.features`) instead of pixels and live text.
+MODEL_INPUTS: tuple[str, ...] = ("pixel_values", "image_states", "image_mask", "input_ids", "attention_mask",
+                                 "text_states", "labels")
 
 #: Label id of an unlabeled example (a test split without answers or labels).
 NO_LABEL: int = -1

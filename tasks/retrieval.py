@@ -323,6 +323,7 @@ class RetrievalTask(Task):
     data_needs = ("pairs", "references")
     #: The model embeds images and texts apart (``create_model`` builds an Alignment unless the fusion aligns).
     aligns = True
+    reads_cached_features = True  # the gallery takes image_states where a batch has them
 
     def make_recipe(self) -> Any:
         from fusionzoo.training.retrieval import RetrievalRecipe

@@ -41,7 +41,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from datasets import Features, Sequence as ListOf, Value
@@ -118,13 +118,15 @@ class VQACollator:
     tokenize: Tokenize
     num_answers: int
     max_length: int = 32
+    #: The column whose text an item tokenizes (the feature cache keys text states by it).
+    text_key: ClassVar[str] = "question"
 
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
         batch: dict[str, Tensor] = {}
         pixels = stack_pixels(items)  # (B, 3, H, W) or None
         if pixels is not None:
             batch["pixel_values"] = pixels
-        batch.update(tokenize_texts(self.tokenize, [item["question"] for item in items], self.max_length))
+        batch.update(tokenize_texts(self.tokenize, [item[self.text_key] for item in items], self.max_length))
         labels = torch.zeros(len(items), self.num_answers)  # (B, A)
         for i, item in enumerate(items):
             if item["target_ids"]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Frozen-encoder training extracts into the feature cache: one temporary folder per test session
+# (set before the test modules are imported, so the environments they hand to subprocesses have it),
+# never the user's ~/.cache. Tests that count extractions use a cache_dir of their own.
+_FEATURE_CACHE = tempfile.mkdtemp(prefix="fusionzoo-test-features-")
+os.environ["FUSIONZOO_CACHE"] = _FEATURE_CACHE
+atexit.register(shutil.rmtree, _FEATURE_CACHE, True)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

@@ -10,7 +10,8 @@ Modules, in the order a run uses them:
 * :mod:`~fusionzoo.bench.suites` -- the suites (``sort-of-clevr``, ``easy-vqa``, ``coco``, ``vqav2``,
   ``flickr30k``), their tasks and data layouts;
 * :mod:`~fusionzoo.bench.cache` / :mod:`~fusionzoo.bench.features` -- the feature cache
-  and the extraction it avoids;
+  and the extraction it avoids (:mod:`fusionzoo.features`, which training runs share), and
+  what the bench does to the cached tokens (pooling, position channels);
 * :mod:`~fusionzoo.bench.tails` -- ``--train-encoders``: the encoders' last blocks trained per row;
 * :mod:`~fusionzoo.bench.baselines` -- the text-only and image-only reference rows;
 * :mod:`~fusionzoo.bench.loop` -- the training / inference loop over cached features;

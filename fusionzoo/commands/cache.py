@@ -1,4 +1,4 @@
-"""``fusionzoo cache``: list and clear the feature cache that ``fusionzoo bench`` writes."""
+"""``fusionzoo cache``: list and clear the feature cache that ``fusionzoo bench``, ``train`` and ``pretrain`` write."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..bench.cache import StoredEntry
+    from ..features.cache import StoredEntry
 
 CACHE_EPILOG = """\
 The folder is --cache-dir, else $FUSIONZOO_CACHE, else $XDG_CACHE_HOME/fusionzoo/features
-(~/.cache/fusionzoo/features), as for `fusionzoo bench`. An entry is one folder of
+(~/.cache/fusionzoo/features), as for `fusionzoo bench`, `train` and `pretrain` (cache_dir=).
+An entry is one folder of
 encoder outputs, <name>-<key>/, with its meta.json; a folder left by an interrupted
 extraction (.<name>-<key>.building-*) is listed as unfinished. Nothing else in the folder
-is listed or ever deleted. An entry's age is the time since a bench last wrote or read it.
+is listed or ever deleted. An entry's age is the time since a run last wrote or read it.
 
 examples:
   fusionzoo cache list                         entries, sizes, ages, what they hold, total
@@ -30,9 +31,9 @@ examples:
 def _add_cache(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "cache",
-        help="list or clear the feature cache of `fusionzoo bench`",
+        help="list or clear the feature cache of `fusionzoo bench` and of frozen-encoder training",
         description="Inspect and clear the on-disk cache of frozen-encoder features that "
-        "`fusionzoo bench` keeps so that later runs skip extraction.",
+        "`fusionzoo bench`, `fusionzoo train` and `fusionzoo pretrain` keep so that later runs skip extraction.",
         epilog=CACHE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -42,12 +43,12 @@ def _add_cache(sub: argparse._SubParsersAction) -> None:
                        help="the cache folder (default: $FUSIONZOO_CACHE or ~/.cache/fusionzoo/features)")
     listing = actions.add_parser(
         "list", parents=[where], help="list the entries: size, last use, encoder and inputs, total",
-        description="List the cache's entries, least recently used first: size, time since a bench "
+        description="List the cache's entries, least recently used first: size, time since a run "
         "last used it, the encoder and the inputs it holds; then the total.")
     listing.set_defaults(func=_run_cache_list)
     clear = actions.add_parser(
         "clear", parents=[where], help="remove every entry, or those unused for a while (--older-than)",
-        description="Remove cache entries (all of them, or with --older-than those that no bench has "
+        description="Remove cache entries (all of them, or with --older-than those that no run has "
         "used for that long) without asking, and print what was freed. Files and folders that are "
         "not cache entries are left alone.")
     clear.add_argument("--older-than", metavar="AGE",
@@ -63,7 +64,7 @@ def _no_action(parser: argparse.ArgumentParser) -> int:
 
 
 def _root(args: argparse.Namespace) -> tuple[Path, str]:
-    from ..bench.cache import default_cache_dir
+    from ..features.cache import default_cache_dir
 
     if args.cache_dir:
         return Path(args.cache_dir), "--cache-dir"
@@ -113,7 +114,7 @@ def describe(entry: StoredEntry) -> str:
         if first:
             parts.append(f"e.g. {str(first[0])[:40]!r}")
     if entry.meta.get("format") is not None:
-        from ..bench.cache import CACHE_FORMAT
+        from ..features.cache import CACHE_FORMAT
 
         if entry.meta["format"] != CACHE_FORMAT:
             parts.append("older layout, never read")
@@ -121,7 +122,7 @@ def describe(entry: StoredEntry) -> str:
 
 
 def _run_cache_list(args: argparse.Namespace) -> int:
-    from ..bench.cache import stored_entries
+    from ..features.cache import stored_entries
 
     root, source = _root(args)
     entries = stored_entries(root)  # a CacheError is printed as one line by the command line
@@ -137,12 +138,12 @@ def _run_cache_list(args: argparse.Namespace) -> int:
         print(f"{name:<{widths[0]}}  {size:>{widths[1]}}  {age:>{widths[2]}}  {what}")
     total = sum(e.size for e in entries)
     print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {_size(total)} in all "
-          "(last used: when a bench last wrote or read the entry)")
+          "(last used: when a run last wrote or read the entry)")
     return 0
 
 
 def _run_cache_clear(args: argparse.Namespace) -> int:
-    from ..bench.cache import entries_to_remove, parse_age, remove_entries, stored_entries
+    from ..features.cache import entries_to_remove, parse_age, remove_entries, stored_entries
 
     root, _ = _root(args)
     older_than = parse_age(args.older_than) if args.older_than is not None else None

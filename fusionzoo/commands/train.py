@@ -24,6 +24,10 @@ configuration: an optional YAML file, then key=value overrides applied in order
   output_dir      where checkpoints, metrics.json and the final model go
   max_steps | epochs, batch_size, lr, seed, mixed_precision (no | bf16 | fp16)
   freeze_encoders, save_every (steps), keep_last, init_from
+  feature_cache   with frozen encoders, image tokens (and text states) are extracted once into
+                  the on-disk feature cache and read from it (unset: where the data allows it;
+                  false: encode every step); cache_dir= its folder (default $FUSIONZOO_CACHE
+                  or ~/.cache/fusionzoo/features, the bench's); `fusionzoo cache list` shows it
   resume          auto (latest checkpoint in output_dir, or a fresh start) | a checkpoint folder
   overwrite       true: replace another run found in output_dir (refused otherwise)
   skip_bad        true: leave out bad entries and undecodable images, with a warning
@@ -58,6 +62,7 @@ file). Useful keys:
   split           the split to score (default test)
   data, data_dir  another dataset of the same task
   eval_batch_size, max_eval_samples, num_workers, skip_bad, cpu
+  feature_cache, cache_dir   image tokens of a frozen-encoder model from the feature cache
 retrieval models: rerank_k (ITC candidates per query the ITM head reranks, default 128; all =
 every pair), rerank_batch_size, rerank_itc_weight (0: rank by ITM log-odds alone; 1: add the ITC
 logit, as BLIP does), results=PATH.npz (the score matrices, for `fusionzoo score retrieval`).

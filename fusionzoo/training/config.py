@@ -79,6 +79,13 @@ class TrainConfig:
     only_present: bool = False
     """Use only the images found on disk when annotations cover more."""
     num_workers: int = 0
+    feature_cache: bool | None = None
+    """With frozen encoders, read image tokens (and text states) from the on-disk feature cache,
+    extracting them once (``fusionzoo.features``): ``null`` (default) where the data and task
+    allow it, ``true`` insists (an error says why it cannot), ``false`` encodes every step."""
+    cache_dir: str | None = None
+    """Folder of the feature cache (default ``$FUSIONZOO_CACHE``, else ``~/.cache/fusionzoo/features``,
+    the folder ``fusionzoo bench`` uses); it must be one folder for every process of a run."""
 
     # optimisation
     output_dir: str = "runs/default"

@@ -112,6 +112,8 @@ class RecipeData:
         note: one line the main process prints once the data is ready (or None).
         eval_batches: for a streamed ``eval`` (an ``IterableDataset``), the batches each process
             evaluates (a stream has no end every process reaches together).
+        feature_cache: what the run read from the feature cache (hits, misses, entries), written
+            to ``final/run.json``; None when it reads none (:mod:`fusionzoo.training.features`).
 
     ``train`` and ``eval`` may be ``torch.utils.data.IterableDataset`` s that read this
     process's share of a stream themselves (:class:`~fusionzoo.tasks.streaming.ImageTextStream`):
@@ -128,6 +130,7 @@ class RecipeData:
     eval_drop_last: bool = False
     note: str | None = None
     eval_batches: int | None = None
+    feature_cache: dict[str, Any] | None = None
 
 
 class Recipe:
@@ -583,6 +586,7 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
         write_json_atomic(out_dir / "final" / "run.json", {
             **meta, "metrics": final_eval, "train": train_losses, "step": step,
             "num_processes": accelerator.num_processes, "param_checksums": checksums,
+            **({"feature_cache": data.feature_cache} if data.feature_cache is not None else {}),
         })
     accelerator.wait_for_everyone()
     if end_process_group:

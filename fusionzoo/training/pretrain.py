@@ -73,8 +73,11 @@ encoder, which it reaches only as a gathered copy.)
 
 Frozen encoders. A frozen vision encoder gives the same tokens every time an
 image comes back (five captions per COCO image, every epoch), so each image is
-encoded once before training (:class:`ImageFeatureCache`) and batches carry
-its tokens instead of pixels.
+encoded once into the on-disk feature cache, which the bench shares
+(:mod:`fusionzoo.training.features`), and batches carry its tokens instead of
+pixels. The clean captions' states come from the cache too; the masked copy is
+encoded in every step (its masks are drawn anew each step). A second run with
+the same encoders and images extracts nothing.
 
 Output. ``output_dir/final/`` holds ``model.safetensors`` whose encoder and
 fusion tensors have FusionModel's names (``vision.*``, ``text.*``,
@@ -121,9 +124,10 @@ from ..losses import (
 from ..registry import FUSIONS
 from ..version import __version__
 from .config import ConfigError, TrainConfig
+from .features import FrozenFeatures
 from .loop import NonFiniteLossError, Recipe, RecipeData, StepContext, StepOutput, run
 from .processes import ProcessView
-from ..tasks.common import BadImageLog, SkipBadImages
+from ..tasks.common import SkipBadImages
 from ..tasks.streaming import derive_seed  # a 63-bit seed from (seed, purpose, step, ...)
 from .trainer import eval_split_of, limit_rows, load_matching_weights
 
@@ -614,17 +618,23 @@ class PretrainData:
 
     Attributes:
         train, eval: caption-pair datasets (``eval`` None without an evaluation split).
-        collate: batch function; gives ``pixel_values``, or ``image_states`` from
-            the cache when the vision encoder is frozen.
+        collate: batch function; gives ``pixel_values``, or ``image_states`` (and the clean
+            captions' ``text_states``) from the feature cache when the encoders are frozen.
         eval_split: name of the evaluated split.
-        cache: the image-feature cache, or None.
+        features: what the run reads from the feature cache, or None.
     """
 
     train: Any
     eval: Any | None
     collate: Callable[[list[dict[str, Any]]], dict[str, Tensor]]
     eval_split: str | None
-    cache: "ImageFeatureCache | None" = None
+    features: FrozenFeatures | None = None
+    eval_collate: Callable[[list[dict[str, Any]]], dict[str, Tensor]] | None = None
+
+    @property
+    def evaluation_collate(self) -> Callable[[list[dict[str, Any]]], dict[str, Tensor]]:
+        """The batch function of the evaluation loader (``eval_collate``, else ``collate``)."""
+        return self.eval_collate or self.collate
 
     def check_one_global_batch(self, config: TrainConfig, num_processes: int) -> None:
         """A ConfigError unless the training pairs fill one global batch (ITC and ITM train on full batches)."""
@@ -634,90 +644,7 @@ class PretrainData:
 
     def cache_note(self) -> str | None:
         """The line the run prints about the feature cache, or None without one."""
-        if self.cache is None:
-            return None
-        return (f"encoded {len(self.cache)} images once with the frozen vision encoder "
-                f"(tokens {tuple(self.cache.states.shape[1:])})")
-
-
-class ImageFeatureCache:
-    """Image tokens of a frozen vision encoder, computed once per image.
-
-    A frozen encoder (eval mode) gives the same tokens each time an image comes
-    back (COCO has five captions per image, and every epoch repeats them), so
-    :func:`prepare_pretrain_data` encodes each image once and batches carry
-    ``image_states`` (B, N, Di) instead of pixels.
-
-    Args:
-        image_ids: (M,) long ids of the cached images.
-        states: (M, N, Di) their image tokens (on CPU; batches are moved to the device with the rest).
-    """
-
-    def __init__(self, image_ids: Tensor, states: Tensor) -> None:
-        self.row = {int(i): k for k, i in enumerate(image_ids.tolist())}
-        self.states = states
-
-    def __len__(self) -> int:
-        return len(self.row)
-
-    def __getitem__(self, image_ids: Tensor) -> Tensor:
-        """(B,) image ids -> (B, N, Di) cached tokens."""
-        missing = [int(i) for i in image_ids.tolist() if int(i) not in self.row]
-        if missing:
-            raise KeyError(f"images {missing[:5]} are not in the feature cache")
-        return self.states[torch.tensor([self.row[int(i)] for i in image_ids.tolist()])]
-
-
-@dataclass
-class CachedImageCollate:
-    """A caption collate whose batches take their ``image_states`` from an :class:`ImageFeatureCache`."""
-
-    collate: Callable[[list[dict[str, Any]]], dict[str, Tensor]]
-    cache: ImageFeatureCache
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Tensor]:
-        batch = self.collate(items)  # pairs without pixels: input_ids, attention_mask, labels, image_id
-        batch["image_states"] = self.cache[batch["image_id"]]  # (B, N, Di)
-        return batch
-
-
-@torch.no_grad()
-def cache_image_features(vision: VisionEncoder, images: Any, batch_size: int, accelerator: Any) -> ImageFeatureCache:
-    """Encode every image row of ``images`` (items with ``image_id`` and ``pixel_values``) once.
-
-    Runs on ``accelerator.device`` under its autocast; every process builds the full cache.
-    """
-    if not vision.frozen:
-        raise ValueError("only a frozen vision encoder's features can be cached")
-    vision.to(accelerator.device)
-    skipped = BadImageLog()  # counts and names the images that could not be decoded (skip_bad)
-
-    def collate(items: list[dict[str, Any]]) -> tuple[list[int], Tensor | None]:
-        good = [it for it in items if it.get("pixel_values") is not None]
-        skipped.note([it for it in items if it.get("pixel_values") is None])
-        return [it["image_id"] for it in good], (torch.stack([it["pixel_values"] for it in good]) if good else None)
-
-    loader = DataLoader(images, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    ids, states = [], []
-    for image_ids, pixels in loader:
-        if pixels is None:
-            continue
-        with accelerator.autocast():
-            tokens = vision(pixels.to(accelerator.device)).tokens  # (b, N, Di)
-        ids.extend(image_ids)
-        states.append(tokens.float().cpu())
-    return ImageFeatureCache(torch.tensor(ids, dtype=torch.long), torch.cat(states))
-
-
-def _image_rows(data: Any, splits: list[str], wanted: set[int]) -> Any:
-    """The image rows of ``splits`` whose ``image_id`` is in ``wanted``, as one dataset."""
-    from datasets import concatenate_datasets
-
-    parts = []
-    for split in dict.fromkeys(splits):
-        ids = data[split].with_format(None)["image_id"]
-        parts.append(data[split].select([i for i, image_id in enumerate(ids) if image_id in wanted]))
-    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+        return None if self.features is None else self.features.note()
 
 
 def load_caption_data(config: TrainConfig) -> Any:
@@ -763,8 +690,10 @@ def prepare_pretrain_data(config: TrainConfig, model: PretrainModel, accelerator
                           data: Any | None = None) -> PretrainData:
     """Image-caption pairs of ``config.train_split`` (and of an evaluation split), with transforms and collate.
 
-    With a frozen vision encoder and an ``accelerator``, each image is encoded once
-    (:class:`ImageFeatureCache`) and the pairs are loaded without their pixels.
+    With frozen encoders and an ``accelerator``, the pairs are loaded without their pixels:
+    their image tokens and the clean captions' states come from the feature cache
+    (:class:`~fusionzoo.training.features.FrozenFeatures`; ``feature_cache=false`` turns it
+    off), extracted there once. The masked captions of MLM are encoded in every step.
 
     Args:
         data: the loaded caption dataset (default: :func:`load_caption_data`).
@@ -775,32 +704,23 @@ def prepare_pretrain_data(config: TrainConfig, model: PretrainModel, accelerator
         raise ValueError(f"data={config.data!r} has no split {config.train_split!r}; it has {data.split_names}")
     eval_split = eval_split_of(config, data, training=True)
     collate = data.collator(model.text.tokenize, config.max_text_len)
-    with_pixels = data.with_image_transform(model.vision.transform(train=False), skip_bad=config.skip_bad)
-    use_cache = model.vision.frozen and accelerator is not None
-    source = data if use_cache else with_pixels  # cached: pairs without pixels, their images encoded once
-
+    features = None if accelerator is None else FrozenFeatures.for_run(config, model, accelerator, data)
+    source = data if features is not None else data.with_image_transform(model.vision.transform(train=False),
+                                                                         skip_bad=config.skip_bad)
     train = limit_rows(source.pairs(config.train_split), config.max_train_samples, config.seed)
     eval_pairs = None
     if eval_split is not None and config.max_eval_samples != 0:
         eval_pairs = limit_rows(source.pairs(eval_split), config.max_eval_samples, config.seed)
-    if not use_cache:
+    if features is None:
         if config.skip_bad:
             collate = SkipBadImages(collate, training=True)
         return PretrainData(train=train, eval=eval_pairs, collate=collate, eval_split=eval_split)
-
-    wanted = set(train.with_format(None)["image_id"])
-    splits = [config.train_split]
-    if eval_pairs is not None:
-        wanted |= set(eval_pairs.with_format(None)["image_id"])
-        splits.append(eval_split)
-    images = _image_rows(with_pixels, splits, wanted)
-    cache = cache_image_features(model.vision, images, config.effective_eval_batch_size, accelerator)
-    if len(cache) < len(wanted):  # skip_bad: images that could not be decoded take their captions along
-        train = train.filter(lambda row: row["image_id"] in cache.row)
-        if eval_pairs is not None:
-            eval_pairs = eval_pairs.filter(lambda row: row["image_id"] in cache.row)
-    return PretrainData(train=train, eval=eval_pairs, collate=CachedImageCollate(collate, cache),
-                        eval_split=eval_split, cache=cache)
+    train, train_collate = features.wrap(train, collate, config.train_split)
+    eval_collate = None
+    if eval_pairs is not None:  # its own collate: it reads the evaluation split's cache entries
+        eval_pairs, eval_collate = features.wrap(eval_pairs, collate, eval_split)
+    return PretrainData(train=train, eval=eval_pairs, collate=train_collate, eval_split=eval_split,
+                        features=features, eval_collate=eval_collate)
 
 
 # -- one step, evaluation --------------------------------------------------------------
@@ -813,7 +733,7 @@ def _forward(model: nn.Module, unwrapped: PretrainModel, batch: dict[str, Tensor
     if unwrapped.mlm_weight > 0:
         masked_ids, mlm_labels = unwrapped.mask_text(batch["input_ids"], batch["attention_mask"], mask_generator)
     return model(pixel_values=batch.get("pixel_values"), image_states=batch.get("image_states"),
-                 input_ids=batch["input_ids"],
+                 input_ids=batch["input_ids"], text_states=batch.get("text_states"),
                  attention_mask=batch["attention_mask"], masked_ids=masked_ids, mlm_labels=mlm_labels,
                  generator=negative_generator, image_ids=batch.get("image_id"), alpha=alpha, processes=processes)
 
@@ -912,13 +832,15 @@ class PretrainRecipe(Recipe):
         evaluation = data.eval
         if evaluation is not None and len(evaluation) < config.effective_eval_batch_size * accelerator.num_processes:
             evaluation = None  # ITC and ITM need full batches: too few pairs to evaluate
-        note = data.cache_note()
         # Full batches only: every process gathers the same shapes and ITC always has B x processes columns.
-        return RecipeData(train=data.train, eval=evaluation, collate=data.collate, eval_collate=data.collate,
-                          drop_last=True, eval_drop_last=True, note=note)
+        return RecipeData(train=data.train, eval=evaluation, collate=data.collate,
+                          eval_collate=data.evaluation_collate, drop_last=True, eval_drop_last=True,
+                          note=data.cache_note(),
+                          feature_cache=None if data.features is None else data.features.stats())
 
     def _prepare_streamed(self, config: TrainConfig, model: nn.Module, accelerator: Any, captions: Any) -> RecipeData:
-        """Pretraining data read from a stream: no length, so the run is ``max_steps`` long."""
+        """Pretraining data read from a stream: no length, so the run is ``max_steps`` long; no feature cache."""
+        FrozenFeatures.for_run(config, model, accelerator, captions)  # feature_cache=true: an error saying why not
         if config.max_steps is None:
             raise ConfigError(f"key 'max_steps': data={config.data!r} is streamed and has no length; "
                               "set max_steps=<optimizer steps>")

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from ..losses import ITMLoss
 from .config import ConfigError, TrainConfig
 from .loop import RecipeData
-from .pretrain import CachedImageCollate, PretrainModel, PretrainRecipe, _check_config, prepare_pretrain_data
+from .pretrain import PretrainModel, PretrainRecipe, _check_config, prepare_pretrain_data
 from .trainer import _build_model, check_names, eval_split_of, limit_rows, refuse_streamed
 
 
@@ -74,27 +74,23 @@ class RetrievalRecipe(PretrainRecipe):
         refuse_streamed(self.data, config)
         self.eval_split = eval_split_of(config, self.data, training=True)
         evaluate = self.eval_split is not None and config.max_eval_samples != 0
-        # Every evaluation image is cached (max_eval_samples counts images here, not pairs).
-        pairs_config = dataclasses.replace(config, eval_split=self.eval_split if evaluate else None,
-                                           max_eval_samples=None if evaluate else 0)
-        data = prepare_pretrain_data(pairs_config, model, accelerator, self.data)
+        # The training pairs; evaluation reads image rows (max_eval_samples counts images here, not pairs).
+        data = prepare_pretrain_data(dataclasses.replace(config, max_eval_samples=0), model, accelerator, self.data)
         data.check_one_global_batch(config, accelerator.num_processes)
-        images, eval_collate = None, None
+        images, eval_collate = None, data.collate
         if evaluate:
             collate = self.data.collator(self.model.text.tokenize, config.max_text_len)
-            if data.cache is not None:
-                images = self.data[self.eval_split]  # no pixels: tokens come from the cache
-                eval_collate = CachedImageCollate(collate, data.cache)
+            if data.features is not None:  # no pixels: the gallery's tokens come from the feature cache
+                images = limit_rows(self.data[self.eval_split], config.max_eval_samples, config.seed)
+                images, eval_collate = data.features.wrap(images, collate, self.eval_split, texts=False)
             else:
                 with_pixels = self.data.with_image_transform(self.model.vision.transform(train=False),
                                                              skip_bad=config.skip_bad)
-                images = with_pixels[self.eval_split]
+                images = limit_rows(with_pixels[self.eval_split], config.max_eval_samples, config.seed)
                 eval_collate = collate
-            images = limit_rows(images, config.max_eval_samples, config.seed)
-            if data.cache is not None and len(data.cache) < len(self.data[self.eval_split]):
-                images = images.filter(lambda row: row["image_id"] in data.cache.row)  # skip_bad dropped some
-        return RecipeData(train=data.train, eval=images, collate=data.collate, eval_collate=eval_collate or data.collate,
-                          drop_last=True, eval_drop_last=False, note=data.cache_note())
+        return RecipeData(train=data.train, eval=images, collate=data.collate, eval_collate=eval_collate,
+                          drop_last=True, eval_drop_last=False, note=data.cache_note(),
+                          feature_cache=None if data.features is None else data.features.stats())
 
     def evaluate(self, model: nn.Module, loader: DataLoader, accelerator: Any, config: TrainConfig) -> dict[str, float]:
         options = {**self.task.eval_options(config), "results": None}  # no score files while training

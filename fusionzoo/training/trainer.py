@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from ..errors import CheckpointError, FusionZooError
 from ..tasks.common import SkipBadImages
 from .config import ConfigError, TrainConfig
+from .features import FrozenFeatures
 from .loop import (
     NonFiniteLossError,
     Recipe,
@@ -93,13 +94,23 @@ class FinetuneRecipe(Recipe):
 
     def prepare_data(self, config: TrainConfig, model: nn.Module, accelerator: Any) -> RecipeData:
         refuse_streamed(self.data, config)
-        data = self.data.with_image_transform(model.vision.transform(train=False), skip_bad=config.skip_bad)
+        # Frozen encoders: rows without pixels, their image tokens and text states read from the feature cache.
+        features = FrozenFeatures.for_run(config, model, accelerator, self.data, self.task)
+        data = self.data if features is not None else self.data.with_image_transform(
+            model.vision.transform(train=False), skip_bad=config.skip_bad)
         train = limit_rows(self.task.train_rows(data, config.train_split), config.max_train_samples, config.seed)
         self.eval_split = eval_split_of(config, data, training=True)
         evaluation = None
         if self.eval_split is not None and config.max_eval_samples != 0:
             evaluation = limit_rows(self.task.eval_rows(data, self.eval_split), config.max_eval_samples, config.seed)
         collate = self.task.collate(data, model.text.tokenize, config.max_text_len)
+        if features is not None:
+            train, train_collate = features.wrap(train, collate, config.train_split)
+            eval_collate = collate
+            if evaluation is not None:
+                evaluation, eval_collate = features.wrap(evaluation, collate, self.eval_split)
+            return RecipeData(train=train, eval=evaluation, collate=train_collate, eval_collate=eval_collate,
+                              note=features.note(), feature_cache=features.stats())
         train_collate, eval_collate = collate, collate
         if config.skip_bad:
             train_collate, eval_collate = SkipBadImages(collate, training=True), SkipBadImages(collate, training=False)
@@ -243,10 +254,15 @@ def evaluate_checkpoint(checkpoint: str | Path, config: TrainConfig) -> dict[str
     if split is None or split not in data:
         raise ConfigError(f"key 'split': dataset {config.data!r} has no split {config.split!r}; it has "
                           f"{', '.join(data.split_names)}")
-    data = data.with_image_transform(model.vision.transform(train=False), skip_bad=config.skip_bad)
+    features = FrozenFeatures.for_run(config, model, accelerator, data, task)  # a frozen-encoder model
+    if features is None:
+        data = data.with_image_transform(model.vision.transform(train=False), skip_bad=config.skip_bad)
     rows = limit_rows(task.eval_rows(data, split), config.max_eval_samples, config.seed)
     collate = task.collate(data, model.text.tokenize, config.max_text_len)
-    if config.skip_bad:
+    if features is not None:
+        rows, collate = features.wrap(rows, collate, split)
+        accelerator.print(features.note())
+    elif config.skip_bad:
         collate = SkipBadImages(collate, training=False)
     loader = DataLoader(rows, batch_size=config.effective_eval_batch_size, shuffle=False, collate_fn=collate,
                         num_workers=config.num_workers)

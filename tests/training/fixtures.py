@@ -89,3 +89,28 @@ def train_log(run: Path) -> dict[int, dict[str, float]]:
     """``train_log.jsonl`` by step (a step logged twice, after a resume, keeps its last record); events skipped."""
     records = map(json.loads, (run / "train_log.jsonl").read_text().splitlines())
     return {r["step"]: r for r in records if "event" not in r}
+
+
+def features_as_cached(forward):
+    """A model's ``forward`` that rounds its frozen encoders' outputs to float16, padding zero, as the feature
+    cache stores them: an uncached run then sees the features a cached run reads (``PretrainModel`` and
+    ``FusionModel`` take the same keywords). Pretraining's masked captions stay live, as with the cache."""
+
+    def rounded(self, *, pixel_values=None, image_states=None, input_ids, attention_mask, text_states=None, **kw):
+        if pixel_values is not None:
+            image_states, pixel_values = self.vision(pixel_values).tokens.half().float(), None
+        if text_states is None:
+            text_states = (self.text(input_ids, attention_mask).states * attention_mask[..., None]).half().float()
+        return forward(self, image_states=image_states, input_ids=input_ids, attention_mask=attention_mask,
+                       text_states=text_states, **kw)
+
+    return rounded
+
+
+def install_features_as_cached() -> None:
+    """Patch ``PretrainModel`` and ``FusionModel`` with :func:`features_as_cached` for the rest of the process."""
+    from fusionzoo.model import FusionModel
+    from fusionzoo.training.pretrain import PretrainModel
+
+    for model in (PretrainModel, FusionModel):
+        model.forward = features_as_cached(model.forward)

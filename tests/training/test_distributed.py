@@ -140,7 +140,10 @@ def test_two_processes_at_batch_8_train_like_one_at_16(launched: Path, data: Pat
     _compare_logs(one, launched / f"equal-{fusion}", ("train/loss", "train/vqa"))
     run_one = json.loads((one / "final" / "run.json").read_text())
     run_two = json.loads((launched / f"equal-{fusion}" / "final" / "run.json").read_text())
-    assert run_two["param_checksums"][0] == pytest.approx(run_one["param_checksums"][0], rel=1e-6)
+    # As for retrieval below: Adam divides by the root of tiny second moments, so rounding in the gradient
+    # all-reduce shows in the weights more than in the losses (with the frozen encoders' float16 features
+    # from the feature cache, up to ~2e-6 here).
+    assert run_two["param_checksums"][0] == pytest.approx(run_one["param_checksums"][0], rel=1e-5)
 
 
 @pytest.mark.parametrize("fusion", ["albef", "merged_transformer"])
