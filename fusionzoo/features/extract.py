@@ -79,7 +79,8 @@ class _ImageFiles(Dataset):
             image = open_image(self.paths[index], entry=f"image #{index}")
         except DataError as error:
             if not self.skip_bad:
-                raise
+                raise DataError(error.problem, file=error.file, entry=error.entry, expected=error.expected,
+                                hint="Pass skip_bad=true to leave out unreadable images") from error
             return index, None, str(error)
         return index, self.transform(image), None  # (3, H, W)
 
