@@ -14,7 +14,7 @@ suites:
             furthest object, how many share a shape); accuracy overall, per type and per
             template. Six fusions plus text-only and image-only reference rows. It runs alone
             by default: it takes about 10 minutes by itself on a 2-core CPU, and easy-VQA
-            would add 2-3 more (see the README's benchmark section).
+            would add about 5 more (see the README's benchmark section).
   easy-vqa  easy-VQA from its PyPI package: 34,774 train / 9,673 test questions, 13 answers
             (3,801 validation questions on 400 images held out of the package's train split);
             every fusion but the late vote scores about 99% (it tells them apart little)
