@@ -38,7 +38,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import io
 import json
@@ -67,21 +66,9 @@ _START = time.perf_counter()
 
 
 # -- the machine ---------------------------------------------------------------
-def cpu_name() -> str:
-    """The CPU model, as ``lscpu`` names it (``Model name``), else /proc/cpuinfo's, else platform's guess."""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def describe_machine() -> dict[str, Any]:
     import torch
+    from perf import cpu_name  # here, not at the top: the memory workers import this module without perf's imports
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     info = {"cpu": cpu_name(), "cores": cores, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
