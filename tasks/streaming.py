@@ -17,8 +17,10 @@ streaming mode -- are read instead, by an :class:`ImageTextStream` (a
    drawn with probability proportional to its weight, among the sources not yet exhausted.
 4. **Shuffling** (``shuffle=True``). The shard order of each pass is a permutation drawn from
    ``(seed, source, pass)``; samples then go through a buffer of ``shuffle_buffer`` samples
-   from which each output is drawn uniformly (``(seed, pass, reader)`` seeds it). The same
-   seed, number of processes and workers give the same order, run after run.
+   from which each output is drawn uniformly (``(seed, pass, reader)`` seeds it). A reader's
+   samples depend on its index ``r`` and on ``R`` only, not on how ``R`` splits into
+   processes and workers: the same seed and ``R`` give the same samples, run after run (the
+   training loop's ``StreamBatches`` builds each step's batch from every reader alike).
 5. **Decoding.** A sample's image is decoded when it leaves the buffer (the buffer holds
    bytes), converted to RGB and given to the transform (``pixel_values``). An image that does
    not decode is skipped and counted with the bad members; each pass's first few are named

@@ -225,18 +225,70 @@ def make_accelerator(config: TrainConfig, with_trackers: bool = True, find_unuse
 
 
 class OnDevice:
-    """The batches of a loader ``accelerator.prepare`` did not wrap, moved to ``device`` (the first ``batches``)."""
+    """The batches of a loader ``accelerator.prepare`` did not wrap, moved to ``device``."""
 
-    def __init__(self, loader: Any, device: Any, batches: int | None = None) -> None:
-        self.loader, self.device, self.batches = loader, device, batches
+    def __init__(self, loader: Any, device: Any) -> None:
+        self.loader, self.device = loader, device
 
     def __iter__(self):
         from accelerate.utils import send_to_device
 
-        for i, batch in enumerate(self.loader):
-            if self.batches is not None and i >= self.batches:
-                return
+        for batch in self.loader:
             yield send_to_device(batch, self.device)
+
+
+def _rows(samples: list[Any]) -> list[Any]:
+    """A loader's collate that keeps a batch as its list of samples (collated after merging)."""
+    return samples
+
+
+class StreamBatches:
+    """A stream's batches, made alike for every split of its readers over processes and workers.
+
+    The readers of a stream are this process's DataLoader workers on every process (``P x W``,
+    :mod:`fusionzoo.tasks.streaming`). Each batch of ``batch_size`` rows is ``W`` consecutive
+    loader batches of ``batch_size / W`` samples, one from each worker in turn, collated together.
+    So, at every step, the global batch (every process's batch in process order) is the same
+    slice of every reader's samples in reader order, whether the readers are workers or
+    processes: 1 process with 2 workers at batch 8 trains on what 2 processes with one reader
+    each (``num_workers`` 0 or 1) at batch 4 do.
+
+    Args:
+        batches: yield at most this many batches (None: as many as the stream gives).
+
+    Raises:
+        ConfigError: ``batch_size`` is not a multiple of the workers.
+    """
+
+    def __init__(self, stream: Any, batch_size: int, collate: Callable[[list[dict[str, Any]]], Any], *,
+                 num_workers: int, generator: torch.Generator | None = None, key: str = "batch_size",
+                 batches: int | None = None) -> None:
+        self.workers = max(1, num_workers)
+        if batch_size % self.workers:
+            raise ConfigError(f"key {key!r}: streamed data gives each of a process's num_workers={num_workers} "
+                              f"workers an equal share of its batch; {batch_size} is not a multiple of "
+                              f"{self.workers} (use a batch size divisible by num_workers)")
+        self.batch_size, self.collate, self.batches = batch_size, collate, batches
+        self.loader = DataLoader(stream, batch_size=batch_size // self.workers, collate_fn=_rows,
+                                 num_workers=num_workers, drop_last=True, generator=generator)
+
+    def __iter__(self):
+        return self.skipping(0)
+
+    def skipping(self, skip: int):
+        """The batches after the first ``skip``, which are read (the stream has no index) and dropped."""
+        parts: list[Any] = []
+        made = 0
+        for part in self.loader:
+            parts.extend(part)
+            if len(parts) < self.batch_size:
+                continue
+            rows, parts = parts, []
+            made += 1
+            if made > skip:
+                yield self.collate(rows)
+            if self.batches is not None and made >= self.batches:
+                return
 
 
 def param_checksum(model: nn.Module) -> float:
@@ -404,14 +456,18 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
     # The loader draws its workers' base seed from its own generator, never from the global RNG
     # (which a resumed run restores before making its loader: one draw would shift every dropout mask).
     generator = torch.Generator().manual_seed(config.seed)
-    if streamed:
-        train_loader = DataLoader(data.train, batch_size=config.batch_size, collate_fn=data.collate,
-                                  num_workers=config.num_workers, drop_last=data.drop_last, generator=generator)
+    if streamed:  # every process's share, split over its workers the same way (a stream has full batches)
+        train_loader = StreamBatches(data.train, config.batch_size, data.collate, num_workers=config.num_workers,
+                                     generator=generator)
     else:
         train_loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, collate_fn=data.collate,
                                   num_workers=config.num_workers, generator=generator, drop_last=data.drop_last)
     eval_loader = None
-    if data.eval is not None:
+    if isinstance(data.eval, IterableDataset):
+        eval_loader = OnDevice(StreamBatches(data.eval, config.effective_eval_batch_size, data.eval_collate,
+                                             num_workers=config.num_workers, key="eval_batch_size",
+                                             batches=data.eval_batches), accelerator.device)
+    elif data.eval is not None:
         eval_loader = DataLoader(data.eval, batch_size=config.effective_eval_batch_size, shuffle=False,
                                  collate_fn=data.eval_collate, num_workers=config.num_workers,
                                  drop_last=data.eval_drop_last)
@@ -441,11 +497,8 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
         model, optimizer = accelerator.prepare(model, optimizer)
     else:
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    if eval_loader is not None:
-        if isinstance(data.eval, IterableDataset):
-            eval_loader = OnDevice(eval_loader, accelerator.device, data.eval_batches)
-        else:
-            eval_loader = accelerator.prepare(eval_loader)
+    if isinstance(eval_loader, DataLoader):
+        eval_loader = accelerator.prepare(eval_loader)
     unwrapped = accelerator.unwrap_model(model)
 
     manager = CheckpointManager(out_dir, config.keep_last, run_id)
@@ -494,9 +547,10 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
             # A resumed stream re-reads (and drops) the batches done: it gives the same batches in the same order.
-            loader = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
             if streamed:
-                loader = OnDevice(loader, accelerator.device)
+                loader = OnDevice(train_loader.skipping(batches_done), accelerator.device)
+            else:
+                loader = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
             for batch in loader:
                 context = StepContext(step, micro, epoch, steps_per_epoch, processes)
                 with accelerator.accumulate(model):

@@ -751,8 +751,9 @@ def row_generators(seed: int, purpose: str, step: int, micro: int, first_row: in
 def evaluate_pretraining(model: nn.Module, loader: DataLoader, accelerator: Any, seed: int) -> dict[str, float]:
     """Mean ITC / ITM / MLM losses and ITM accuracy of the online model over ``loader`` (eval mode).
 
-    Masks and negatives are drawn from generators seeded by ``(seed, process, "eval", batch)``,
-    so the same model always gets the same scores. Each batch counts with its global size.
+    Masks and negatives are drawn from one generator per row of the global batch, seeded by
+    ``(seed, "eval-...", batch, global row)`` (:func:`row_generators`), so the same model always
+    gets the same scores, on any number of processes. Each batch counts with its global size.
     """
     unwrapped = accelerator.unwrap_model(model)
     processes = ProcessView.from_accelerator(accelerator)
@@ -762,9 +763,11 @@ def evaluate_pretraining(model: nn.Module, loader: DataLoader, accelerator: Any,
     batches, samples = 0, 0
     try:
         for i, batch in enumerate(loader):
-            generator = make_generator(seed, accelerator.process_index, "eval", i)
+            rows = len(batch["input_ids"])
+            first = processes.index * rows  # full batches, as in training
             with accelerator.autocast():
-                out = _forward(model, unwrapped, batch, generator, generator, 0.0, processes)
+                out = _forward(model, unwrapped, batch, row_generators(seed, "eval-mask", i, 0, first, rows),
+                               row_generators(seed, "eval-negatives", i, 0, first, rows), 0.0, processes)
             values = {**out.losses, **{k: v for k, v in out.metrics.items() if k != "temperature"}}
             stacked = torch.stack([v.detach().float() for v in values.values()])[None]  # (1, K)
             mean = accelerator.gather(stacked).mean(0)  # (K,) over processes

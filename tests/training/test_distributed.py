@@ -24,6 +24,9 @@ from fusionzoo.training.trainer import train
 
 from fixtures import train_log, write_classification_jsonl, write_karpathy_captions, write_vqa_jsonl
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tasks"))
+from image_text_fixtures import write_shards  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TASKS = ("vqa", "classification", "captioning", "retrieval")
@@ -33,6 +36,8 @@ EQUAL = ("early_concat", "co_attention", "merged_transformer")
 #: Retrieval (ITC over the gathered batch + ITM with hard negatives drawn per global row): an
 #: Alignment-based fusion and one that aligns itself.
 EQUAL_RETRIEVAL = ("merged_transformer", "albef")
+#: Streamed pretraining (webdataset shards, each reader its share): one aligning itself, one through an Alignment.
+STREAMED = ("albef", "co_attention")
 QUIET = ["vision=tiny", "text=tiny", "log_with=none", "log_every=1", "seed=1"]
 NO_DROPOUT = ["fusion_kwargs.dropout=0.0", "head_kwargs.dropout=0.0"]
 
@@ -85,12 +90,22 @@ def _pretrain_args(data: Path, out: Path, batch: int, fusion: str = "albef") -> 
             f"output_dir={out}"]
 
 
+def _streamed_pretrain_args(fusion: str, data: Path, out: Path, batch: int, workers: int) -> list[str]:
+    """Pretraining from webdataset shards: 2 readers (processes or workers), 10 steps, 4 passes of the 20 pairs."""
+    args = [a for a in _pretrain_args(data, out, batch, fusion) if not a.startswith(("data_dir=", "max_eval"))]
+    return [*args, "data=webdataset", f"data_dir={data / 'wds'}", f"num_workers={workers}",
+            "data_files={train: 'train/{0000..0003}.tar', val: 'val/0000.tar'}", "data_kwargs.shuffle_buffer=6",
+            "max_eval_samples=8", f"eval_batch_size={batch}"]
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ddp-data")
     write_vqa_jsonl(root / "vqa", {"train": 160, "test": 37})  # 37: the last evaluation batch is padded
     write_classification_jsonl(root / "cls", {"train": 32, "test": 8})
     write_karpathy_captions(root / "cap", {"train": 40, "val": 4})
+    write_shards(root / "wds" / "train", 4, 5)
+    write_shards(root / "wds" / "val", 1, 6, start=100)
     return root
 
 
@@ -106,6 +121,8 @@ def launched(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
                                                                  "merged_transformer")})
     jobs += [{"kind": "train", "overrides": _retrieval_args(fusion, data, out / f"equal-retrieval-{fusion}", 4)}
              for fusion in EQUAL_RETRIEVAL]
+    jobs += [{"kind": "pretrain", "overrides": _streamed_pretrain_args(fusion, data, out / f"streamed-{fusion}", 4, 0)}
+             for fusion in STREAMED]
     (out / "jobs.json").write_text(json.dumps(jobs))
     result = _torchrun(str(HERE / "run_jobs.py"), str(out / "jobs.json"), timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -166,6 +183,24 @@ def test_retrieval_training_on_two_processes_equals_one(launched: Path, data: Pa
     run_two = json.loads((launched / f"equal-retrieval-{fusion}" / "final" / "run.json").read_text())
     # Adam divides by the root of tiny second moments, so rounding in the gradient all-reduce shows
     # in the weights a little more than in the losses.
+    assert run_two["param_checksums"][0] == pytest.approx(run_one["param_checksums"][0], rel=1e-5)
+
+
+@pytest.mark.parametrize("fusion", STREAMED)
+def test_streamed_pretraining_on_two_processes_equals_one_with_two_workers(launched: Path, data: Path,
+                                                                          tmp_path: Path, fusion: str) -> None:
+    """Two processes reading their shares of the shards at batch 4 train on, and evaluate, what one
+    process whose two DataLoader workers read the same two shares does at batch 8."""
+    one = tmp_path / "one"
+    pretrain(load_config(None, [*_streamed_pretrain_args(fusion, data, one, 8, 2), "cpu=true"],
+                         base=pretrain_base_config()))
+    two = launched / f"streamed-{fusion}"
+    _compare_logs(one, two, ("train/loss", "train/itc", "train/itm", "train/mlm", "train/itm_accuracy"))
+    run_one = json.loads((one / "final" / "run.json").read_text())
+    run_two = json.loads((two / "final" / "run.json").read_text())
+    assert run_one["metrics"]["num_samples"] == run_two["metrics"]["num_samples"] == 8
+    for key, value in run_one["metrics"].items():
+        assert run_two["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     assert run_two["param_checksums"][0] == pytest.approx(run_one["param_checksums"][0], rel=1e-5)
 
 

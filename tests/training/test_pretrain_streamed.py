@@ -67,6 +67,9 @@ def test_streamed_data_needs_max_steps_and_a_pretraining_recipe(shards: Path, tm
     overrides = [o for o in _common(shards) if not o.startswith("max_steps")]
     with pytest.raises(ConfigError, match="is streamed and has no length; set max_steps"):
         pretrain(load_config(None, [*overrides, f"output_dir={tmp_path / 'a'}"], base=pretrain_base_config()))
+    with pytest.raises(ConfigError, match="key 'batch_size': .* 4 is not a multiple of 3"):
+        pretrain(load_config(None, [*_common(shards), "num_workers=3", f"output_dir={tmp_path / 'w'}"],
+                             base=pretrain_base_config()))
     with pytest.raises(ConfigError, match="task=captioning trains and evaluates on map-style data"):
         train(load_config(None, [*_common(shards), "task=captioning", "fusion=merged_transformer",
                                  'fusion_kwargs={"dim": 32, "num_layers": 1, "num_heads": 2}',
