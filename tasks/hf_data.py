@@ -182,12 +182,28 @@ class DatasetImages:
     source: str
     base: Path | None = None
 
-    def __call__(self, reference: str, *, entry: str | None = None) -> Image.Image:
+    def _value(self, reference: str) -> tuple[bytes | Image.Image | str, str]:
+        """The stored image of ``reference`` (bytes, a PIL image or a file path) and where it is."""
         split, _, row = reference.removeprefix(REFERENCE).rpartition("/")
+        if split not in self.datasets or not row.isdigit() or int(row) >= len(self.datasets[split]):
+            raise DataError(f"no stored image {reference!r}", file=self.source,
+                            expected=f"{REFERENCE}<split>/<row> of splits {', '.join(self.datasets)}")
         value = self.datasets[split][int(row)][self.column]
-        where = f"{self.source} [{split}] row {row}"
         image = _image_value(value, self.base, where=self.source, entry=f"split {split!r}, row {row}")
+        return image, f"{self.source} [{split}] row {row}"
+
+    def __call__(self, reference: str, *, entry: str | None = None) -> Image.Image:
+        image, where = self._value(reference)
         return decode_image(image, shard=where, key=entry or reference)
+
+    def read_bytes(self, reference: str) -> bytes:
+        """What the feature cache keys the image by: its stored bytes (a path's file; a PIL image's pixels)."""
+        image, _ = self._value(reference)
+        if isinstance(image, bytes):
+            return image
+        if isinstance(image, str):
+            return Path(image).read_bytes()
+        return f"{image.mode} {image.size}\n".encode() + image.tobytes()
 
 
 def _mapped(name: str, parts: dict[str, Any], image_column: str, caption_column: str, base: Path | None,

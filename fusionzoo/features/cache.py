@@ -138,8 +138,11 @@ def fingerprint_module(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def fingerprint_files(paths: Iterable[str]) -> str:
+def fingerprint_files(paths: Iterable[str], read_bytes: Callable[[str], bytes] | None = None) -> str:
     """Hex digest of the files' contents, in order; not of their paths or modification times.
+
+    ``read_bytes`` reads what a path stands for when it is not a file (an image stored inside
+    a ``datasets`` table or a tar shard, named by a reference its opener understands).
 
     Where a file lies does not matter, so the same images in another checkout, virtual
     environment or data folder give the same key (easy-VQA's images live inside its
@@ -150,9 +153,12 @@ def fingerprint_files(paths: Iterable[str]) -> str:
     digest = hashlib.blake2b(digest_size=20)
     for path in paths:
         file_digest = hashlib.blake2b(digest_size=20)
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                file_digest.update(block)
+        if read_bytes is not None:
+            file_digest.update(read_bytes(path))
+        else:
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    file_digest.update(block)
         digest.update(file_digest.digest())  # fixed width: one file's bytes never run into the next
     return digest.hexdigest()
 

@@ -70,13 +70,14 @@ class _ImageFiles(Dataset):
     paths: Sequence[str]
     transform: Any
     skip_bad: bool = False
+    opener: Any = None  # opens references that are not files (see image_features' ``images``)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, Tensor | None, str | None]:
         try:
-            image = open_image(self.paths[index], entry=f"image #{index}")
+            image = (self.opener or open_image)(self.paths[index], entry=f"image #{index}")
         except DataError as error:
             if not self.skip_bad:
                 raise DataError(error.problem, file=error.file, entry=error.entry, expected=error.expected,
@@ -108,8 +109,8 @@ class _ImageBlocks(RowBuilder):
 
     def __init__(self, vision: VisionEncoder, paths: list[str], data_config: dict[str, Any], *, name: str,
                  array: str, stage: int | None, tail: int | None, batch_size: int, device: torch.device | str,
-                 workers: int | None, progress: bool, skip_bad: bool, block_rows: int) -> None:
-        self.vision, self.paths, self.data_config = vision, paths, data_config
+                 workers: int | None, progress: bool, skip_bad: bool, block_rows: int, opener: Any = None) -> None:
+        self.vision, self.paths, self.data_config, self.opener = vision, paths, data_config, opener
         self.name, self.array, self.stage, self.tail = name, array, stage, tail
         self.batch_size, self.device, self.progress, self.skip_bad = batch_size, device, progress, skip_bad
         self.workers = workers if workers is not None else (1 if (os.cpu_count() or 1) > 1 else 0)
@@ -149,7 +150,7 @@ class _ImageBlocks(RowBuilder):
                    for start, stop in blocks for begin in range(start, stop, self.batch_size)]
         # Its own generator: iterating a loader otherwise draws a seed from the global RNG, and a run that
         # extracts would then draw other dropout masks than one that finds its features in the cache.
-        loader = DataLoader(_ImageFiles(self.paths, transform, self.skip_bad), batch_sampler=batches,
+        loader = DataLoader(_ImageFiles(self.paths, transform, self.skip_bad, self.opener), batch_sampler=batches,
                             num_workers=self.workers, collate_fn=_collate_images, generator=torch.Generator())
         batch_iter = iter(loader)
         self.vision.to(device=self.device, memory_format=torch.channels_last)
@@ -201,6 +202,7 @@ def image_features(
     tail: int | None = None,
     skip_bad: bool = False,
     block_rows: int = 256,
+    images: Any = None,
 ) -> CacheEntry:
     """Image tokens of every file in ``paths`` (in that order), cached.
 
@@ -222,6 +224,9 @@ def image_features(
             entry's :attr:`~fusionzoo.features.cache.CacheEntry.bad_rows` instead of failing
             the extraction.
         block_rows: images per block (what an interrupted extraction may have to redo).
+        images: None (``paths`` are image files), or the opener of images that are not files
+            (a dataset's ``images``: ``images(path, entry=...)`` decodes one, ``images.read_bytes(path)``
+            gives the bytes it is keyed by), as for images stored in a ``datasets`` table or a tar shard.
     Returns:
         an entry with ``tokens`` (U, N, Di) float16; with ``tail``, ``tail_inputs`` (U, ...)
         float16 (EfficientNet: feature maps (U, C, h, w); ViT: tokens (U, N, D)).
@@ -238,12 +243,12 @@ def image_features(
         output = f"tail-inputs-{tail}"
     preprocessing = {"data_config": data_config, "dtype": np.dtype(FEATURE_DTYPE).name, "output": output}
     key = cache_key({"weights": fingerprint_module(vision), "spec": vision.spec, "class": type(vision.model).__name__},
-                    preprocessing, fingerprint_files(paths))
+                    preprocessing, fingerprint_files(paths, None if images is None else images.read_bytes))
     name = (f"image-{_slug(vision.spec)}-{data_config['input_size'][-1]}px"
             + ("" if stage is None else f"-stage{stage}") + ("" if tail is None else f"-tail{tail}-inputs"))
     builder = _ImageBlocks(vision, paths, data_config, name=name, array="tokens" if tail is None else "tail_inputs",
                            stage=stage, tail=tail, batch_size=batch_size, device=device, workers=workers,
-                           progress=progress, skip_bad=skip_bad, block_rows=block_rows)
+                           progress=progress, skip_bad=skip_bad, block_rows=block_rows, opener=images)
     return cache.get_or_build(name, key, builder, {"encoder": vision.spec, "data_config": data_config,
                                                    "output": output, "images": len(paths), "first": paths[:3]})
 

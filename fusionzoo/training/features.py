@@ -28,8 +28,11 @@ folder), what its frozen encoders would compute in every step, and its batches r
 * **bad images** -- with ``skip_bad=true`` an image that does not decode is found during
   extraction, and the rows that use it are left out of training and evaluation (a warning
   names the first few); without it, extraction stops there with the data error.
+* **images that are not files** -- rows whose ``image_path`` is a reference the data's
+  ``images`` opener reads (an image stored in a ``datasets`` table, a member of an indexed tar
+  shard) are keyed by the bytes ``images.read_bytes`` gives and decoded by the opener.
 * **not cached** -- streamed sources (their images cannot be listed before training),
-  images stored inside a dataset (the cache keys images by their files' bytes), trainable
+  images opened by an opener that cannot give their bytes (no ``read_bytes``), trainable
   encoders, and tasks that do not say they read cached features
   (``Task.reads_cached_features``; the built-in tasks do). There every step encodes; with
   ``feature_cache=true`` each of these is an error that says why.
@@ -90,9 +93,10 @@ def why_not_cached(config: TrainConfig, model: Any, data: Any, task: Any = None)
         return f"data={config.data!r} is streamed: its images cannot be listed before training"
     if not getattr(model.vision, "frozen", False):
         return "the vision encoder trains (freeze_encoders=false)"
-    if getattr(data, "images", None) is not None:
-        return (f"the images of data={config.data!r} are stored inside a dataset; the cache keys images by the "
-                "bytes of their files")
+    images = getattr(data, "images", None)
+    if images is not None and not callable(getattr(images, "read_bytes", None)):
+        return (f"the images of data={config.data!r} are opened by {type(images).__name__}, which cannot give "
+                "their bytes (read_bytes); the cache keys images by their bytes")
     if task is not None and not getattr(task, "reads_cached_features", False):
         return (f"task {task.name!r} does not say it reads cached image tokens (Task.reads_cached_features: its "
                 "collate must take rows without pixels and its evaluation read image_states)")
@@ -206,11 +210,13 @@ class FrozenFeatures:
         config: the run's configuration (``max_text_len``, ``skip_bad``, ``num_workers``,
             ``effective_eval_batch_size``).
         device: where extraction runs.
+        images: the data's opener of images that are not files (None: ``image_path`` is a file).
     """
 
     def __init__(self, cache: FeatureCache, vision: Any, text: Any | None, config: TrainConfig,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, images: Any = None) -> None:
         self.cache, self.vision, self.text, self.config, self.device = cache, vision, text, config, device
+        self.images = images
         self._images: dict[str, _Lookup] = {}
         self._texts: dict[str, _Lookup] = {}
 
@@ -231,7 +237,8 @@ class FrozenFeatures:
                                   "(or leave it unset) to encode in every step")
             return None
         text = model.text if getattr(model.text, "frozen", False) else None
-        return cls(run_cache(config, accelerator), model.vision, text, config, accelerator.device)
+        return cls(run_cache(config, accelerator), model.vision, text, config, accelerator.device,
+                   getattr(data, "images", None))
 
     def wrap(self, rows: Any, collate: Callable[[list[dict[str, Any]]], dict[str, Any]], split: str,
              texts: bool = True) -> tuple[FeatureRows, CachedFeatureCollate]:
@@ -294,7 +301,7 @@ class FrozenFeatures:
     def _extract_images(self, paths: list[str]) -> _Lookup:
         entry = image_features(self.cache, self.vision, paths, dict(self.vision.data_config),
                                batch_size=self.config.effective_eval_batch_size, device=self.device,
-                               workers=self.config.num_workers, skip_bad=self.config.skip_bad)
+                               workers=self.config.num_workers, skip_bad=self.config.skip_bad, images=self.images)
         return _Lookup(entry.path, {p: i for i, p in enumerate(paths)},
                        {paths[row]: why for row, why in entry.bad_rows.items()})
 
