@@ -1,4 +1,4 @@
-"""webdataset shards: image-text samples in ``.tar`` files, read as an :class:`ImageTextStream`.
+"""webdataset shards: image-text samples in ``.tar`` files, streamed or indexed for random access.
 
 The layout open_clip and LAVIS read, and ``img2dataset --output_format webdataset`` writes:
 tar files of about a thousand samples, the members of a sample consecutive and sharing a
@@ -6,8 +6,22 @@ key (the member name up to the first dot of its file name): ``000012.jpg`` with
 ``000012.txt`` (the caption) and/or ``000012.json`` (its ``caption`` string or list, or a
 ``captions`` list). The image is the first of ``.jpg``, ``.jpeg``, ``.png``, ``.webp``; the
 caption is the ``.txt`` member when there is one, else the ``.json`` one's; other members are
-ignored. A sample without an image or a caption, one whose image does not decode and a key
-seen twice in a shard are skipped and counted (:mod:`fusionzoo.tasks.streaming`).
+ignored.
+
+Two forms:
+
+* ``streaming=True`` (default): an :class:`ImageTextStream` per split. A sample without an
+  image or a caption, one whose image does not decode and a key seen twice in a shard are
+  skipped and counted (:mod:`fusionzoo.tasks.streaming`).
+* ``streaming=False``: map-style :class:`~fusionzoo.tasks.caption_data.CaptionData`, what
+  ``fusionzoo train`` tasks need. Every shard is read once, front to back, at load time
+  (:meth:`TarShard.index`): one row per sample with all its captions, image and caption ids
+  numbered in order of appearance over the splits loaded, and ``image_path`` the reference
+  ``<shard path>#<key>`` (:func:`shard_reference`). :class:`ShardImages` opens a row's image
+  by seeking to the member's bytes, so shards must be plain ``.tar`` files (a compressed one
+  is an error) and a split's shards are the union of its patterns (weights are an error).
+  Bad samples are errors naming shard and key, or skipped and counted with ``skip_bad``,
+  as in the other map-style loaders (:mod:`fusionzoo.tasks.common`).
 
 ``files`` (``data_files=`` on the command line) names the shards:
 
@@ -37,14 +51,25 @@ import re
 import tarfile
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from fusionzoo.registry import register_dataset
 
-from .common import KNOWN_SPLITS, DataError, MissingRootError, PathLike, select_splits, split_order
-from .streaming import BadSample, ImageTextStream, RawSample, StreamData, StreamOptions, StreamSource
+from .caption_data import CaptionData, ParsedCaptions, build_caption_data
+from .common import KNOWN_SPLITS, DataError, MissingRootError, PathLike, ProblemLog, select_splits, split_order
+from .streaming import (
+    BadSample,
+    ImageTextStream,
+    RawSample,
+    StreamData,
+    StreamOptions,
+    StreamSource,
+    decode_image,
+)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
 FILES_EXPECTED = ("shard paths, globs or brace lists (shards/{0000..0003}.tar), comma-separated, each with "
@@ -221,8 +246,8 @@ def member_key(name: str) -> tuple[str, str] | None:
     return match.group(1), match.group(2).lower()
 
 
-def _captions_of(members: dict[str, bytes]) -> tuple[tuple[str, ...], str | None]:
-    """The sample's captions, or ``((), problem)``."""
+def _captions_of(members: Mapping[str, Any]) -> tuple[tuple[str, ...], str | None]:
+    """The sample's captions from its ``txt`` / ``json`` members' bytes, or ``((), problem)``."""
     if "txt" in members:
         try:
             text = members["txt"].decode("utf-8").strip()
@@ -253,12 +278,61 @@ def _check_end(handle: Any, offset: int) -> None:
         raise tarfile.ReadError(f"the file is cut short or has {len(rest)}+ stray bytes at offset {offset}")
 
 
+#: The first bytes of compressed files, and the suffixes compressed shards go by.
+_COMPRESSED_MAGIC: dict[bytes, str] = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
+                                       b"\x28\xb5\x2f\xfd": "zstd"}
+_COMPRESSED_SUFFIXES: tuple[str, ...] = (".gz", ".tgz", ".bz2", ".tbz", ".tbz2", ".xz", ".txz", ".zst", ".lz4")
+
+
+def _compression(path: str, head: bytes) -> str | None:
+    """How a shard is compressed (``"gzip"``, ``".zst"``), from its first bytes or else its suffix; None: plain."""
+    found = next((name for magic, name in _COMPRESSED_MAGIC.items() if head.startswith(magic)), None)
+    return found or next((s for s in _COMPRESSED_SUFFIXES if path.lower().endswith(s)), None)
+
+
+class UnreadableShardError(DataError):
+    """A shard that stops being readable (not a tar, cut short): names it, where it stopped and why.
+
+    Attributes:
+        last: the last member read (None: it failed at its start).
+        detail: where it stopped and what ``tarfile`` said (``after member 000003.txt (ReadError: ...)``).
+    """
+
+    def __init__(self, problem: str, *, last: str | None = None, detail: str | None = None, **parts: Any) -> None:
+        super().__init__(problem, **parts)
+        self.last = last
+        self.detail = detail or problem
+
+
+@dataclass(frozen=True)
+class IndexedSample:
+    """A sample of a plain ``.tar`` shard found by indexing it: where its image's bytes lie, and its captions.
+
+    Attributes:
+        shard: the shard's path.
+        key: the sample's key in its shard.
+        offset: byte offset of the image member's data in the shard file.
+        size: the image member's size in bytes.
+        captions: the sample's captions (at least one).
+    """
+
+    shard: str
+    key: str
+    offset: int
+    size: int
+    captions: tuple[str, ...]
+
+
 @dataclass(frozen=True)
 class TarShard:
     """One ``.tar`` shard (see the module docstring), read front to back without extracting it.
 
+    :meth:`read` gives its samples with their image bytes (a stream's
+    :class:`~fusionzoo.tasks.streaming.Shard`); :meth:`index` gives where each image lies
+    instead, for map-style splits. Both group members by key and judge samples alike.
+
     Args:
-        path: the tar file (optionally compressed: ``.tar.gz`` is read too).
+        path: the tar file (optionally compressed for :meth:`read`: ``.tar.gz`` is read too).
         skip_unreadable: a shard that stops being readable (truncated, not a tar) ends with a
             :class:`BadSample` instead of a :class:`DataError`.
     """
@@ -270,7 +344,68 @@ class TarShard:
     def name(self) -> str:
         return self.path
 
-    def _sample(self, key: str, members: dict[str, bytes], seen: set[str]) -> RawSample | BadSample:
+    def _refuse_compressed(self, handle: Any) -> None:
+        head = handle.read(6)
+        handle.seek(0)
+        compression = _compression(self.path, head)
+        if compression is not None:
+            raise DataError(f"a compressed shard ({compression}) cannot be indexed for random access "
+                            "(data_kwargs.streaming=false)", file=self.path, expected="a plain, uncompressed .tar",
+                            hint="Use plain .tar shards (decompress them), or stream these "
+                                 "(data_kwargs.streaming=true)")
+
+    def _groups(self, random_access: bool) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``(key, members)`` per run of consecutive members that share a key, in stored order.
+
+        ``members`` maps an extension (``jpg``, ``txt``, ``json``) to the member's bytes; with
+        ``random_access`` (a plain tar, opened for seeking) an image member maps to the
+        ``(offset, size)`` of its bytes in the file instead, and is not read.
+
+        Raises:
+            UnreadableShardError: the shard stops being readable.
+            DataError: ``random_access`` on a compressed shard.
+        """
+        wanted = {*IMAGE_EXTENSIONS, "txt", "json"}
+        plain = random_access or self.path.lower().endswith(".tar")
+        mode = "r:" if random_access else "r|" if plain else "r|*"
+        key: str | None = None
+        members: dict[str, Any] = {}
+        last = None
+        try:
+            with open(self.path, "rb") as handle:
+                if random_access:
+                    self._refuse_compressed(handle)
+                with tarfile.open(fileobj=handle, mode=mode) as tar:
+                    for member in tar:
+                        if not member.isfile():
+                            continue
+                        parts = member_key(member.name)
+                        if parts is None:
+                            continue
+                        if parts[0] != key:
+                            if key is not None:
+                                yield key, members
+                            key, members = parts[0], {}
+                        if parts[1] in wanted:
+                            if random_access and parts[1] in IMAGE_EXTENSIONS:
+                                members[parts[1]] = (member.offset_data, member.size)
+                            else:
+                                content = tar.extractfile(member)
+                                members[parts[1]] = content.read() if content is not None else b""
+                        last = member.name
+                    if plain:
+                        _check_end(handle, tar.offset)
+            if key is not None:
+                yield key, members
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+            detail = f"{f'after member {last}' if last else 'at its start'} ({type(exc).__name__}: {exc})"
+            raise UnreadableShardError(f"cannot read the tar shard {detail}", last=last, detail=detail,
+                                       file=self.path,
+                                       expected="a tar file of webdataset samples (key.jpg with key.txt or key.json)",
+                                       hint="Pass skip_bad=true to skip the rest of an unreadable shard") from exc
+
+    def _judge(self, key: str, members: dict[str, Any], seen: set[str]) -> tuple[str, tuple[str, ...]] | BadSample:
+        """The sample's image extension and captions, or the :class:`BadSample` that says what is wrong."""
         if key in seen:
             return BadSample(self.path, key, "key appears twice in the shard (a sample's members must be consecutive)")
         seen.add(key)
@@ -281,42 +416,142 @@ class TarShard:
         captions, problem = _captions_of(members)
         if problem is not None:
             return BadSample(self.path, key, problem)
-        return RawSample(self.path, key, members[image], captions)
+        return image, captions
+
+    def _samples(self, random_access: bool) -> Iterator[RawSample | IndexedSample | BadSample]:
+        seen: set[str] = set()
+        try:
+            for key, members in self._groups(random_access):
+                judged = self._judge(key, members, seen)
+                if isinstance(judged, BadSample):
+                    yield judged
+                    continue
+                image, captions = judged
+                if random_access:
+                    yield IndexedSample(self.path, key, *members[image], captions)
+                else:
+                    yield RawSample(self.path, key, members[image], captions)
+        except UnreadableShardError as error:
+            if not self.skip_unreadable:
+                raise
+            yield BadSample(self.path, error.last or "(start)", f"shard unreadable {error.detail}")
 
     def read(self) -> Iterator[RawSample | BadSample]:
-        wanted = {*IMAGE_EXTENSIONS, "txt", "json"}
-        key: str | None = None
-        members: dict[str, bytes] = {}
-        seen: set[str] = set()
-        last = None
-        plain = self.path.lower().endswith(".tar")
+        """The shard's samples in stored order, each with its image's bytes."""
+        return self._samples(random_access=False)
+
+    def index(self) -> Iterator[IndexedSample | BadSample]:
+        """The shard's samples in stored order, each with where its image's bytes lie (a plain tar only)."""
+        return self._samples(random_access=True)
+
+
+# --------------------------------------------------------------------------------------
+# Map-style splits: indexed shards
+# --------------------------------------------------------------------------------------
+#: What a good sample is, for the errors of indexed shards.
+SAMPLE_EXPECTED = (f"a sample of consecutive members sharing a key: an image "
+                   f"({', '.join('key.' + e for e in IMAGE_EXTENSIONS)}) and a caption (key.txt, or key.json "
+                   "with 'caption' or 'captions'), the key once per shard")
+
+
+def shard_reference(shard: str, key: str) -> str:
+    """The ``image_path`` of an indexed sample: ``<shard path>#<key>`` (``/data/0000.tar#000012``)."""
+    return f"{shard}#{key}"
+
+
+@dataclass(frozen=True)
+class ShardImages:
+    """Opens the images of indexed shards: ``images("/data/0000.tar#000012")`` seeks to the member and decodes it.
+
+    Each read opens the shard, seeks to the image member's bytes and reads them, so nothing is
+    held open; the object is plain data (paths and integers), picklable for DataLoader workers.
+
+    Attributes:
+        shards: the indexed shards' paths.
+        members: reference (:func:`shard_reference`) -> ``(shard number in shards, offset, size)``
+            of the image member's bytes.
+    """
+
+    shards: tuple[str, ...]
+    members: dict[str, tuple[int, int, int]] = field(repr=False)
+
+    def locate(self, reference: str) -> tuple[str, str, int, int]:
+        """``(shard path, key, offset, size)`` of ``reference``'s image; a :class:`DataError` for an unknown one."""
+        found = self.members.get(reference)
+        if found is None:
+            raise DataError(f"no indexed image {reference!r}",
+                            expected=f"a '<shard>#<key>' reference of the {len(self.shards)} indexed shards")
+        number, offset, size = found
+        shard = self.shards[number]
+        return shard, reference[len(shard) + 1:], offset, size
+
+    def read_bytes(self, reference: str) -> bytes:
+        """The image member's bytes, as stored in the shard (the feature cache keys images by them)."""
+        shard, key, offset, size = self.locate(reference)
         try:
-            with open(self.path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|" if plain else "r|*") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    parts = member_key(member.name)
-                    if parts is None:
-                        continue
-                    if parts[0] != key:
-                        if key is not None:
-                            yield self._sample(key, members, seen)
-                        key, members = parts[0], {}
-                    if parts[1] in wanted:
-                        content = tar.extractfile(member)
-                        members[parts[1]] = content.read() if content is not None else b""
-                    last = member.name
-                if plain:
-                    _check_end(handle, tar.offset)
-            if key is not None:
-                yield self._sample(key, members, seen)
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
-            where = f"after member {last}" if last else "at its start"
-            if not self.skip_unreadable:
-                raise DataError(f"cannot read the tar shard {where} ({type(exc).__name__}: {exc})", file=self.path,
-                                expected="a tar file of webdataset samples (key.jpg with key.txt or key.json)",
-                                hint="Pass skip_bad=true to skip the rest of an unreadable shard") from exc
-            yield BadSample(self.path, last or "(start)", f"shard unreadable {where} ({type(exc).__name__}: {exc})")
+            with open(shard, "rb") as handle:
+                handle.seek(offset)
+                data = handle.read(size)
+        except OSError as exc:
+            raise DataError(f"cannot read the image member ({type(exc).__name__}: {exc})", file=shard, entry=key,
+                            expected="the shard as it was when it was indexed") from exc
+        if len(data) != size:
+            raise DataError(f"the shard ends {size - len(data)} bytes into the image member (it changed since it "
+                            "was indexed)", file=shard, entry=key, expected="the shard as it was when it was indexed")
+        return data
+
+    def __call__(self, reference: str, *, entry: str | None = None) -> Image.Image:
+        """The decoded RGB image; errors name the shard and the key (which say more than ``entry``)."""
+        shard, key, _, _ = self.locate(reference)
+        return decode_image(self.read_bytes(reference), shard=shard, key=key)
+
+
+def _split_shards(split: str, entries: list[SourceSpec] | list[str], base: Path | None) -> list[str]:
+    """The shards of one map-style split: the union of its patterns; weights are an error."""
+    if entries and isinstance(entries[0], str):  # discovered shard files
+        return [str(p) for p in entries]
+    weighted = [spec for spec in entries if isinstance(spec, SourceSpec) and spec.weight is not None]
+    if weighted:
+        raise DataError(f"split {split!r} mixes sources by weight ({', '.join(f'::{s.weight:g}' for s in weighted)}),"
+                        " which a map-style split has no use for", entry="data_files",
+                        expected="shard patterns without '::<weight>' (a split is the union of its shards)",
+                        hint="Drop the weights, or stream the shards (data_kwargs.streaming=true) to mix them")
+    return list(dict.fromkeys(p for spec in entries for p in resolve_shards(spec.patterns, base)))
+
+
+def _indexed(specs: dict[str, list[SourceSpec] | list[str]], wanted: Sequence[str], base: Path | None, *,
+             skip_bad: bool, only_present: bool, verify_images: bool) -> CaptionData:
+    """Map-style splits: every shard read once, one row per sample, images opened by :class:`ShardImages`."""
+    shards: dict[str, int] = {}  # shard path -> its number in ShardImages.shards
+    members: dict[str, tuple[int, int, int]] = {}
+    image_ids: dict[str, int] = {}
+    captions_seen = 0
+    parsed: dict[str, ParsedCaptions] = {}
+    for split in wanted:
+        paths = _split_shards(split, specs[split], base)
+        log = ProblemLog(split, skip_bad)
+        rows: list[dict[str, Any]] = []
+        for path in paths:
+            number = shards.setdefault(path, len(shards))
+            for sample in TarShard(path, skip_unreadable=skip_bad).index():
+                if isinstance(sample, BadSample):
+                    log.bad(DataError(sample.problem, file=sample.shard, entry=sample.key, expected=SAMPLE_EXPECTED,
+                                      hint="Pass skip_bad=true to skip and count bad samples"))
+                    continue
+                reference = shard_reference(path, sample.key)
+                members[reference] = (number, sample.offset, sample.size)
+                count = len(sample.captions)
+                rows.append({"image_id": image_ids.setdefault(reference, len(image_ids)), "image_path": reference,
+                             "captions": list(sample.captions),
+                             "caption_ids": list(range(captions_seen, captions_seen + count)),
+                             "_entry": f"key {sample.key}"})
+                captions_seen += count
+        source = base or Path(os.path.commonpath(paths))
+        parsed[split] = ParsedCaptions(rows, log, source)
+    images = ShardImages(tuple(shards), members)
+    image_root = base or (Path(next(iter(shards))).parent if shards else Path("."))
+    return build_caption_data("webdataset", parsed, image_root=image_root, only_present=only_present,
+                              verify_images=verify_images, images=images)
 
 
 # --------------------------------------------------------------------------------------
@@ -340,25 +575,36 @@ def load_webdataset(
     splits: str | Sequence[str] | None = None,
     shuffle_buffer: int = 1000,
     max_bad_fraction: float = 0.1,
+    streaming: bool = True,
     skip_bad: bool = False,
     only_present: bool = False,
     verify_images: bool = False,
-) -> StreamData:
-    """webdataset ``.tar`` shards as streamed caption splits (see the module docstring).
+) -> StreamData | CaptionData:
+    """webdataset ``.tar`` shards as streamed caption splits, or indexed map-style ones (see the module docstring).
 
     Args:
         root: folder of the shards (and the base of relative ``files`` patterns).
         files: shard patterns, weighted sources or ``{split: ...}`` (see the module docstring).
         splits: which splits to return (default all).
-        shuffle_buffer: samples held for shuffling when a trainer turns shuffling on.
-        max_bad_fraction: more bad samples than this fraction of those read is an error.
-        skip_bad: an unreadable shard is counted as one bad sample and skipped, instead of an error.
-        only_present, verify_images: accepted for the common loader interface; shards are
-            checked as they are read (missing shards are an error at once).
+        shuffle_buffer: samples held for shuffling when a trainer turns shuffling on (streamed).
+        max_bad_fraction: more bad samples than this fraction of those read is an error (streamed).
+        streaming: True: :class:`StreamData`. False: every shard is indexed once and the splits
+            are a map-style :class:`~fusionzoo.tasks.caption_data.CaptionData` whose images
+            :class:`ShardImages` reads by seeking (plain ``.tar`` shards, no weights).
+        skip_bad: streamed, an unreadable shard is counted as one bad sample and skipped, instead
+            of an error; indexed, bad samples (and the rest of an unreadable shard) are skipped,
+            counted and named in a warning instead of an error.
+        only_present: accepted for the common loader interface; missing shards are an error at
+            once, and every indexed image is present.
+        verify_images: indexed, decode every image once at load time (a bad one is an error, or
+            skipped with ``skip_bad``); streamed, images are checked as they are read.
     """
     base = Path(root) if root is not None else None
     specs = _split_specs(files, base)
     wanted = select_splits(list(specs), splits, source=base or "data_files")
+    if not streaming:
+        return _indexed(specs, wanted, base, skip_bad=skip_bad, only_present=only_present,
+                        verify_images=verify_images)
     options = StreamOptions(shuffle_buffer=shuffle_buffer, max_bad_fraction=max_bad_fraction)
     streams = {}
     for split in wanted:

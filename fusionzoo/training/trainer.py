@@ -57,7 +57,8 @@ def refuse_streamed(data: Any, config: TrainConfig) -> None:
     if getattr(data, "iterable", False):
         raise ConfigError(f"task={config.task} trains and evaluates on map-style data (whole splits); "
                           f"data={config.data!r} is streamed. Stream it into `fusionzoo pretrain`, or load it "
-                          "map-style (image-text-jsonl; hf-datasets without data_kwargs.streaming=true)")
+                          "map-style (data=webdataset data_kwargs.streaming=false indexes plain .tar shards; "
+                          "image-text-jsonl; hf-datasets without data_kwargs.streaming=true)")
 
 
 def check_names(config: TrainConfig) -> None:
