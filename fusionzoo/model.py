@@ -145,6 +145,19 @@ class FusionModel(nn.Module):
         if vocabulary is not None and num_classes is not None and len(vocabulary) != num_classes:
             raise ValueError(f"the vocabulary has {len(vocabulary)} entries but the head predicts {num_classes}")
 
+    def set_output_ids(self, output_ids: Sequence[int]) -> None:
+        """Give a text-generating head a new output vocabulary: it scores only ``output_ids`` from now on.
+
+        The head is built again for the same fusion and text encoder with ``output_ids`` (its
+        own layers freshly initialised; the word embeddings it scores with are the text
+        encoder's), and the model's config records the ids, so a saved model loads with them.
+        """
+        if not getattr(self.head, "causal", False):
+            raise ValueError(f"output_ids are for a head that writes text; {type(self.head).__name__} does not")
+        kwargs = {**self.config["head"]["kwargs"], "output_ids": sorted({int(i) for i in output_ids})}
+        self.head = type(self.head).from_parts(self.fusion, self.text, None, **kwargs).to(self.device)
+        self.config["head"]["kwargs"] = kwargs
+
     # -- properties -----------------------------------------------------------
     @property
     def task(self) -> str:

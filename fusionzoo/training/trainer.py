@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 from torch.utils.data import DataLoader
@@ -146,20 +146,53 @@ class FinetuneRecipe(Recipe):
             accelerator.unwrap_model(model).save_pretrained(directory)
 
 
+#: ``head_kwargs.output_ids`` value that gives a text-generating head the tokens of the training captions.
+OUTPUT_IDS_FROM_TRAIN = "train"
+
+
+def caption_token_ids(text: Any, captions: Sequence[str], max_length: int, chunk: int = 4096) -> list[int]:
+    """The distinct token ids of ``captions`` as ``text`` tokenizes them (start and end tokens too, no padding).
+
+    A captioning head's output vocabulary: every token teacher forcing trains it to predict.
+    """
+    ids: set[int] = set()
+    for start in range(0, len(captions), chunk):
+        batch = text.tokenize(list(captions[start:start + chunk]), max_length=max_length)
+        ids.update(batch["input_ids"][batch["attention_mask"].bool()].unique().tolist())
+    return sorted(ids)
+
+
 def _build_model(config: TrainConfig, task: Any, data: Any, *, init: bool) -> nn.Module:
-    """``create_model`` as the config says, with the task's vocabulary from ``data``; ``init_from`` when ``init``."""
+    """``create_model`` as the config says, with the task's vocabulary from ``data``; ``init_from`` when ``init``.
+
+    ``head_kwargs.output_ids=train`` (a text-generating task): the head scores only the tokens of
+    the ``train_split`` captions (:func:`caption_token_ids`), stored in the model's config.
+    """
     from fusionzoo.model import create_model
 
     vocabulary = task.vocabulary(data)
     vocab_kwargs = {task.vocabulary_key: vocabulary} if task.vocabulary_key else {}
     if getattr(task, "aligns", False):
         vocab_kwargs["align_kwargs"] = dict(config.align_kwargs)
+    head_kwargs = dict(config.head_kwargs)
+    from_train = head_kwargs.get("output_ids") == OUTPUT_IDS_FROM_TRAIN
+    if from_train:
+        if not getattr(task, "generates_text", False):
+            raise ConfigError(f"key 'head_kwargs.output_ids': {OUTPUT_IDS_FROM_TRAIN!r} is for a task that writes "
+                              f"text (captioning); task={config.task} does not")
+        del head_kwargs["output_ids"]
+    elif isinstance(head_kwargs.get("output_ids"), str):
+        raise ConfigError(f"key 'head_kwargs.output_ids': expected {OUTPUT_IDS_FROM_TRAIN!r} (the training "
+                          f"captions' tokens) or a list of token ids, got {head_kwargs['output_ids']!r}")
     try:
         model = create_model(
             config.task, config.fusion, vision=config.vision, text=config.text,
             freeze_encoders=config.freeze_encoders, fusion_kwargs=dict(config.fusion_kwargs),
-            head_kwargs=dict(config.head_kwargs), max_text_len=config.max_text_len, **vocab_kwargs,
+            head_kwargs=head_kwargs, max_text_len=config.max_text_len, **vocab_kwargs,
         )
+        if from_train:
+            captions = data.pairs(config.train_split).with_format(None)["caption"]
+            model.set_output_ids(caption_token_ids(model.text, captions, config.max_text_len))
     except (TypeError, ValueError) as exc:
         if isinstance(exc, FusionZooError):
             raise

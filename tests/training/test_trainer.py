@@ -178,3 +178,34 @@ def test_captioning_trains_generates_and_reports_caption_scores(tmp_path: Path) 
     cfg.split = "test"
     scored = evaluate_checkpoint(out, cfg)
     assert scored["num_samples"] == 1 and "CIDEr" in scored
+
+
+def test_captioning_with_the_training_captions_tokens_as_its_output_vocabulary(tmp_path: Path) -> None:
+    """``head_kwargs.output_ids=train``: the head scores the train captions' tokens only, kept by the saved model."""
+    from fusionzoo.model import load_model
+    from fusionzoo.training.config import ConfigError
+    from fusionzoo.training.trainer import train
+
+    _karpathy_fixture(tmp_path / "data")
+    out = tmp_path / "run"
+    args = ["task=captioning", "data=karpathy-captions", f"data_dir={tmp_path / 'data'}", "fusion=early_concat",
+            "vision=tiny", "text=tiny", "fusion_kwargs.dim=32", "batch_size=4", "max_steps=3", "lr=1e-3",
+            "log_with=none", "max_text_len=16", "max_eval_samples=0"]
+    train(load_config(None, [*args, "head_kwargs.output_ids=train", f"output_dir={out}"]))
+    model = load_model(out / "final")
+    tokenizer = model.text.tokenizer
+    expected = set()  # every token of the 12 train captions, [CLS] and [SEP] included (k = 0..5 are train)
+    for k in range(6):
+        for s in range(2):
+            colour = ["red", "blue", "green", "black"][k % 4]
+            expected.update(tokenizer(f"a {colour} square on a plain background {s}")["input_ids"])
+    assert model.head.output_ids == sorted(expected)
+    assert len(expected) < 30 < model.head.vocab_size
+    from PIL import Image
+
+    captions = model.generate([Image.new("RGB", (32, 32), (0, 0, 255))], max_new_tokens=6)
+    assert set(tokenizer(captions[0])["input_ids"]) <= expected  # written from the train captions' tokens only
+    with pytest.raises(ConfigError, match="head_kwargs.output_ids': expected 'train'"):
+        train(load_config(None, [*args, "head_kwargs.output_ids=all", f"output_dir={tmp_path / 'b'}"]))
+    with pytest.raises(ConfigError, match="is for a task that writes text"):
+        train(load_config(None, [*COMMON, "max_steps=1", "head_kwargs.output_ids=train", f"output_dir={tmp_path / 'c'}"]))
