@@ -220,15 +220,23 @@ def test_fusionzoo_train_finetunes_from_indexed_shards(folder: Path, tmp_path: P
     assert json.loads((out / "final" / "run.json").read_text())["step"] == 3
 
 
-def test_indexed_shard_images_are_cached_by_their_member_bytes(folder: Path, tmp_path: Path) -> None:
-    """With the feature cache (frozen encoders): the first run extracts the members' tokens, a second finds them."""
+@pytest.mark.parametrize("kind", ["captioning", "pretrain"])
+def test_indexed_shard_images_are_cached_by_their_member_bytes(folder: Path, tmp_path: Path, kind: str) -> None:
+    """With the feature cache (frozen encoders): the first run extracts the members' tokens, a second finds them;
+    for fine-tuning and for pretraining from indexed shards."""
+    from fusionzoo.training.pretrain import pretrain, pretrain_base_config
 
     def run(name: str) -> dict:
         out = tmp_path / name
-        train(load_config(None, [*RUNS["captioning"], f"data_dir={folder}", "data_kwargs.streaming=false",
-                                 "vision=tiny", "text=tiny", "batch_size=4", "max_steps=2", "max_eval_samples=0",
-                                 "log_with=none", "max_text_len=10", "seed=0", f"cache_dir={tmp_path / 'cache'}",
-                                 f"output_dir={out}"]))
+        common = [f"data_dir={folder}", "data_kwargs.streaming=false", "vision=tiny", "text=tiny", "batch_size=4",
+                  "max_steps=2", "max_eval_samples=0", "log_with=none", "max_text_len=10", "seed=0",
+                  f"cache_dir={tmp_path / 'cache'}", f"output_dir={out}"]
+        if kind == "pretrain":
+            pretrain(load_config(None, ["data=webdataset", *common,
+                                        'fusion_kwargs={"dim": 16, "embed_dim": 8, "num_layers": 1, "num_heads": 2}'],
+                                 base=pretrain_base_config()))
+        else:
+            train(load_config(None, [*RUNS["captioning"], *common]))
         return json.loads((out / "final" / "run.json").read_text())["feature_cache"]
 
     first, second = run("a"), run("b")
