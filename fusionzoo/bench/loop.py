@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..hardware import cpu_has_fast_bf16
 from ..model import FusionModel
 from ..training.optim import ENCODER_PREFIXES, build_optimizer, warmup_cosine
 from .suites import BenchError
@@ -99,19 +100,6 @@ def as_tensor(array: np.ndarray) -> Tensor:
 # --------------------------------------------------------------------------------------
 # Precision and memory
 # --------------------------------------------------------------------------------------
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU has bfloat16 matrix instructions (AMX or AVX-512 BF16)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool({"amx_bf16", "avx512_bf16"} & flags)
-    except OSError:
-        pass
-    return False
-
-
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> ``bf16`` where bfloat16 is fast (CUDA with bf16, CPUs with AMX / AVX-512 BF16), else ``no``.
 

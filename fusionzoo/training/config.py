@@ -102,7 +102,9 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     max_grad_norm: float = 1.0
     seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
+    """Autocast precision; ``auto``: bf16 on GPUs that have it (else fp16) and on CPUs with AMX /
+    AVX-512 BF16, float32 elsewhere (bf16 is emulated, and slower, on other CPUs)."""
     cpu: bool = False
     """Force CPU even when a GPU is present."""
 

@@ -212,7 +212,7 @@ def make_accelerator(config: TrainConfig, with_trackers: bool = True, find_unuse
                           "on the CPU launch without --config_file (DDP over gloo: torchrun --nproc_per_node N "
                           "-m fusionzoo train ...)")
     return Accelerator(
-        mixed_precision=config.mixed_precision,
+        mixed_precision=resolve_mixed_precision(config.mixed_precision, cpu),
         cpu=cpu,
         gradient_accumulation_steps=config.grad_accum,
         log_with=log_with,
@@ -222,6 +222,19 @@ def make_accelerator(config: TrainConfig, with_trackers: bool = True, find_unuse
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
     )
+
+
+def resolve_mixed_precision(value: str, cpu: bool) -> str:
+    """``mixed_precision=auto`` made concrete: ``bf16`` on a GPU with bfloat16 (``fp16`` on one
+    without) and on a CPU with AMX / AVX-512 BF16, else ``no``; other values unchanged.
+    ``cpu``: the run is on the CPU although a GPU may be present."""
+    if value != "auto":
+        return value
+    from ..hardware import cpu_has_fast_bf16
+
+    if not cpu and torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "no"
 
 
 class OnDevice:

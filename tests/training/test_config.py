@@ -78,3 +78,16 @@ def test_example_accelerate_configs_parse() -> None:
     ds = load_config_from_file(str(REPO_ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml"))
     assert fsdp.distributed_type == DistributedType.FSDP and fsdp.num_processes == 8
     assert ds.distributed_type == DistributedType.DEEPSPEED and ds.num_machines == 2
+
+
+def test_mixed_precision_auto_is_bf16_where_it_is_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fusionzoo.hardware
+    from fusionzoo.training.loop import resolve_mixed_precision
+
+    assert load_config(None, ["mixed_precision=auto"]).mixed_precision == "auto"
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        load_config(None, ["mixed_precision=fast"])
+    for fast, expected in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(fusionzoo.hardware, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        assert resolve_mixed_precision("auto", cpu=True) == expected
+    assert resolve_mixed_precision("no", cpu=True) == "no" and resolve_mixed_precision("bf16", cpu=True) == "bf16"

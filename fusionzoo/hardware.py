@@ -1,0 +1,20 @@
+"""What the machine can do fast, for choices like ``mixed_precision=auto``."""
+
+from __future__ import annotations
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (AMX or AVX-512 BF16).
+
+    Without them bfloat16 matmuls are emulated and several times *slower* than float32
+    (measured 6.5x for a 1024-wide Linear on a 2-core AVX2 machine).
+    """
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"amx_bf16", "avx512_bf16"} & flags)
+    except OSError:
+        pass
+    return False
