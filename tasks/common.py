@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset
+import pyarrow as pa
+from datasets import Dataset, Value
 from PIL import Image
 from torch import Tensor
 
@@ -757,7 +758,22 @@ def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
     return {key: batch[key] for key in MODEL_INPUTS if key in batch}
 
 
+def _arrow_native(feature: Any) -> bool:
+    """True for a ``Value`` or a list of them: a feature whose Python values Arrow takes as they are."""
+    inner = getattr(feature, "feature", None)
+    return isinstance(feature, Value) or (inner is not None and _arrow_native(inner))
+
+
 def rows_to_dataset(rows: list[dict[str, Any]], features: Any) -> Dataset:
-    """A ``datasets.Dataset`` from parsed rows with fixed, explicit features (deterministic schema)."""
-    columns = {name: [row[name] for row in rows] for name in features}
+    """A ``datasets.Dataset`` from parsed rows with fixed, explicit features (deterministic schema).
+
+    Columns of plain values (the parsers' rows, already checked) go to Arrow arrays directly:
+    ``datasets``' per-value encoding took 1.5 s of the 3.4 s of loading Sort-of-CLEVR's
+    39,600 questions. Any other feature (an ``Image``, say) is encoded by ``datasets``.
+    """
+    if all(_arrow_native(feature) for feature in features.values()):
+        schema = features.arrow_schema
+        columns = {name: pa.array([row[name] for row in rows], type=schema.field(name).type) for name in features}
+    else:
+        columns = {name: [row[name] for row in rows] for name in features}
     return Dataset.from_dict(columns, features=features)

@@ -496,6 +496,7 @@ def _parse_jsonl_split(path: Path, split: str, image_root: Path, skip_bad: bool)
     records = list(iter_jsonl(path, log))
     labeled = any("answers" in record for _, record in records)
     rows = []
+    joined: dict[str, str] = {}  # image -> its checked path (an image has many questions)
     for lineno, record in records:
         entry = jsonl_entry(lineno)
         try:
@@ -506,7 +507,8 @@ def _parse_jsonl_split(path: Path, split: str, image_root: Path, skip_bad: bool)
             image_id = require(record, "image_id", int, file=path, entry=entry) if "image_id" in record else -1
             optional = {key: require(record, key, str, file=path, entry=entry) if key in record else None
                         for key in ("answer_type", "question_type")}
-            image_path = safe_join(image_root, image, file=path, entry=entry)
+            image_path = joined.get(image) or joined.setdefault(
+                image, safe_join(image_root, image, file=path, entry=entry))
         except DataError as error:
             log.bad(error)
             continue

@@ -197,3 +197,29 @@ def test_vqa_jsonl_mixed_answer_counts(tmp_path: Path) -> None:
     # three answers: "2" matches twice -> leave-one-out mean (1/3 + 1/3 + 2/3) / 3; "3" once -> (1/3 + 1/3 + 0) / 3
     assert dict(zip(soft["target_ids"], soft["target_scores"])) == pytest.approx({0: 4 / 9, 1: 2 / 9})
     assert hard["target_ids"] == [2] and hard["target_scores"] == [1.0]  # one answer: a hard target
+
+
+def test_rows_to_dataset_equals_datasets_own_encoding(tmp_path: Path) -> None:
+    """The Arrow fast path for plain columns gives what ``Dataset.from_dict`` encodes value by value
+    (None in an optional column, empty lists, float32 and int32 lists); other features take ``datasets``' path."""
+    import datasets
+
+    from fusionzoo.tasks.common import rows_to_dataset
+    from fusionzoo.tasks.vqa_data import BASE_FEATURES, OPTIONAL_FEATURES
+
+    features = datasets.Features({**BASE_FEATURES, "answer_type": OPTIONAL_FEATURES["answer_type"]})
+    rows = [{"question_id": 7, "image_id": -1, "image_path": "/a/1.png", "question": "is it red?",
+             "answers": ["yes", "no"], "target_ids": [0, 3], "target_scores": [0.3, 1.0], "answer_type": "yes/no"},
+            {"question_id": 8, "image_id": 2, "image_path": "/a/2.png", "question": "what shape?",
+             "answers": [], "target_ids": [], "target_scores": [], "answer_type": None}]
+    fast = rows_to_dataset(rows, features)
+    slow = datasets.Dataset.from_dict({name: [row[name] for row in rows] for name in features}, features=features)
+    assert fast.features == slow.features == features
+    assert fast.data.table.equals(slow.data.table)
+    assert fast[0]["target_scores"] == pytest.approx([0.3, 1.0]) and fast[1]["answer_type"] is None
+    assert len(rows_to_dataset([], features)) == 0
+
+    Image.new("RGB", (2, 2), (9, 8, 7)).save(tmp_path / "x.png")
+    with_image = datasets.Features({"image": datasets.Image(), "name": datasets.Value("string")})
+    encoded = rows_to_dataset([{"image": str(tmp_path / "x.png"), "name": "x"}], with_image)
+    assert encoded[0]["image"].getpixel((1, 1)) == (9, 8, 7)
