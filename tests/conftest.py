@@ -26,33 +26,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
-#: Test files with the longest tests (40-130 s each on 2 cores: subprocess runs, two-process
-#: training, whole bench runs), run first: with ``pytest -n 2`` the short tests then fill in
-#: around them instead of one worker finishing a long test alone at the end.
-LONG_FILES_FIRST = (
-    "tests/bench/test_bench.py",
-    "tests/training/test_distributed.py",
-    "tests/tasks/test_user_task.py",
-    "tests/bench/test_bench_tune.py",
-    "tests/training/test_trainer.py",
-    "tests/bench/test_bench_sort_of_clevr.py",
-    "tests/training/test_interrupt.py",
-    "tests/test_perf_benchmark.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Move :data:`LONG_FILES_FIRST` to the front, in that order; every file keeps its own test order."""
-    def rank(item: pytest.Item) -> int:
-        path = Path(str(item.fspath)).resolve()
-        for index, name in enumerate(LONG_FILES_FIRST):
-            if path == REPO_ROOT / name:
-                return index
-        return len(LONG_FILES_FIRST)
-
-    items.sort(key=rank)  # stable: the order within each rank is the collection order
-
-
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread_per_worker() -> None:
     """Tiny tensors run fastest on one thread; the suite runs two workers (pytest -n 2) on 2 cores."""
