@@ -18,3 +18,14 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         pass
     return False
+
+
+def auto_mixed_precision(on_cuda: bool) -> str:
+    """What ``mixed_precision=auto`` (``fusionzoo train``) and ``--mixed-precision auto``
+    (``fusionzoo bench``) become: on a CUDA GPU ``bf16`` where it supports bfloat16, else
+    ``fp16``; on the CPU ``bf16`` where :func:`cpu_has_fast_bf16`, else ``no``."""
+    if on_cuda:
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "no"

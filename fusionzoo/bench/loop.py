@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..hardware import cpu_has_fast_bf16
+from ..hardware import auto_mixed_precision
 from ..model import FusionModel
 from ..training.optim import ENCODER_PREFIXES, build_optimizer, warmup_cosine
 from .suites import BenchError
@@ -113,9 +113,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         if precision == "fp16" and device.type == "cpu":
             raise BenchError("--mixed-precision fp16 needs a CUDA device; on CPU use bf16 or no")
         return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_fast_bf16() else "no"
+    return auto_mixed_precision(on_cuda=device.type == "cuda")
 
 
 #: Held while a row seeds torch's global RNG and builds its model (rows on several GPUs run in threads).

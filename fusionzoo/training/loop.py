@@ -230,11 +230,9 @@ def resolve_mixed_precision(value: str, cpu: bool) -> str:
     ``cpu``: the run is on the CPU although a GPU may be present."""
     if value != "auto":
         return value
-    from ..hardware import cpu_has_fast_bf16
+    from ..hardware import auto_mixed_precision
 
-    if not cpu and torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_fast_bf16() else "no"
+    return auto_mixed_precision(on_cuda=not cpu and torch.cuda.is_available())
 
 
 class OnDevice:
