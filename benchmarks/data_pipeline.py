@@ -6,7 +6,7 @@ a ratio beside its target; nothing is asserted, as the figures depend on the mac
 load, which are printed first.
 
 1. **webdataset reading** (target: at least 80%). Pairs per second through the pretraining read
-   path of ``data=webdataset`` (:mod:`fusionzoo.tasks.webdataset_data`: tar shards read front to
+   path of ``data=webdataset`` (:mod:`fusionzoo.data.webdataset_shards`: tar shards read front to
    back, the shuffle buffer, JPEG decoding, the encoder's preprocessing, the caption collate)
    against decoding and preprocessing the same JPEG files alone (a map-style DataLoader), with
    the same number of DataLoader workers and batch size. The shard set is built in a temporary
@@ -128,7 +128,7 @@ class _DecodeOnly:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Any:
-        from fusionzoo.tasks.common import open_image
+        from fusionzoo.data.common import open_image
 
         return self.transform(open_image(self.paths[index]))
 
@@ -151,7 +151,7 @@ def measure_webdataset(args: argparse.Namespace, data: Path) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from fusionzoo.encoders import build_text_encoder, build_vision_encoder
-    from fusionzoo.tasks.webdataset_data import load_webdataset
+    from fusionzoo.data.webdataset_shards import load_webdataset
 
     images = image_files(data)
     if not images:
@@ -302,7 +302,7 @@ def measure_pretrain_memory(args: argparse.Namespace, data: Path) -> dict[str, A
 def timed_caption_run(data: Path, work: Path, name: str, overrides: list[str]) -> dict[str, Any]:
     """Two epochs of captioning: each epoch's time and the images decoded before and in each."""
     from fusionzoo.features import extract
-    from fusionzoo.tasks import common
+    from fusionzoo.data import common
     from fusionzoo.training.config import load_config
     from fusionzoo.training.loop import run
     from fusionzoo.training.trainer import FinetuneRecipe

@@ -27,6 +27,10 @@ class FusionZooError(Exception):
         return str(self.args[0]) if self.args else ""
 
 
+class ConfigError(FusionZooError, ValueError):
+    """A configuration problem; the message names the source, the key and what was expected."""
+
+
 class CheckpointError(FusionZooError, ValueError):
     """A checkpoint, run folder or model folder that cannot be used as asked (names the path and the file)."""
 

@@ -966,9 +966,9 @@ def create_model(
     fusion_module = fusion_cls(text_encoder.out_dim, vision_encoder.out_dim, **fusion_kwargs)
     head = head_cls.from_parts(fusion_module, text_encoder, vocabulary, **head_kwargs)
     align = None
-    if getattr(task_spec, "aligns", False) and not fusion_module.aligns:
+    if task_spec.aligns and not fusion_module.aligns:
         align = Alignment(text_encoder.out_dim, vision_encoder.out_dim, **dict(align_kwargs or {}))
-    elif align_kwargs and not getattr(task_spec, "aligns", False):
+    elif align_kwargs and not task_spec.aligns:
         raise ValueError(f"align_kwargs are for a task that embeds images and texts apart (retrieval), not {task!r}")
     if freeze_encoders:
         vision_encoder.freeze()
@@ -985,7 +985,7 @@ def create_model(
     }
     if task_spec.vocabulary_key:
         config[task_spec.vocabulary_key] = vocabulary
-    if getattr(task_spec, "aligns", False):
+    if task_spec.aligns:
         config["align"] = None if align is None else align.config  # None: the fusion aligns itself
     return FusionModel(vision_encoder, text_encoder, fusion_module, head, config, align=align)
 

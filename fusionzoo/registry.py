@@ -199,7 +199,9 @@ VISION_ENCODERS: Registry[Callable[..., Any]] = Registry(
 TEXT_ENCODERS: Registry[Callable[..., Any]] = Registry(
     "text encoder preset", "fusionzoo.text_encoders", builtins="fusionzoo.encoders")
 TASKS: Registry[Any] = Registry("task", "fusionzoo.tasks", builtins="fusionzoo.tasks")
-DATASETS: Registry[Callable[..., Any]] = Registry("dataset", "fusionzoo.datasets", builtins="fusionzoo.tasks")
+DATASETS: Registry[Callable[..., Any]] = Registry("dataset", "fusionzoo.datasets", builtins="fusionzoo.data")
+#: Training recipes (``fusionzoo.training.loop.Recipe`` subclasses) by name; a task names its own (``Task.recipe``).
+RECIPES: Registry[type] = Registry("recipe", "fusionzoo.recipes", builtins="fusionzoo.training.recipes")
 
 
 def register_fusion(name: str, *, override: bool = False):
@@ -225,6 +227,11 @@ def register_text_encoder(name: str, *, override: bool = False):
 def register_task(name: str, *, override: bool = False):
     """Decorator for a task (data, collate and metrics) definition."""
     return TASKS.register(name, override=override)
+
+
+def register_recipe(name: str, *, override: bool = False):
+    """Class decorator for a training recipe that a task names in ``Task.recipe``."""
+    return RECIPES.register(name, override=override)
 
 
 def register_dataset(name: str, *, override: bool = False):

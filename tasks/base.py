@@ -22,14 +22,18 @@ import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
+from fusionzoo.data.checks import MissingRootError
+from fusionzoo.data.common import model_inputs
+from fusionzoo.errors import ConfigError
 from fusionzoo.registry import DATASETS, TASKS, RegistryError
 
-from .common import MissingRootError, model_inputs
+from .classification_eval import classification_metrics
+from .scoring import score_caption_predictions, score_classification_predictions, score_vqa_predictions
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor
 
-    from .common import TaskData
+    from fusionzoo.data.common import TaskData
 
 def call_loader(loader: Any, kwargs: dict[str, Any]) -> Any:
     """Call a dataset loader with the keyword arguments it accepts (all of them if it takes ``**kwargs``)."""
@@ -45,8 +49,6 @@ def _file_and_option_kwargs(loader: Any, name: str, data_files: Any, data_kwargs
     ``karpathy-captions``). Unlike the run-wide flags, which a loader may not need, a data option
     the loader does not take is an error that lists the ones it does.
     """
-    from fusionzoo.training.config import ConfigError
-
     params = inspect.signature(loader).parameters
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     out: dict[str, Any] = {}
@@ -88,6 +90,10 @@ class Task:
         generates_text: the model writes text (``generate``) instead of choosing an output.
         needs_text: inference takes a text (a question, a hypothesis) with each image.
         data_kind, data_needs: what the loaded data must be, and the attributes it must have.
+        recipe: registry name of the training recipe that ``fusionzoo train`` runs for this task
+            (:data:`fusionzoo.registry.RECIPES`: ``finetune``, ``retrieval`` or one you register).
+        aligns: the model embeds images and texts apart for this task (``create_model`` builds an
+            Alignment unless the fusion aligns its own streams).
         reads_cached_features: with frozen encoders, training and evaluation may feed this task
             cached features (:mod:`fusionzoo.training.features`): its collate takes rows without
             ``pixel_values`` and its evaluation reads ``image_states`` where a batch has them.
@@ -103,6 +109,8 @@ class Task:
     data_kind: ClassVar[str] = "data"
     data_needs: ClassVar[tuple[str, ...]] = ()
     reads_cached_features: ClassVar[bool] = False
+    recipe: ClassVar[str] = "finetune"
+    aligns: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
@@ -133,9 +141,7 @@ class Task:
         try:
             data = call_loader(loader, kwargs)
         except MissingRootError as exc:  # say it with the command line's name
-            from fusionzoo.training.config import ConfigError
-
-            raise ConfigError(f"data={name!r} needs data_dir=<its folder> (the dataset's root folder); "
+                    raise ConfigError(f"data={name!r} needs data_dir=<its folder> (the dataset's root folder); "
                               f"the loader says: {exc}") from exc
         self.check_data(data, name)
         return data
@@ -166,12 +172,6 @@ class Task:
         return data.collator(tokenize, max_length)
 
     # -- training ------------------------------------------------------------------------
-    def make_recipe(self) -> Any:
-        """The :class:`~fusionzoo.training.loop.Recipe` that ``fusionzoo train`` runs for this task."""
-        from fusionzoo.training.trainer import FinetuneRecipe
-
-        return FinetuneRecipe()
-
     def eval_options(self, config: Any) -> dict[str, Any]:
         """Keyword options :meth:`evaluate` takes from the run config (e.g. retrieval's ``rerank_k``)."""
         return {}
@@ -262,8 +262,6 @@ class VQATask(_ChoiceTask):
         return {"accuracy": 100.0 * scores.mean().item(), "num_samples": float(len(scores))}
 
     def bench_metrics(self, bench_task: Any, split: Any, outputs: Any) -> dict[str, Any]:
-        from fusionzoo.bench.scoring import score_vqa_predictions
-
         return score_vqa_predictions(bench_task, split, outputs)
 
 
@@ -285,8 +283,6 @@ class ClassificationTask(_ChoiceTask):
         return {"logits": logits, "labels": batch["labels"]}
 
     def metrics(self, gathered: dict[str, "Tensor"]) -> dict[str, float]:
-        from .classification_data import classification_metrics
-
         labels = gathered["labels"]
         metrics = {k: 100.0 * v if k in ("accuracy", "macro_f1") else v
                    for k, v in classification_metrics(gathered["logits"].numpy(), labels.numpy()).items()}
@@ -294,8 +290,6 @@ class ClassificationTask(_ChoiceTask):
         return metrics
 
     def bench_metrics(self, bench_task: Any, split: Any, outputs: Any) -> dict[str, Any]:
-        from fusionzoo.bench.scoring import score_classification_predictions
-
         return score_classification_predictions(split, outputs)
 
 
@@ -350,8 +344,6 @@ class CaptioningTask(Task):
         return model.generate(list(images), max_new_tokens=max_new_tokens, num_beams=num_beams)
 
     def bench_metrics(self, bench_task: Any, split: Any, outputs: Any) -> dict[str, Any]:
-        from fusionzoo.bench.scoring import score_caption_predictions
-
         return score_caption_predictions(split, outputs)
 
 

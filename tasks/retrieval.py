@@ -324,11 +324,7 @@ class RetrievalTask(Task):
     #: The model embeds images and texts apart (``create_model`` builds an Alignment unless the fusion aligns).
     aligns = True
     reads_cached_features = True  # the gallery takes image_states where a batch has them
-
-    def make_recipe(self) -> Any:
-        from fusionzoo.training.retrieval import RetrievalRecipe
-
-        return RetrievalRecipe()
+    recipe = "retrieval"  # ITC + ITM (fusionzoo.training.retrieval)
 
     def train_rows(self, data: Any, split: str) -> Any:
         return data.pairs(split)  # one row per caption; evaluation reads one row per image

@@ -39,7 +39,7 @@ fills two score matrices, this module ranks them.
   captions file: what each caption id's image is. An image is keyed by its
   ``cocoid`` when it has one and by its ``imgid`` otherwise (Flickr30K has no
   ``cocoid``; ``imgid`` is the image's index in Karpathy's file), the same key
-  :mod:`fusionzoo.tasks.caption_data` gives Karpathy images. The file may hold
+  :mod:`fusionzoo.data.captions` gives Karpathy images. The file may hold
   more images than the score file (every split).
 * **Shortlists** (:func:`top_k_chunked`). The top-k gallery items of each query
   by dot product without ever holding the whole similarity matrix, for

@@ -181,7 +181,7 @@ RECORDS = st.fixed_dictionaries({}, optional={"question_id": JSON_VALUES, "image
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.one_of(RECORDS, JSON_VALUES), min_size=1, max_size=4), st.booleans())
 def test_jsonl_records_never_end_in_a_traceback(world: Path, records: list, skip_bad: bool) -> None:
-    from fusionzoo.tasks.vqa_data import load_vqa_jsonl
+    from fusionzoo.data.vqa import load_vqa_jsonl
 
     folder = world / "vqa"
     path = world / "hypothesis_train.jsonl"

@@ -24,7 +24,7 @@ def _photo() -> Image.Image:
     coco = SHARED_DATA / "coco-vqa-mini" / "images" / "val2014" / "COCO_val2014_000000000133.jpg"
     if coco.is_file():
         return Image.open(coco).convert("RGB")
-    from fusionzoo.tasks.vqa_data import load_easy_vqa
+    from fusionzoo.data.vqa import load_easy_vqa
 
     return Image.open(load_easy_vqa(splits=["test"])["test"][0]["image_path"]).convert("RGB")
 

@@ -15,7 +15,7 @@ Modules, in the order a run uses them:
 * :mod:`~fusionzoo.bench.tails` -- ``--train-encoders``: the encoders' last blocks trained per row;
 * :mod:`~fusionzoo.bench.baselines` -- the text-only and image-only reference rows;
 * :mod:`~fusionzoo.bench.loop` -- the training / inference loop over cached features;
-* :mod:`~fusionzoo.bench.scoring` -- metrics and per-type breakdowns;
+* :mod:`~fusionzoo.tasks.scoring` -- metrics and per-type breakdowns;
 * :mod:`~fusionzoo.bench.runner` -- :func:`run_bench`, which ties them together;
 * :mod:`~fusionzoo.bench.report` -- results.json, results.md, run.json and the plots.
 """

@@ -27,7 +27,7 @@ Files written to the output folder:
 
 The priors drawn and printed: the *majority prior* of a VQA or classification task
 (:func:`majority_prior`: every test sample given the test split's commonest answer or
-label) and, for VQA, the *question prior* of :func:`~fusionzoo.bench.scoring.question_prior`.
+label) and, for VQA, the *question prior* of :func:`~fusionzoo.tasks.scoring.question_prior`.
 
 A report replaces the previous one in the same folder: the files are written into a
 temporary folder inside ``--out`` and moved into place once all are written, and the

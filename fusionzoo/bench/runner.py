@@ -61,7 +61,7 @@ from .loop import (
     seeded,
     train_model,
 )
-from .scoring import (
+from ..tasks.scoring import (
     question_prior,
 )
 from .standardize import StandardizedFusion, channel_stats

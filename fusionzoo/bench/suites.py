@@ -6,7 +6,7 @@ Five suites:
 suite          task                      model task      data (train -> scored on)
 =============  ========================  ==============  =====================================
 sort-of-clevr  ``sort-of-clevr``         vqa             generated Sort-of-CLEVR scenes
-                                                         (:mod:`fusionzoo.tasks.sort_of_clevr`):
+                                                         (:mod:`fusionzoo.data.sort_of_clevr`):
                                                          36,000 train questions -> 3,600 test (or
                                                          3,600 validation) questions, 12 answers;
                                                          exact match
@@ -495,11 +495,11 @@ def load_sort_of_clevr_task(data_dir: Path | None, eval_split: str = "test") -> 
     """Sort-of-CLEVR, generated (or found in the cache) with the dataset's defaults: 3,000 train scenes.
 
     ``data_dir`` is the generated sets' cache folder (default: next to the feature cache,
-    see :mod:`fusionzoo.tasks.sort_of_clevr`). Scored on ``eval_split`` (``val`` is how the
+    see :mod:`fusionzoo.data.sort_of_clevr`). Scored on ``eval_split`` (``val`` is how the
     suite's grid and settings were chosen; the benchmark scores ``test``). Breakdowns:
     ``answer_type`` (non-relational / relational) and ``question_type`` (the template).
     """
-    from ..tasks import sort_of_clevr  # noqa: F401  (registers the dataset)
+    from ..data import sort_of_clevr  # noqa: F401  (registers the dataset)
 
     data = DATASETS.get("sort-of-clevr")(data_dir, splits=("train", eval_split))
     return BenchTask(

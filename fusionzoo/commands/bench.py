@@ -182,7 +182,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     # 15.2 s for half an epoch of early_concat); it helps only when other processes share the cores.
     from ..bench import BenchConfig, run_bench
     from ..bench.suites import BenchError
-    from ..tasks.common import DataError
+    from ..data.checks import DataError
 
     config = BenchConfig(
         suite=args.suite, data_dir=args.data_dir, fusions=args.fusions, tasks=args.tasks, epochs=args.epochs,

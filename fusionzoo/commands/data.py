@@ -120,7 +120,8 @@ def _texts(row: dict[str, Any]) -> list[str]:
 
 def _check_rows(data: Any, split: str, limit: int | None, bar: Any) -> SplitReport:
     """Read the rows of a map-style split and decode each distinct image once."""
-    from fusionzoo.tasks.common import DataError, open_image
+    from fusionzoo.data.checks import DataError
+    from fusionzoo.data.common import open_image
 
     report = SplitReport(split)
     loaded = data.reports.get(split)
@@ -269,7 +270,7 @@ def _run_check(args: argparse.Namespace) -> int:
 
     from ..tasks import get_task
     from ..tasks.base import Task
-    from ..tasks.common import select_splits
+    from ..data.common import select_splits
     from ..training.config import ConfigError, load_config
 
     config_path, overrides = args.config, list(args.overrides)

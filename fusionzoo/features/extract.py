@@ -43,7 +43,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..encoders import TextEncoder, VisionEncoder
-from ..tasks.common import DataError, open_image
+from ..data.checks import DataError
+from ..data.common import open_image
 from .cache import (
     Block,
     CacheEntry,

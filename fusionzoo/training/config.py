@@ -20,11 +20,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from ..errors import FusionZooError
-
-
-class ConfigError(FusionZooError, ValueError):
-    """A configuration problem; the message names the source, the key and what was expected."""
+from ..errors import ConfigError  # noqa: F401  (raised here for config keys; importable from here too)
 
 
 @dataclass

@@ -51,7 +51,7 @@ from torch.utils.data import Dataset
 
 from ..features.cache import FeatureCache, default_cache_dir
 from ..features.extract import image_features, text_features
-from ..tasks.common import SHOW_FIRST, DataError
+from ..data.checks import SHOW_FIRST, DataError
 from .config import ConfigError, TrainConfig
 from .processes import ProcessView
 

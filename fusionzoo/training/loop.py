@@ -116,7 +116,7 @@ class RecipeData:
             to ``final/run.json``; None when it reads none (:mod:`fusionzoo.training.features`).
 
     ``train`` and ``eval`` may be ``torch.utils.data.IterableDataset`` s that read this
-    process's share of a stream themselves (:class:`~fusionzoo.tasks.streaming.ImageTextStream`):
+    process's share of a stream themselves (:class:`~fusionzoo.data.streaming.ImageTextStream`):
     the loop then needs ``max_steps``, does not hand their loaders to ``accelerator.prepare``
     (which would read them on one process, or have every process read all of them) and moves
     their batches to the device itself.
@@ -257,7 +257,7 @@ class StreamBatches:
     """A stream's batches, made alike for every split of its readers over processes and workers.
 
     The readers of a stream are this process's DataLoader workers on every process (``P x W``,
-    :mod:`fusionzoo.tasks.streaming`). Each batch of ``batch_size`` rows is ``W`` consecutive
+    :mod:`fusionzoo.data.streaming`). Each batch of ``batch_size`` rows is ``W`` consecutive
     loader batches of ``batch_size / W`` samples, one from each worker in turn, collated together.
     So, at every step, the global batch (every process's batch in process order) is the same
     slice of every reader's samples in reader order, whether the readers are workers or

@@ -127,8 +127,8 @@ from .config import ConfigError, TrainConfig
 from .features import FrozenFeatures
 from .loop import NonFiniteLossError, Recipe, RecipeData, StepContext, StepOutput, run
 from .processes import ProcessView
-from ..tasks.common import SkipBadImages
-from ..tasks.streaming import derive_seed  # a 63-bit seed from (seed, purpose, step, ...)
+from ..data.common import SkipBadImages
+from ..data.streaming import derive_seed  # a 63-bit seed from (seed, purpose, step, ...)
 from .trainer import eval_split_of, limit_rows, load_matching_weights
 
 __all__ = ["NonFiniteLossError", "PretrainModel", "PretrainRecipe", "ProcessView", "build_pretrain_model", "pretrain"]
@@ -660,7 +660,7 @@ STREAM_EVAL_SAMPLES = 1024
 
 def prepare_streamed_pretrain_data(config: TrainConfig, model: PretrainModel, data: Any, rank: int = 0,
                                    processes: int = 1) -> PretrainData:
-    """Caption pairs of a streamed source (:class:`~fusionzoo.tasks.streaming.StreamData`) for pretraining.
+    """Caption pairs of a streamed source (:class:`~fusionzoo.data.streaming.StreamData`) for pretraining.
 
     Training reads this process's share of the ``train_split`` stream, shuffled (shard order and
     a buffer, seeded by ``config.seed``) and repeated pass after pass, so ``max_steps`` sets the

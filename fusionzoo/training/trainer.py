@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import CheckpointError, FusionZooError
-from ..tasks.common import SkipBadImages
+from ..data.common import SkipBadImages
 from .config import ConfigError, TrainConfig
 from .features import FrozenFeatures
 from .loop import (
@@ -119,7 +119,7 @@ class FinetuneRecipe(Recipe):
 
     def forward(self, model: nn.Module, unwrapped: nn.Module, batch: dict[str, Any],
                 context: StepContext) -> StepOutput:
-        from fusionzoo.tasks.common import model_inputs
+        from fusionzoo.data.common import model_inputs
 
         out = model(**model_inputs(batch))
         return StepOutput(loss=out.loss, losses=out.losses, num_samples=len(batch["input_ids"]))
@@ -206,12 +206,13 @@ def _build_model(config: TrainConfig, task: Any, data: Any, *, init: bool) -> nn
 def train(config: TrainConfig, **run_options: Any) -> dict[str, Any]:
     """Train ``config.task`` with ``config.fusion``; return the final evaluation metrics (``run_options``: see ``run``).
 
-    The task says which recipe trains it (``Task.make_recipe``): :class:`FinetuneRecipe` for most,
-    ITC + ITM for retrieval.
+    The task names the recipe that trains it (``Task.recipe``, a name in ``RECIPES``):
+    :class:`FinetuneRecipe` for most, ITC + ITM for retrieval.
     """
+    from fusionzoo.registry import RECIPES
     from fusionzoo.tasks import get_task
 
-    return run(get_task(config.task).make_recipe(), config, **run_options)
+    return run(RECIPES.get(get_task(config.task).recipe)(), config, **run_options)
 
 
 def load_matching_weights(model: nn.Module, source: str | Path, verbose: bool = False) -> dict[str, int]:

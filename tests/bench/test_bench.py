@@ -122,7 +122,7 @@ def test_question_types() -> None:
 
 
 def test_question_prior_scores_the_train_answer_of_the_same_question() -> None:
-    from fusionzoo.bench.scoring import question_prior
+    from fusionzoo.tasks.scoring import question_prior
     from fusionzoo.bench.suites import BenchTask, SplitData
 
     vocab = ["no", "yes"]

@@ -24,7 +24,7 @@ from fusionzoo.bench.suites import (
     load_tasks,
 )
 from fusionzoo.cli import main
-from fusionzoo.tasks.vqa_data import load_vqa_v2
+from fusionzoo.data.vqa import load_vqa_v2
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30),
            "black": (10, 10, 10), "white": (245, 245, 245)}

@@ -14,7 +14,7 @@ import pytest
 
 from fusionzoo.cli import main
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tasks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 from image_text_fixtures import (  # noqa: E402
     picture,
     png_bytes,

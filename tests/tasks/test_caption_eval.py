@@ -225,7 +225,7 @@ def test_evaluate_module_loads_offline_and_matches(scored: dict[str, Any], priva
 
 @needs_java
 def test_bench_scores_a_wordless_caption_as_a_miss_not_an_error() -> None:
-    from fusionzoo.bench.scoring import NO_CAPTION, score_caption_predictions
+    from fusionzoo.tasks.scoring import NO_CAPTION, score_caption_predictions
     from fusionzoo.bench.suites import SplitData
 
     references = {1: ["a dog runs on the grass", "a brown dog running"], 2: ["a red bus on a street"]}

@@ -13,18 +13,9 @@ from pathlib import Path
 
 import fusionzoo
 from fusionzoo.tasks import ClassificationTask
-from fusionzoo.tasks.classification_data import FEATURES, ClassificationData
-from fusionzoo.tasks.common import (
-    DataError,
-    ProblemLog,
-    iter_jsonl,
-    jsonl_entry,
-    keep_present,
-    require,
-    rows_to_dataset,
-    safe_join,
-    split_from_stem,
-)
+from fusionzoo.data.classification import FEATURES, ClassificationData
+from fusionzoo.data.checks import DataError, ProblemLog, iter_jsonl, jsonl_entry, require
+from fusionzoo.data.common import keep_present, rows_to_dataset, safe_join, split_from_stem
 
 LABELS = ["entailment", "neutral", "contradiction"]
 

@@ -24,7 +24,7 @@ from fusionzoo.training.trainer import train
 
 from fixtures import train_log, write_classification_jsonl, write_karpathy_captions, write_vqa_jsonl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tasks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 from image_text_fixtures import write_shards  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

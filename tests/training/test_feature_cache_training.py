@@ -295,7 +295,7 @@ def test_processes_that_do_not_share_the_cache_folder_are_told_so(images: list[s
 
 
 def test_feature_cache_true_says_why_it_cannot_be_used(data: Path, tmp_path: Path) -> None:
-    sys.path.insert(0, str(HERE.parent / "tasks"))
+    sys.path.insert(0, str(HERE.parent / "data"))
     from image_text_fixtures import write_shards
 
     args = _args("pretrain", data, tmp_path / "run", tmp_path / "cache", 4, steps=1)
@@ -309,7 +309,7 @@ def test_feature_cache_true_says_why_it_cannot_be_used(data: Path, tmp_path: Pat
 
 
 def test_an_image_that_does_not_decode_is_left_out_with_skip_bad(tmp_path: Path) -> None:
-    from fusionzoo.tasks.common import DataError
+    from fusionzoo.data.checks import DataError
 
     data = write_karpathy_captions(tmp_path / "captions", {"train": 12})
     (data / "images" / "sq_0003.png").write_bytes(b"not a png")

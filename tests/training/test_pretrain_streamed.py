@@ -15,7 +15,7 @@ from fusionzoo.training.config import ConfigError, load_config
 from fusionzoo.training.pretrain import pretrain, pretrain_base_config
 from fusionzoo.training.trainer import train
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tasks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 from image_text_fixtures import write_shards  # noqa: E402
 
 FUSION = ['fusion_kwargs={"dim": 32, "embed_dim": 16, "num_layers": 1, "num_heads": 2}']

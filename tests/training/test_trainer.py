@@ -80,7 +80,7 @@ def test_predict_on_saved_model(tmp_path: Path) -> None:
     out = tmp_path / "run"
     trained = _fusionzoo("train", *COMMON, "max_steps=2", "max_eval_samples=32", f"output_dir={out}")
     assert trained.returncode == 0, trained.stderr[-3000:]
-    from fusionzoo.tasks.vqa_data import load_easy_vqa
+    from fusionzoo.data.vqa import load_easy_vqa
 
     data = load_easy_vqa(splits=["test"])
     row = data["test"][0]

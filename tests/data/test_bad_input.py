@@ -17,10 +17,11 @@ import torch
 from PIL import Image
 
 from fusionzoo.registry import DATASETS
-from fusionzoo.tasks.caption_data import load_coco_captions, load_karpathy_captions
-from fusionzoo.tasks.classification_data import load_classification_jsonl
-from fusionzoo.tasks.common import DataError, UnknownSplitError, open_image, safe_join
-from fusionzoo.tasks.vqa_data import load_vqa_jsonl, load_vqa_v2
+from fusionzoo.data.captions import load_coco_captions, load_karpathy_captions
+from fusionzoo.data.classification import load_classification_jsonl
+from fusionzoo.data.checks import DataError, UnknownSplitError
+from fusionzoo.data.common import open_image, safe_join
+from fusionzoo.data.vqa import load_vqa_jsonl, load_vqa_v2
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

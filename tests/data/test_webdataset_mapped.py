@@ -20,9 +20,9 @@ from PIL import Image
 
 from fusionzoo.cli import main
 from fusionzoo.registry import DATASETS
-from fusionzoo.tasks.caption_data import CaptionData
-from fusionzoo.tasks.common import DataError
-from fusionzoo.tasks.webdataset_data import ShardImages, load_webdataset, shard_reference
+from fusionzoo.data.captions import CaptionData
+from fusionzoo.data.checks import DataError
+from fusionzoo.data.webdataset_shards import ShardImages, load_webdataset, shard_reference
 from fusionzoo.training.config import ConfigError, load_config
 from fusionzoo.training.trainer import refuse_streamed, train
 

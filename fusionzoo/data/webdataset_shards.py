@@ -12,8 +12,8 @@ Two forms:
 
 * ``streaming=True`` (default): an :class:`ImageTextStream` per split. A sample without an
   image or a caption, one whose image does not decode and a key seen twice in a shard are
-  skipped and counted (:mod:`fusionzoo.tasks.streaming`).
-* ``streaming=False``: map-style :class:`~fusionzoo.tasks.caption_data.CaptionData`, what
+  skipped and counted (:mod:`fusionzoo.data.streaming`).
+* ``streaming=False``: map-style :class:`~fusionzoo.data.captions.CaptionData`, what
   ``fusionzoo train`` tasks need. Every shard is read once, front to back, at load time
   (:meth:`TarShard.index`): one row per sample with all its captions, image and caption ids
   numbered in order of appearance over the splits loaded, and ``image_path`` the reference
@@ -21,7 +21,7 @@ Two forms:
   by seeking to the member's bytes, so shards must be plain ``.tar`` files (a compressed one
   is an error) and a split's shards are the union of its patterns (weights are an error).
   Bad samples are errors naming shard and key, or skipped and counted with ``skip_bad``,
-  as in the other map-style loaders (:mod:`fusionzoo.tasks.common`).
+  as in the other map-style loaders (:mod:`fusionzoo.data.common`).
 
 ``files`` (``data_files=`` on the command line) names the shards:
 
@@ -59,8 +59,9 @@ from PIL import Image
 
 from fusionzoo.registry import register_dataset
 
-from .caption_data import CaptionData, ParsedCaptions, build_caption_data
-from .common import KNOWN_SPLITS, DataError, MissingRootError, PathLike, ProblemLog, select_splits, split_order
+from .captions import CaptionData, ParsedCaptions, build_caption_data
+from .checks import DataError, MissingRootError, PathLike, ProblemLog
+from .common import KNOWN_SPLITS, select_splits, split_order
 from .streaming import (
     BadSample,
     ImageTextStream,
@@ -328,7 +329,7 @@ class TarShard:
     """One ``.tar`` shard (see the module docstring), read front to back without extracting it.
 
     :meth:`read` gives its samples with their image bytes (a stream's
-    :class:`~fusionzoo.tasks.streaming.Shard`); :meth:`index` gives where each image lies
+    :class:`~fusionzoo.data.streaming.Shard`); :meth:`index` gives where each image lies
     instead, for map-style splits. Both group members by key and judge samples alike.
 
     Args:
@@ -589,7 +590,7 @@ def load_webdataset(
         shuffle_buffer: samples held for shuffling when a trainer turns shuffling on (streamed).
         max_bad_fraction: more bad samples than this fraction of those read is an error (streamed).
         streaming: True: :class:`StreamData`. False: every shard is indexed once and the splits
-            are a map-style :class:`~fusionzoo.tasks.caption_data.CaptionData` whose images
+            are a map-style :class:`~fusionzoo.data.captions.CaptionData` whose images
             :class:`ShardImages` reads by seeking (plain ``.tar`` shards, no weights).
         skip_bad: streamed, an unreadable shard is counted as one bad sample and skipped, instead
             of an error; indexed, bad samples (and the rest of an unreadable shard) are skipped,

@@ -1,10 +1,14 @@
-"""Scores of the benchmark's tasks from predictions, with per-type breakdowns.
+"""Scores of a task from its predictions, with per-type breakdowns (the bench and ``fusionzoo eval`` share them).
+
+``split`` below is any object with the fields of :class:`fusionzoo.bench.suites.SplitData`
+(``answers``, ``groups``, ``labels``, ``image_ids``, ``references``) and ``task`` one with those of
+``BenchTask`` (``vocabulary``, ``scoring``, ``train``, ``test``): the scores read those fields alone.
 
 * VQA: exact match of the predicted answer (one gold answer per question:
   easy-VQA, the COCO yes/no questions) or VQA v2 accuracy (ten answers), via
   :mod:`fusionzoo.tasks.vqa_eval`; in percent, overall and per answer / question type.
 * Classification: accuracy and macro-F1 (percent), ROC-AUC (0..1) via
-  :func:`fusionzoo.tasks.classification_data.classification_metrics`, and the
+  :func:`fusionzoo.tasks.classification_eval.classification_metrics`, and the
   accuracy per gold label.
 * Captioning: pycocoevalcap's BLEU-1/4, METEOR, ROUGE-L and CIDEr-D via
   :func:`fusionzoo.tasks.caption_eval.score_caption_dicts` (needs Java).
@@ -12,13 +16,13 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from ..tasks.vqa_eval import normalize_answer, score_vqa
-from .suites import BenchTask, SplitData
+from .classification_eval import classification_metrics
+from .vqa_eval import normalize_answer, score_vqa
 
 #: pycocoevalcap key -> the name the benchmark reports.
 CAPTION_NAMES = {"Bleu_1": "BLEU-1", "Bleu_4": "BLEU-4", "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr"}
@@ -32,7 +36,7 @@ def _per_group(correct: Sequence[float], groups: Sequence[str]) -> dict[str, flo
     return {group: 100.0 * float(np.mean(values)) for group, values in sorted(sums.items())}
 
 
-def score_vqa_predictions(task: BenchTask, split: SplitData, logits: torch.Tensor) -> dict[str, object]:
+def score_vqa_predictions(task: Any, split: Any, logits: torch.Tensor) -> dict[str, object]:
     """``accuracy`` (%), ``per_answer_type`` and ``per_question_type`` (%) of argmax answers."""
     predictions = [task.vocabulary[i] for i in logits.argmax(dim=-1).tolist()]
     if task.scoring == "vqa":
@@ -49,7 +53,7 @@ def score_vqa_predictions(task: BenchTask, split: SplitData, logits: torch.Tenso
     return metrics
 
 
-def question_prior(task: BenchTask) -> dict[str, float] | None:
+def question_prior(task: Any) -> dict[str, float] | None:
     """How far the train split's answers to the same question predict the test answers (VQA tasks).
 
     A question matches when its text does (case and spacing ignored). For the test
@@ -64,9 +68,9 @@ def question_prior(task: BenchTask) -> dict[str, float] | None:
         ``test_questions``, ``seen_in_train`` and, when any is seen, ``train_answer_accuracy``
         (%, as the task scores); None for a task that is not VQA.
     """
-    from ..tasks import VQATask, get_task
-
-    if not isinstance(get_task(task.task), VQATask) or task.train.labels is None or not task.test.texts or not task.train.texts:
+    # a VQA task: an answer vocabulary and (S, A) soft-score labels (classification's are (S,))
+    vqa_labels = task.vocabulary is not None and task.train.labels is not None and task.train.labels.dim() == 2
+    if not vqa_labels or not task.test.texts or not task.train.texts:
         return None
     key = lambda text: " ".join(text.lower().split())  # noqa: E731
     group: dict[str, int] = {}
@@ -80,10 +84,8 @@ def question_prior(task: BenchTask) -> dict[str, float] | None:
     return out
 
 
-def score_classification_predictions(split: SplitData, logits: torch.Tensor) -> dict[str, object]:
+def score_classification_predictions(split: Any, logits: torch.Tensor) -> dict[str, object]:
     """``accuracy``, ``macro_f1`` (%), ``roc_auc`` (two classes) and ``per_label`` accuracy (%)."""
-    from ..tasks.classification_data import classification_metrics
-
     labels = split.labels.numpy()
     metrics: dict[str, object] = {}
     for name, value in classification_metrics(logits.numpy(), labels).items():
@@ -98,9 +100,9 @@ def score_classification_predictions(split: SplitData, logits: torch.Tensor) -> 
 NO_CAPTION = "nocaption"
 
 
-def score_caption_predictions(split: SplitData, captions: Sequence[str]) -> dict[str, object]:
+def score_caption_predictions(split: Any, captions: Sequence[str]) -> dict[str, object]:
     """BLEU-1, BLEU-4, METEOR, ROUGE-L, CIDEr of one caption per test image."""
-    from ..tasks.caption_eval import score_caption_dicts
+    from .caption_eval import score_caption_dicts
 
     # A model may write nothing, or only punctuation (the PTB tokeniser leaves no word): such a
     # caption is scored as the placeholder word, which no reference contains -- a score near 0

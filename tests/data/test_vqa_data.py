@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from fusionzoo.registry import DATASETS
-from fusionzoo.tasks.common import model_inputs
-from fusionzoo.tasks.vqa_data import VQAData, load_easy_vqa, load_vqa, load_vqa_jsonl, load_vqa_v2
+from fusionzoo.data.common import model_inputs
+from fusionzoo.data.vqa import VQAData, load_easy_vqa, load_vqa, load_vqa_jsonl, load_vqa_v2
 
 
 def fake_tokenize(texts: list[str], max_length: int = 32) -> dict[str, torch.Tensor]:
@@ -204,8 +204,8 @@ def test_rows_to_dataset_equals_datasets_own_encoding(tmp_path: Path) -> None:
     (None in an optional column, empty lists, float32 and int32 lists); other features take ``datasets``' path."""
     import datasets
 
-    from fusionzoo.tasks.common import rows_to_dataset
-    from fusionzoo.tasks.vqa_data import BASE_FEATURES, OPTIONAL_FEATURES
+    from fusionzoo.data.common import rows_to_dataset
+    from fusionzoo.data.vqa import BASE_FEATURES, OPTIONAL_FEATURES
 
     features = datasets.Features({**BASE_FEATURES, "answer_type": OPTIONAL_FEATURES["answer_type"]})
     rows = [{"question_id": 7, "image_id": -1, "image_path": "/a/1.png", "question": "is it red?",

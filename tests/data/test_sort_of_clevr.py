@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from fusionzoo.registry import DATASETS
-from fusionzoo.tasks import get_task, sort_of_clevr
-from fusionzoo.tasks.sort_of_clevr import (
+from fusionzoo.data import sort_of_clevr
+from fusionzoo.tasks import get_task
+from fusionzoo.data.sort_of_clevr import (
     MARKER_NAME,
     SortOfClevrConfig,
     SortOfClevrError,

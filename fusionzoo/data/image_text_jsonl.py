@@ -30,9 +30,8 @@ from typing import Any
 
 from fusionzoo.registry import register_dataset
 
-from .caption_data import CaptionData, ParsedCaptions, build_caption_data
-from .common import (
-    KNOWN_SPLITS,
+from .captions import CaptionData, ParsedCaptions, build_caption_data
+from .checks import (
     DataError,
     MissingRootError,
     PathLike,
@@ -43,11 +42,8 @@ from .common import (
     read_json,
     require,
     require_str_list,
-    safe_join,
-    select_splits,
-    split_from_stem,
-    split_order,
 )
+from .common import KNOWN_SPLITS, safe_join, select_splits, split_from_stem, split_order
 
 CAPTION_EXPECTED = "'caption' holding a string or a list of strings, or 'captions' holding a list of strings"
 
@@ -191,7 +187,7 @@ def load_image_text_jsonl(
             relative paths are under ``root`` when it is given.
         image_root: the folder ``image`` paths are relative to (default: each file's folder).
         splits: which splits to return (default all found).
-        skip_bad, only_present, verify_images: see :mod:`fusionzoo.tasks.common`.
+        skip_bad, only_present, verify_images: see :mod:`fusionzoo.data.common`.
     """
     base = Path(root) if root is not None else None
     paths = resolve_split_files(files, base)

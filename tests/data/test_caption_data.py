@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from fusionzoo.registry import DATASETS
-from fusionzoo.tasks.caption_data import CaptionData, load_coco_captions, load_karpathy_captions
-from fusionzoo.tasks.common import IGNORE_INDEX, UnknownSplitError, model_inputs
+from fusionzoo.data.captions import CaptionData, load_coco_captions, load_karpathy_captions
+from fusionzoo.data.checks import UnknownSplitError
+from fusionzoo.data.common import IGNORE_INDEX, model_inputs
 
 
 def fake_tokenize(texts: list[str], max_length: int = 32) -> dict[str, torch.Tensor]:

@@ -101,8 +101,9 @@ from PIL import Image, ImageDraw
 from fusionzoo.errors import FusionZooError
 from fusionzoo.registry import register_dataset
 
-from .common import PathLike, select_splits
-from .vqa_data import VQAData, load_vqa_jsonl
+from .checks import PathLike
+from .common import select_splits
+from .vqa import VQAData, load_vqa_jsonl
 
 #: Bump when the generated files change for the same parameters: every cached set then misses.
 GENERATOR_VERSION = 1
@@ -525,9 +526,9 @@ def load_sort_of_clevr(
         splits: which of ``train``, ``val``, ``test`` to return (default: all with scenes).
         answers: the answer vocabulary (default :func:`answer_vocabulary`, fixed by ``num_objects``).
         progress: show a progress bar while generating.
-        skip_bad, only_present, verify_images: see :mod:`fusionzoo.tasks.common`.
+        skip_bad, only_present, verify_images: see :mod:`fusionzoo.data.common`.
 
-    Returns a :class:`~fusionzoo.tasks.vqa_data.VQAData` named ``sort-of-clevr`` with
+    Returns a :class:`~fusionzoo.data.vqa.VQAData` named ``sort-of-clevr`` with
     metric ``exact_match`` and the ``question_type`` / ``answer_type`` columns.
     """
     config = SortOfClevrConfig(num_objects=num_objects, image_size=image_size, object_scale=object_scale,

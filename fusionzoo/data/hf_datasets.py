@@ -15,12 +15,12 @@ Two columns are used:
   ``text``, ``sentences``, ``sentence``, ``txt``, ``raw``): a string, a list of strings, or a
   list of ``{"raw": text}`` objects (Karpathy's ``sentences``).
 
-``streaming=False`` gives :class:`~fusionzoo.tasks.caption_data.CaptionData`, like every map-style
+``streaming=False`` gives :class:`~fusionzoo.data.captions.CaptionData`, like every map-style
 caption loader: with path images, rows naming one image are one image row with all
 their captions; with images stored in the dataset, each row is an image, its
 ``image_path`` a reference ``hf://<split>/<row>`` that :class:`DatasetImages` opens when the
 row is read (nothing is copied). ``streaming=True`` gives
-:class:`~fusionzoo.tasks.streaming.StreamData`: the dataset's shards are the stream's shards
+:class:`~fusionzoo.data.streaming.StreamData`: the dataset's shards are the stream's shards
 (a ``save_to_disk`` folder is cut into shards of about 1,000 rows), read with
 ``IterableDataset.iter`` so that the stream, not ``datasets``, splits them over processes
 and workers. A row without a usable image or caption is skipped and counted there, and is
@@ -39,8 +39,9 @@ from PIL import Image
 
 from fusionzoo.registry import register_dataset
 
-from .caption_data import CaptionData, ParsedCaptions, build_caption_data
-from .common import DataError, MissingRootError, PathLike, ProblemLog, safe_join, select_splits, split_order
+from .captions import CaptionData, ParsedCaptions, build_caption_data
+from .checks import DataError, MissingRootError, PathLike, ProblemLog
+from .common import safe_join, select_splits, split_order
 from .streaming import BadSample, ImageTextStream, RawSample, StreamData, StreamOptions, StreamSource, decode_image
 
 IMAGE_COLUMNS = ("image", "img", "jpg", "png", "webp", "image_path", "file_name", "filepath", "path")
@@ -255,7 +256,7 @@ def _mapped(name: str, parts: dict[str, Any], image_column: str, caption_column:
 # --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DatasetShard:
-    """One shard of a streamed ``datasets.IterableDataset``, as a stream :class:`~fusionzoo.tasks.streaming.Shard`."""
+    """One shard of a streamed ``datasets.IterableDataset``, as a stream :class:`~fusionzoo.data.streaming.Shard`."""
 
     dataset: Any
     name: str
@@ -325,8 +326,8 @@ def load_hf_datasets(
         image_column, caption_column: the columns to read (default: found by name).
         image_root: folder of relative image paths (default: ``root`` when it is a folder).
         splits: which splits to return (default all).
-        shuffle_buffer, max_bad_fraction: for streamed splits (see :mod:`fusionzoo.tasks.streaming`).
-        skip_bad, only_present, verify_images: see :mod:`fusionzoo.tasks.common`.
+        shuffle_buffer, max_bad_fraction: for streamed splits (see :mod:`fusionzoo.data.streaming`).
+        skip_bad, only_present, verify_images: see :mod:`fusionzoo.data.common`.
     """
     if root is None and files is None:
         raise MissingRootError("hf-datasets needs root= (data_dir=, a folder or hub name) or files= (data_files=)",

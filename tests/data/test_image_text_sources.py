@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader
 
 from fusionzoo.registry import DATASETS
 from fusionzoo.tasks import get_task
-from fusionzoo.tasks.caption_data import CaptionData
-from fusionzoo.tasks.common import DataError
-from fusionzoo.tasks.streaming import ImageTextStream, StreamData
-from fusionzoo.tasks.webdataset_data import expand_braces, parse_sources, resolve_shards
+from fusionzoo.data.captions import CaptionData
+from fusionzoo.data.checks import DataError
+from fusionzoo.data.streaming import ImageTextStream, StreamData
+from fusionzoo.data.webdataset_shards import expand_braces, parse_sources, resolve_shards
 from fusionzoo.training.config import ConfigError, load_config
 
 from image_text_fixtures import (

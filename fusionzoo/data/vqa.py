@@ -20,19 +20,19 @@ Three sources, one result (:class:`VQAData`):
 
 Answers: the vocabulary is the ``answers_top_k`` most frequent *normalised*
 answers of the ``train`` split seen at least ``answers_min_count`` times
-(:func:`fusionzoo.tasks.vqa_eval.build_answer_vocab`), built from every
+(:func:`fusionzoo.data.vqa_answers.build_answer_vocab`), built from every
 schema-valid training question whether or not its image is on disk, so it does
 not change with the splits requested or the images present; pass ``answers=`` to
 reuse a model's vocabulary. Each question's target is stored sparsely
 (``target_ids``, ``target_scores``): for a question with several answers, VQA
-v2's soft scores (:func:`~fusionzoo.tasks.vqa_eval.soft_scores`; with 10 answers
+v2's soft scores (:func:`~fusionzoo.data.vqa_answers.soft_scores`; with 10 answers
 0.3 per matching answer, at most 1.0); for a question with one answer, 1.0 on
 it. Questions whose answers are all outside the vocabulary are kept with an
 all-zero target.
 
 Rows hold image paths; see :meth:`TaskData.with_image_transform` for pixels and
-:meth:`VQAData.collator` for batches. Bad input (see :mod:`fusionzoo.tasks.common`)
-raises :class:`~fusionzoo.tasks.common.DataError` naming the file and entry.
+:meth:`VQAData.collator` for batches. Bad input (see :mod:`fusionzoo.data.common`)
+raises :class:`~fusionzoo.data.common.DataError` naming the file and entry.
 """
 
 from __future__ import annotations
@@ -49,22 +49,24 @@ from torch import Tensor
 
 from fusionzoo.registry import register_dataset
 
-from .common import (
+from .checks import (
     DataError,
     MissingRootError,
     PathLike,
     ProblemLog,
+    iter_jsonl,
+    json_entry,
+    jsonl_entry,
+    read_json,
+    require,
+    require_str_list,
+)
+from .common import (
     TaskData,
     Tokenize,
     discover_files,
     find_image_dir,
-    iter_jsonl,
-    json_entry,
-    jsonl_entry,
     keep_present,
-    read_json,
-    require,
-    require_str_list,
     resolve_files,
     rows_to_dataset,
     safe_join,
@@ -74,7 +76,7 @@ from .common import (
     tokenize_texts,
     verify_rows,
 )
-from .vqa_eval import build_answer_vocab, normalize_answer, soft_scores
+from .vqa_answers import build_answer_vocab, normalize_answer, soft_scores
 
 #: Default size of the answer vocabulary (the 3,129 answers of ViLT / bottom-up top-down on VQA v2).
 DEFAULT_TOP_K = 3129
@@ -310,7 +312,7 @@ def load_easy_vqa(
             default: the installed ``easy-vqa`` package, read with its API.
         splits: ``train``, ``test`` or both (default).
         answers, answers_top_k, answers_min_count: see the module docstring.
-        skip_bad, only_present, verify_images: see :mod:`fusionzoo.tasks.common`.
+        skip_bad, only_present, verify_images: see :mod:`fusionzoo.data.common`.
     """
     base = Path(root) if root is not None else None
     data_root = base if base is not None else easy_vqa_root()
@@ -464,7 +466,7 @@ def load_vqa_v2(
         image_root: folder holding ``<subtype>/COCO_<subtype>_<id>.jpg``; default the
             first of ``root``, ``root/images``, ``root/..`` that has the images.
         answers, answers_top_k, answers_min_count: see the module docstring.
-        skip_bad, only_present, verify_images: see :mod:`fusionzoo.tasks.common`.
+        skip_bad, only_present, verify_images: see :mod:`fusionzoo.data.common`.
     """
     if root is None:
         raise MissingRootError("vqa-v2 needs root= (the folder of the official VQA v2 JSON files)",
@@ -544,7 +546,7 @@ def load_vqa_jsonl(
         answers, answers_top_k, answers_min_count: see the module docstring.
         metric: override ``exact_match`` / ``vqa`` (default: ``exact_match`` when
             every training question has exactly one answer).
-        skip_bad, only_present, verify_images: see :mod:`fusionzoo.tasks.common`.
+        skip_bad, only_present, verify_images: see :mod:`fusionzoo.data.common`.
 
     A file where no line has ``answers`` is an unlabeled split; in a labeled file
     every line needs it.

@@ -1,4 +1,4 @@
-"""Image + text classification data, the image-caption match builder, and classification metrics.
+"""Image + text classification data and the image-caption match builder.
 
 Sources (each gives a :class:`ClassificationData`):
 
@@ -19,8 +19,7 @@ Sources (each gives a :class:`ClassificationData`):
   generator (label 0, ``mismatch``), so the classes are balanced. Metric
   ``accuracy``.
 
-Metrics (plain functions, NumPy): :func:`accuracy`, :func:`macro_f1`,
-:func:`roc_auc` and :func:`classification_metrics`, which gives all that apply.
+Their metrics are :mod:`fusionzoo.tasks.classification_eval`'s.
 """
 
 from __future__ import annotations
@@ -34,25 +33,26 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from datasets import Features, Value
-from torch import Tensor
 
 from fusionzoo.registry import DATASETS, register_dataset
 
-from .caption_data import CaptionData
-from .common import (
-    NO_LABEL,
+from .captions import CaptionData
+from .checks import (
     DataError,
     MissingRootError,
     LoadReport,
     PathLike,
     ProblemLog,
+    iter_jsonl,
+    jsonl_entry,
+    require,
+)
+from .common import (
+    NO_LABEL,
     TaskData,
     Tokenize,
     discover_files,
-    iter_jsonl,
-    jsonl_entry,
     keep_present,
-    require,
     resolve_files,
     rows_to_dataset,
     safe_join,
@@ -69,90 +69,6 @@ FEATURES = Features({
     "label": Value("int64"),  # index into label_names; -1 when unlabeled
 })
 MATCH_LABELS = ["mismatch", "match"]
-
-
-# --------------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------------
-def _as_array(values: Any) -> np.ndarray:
-    if isinstance(values, Tensor):
-        return values.detach().cpu().numpy()
-    return np.asarray(values)
-
-
-def accuracy(predictions: Any, labels: Any) -> float:
-    """Fraction of ``predictions`` (N,) equal to ``labels`` (N,)."""
-    predictions, labels = _as_array(predictions), _as_array(labels)
-    if predictions.shape != labels.shape or labels.ndim != 1 or labels.size == 0:
-        raise ValueError(f"accuracy needs predictions and labels of the same shape (N,), N > 0; "
-                         f"got {predictions.shape} and {labels.shape}")
-    return float((predictions == labels).mean())
-
-
-def macro_f1(predictions: Any, labels: Any) -> float:
-    """Unweighted mean of per-class F1 over the classes that occur in ``labels`` or ``predictions``.
-
-    A class's F1 is ``2 TP / (2 TP + FP + FN)`` (0 when it has no true positive).
-    """
-    predictions, labels = _as_array(predictions), _as_array(labels)
-    if predictions.shape != labels.shape or labels.ndim != 1 or labels.size == 0:
-        raise ValueError(f"macro_f1 needs predictions and labels of the same shape (N,), N > 0; "
-                         f"got {predictions.shape} and {labels.shape}")
-    scores = []
-    for cls in np.union1d(labels, predictions):
-        tp = np.sum((predictions == cls) & (labels == cls))
-        fp = np.sum((predictions == cls) & (labels != cls))
-        fn = np.sum((predictions != cls) & (labels == cls))
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return float(np.mean(scores))
-
-
-def roc_auc(scores: Any, labels: Any) -> float:
-    """Area under the ROC curve of binary ``labels`` (N,) in {0, 1} ranked by ``scores`` (N,).
-
-    The Mann-Whitney form: the probability that a random positive scores above a
-    random negative, ties counting one half (average ranks).
-    """
-    scores, labels = _as_array(scores).astype(np.float64), _as_array(labels)
-    if scores.shape != labels.shape or labels.ndim != 1:
-        raise ValueError(f"roc_auc needs scores and labels of the same shape (N,); "
-                         f"got {scores.shape} and {labels.shape}")
-    if not np.isin(labels, (0, 1)).all():
-        raise ValueError(f"roc_auc needs binary labels in {{0, 1}}, got values {np.unique(labels).tolist()}")
-    n_pos = int(labels.sum())
-    n_neg = labels.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("roc_auc is undefined when only one class is present in labels")
-    order = np.argsort(scores, kind="mergesort")
-    sorted_scores = scores[order]
-    ranks = np.empty(labels.size, dtype=np.float64)
-    start = 0
-    while start < labels.size:  # average 1-based ranks over runs of tied scores
-        end = start
-        while end + 1 < labels.size and sorted_scores[end + 1] == sorted_scores[start]:
-            end += 1
-        ranks[order[start:end + 1]] = (start + end) / 2 + 1
-        start = end + 1
-    return float((ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def classification_metrics(logits: Any, labels: Any) -> dict[str, float]:
-    """``accuracy`` and ``macro_f1`` of argmax predictions, plus ``roc_auc`` for two classes.
-
-    Args:
-        logits: (N, C) scores (logits or probabilities).
-        labels: (N,) label ids; unlabeled (-1) examples are an error.
-    """
-    logits, labels = _as_array(logits), _as_array(labels)
-    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(f"expected logits (N, C) and labels (N,), got {logits.shape} and {labels.shape}")
-    if (labels < 0).any():
-        raise ValueError(f"{int((labels < 0).sum())} examples are unlabeled (label -1) and cannot be scored")
-    predictions = logits.argmax(axis=1)  # (N,)
-    out = {"accuracy": accuracy(predictions, labels), "macro_f1": macro_f1(predictions, labels)}
-    if logits.shape[1] == 2 and 0 < labels.sum() < labels.size:
-        out["roc_auc"] = roc_auc(logits[:, 1] - logits[:, 0], labels)  # monotone in P(class 1)
-    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -314,7 +230,7 @@ def load_classification_jsonl(
         image_root: folder ``img`` paths are relative to (default ``root``, or the files' folder).
         splits: which splits to return (default all).
         label_names: class names (strings in the files, or names of ids 0..K-1).
-        skip_bad, only_present, verify_images: see :mod:`fusionzoo.tasks.common`.
+        skip_bad, only_present, verify_images: see :mod:`fusionzoo.data.common`.
     """
     base = Path(root) if root is not None else None
     if files is None and base is None:

@@ -39,20 +39,14 @@ from torch import Tensor
 
 from fusionzoo.registry import register_dataset
 
+from .checks import DataError, MissingRootError, PathLike, ProblemLog, json_entry, read_json, require
 from .common import (
     IGNORE_INDEX,
-    DataError,
-    MissingRootError,
     ImageLoader,
-    PathLike,
-    ProblemLog,
     TaskData,
     Tokenize,
     find_image_dir,
-    json_entry,
     keep_present,
-    read_json,
-    require,
     rows_to_dataset,
     safe_join,
     select_splits,
@@ -186,7 +180,7 @@ def build_caption_data(name: str, parsed: dict[str, ParsedCaptions], *, image_ro
         name: the loader's registry name.
         parsed: split -> its parsed rows and problem log.
         image_root: the folder the images are under (for messages and ``describe()``).
-        only_present, verify_images: see :mod:`fusionzoo.tasks.common`.
+        only_present, verify_images: see :mod:`fusionzoo.data.common`.
         images: for images stored inside a dataset, the callable that opens a row's
             ``image_path`` reference (see :attr:`TaskData.images`); nothing is then looked up on disk.
     """
@@ -316,7 +310,7 @@ def load_coco_captions(
         files: ``{split: path}`` or one path instead of discovery.
         image_root: base folder of the images (see the module docstring).
         splits: which splits to return (default all found).
-        skip_bad, only_present, verify_images: see :mod:`fusionzoo.tasks.common`.
+        skip_bad, only_present, verify_images: see :mod:`fusionzoo.data.common`.
     """
     base = Path(root) if root is not None else None
     if files is None:
@@ -433,7 +427,7 @@ def load_karpathy_captions(
         image_root: folder that ``<filepath>/<filename>`` is relative to.
         splits: which splits to return (default all in the file).
         merge_restval: count ``restval`` images as ``train`` (the usual 113k-image training set).
-        skip_bad, only_present, verify_images: see :mod:`fusionzoo.tasks.common`.
+        skip_bad, only_present, verify_images: see :mod:`fusionzoo.data.common`.
     """
     base = Path(root) if root is not None else None
     if file is None and base is None:

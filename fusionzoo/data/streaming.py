@@ -54,7 +54,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
-from .common import IMAGE_ERRORS, SHOW_FIRST, SHOW_FILES, DataError, SplitsByName, Tokenize, open_image
+from .checks import SHOW_FIRST, SHOW_FILES, DataError
+from .common import IMAGE_ERRORS, SplitsByName, Tokenize, open_image
 
 #: Samples a reader must have read before the bad fraction is checked (it is always checked at the end).
 MIN_SAMPLES_CHECKED: int = 100
@@ -445,7 +446,7 @@ class ImageTextStream(IterableDataset):
 class StreamData(SplitsByName):
     """Streamed caption splits, with what the caption tasks ask of their data.
 
-    Answers like :class:`~fusionzoo.tasks.caption_data.CaptionData` where it can: ``data[split]``
+    Answers like :class:`~fusionzoo.data.captions.CaptionData` where it can: ``data[split]``
     (one item per image), :meth:`pairs` (one per caption), :meth:`references`,
     :meth:`with_image_transform` and :meth:`collator`. It has no length and no random access:
     a trainer reads it with ``max_steps`` (see :attr:`iterable`).
@@ -493,8 +494,8 @@ class StreamData(SplitsByName):
         return replace(self, splits=splits)
 
     def collator(self, tokenize: Tokenize, max_length: int = 32) -> Any:
-        """The caption batch function (:class:`~fusionzoo.tasks.caption_data.CaptionCollator`)."""
-        from .caption_data import CaptionCollator
+        """The caption batch function (:class:`~fusionzoo.data.captions.CaptionCollator`)."""
+        from .captions import CaptionCollator
 
         return CaptionCollator(tokenize, max_length)
 
