@@ -133,16 +133,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    debug = args.debug or os.environ.get("FUSIONZOO_DEBUG", "").lower() in ("1", "true", "yes")
+    from .errors import FusionZooError
     from .plugins import import_plugins
 
     try:
         import_plugins(args.imports)
-    except (ImportError, FileNotFoundError) as exc:
+    except FusionZooError as exc:  # PluginError, PluginNotFoundError: one line naming the plug-in
+        if debug:
+            raise
         print(f"fusionzoo: error: {exc}", file=sys.stderr)
-        return 2
-    debug = args.debug or os.environ.get("FUSIONZOO_DEBUG", "").lower() in ("1", "true", "yes")
-    from .errors import FusionZooError
-
+        return exc.exit_code
     try:
         return int(args.func(args) or 0)
     except FusionZooError as exc:

@@ -192,3 +192,54 @@ def test_jsonl_records_never_end_in_a_traceback(world: Path, records: list, skip
         pass
     finally:
         os.unlink(path)
+
+
+# -- plug-ins that cannot be imported ----------------------------------------------------------
+
+PLUGIN_CASES = [
+    # (id, plug-in source, the one line printed after "fusionzoo: error: ")
+    ("syntax error", "def broken(:\n    pass\n", "plugin.py, line 1: invalid syntax: def broken(:"),
+    ("indentation error", "if True:\nx = 1\n", "plugin.py, line 2: expected an indented block"),
+    ("import error", "import os\nimport fusionzoo_no_such_module\n",
+     "plugin.py, line 2: ModuleNotFoundError: No module named 'fusionzoo_no_such_module'"),
+    ("exception raised in the plug-in", "def register():\n    raise ValueError('no such width')\n\nregister()\n",
+     "plugin.py, line 2: ValueError: no such width"),
+]
+
+
+@pytest.mark.parametrize("case", PLUGIN_CASES, ids=[c[0] for c in PLUGIN_CASES])
+def test_broken_plugin_is_one_line_naming_the_file(case: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    _, source, expected = case
+    (tmp_path / "plugin.py").write_text(source)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FUSIONZOO_PLUGINS", raising=False)
+    capsys.readouterr()
+    assert main(["--import", "plugin.py", "list"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [captured.err.strip()], captured.err  # one line
+    assert captured.err.startswith(f"fusionzoo: error: {expected}"), captured.err
+
+
+def test_broken_plugin_with_debug_shows_the_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fusionzoo.plugins import PluginError
+
+    (tmp_path / "plugin.py").write_text("raise ValueError('no such width')\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PluginError, match="plugin.py, line 1: ValueError: no such width") as info:
+        main(["--debug", "--import", "plugin.py", "list"])
+    assert isinstance(info.value, ImportError) and isinstance(info.value.__cause__, ValueError)
+
+
+def test_plugin_with_a_syntax_error_from_the_command_line(tmp_path: Path) -> None:
+    import subprocess
+
+    (tmp_path / "plugin.py").write_text("x = (1,\n")
+    env = {k: v for k, v in os.environ.items() if k != "FUSIONZOO_PLUGINS"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    result = subprocess.run([sys.executable, "-m", "fusionzoo", "--import", "plugin.py", "list"],
+                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == "fusionzoo: error: plugin.py, line 1: '(' was never closed: x = (1,\n"
