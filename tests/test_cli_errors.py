@@ -243,3 +243,34 @@ def test_plugin_with_a_syntax_error_from_the_command_line(tmp_path: Path) -> Non
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr == "fusionzoo: error: plugin.py, line 1: '(' was never closed: x = (1,\n"
+
+
+# -- bench --device ------------------------------------------------------------------------------
+
+DEVICE_CASES = [
+    # (id, --device, GPUs this "machine" has, words the one line must hold)
+    ("not a device", "foo", 0, ["--device 'foo' is not a device", "cpu, cuda, cuda:N", "mps"]),
+    ("bad GPU index", "cuda:x", 0, ["--device 'cuda:x' is not a device", "cuda:N"]),
+    ("cuda without a GPU", "cuda", 0, ["--device cuda: no CUDA GPU is available", "--device cpu"]),
+    ("cuda:N without a GPU", "cuda:1", 0, ["--device cuda:1: no CUDA GPU is available"]),
+    ("cuda:N past the last GPU", "cuda:2", 2, ["--device cuda:2: this machine has 2 CUDA GPU(s)", "cuda:1"]),
+]
+
+
+@pytest.mark.parametrize("case", DEVICE_CASES, ids=[c[0] for c in DEVICE_CASES])
+def test_bench_refuses_a_device_it_does_not_have_at_once(case: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    _, device, gpus, words = case
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    out = tmp_path / "report"
+    capsys.readouterr()
+    assert main(["bench", "--quick", "--device", device, "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()], err  # one line
+    assert err.startswith("fusionzoo bench: error: --device"), err
+    for word in words:
+        assert word in err, (word, err)
+    assert not out.exists() and not (tmp_path / "c").exists()  # refused before anything was built or read

@@ -72,6 +72,40 @@ def _grid(text: str) -> dict:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("--tune-grid: ")) from None
 
 
+DEVICES = "auto, cpu, cuda, cuda:N (N a GPU index) or mps"
+
+
+def check_device(name: str) -> None:
+    """Refuse a ``--device`` this machine does not have, before anything is built or read.
+
+    Raises:
+        BenchError: ``name`` is not a torch device (``--device foo``), or names a CUDA GPU
+            or Apple GPU (mps) this machine does not have; the message names the value and
+            what is accepted.
+    """
+    if name == "auto":
+        return
+    import torch
+
+    from ..bench.suites import BenchError
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise BenchError(f"--device {name!r} is not a device; expected {DEVICES}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise BenchError(f"--device {name}: no CUDA GPU is available on this machine; "
+                             "use --device cpu (or auto)")
+        if device.index is not None and device.index >= count:
+            raise BenchError(f"--device {name}: this machine has {count} CUDA GPU(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise BenchError(f"--device {name}: no Apple GPU (MPS) is available on this machine; "
+                         "use --device cpu (or auto)")
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
@@ -105,7 +139,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", type=Path,
                    help="feature cache folder (default: $FUSIONZOO_CACHE or ~/.cache/fusionzoo/features)")
     p.add_argument("--no-cache", action="store_true", help="extract features in memory; never read or write the cache")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available), cpu, cuda, cuda:N (one GPU) or mps (default: auto)")
     p.add_argument("--image-size", type=int, help="encoder input size in pixels (default: the suite's)")
     p.add_argument("--jobs", type=int, metavar="N",
                    help="rows (task x fusion) trained at once: on CPU each in a worker process with its share of "
@@ -184,6 +219,11 @@ def _run_bench(args: argparse.Namespace) -> int:
     from ..bench.suites import BenchError
     from ..data.checks import DataError
 
+    try:
+        check_device(args.device)
+    except BenchError as exc:
+        print(f"fusionzoo bench: error: {exc}", file=sys.stderr)
+        return 2
     config = BenchConfig(
         suite=args.suite, data_dir=args.data_dir, fusions=args.fusions, tasks=args.tasks, epochs=args.epochs,
         seeds=list(args.seeds), out=args.out, mixed_precision=args.mixed_precision, quick=args.quick,
