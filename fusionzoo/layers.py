@@ -370,6 +370,23 @@ def causal_mask(valid: Tensor, num_queries: int | None = None, offset: int = 0) 
     return allowed[None, None] & valid[:, None, None, :].bool()
 
 
+def causal_self_mask(valid: Tensor, num_queries: int, offset: int) -> Tensor:
+    """Causal text self-attention mask (B, 1, L, S) in which every query also sees itself.
+
+    :func:`causal_mask` with each query's own key always allowed. Seeing itself changes
+    nothing for a real token (its own key is valid), but a padded query's row is then
+    never all False, which would give NaN.
+
+    Args:
+        valid: (B, S) key validity for all positions so far (cached + new).
+        num_queries: number of new query positions L.
+        offset: index of the first query position among the keys.
+    """
+    q_pos = torch.arange(offset, offset + num_queries, device=valid.device)[:, None]  # (L, 1)
+    own = q_pos == torch.arange(valid.shape[1], device=valid.device)[None, :]  # (L, S)
+    return causal_mask(valid, num_queries, offset) | own
+
+
 def prefix_causal_mask(
     prefix_valid: Tensor,
     text_valid: Tensor,

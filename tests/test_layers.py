@@ -70,3 +70,14 @@ def test_kv_cache_appends_in_place_grows_and_reorders() -> None:
     keys, _ = cache.append(owner, new, new)
     torch.testing.assert_close(keys, torch.cat([expected[index], new], dim=2))
     assert len(cache) == 1
+
+
+def test_causal_self_mask_is_causal_and_every_query_sees_itself() -> None:
+    from fusionzoo.layers import causal_mask, causal_self_mask
+
+    valid = torch.tensor([[True, True, True, False], [True, False, True, True]])  # (B=2, S=4)
+    mask = causal_self_mask(valid, num_queries=2, offset=2)  # queries at positions 2 and 3
+    assert mask.shape == (2, 1, 2, 4)
+    assert torch.equal(mask, causal_mask(valid, 2, 2) | torch.eye(4, dtype=torch.bool)[2:])
+    assert mask[0, 0, 1].tolist() == [True, True, True, True]  # a padded query sees itself too: no NaN row
+    assert mask[1, 0, 0].tolist() == [True, False, True, False]  # never a later key, never padding

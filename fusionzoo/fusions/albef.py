@@ -53,7 +53,7 @@ from ..alignment import MAX_TEMPERATURE, MIN_TEMPERATURE, clamp_straight_through
 from ..layers import (
     KVCache,
     TransformerLayer,
-    causal_mask,
+    causal_self_mask,
     init_weights,
     key_mask,
     masked_mean,
@@ -65,17 +65,6 @@ from .base import FusionModule, FusionOutput
 
 IMAGE_SUMMARIES = ("mean", "first")
 TEXT_SUMMARIES = ("first", "mean")
-
-
-def causal_text_mask(valid: Tensor, num_queries: int, offset: int) -> Tensor:
-    """Causal self-attention mask (B, 1, L, S) in which every query also sees itself.
-
-    Seeing itself changes nothing for a real token (its own key is valid), but a
-    padded query's row is then never all False, which would give NaN.
-    """
-    q_pos = torch.arange(offset, offset + num_queries, device=valid.device)[:, None]  # (L, 1)
-    own = q_pos == torch.arange(valid.shape[1], device=valid.device)[None, :]  # (L, S)
-    return causal_mask(valid, num_queries, offset) | own
 
 
 class AlbefFusion(FusionModule):
@@ -205,7 +194,7 @@ class AlbefFusion(FusionModule):
             text_embed = self._text_embed(x, new_mask)  # (B, E)
 
         # 3. Fusion encoder: text attends to itself and to the image.
-        self_mask = causal_text_mask(text_mask, num_new, offset) if causal else key_mask(text_mask)
+        self_mask = causal_self_mask(text_mask, num_new, offset) if causal else key_mask(text_mask)
         image_keys = key_mask(image_mask)  # (B, 1, 1, N) or None
         for layer in self.layers:
             x = layer(x, self_mask, image_tokens, image_keys, cache=cache)  # (B, T, D)

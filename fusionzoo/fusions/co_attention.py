@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ..layers import (
     KVCache,
     TransformerLayer,
-    causal_mask,
+    causal_self_mask,
     init_weights,
     key_mask,
     masked_mean,
@@ -45,18 +45,6 @@ from ..layers import (
 )
 from ..registry import register_fusion
 from .base import FusionModule, FusionOutput
-
-
-def causal_self_mask(valid: Tensor, num_queries: int, offset: int) -> Tensor:
-    """Causal text mask (B, 1, L, S) where each query may also always see itself.
-
-    Seeing itself changes nothing for a real token (its own key is valid) but
-    keeps a padded query's row from being all False, which would give NaN.
-    """
-    own = torch.arange(offset, offset + num_queries, device=valid.device)[:, None] == torch.arange(
-        valid.shape[1], device=valid.device
-    )[None, :]  # (L, S)
-    return causal_mask(valid, num_queries, offset) | own
 
 
 class CoAttentionLayer(nn.Module):
