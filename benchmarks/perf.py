@@ -76,7 +76,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import fusionzoo  # noqa: E402
 from fusionzoo.encoders import VisionEncoder  # noqa: E402
-from fusionzoo.layers import Linear, cpu_has_native_bf16  # noqa: E402
+from fusionzoo.layers import Linear, cpu_has_optimized_bf16_kernels  # noqa: E402
 from fusionzoo.model import FusionModel  # noqa: E402
 
 VOCAB_SIZE = 30522  # BERT's uncased vocabulary, ViLT's and the MiniLM tokenizer's
@@ -158,7 +158,7 @@ def describe_machine(device: torch.device) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_native_bf16": cpu_has_native_bf16(),
+        "cpu_native_bf16": cpu_has_optimized_bf16_kernels(),
         "python": platform.python_version(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
@@ -447,7 +447,7 @@ def matmul_peak(device: torch.device, cfg: BenchConfig, kind: str) -> dict[str, 
 
     ``kind``: ``"fp32"``; ``"bf16"`` (PyTorch's bf16 kernels); ``"bf16_via_fp32"`` (a bf16
     activation times an fp32 weight on the fp32 kernels, the result rounded to bf16:
-    what :class:`fusionzoo.layers.Linear` does on CPUs without bf16 instructions).
+    what :class:`fusionzoo.layers.Linear` does on CPUs without optimised bf16 kernels).
     Sizes grow through ``cfg.peak_sizes`` until one call takes longer than a second.
     """
     dtype = torch.float32 if kind == "fp32" else torch.bfloat16
@@ -480,13 +480,13 @@ def matmul_peak(device: torch.device, cfg: BenchConfig, kind: str) -> dict[str, 
 
 
 def measure_peaks(device: torch.device, cfg: BenchConfig) -> dict[str, Any]:
-    """fp32 and bf16 matmul peaks; on a CPU without bf16 instructions also bf16 through the fp32 units.
+    """fp32 and bf16 matmul peaks; on a CPU without optimised bf16 kernels also bf16 through the fp32 units.
 
     ``bf16_gflops`` is the fastest way this machine multiplies bf16 matrices in PyTorch
     (the larger of the two bf16 figures): the reference for the bf16 MFU.
     """
     peaks: dict[str, Any] = {"fp32": matmul_peak(device, cfg, "fp32"), "bf16": matmul_peak(device, cfg, "bf16")}
-    if device.type == "cpu" and not cpu_has_native_bf16():
+    if device.type == "cpu" and not cpu_has_optimized_bf16_kernels():
         peaks["bf16_via_fp32"] = matmul_peak(device, cfg, "bf16_via_fp32")
     set_reference_peaks(peaks)
     return peaks
@@ -622,7 +622,7 @@ def memory_worker(cfg: BenchConfig, fusions: list[str], with_vilt: bool, device:
     Runs in a fresh process. Each model: build it and its optimiser, one fp32 step (so
     AdamW's state exists), then one sampled step per precision. ``state_mb`` is the RSS
     growth from building to after the first step (weights, AdamW state, caches).
-    bf16 is skipped for ViLT on CPUs without bf16 instructions (one step takes minutes).
+    bf16 is skipped for ViLT on CPUs without optimised bf16 kernels (one step takes minutes).
     """
     out: dict[str, Any] = {}
     names = list(fusions) + (["vilt"] if with_vilt else [])
@@ -638,7 +638,7 @@ def memory_worker(cfg: BenchConfig, fusions: list[str], with_vilt: bool, device:
         after = rss_mb() if device.type == "cpu" else torch.cuda.memory_allocated(device) / 2**20
         entry: dict[str, float] = {"state_mb": round(after - start, 1)}
         precisions = ["fp32", "bf16"]
-        if name == "vilt" and device.type == "cpu" and not cpu_has_native_bf16():
+        if name == "vilt" and device.type == "cpu" and not cpu_has_optimized_bf16_kernels():
             precisions = ["fp32"]
         for precision in precisions:
             entry[precision] = round(step_memory_mb(train_step(model, batch, optimizer, device, precision), device), 1)

@@ -5,11 +5,11 @@ once, on ``torch.nn.functional.scaled_dot_product_attention``, and so is the
 key/value cache that caption generation uses.
 
 Matrix products go through :class:`Linear` (:func:`linear`), an ``nn.Linear``
-that stays fast under bf16 autocast on CPUs without bf16 instructions (see
-:func:`cpu_has_native_bf16`, e.g. AMD Zen 3 or other AVX2-only CPUs). There
+that stays fast under bf16 autocast on CPUs without optimised bf16 kernels (see
+:func:`cpu_has_optimized_bf16_kernels`, e.g. AMD Zen 3 or other AVX2-only CPUs). There
 PyTorch's bf16 matrix and attention kernels are a reference fallback 5-100x
 slower than fp32, so :class:`Linear` and :class:`Attention` compute in fp32
-instead; everywhere else (GPUs, CPUs with AVX512-BF16/AMX) autocast applies as usual.
+instead; everywhere else (GPUs, CPUs with AVX-512, AVX512-BF16 or AMX) autocast applies as usual.
 
 Mask convention everywhere in fusionzoo: boolean, ``True`` = a real token that
 may be attended to, ``False`` = padding. Attention masks given to
@@ -27,25 +27,32 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
-# -- bf16 matrix products on CPUs without bf16 instructions ----------------------
+# -- bf16 matrix products on CPUs without optimised bf16 kernels -----------------
 
-_NATIVE_BF16: bool | None = None
+_OPTIMIZED_BF16_KERNELS: bool | None = None
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether PyTorch has fast bf16 matrix kernels on this CPU.
+def cpu_has_optimized_bf16_kernels() -> bool:
+    """Whether PyTorch multiplies bf16 matrices on this CPU with optimised kernels, not its reference fallback.
 
-    True where oneDNN runs bf16 GEMMs (AVX512-BF16 / AMX, AVX-512 emulation, Arm
-    BF16); False on AVX2-only CPUs (e.g. AMD Zen 3, Intel before Skylake-X), where
-    ``torch.mm`` on bf16 falls back to a reference kernel. Checked once per process.
+    True where oneDNN runs bf16 GEMMs: with bf16 instructions (AVX512-BF16 / AMX, Arm
+    BF16) and also by emulating them with plain AVX-512; False on AVX2-only CPUs (e.g.
+    AMD Zen 3, Intel before Skylake-X), where ``torch.mm`` on bf16 falls back to a
+    reference kernel. This answers "is bf16 work safe to run here", which decides whether
+    :class:`Linear` and :class:`Attention` step out of bf16 autocast into fp32. It is not
+    :func:`fusionzoo.hardware.cpu_has_bf16_instructions`, which answers "is bf16 faster
+    than fp32 here" for ``mixed_precision=auto``: an AVX-512 CPU without bf16
+    instructions has optimised (emulated) kernels, but they do not beat fp32.
+    Checked once per process.
     """
-    global _NATIVE_BF16
-    if _NATIVE_BF16 is None:
+    global _OPTIMIZED_BF16_KERNELS
+    if _OPTIMIZED_BF16_KERNELS is None:
         try:
-            _NATIVE_BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            _OPTIMIZED_BF16_KERNELS = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         except (AttributeError, RuntimeError):  # a PyTorch without the check: trust the ISA level
-            _NATIVE_BF16 = torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "NO AVX", "AVX", "AVX2")
-    return _NATIVE_BF16
+            _OPTIMIZED_BF16_KERNELS = torch.backends.cpu.get_cpu_capability() not in (
+                "DEFAULT", "NO AVX", "AVX", "AVX2")
+    return _OPTIMIZED_BF16_KERNELS
 
 
 def _cpu_autocast_bf16() -> bool:
@@ -58,12 +65,12 @@ def bf16_is_slow_here(x: Tensor) -> bool:
     """Whether bf16 work on ``x`` would hit PyTorch's slow CPU bf16 kernels.
 
     True for a CPU tensor under CPU bf16 autocast (or a bf16 CPU tensor) on a CPU
-    where :func:`cpu_has_native_bf16` is False.
+    where :func:`cpu_has_optimized_bf16_kernels` is False.
     """
     return (
         x.device.type == "cpu"
         and (x.dtype == torch.bfloat16 or _cpu_autocast_bf16())
-        and not cpu_has_native_bf16()
+        and not cpu_has_optimized_bf16_kernels()
     )
 
 

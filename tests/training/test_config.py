@@ -88,6 +88,6 @@ def test_mixed_precision_auto_is_bf16_where_it_is_fast(monkeypatch: pytest.Monke
     with pytest.raises(ConfigError, match="mixed_precision"):
         load_config(None, ["mixed_precision=fast"])
     for fast, expected in ((True, "bf16"), (False, "no")):
-        monkeypatch.setattr(fusionzoo.hardware, "cpu_has_fast_bf16", lambda fast=fast: fast)
+        monkeypatch.setattr(fusionzoo.hardware, "cpu_has_bf16_instructions", lambda fast=fast: fast)
         assert resolve_mixed_precision("auto", cpu=True) == expected
     assert resolve_mixed_precision("no", cpu=True) == "no" and resolve_mixed_precision("bf16", cpu=True) == "bf16"
