@@ -25,12 +25,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FusionZooError
+from ..io import atomic_write
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -398,7 +398,7 @@ def build_index(model: FusionModel, folder: Path, entries: list[ImageFile], key:
 
 
 def save_index(path: Path, index: ImageIndex, *, model_dir: Path, folder: Path) -> None:
-    """Write ``index`` to ``path`` atomically (a temporary file in the same folder, then ``os.replace``)."""
+    """Write ``index`` to ``path`` atomically (:func:`fusionzoo.io.atomic_write`)."""
     import torch
 
     payload = {
@@ -406,18 +406,8 @@ def save_index(path: Path, index: ImageIndex, *, model_dir: Path, folder: Path) 
         "embed": index.embed.contiguous(), "tokens": index.tokens.contiguous(),
         "model": str(model_dir.resolve()), "images": str(folder.resolve()),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private (0600)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as handle:
+        torch.save(payload, handle)
 
 
 def load_index(path: Path, key: str) -> tuple[ImageIndex | None, str]:

@@ -99,6 +99,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fusionzoo.errors import FusionZooError
+from fusionzoo.io import write_json_atomic, write_text_atomic
 from fusionzoo.registry import register_dataset
 
 from .checks import PathLike
@@ -378,17 +379,6 @@ def scene_questions(objects: Sequence[Mapping[str, Any]], rng: np.random.Generat
 # --------------------------------------------------------------------------------------
 # Generation and the cache
 # --------------------------------------------------------------------------------------
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` through a temporary file and :func:`os.replace` (a reader never sees half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, indent=1) + "\n"
-
-
 def _read_marker(folder: Path) -> dict[str, Any] | None:
     try:
         marker = json.loads((folder / MARKER_NAME).read_text(encoding="utf-8"))
@@ -439,9 +429,9 @@ def _write_set(folder: Path, config: SortOfClevrConfig, progress: bool) -> dict[
                     }))
                 image_id += 1
                 bar.update(1)
-            _write_text(folder / f"{split}.jsonl", "\n".join(lines) + "\n")
+            write_text_atomic(folder / f"{split}.jsonl", "\n".join(lines) + "\n")
             head = json.dumps({"image_size": config.image_size, "background": config.background})[:-1]
-            _write_text(folder / f"scenes_{split}.json",  # one scene a line
+            write_text_atomic(folder / f"scenes_{split}.json",  # one scene a line
                         head + ', "scenes": [\n' + ",\n".join(json.dumps(scene) for scene in scenes) + "\n]}\n")
             counts[split] = {"scenes": config.scenes(split), "questions": len(lines),
                              "question_types": {t: per_template[t] for t in TEMPLATES}}
@@ -480,11 +470,11 @@ def generate_sort_of_clevr(
     staging = Path(tempfile.mkdtemp(prefix=f".{config.key()}.tmp-", dir=root))
     try:
         counts = _write_set(staging, config, progress)
-        _write_text(staging / MARKER_NAME, _json({
+        write_json_atomic(staging / MARKER_NAME, {
             "dataset": "sort-of-clevr", "generator_version": GENERATOR_VERSION, "key": config.key(),
             "params": config.params(), "answers": answer_vocabulary(config.num_objects),
             "templates": {t: {"answer_type": group, "question": text} for t, (group, text) in TEMPLATES.items()},
-            "counts": counts}))
+            "counts": counts}, indent=1)
         if final.exists() and not is_complete(final, config):
             shutil.rmtree(final)  # a crashed or foreign folder in the set's place
         try:

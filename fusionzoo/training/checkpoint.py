@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from ..io import write_json_atomic
 
 PROGRESS_FILE = "progress.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -66,18 +67,6 @@ def package_versions() -> dict[str, str]:
 def run_metadata(config: dict[str, Any]) -> dict[str, Any]:
     """What every checkpoint and result file carries: config, code version, packages."""
     return {"config": config, "git_commit": git_commit(), "versions": package_versions()}
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class CheckpointManager:
