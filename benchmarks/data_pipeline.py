@@ -48,7 +48,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -192,64 +191,30 @@ def measure_webdataset(args: argparse.Namespace, data: Path) -> dict[str, Any]:
 
 
 # -- 2. pretraining memory ----------------------------------------------------------
-def memory_status() -> dict[str, int]:
-    """This process's VmRSS, RssAnon, RssFile and RssShmem in bytes (Linux)."""
-    values = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        name, _, rest = line.partition(":")
-        if name in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
-            values[name] = int(rest.split()[0]) * 1024
-    values["private"] = values.get("RssAnon", 0) + values.get("RssShmem", 0)
-    return values
-
-
-class MemorySampler(threading.Thread):
-    """Samples :func:`memory_status` every ``interval`` seconds and keeps each value's peak."""
-
-    def __init__(self, interval: float = 0.005) -> None:
-        super().__init__(daemon=True)
-        self.interval, self.peak, self._done = interval, memory_status(), threading.Event()
-
-    def reset(self) -> None:
-        self.peak = memory_status()
-
-    def run(self) -> None:
-        while not self._done.wait(self.interval):
-            for name, value in memory_status().items():
-                self.peak[name] = max(self.peak.get(name, 0), value)
-
-    def stop(self) -> dict[str, int]:
-        self._done.set()
-        self.join()
-        return dict(self.peak)
-
-
 def memory_worker(payload: dict[str, Any]) -> None:
     """One pretraining run in this process (under torchrun: in each), its memory written to a JSON file."""
+    from fusionzoo.hardware import RssSampler
     from fusionzoo.training.config import load_config
     from fusionzoo.training.loop import run
     from fusionzoo.training.pretrain import PretrainRecipe, pretrain_base_config
 
-    sampler = MemorySampler()
-    sampler.start()
-    marks: dict[str, dict[str, int]] = {}
+    with RssSampler(interval_s=0.005, by_kind=True) as sampler:  # VmRSS, RssAnon, RssFile, RssShmem, private
 
-    class Measured(PretrainRecipe):
-        def build_model(self, config: Any, accelerator: Any) -> Any:
-            model = super().build_model(config, accelerator)
-            gc.collect()
-            marks["after_model"] = memory_status()
-            sampler.reset()
-            return model
+        class Measured(PretrainRecipe):
+            def build_model(self, config: Any, accelerator: Any) -> Any:
+                model = super().build_model(config, accelerator)
+                gc.collect()
+                sampler.reset()  # sampler.start: what the process holds once the model is built
+                return model
 
-    config = load_config(payload["config"], payload["overrides"], base=pretrain_base_config())
-    run(Measured(), config)
-    peak = sampler.stop()
+        config = load_config(payload["config"], payload["overrides"], base=pretrain_base_config())
+        run(Measured(), config)
+    peak = sampler.peak
     rank = int(os.environ.get("RANK", "0"))
     run_json = json.loads((Path(config.output_dir) / "final" / "run.json").read_text())
-    report = {"rank": rank, "after_model": marks["after_model"], "peak": peak,
-              "beyond_model_private": peak["private"] - marks["after_model"]["private"],
-              "beyond_model_rss": peak["VmRSS"] - marks["after_model"]["VmRSS"],
+    report = {"rank": rank, "after_model": sampler.start, "peak": peak,
+              "beyond_model_private": peak["private"] - sampler.start["private"],
+              "beyond_model_rss": peak["VmRSS"] - sampler.start["VmRSS"],
               "feature_cache": run_json.get("feature_cache")}
     Path(f"{payload['report']}.rank{rank}.json").write_text(json.dumps(report))
 

@@ -12,7 +12,7 @@ measures on the CPU, or on the GPU when one is present:
   on the same machine (large square matmuls, best of several);
 * peak training memory: on CUDA ``torch.cuda.max_memory_allocated`` above what was
   allocated before the step; on the CPU the process RSS sampled every millisecond by a
-  thread (psutil) in a separate worker process started with glibc's
+  thread (:class:`fusionzoo.hardware.RssSampler`) in a separate worker process started with glibc's
   ``MALLOC_MMAP_THRESHOLD_`` fixed so that freed tensors go back to the OS: the peak
   above the RSS before the step (activations and gradients; weights and AdamW state are
   reported apart);
@@ -57,7 +57,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -76,6 +75,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import fusionzoo  # noqa: E402
 from fusionzoo.encoders import VisionEncoder  # noqa: E402
+from fusionzoo.hardware import RssSampler, rss_bytes, rss_is_current  # noqa: E402
 from fusionzoo.layers import Linear, cpu_has_optimized_bf16_kernels  # noqa: E402
 from fusionzoo.model import FusionModel  # noqa: E402
 
@@ -233,43 +233,8 @@ def time_interleaved(
 
 
 # -- memory ------------------------------------------------------------------
-class RssSampler:
-    """Peak resident set size of this process while the ``with`` block runs (psutil, 1 ms polling)."""
-
-    def __init__(self, interval_s: float = 0.001) -> None:
-        import psutil
-
-        self._process = psutil.Process()
-        self._interval = interval_s
-        self._stop = threading.Event()
-        self.before = 0
-        self.peak = 0
-
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._process.memory_info().rss)
-            time.sleep(self._interval)
-
-    def __enter__(self) -> "RssSampler":
-        self.before = self.peak = self._process.memory_info().rss
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._process.memory_info().rss)
-
-    @property
-    def increase_mb(self) -> float:
-        return (self.peak - self.before) / 2**20
-
-
 def rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
+    return rss_bytes() / 2**20
 
 
 def step_memory_mb(step: Callable[[], object], device: torch.device) -> float:
@@ -281,9 +246,9 @@ def step_memory_mb(step: Callable[[], object], device: torch.device) -> float:
         step()
         sync(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    with RssSampler() as sampler:
+    with RssSampler(interval_s=0.001) as sampler:
         step()
-    return sampler.increase_mb
+    return sampler.increase() / 2**20
 
 
 # -- models ------------------------------------------------------------------
@@ -651,10 +616,9 @@ def run_memory_worker(cfg: BenchConfig, fusions: list[str], with_vilt: bool, dev
     """Start :func:`memory_worker` in a fresh process; on CUDA run it here (the allocator keeps exact counts)."""
     if device.type == "cuda":
         return memory_worker(cfg, fusions, with_vilt, device)
-    try:
-        import psutil  # noqa: F401
-    except ImportError:
-        return {"error": "psutil is not installed: no CPU memory figures (pip install psutil)"}
+    if not rss_is_current():
+        return {"error": "no way to read this process's current RSS here (no /proc/self/statm, psutil not "
+                         "installed): no CPU memory figures (pip install psutil)"}
     payload = json.dumps({"cfg": asdict(cfg), "fusions": fusions, "vilt": with_vilt})
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     proc = subprocess.run(
@@ -794,7 +758,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         progress("measuring training memory in a worker process")
     memory = {} if args.no_memory else run_memory_worker(cfg, fusions, args.vs_vilt, device)
     memory_method = ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
-                     "psutil RSS sampled every 1 ms in a fresh worker process (MALLOC_MMAP_THRESHOLD_=65536)")
+                     "RSS (fusionzoo.hardware.RssSampler) sampled every 1 ms in a fresh worker process "
+                     "(MALLOC_MMAP_THRESHOLD_=65536)")
     if isinstance(memory, dict) and "error" in memory:
         print(f"memory: {memory['error']}")
 
