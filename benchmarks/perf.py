@@ -86,8 +86,10 @@ PATCH_PRESET = "perf-patch-embed"
 
 # -- configuration -----------------------------------------------------------
 @dataclass(frozen=True)
-class BenchConfig:
-    """One configuration for every measurement (the ViLT comparison uses it too).
+class PerfConfig:
+    """The model shape and workload of every measurement of this script (the ViLT comparison uses it too).
+
+    Not :class:`fusionzoo.bench.BenchConfig`, which configures ``fusionzoo bench`` (training and scoring).
 
     Attributes:
         batch: training and inference batch size.
@@ -131,8 +133,8 @@ class BenchConfig:
         return (self.image_size // self.patch) ** 2 + 1
 
 
-FULL = BenchConfig()
-QUICK = BenchConfig(
+FULL = PerfConfig()
+QUICK = PerfConfig(
     batch=4, text_len=8, image_size=64, patch=32, dim=32, layers=1, heads=2, num_answers=13,
     gen_images=1, gen_tokens=4, beams=3, warmup=1, repeats=2, budget_s=2.0, slow_s=5.0,
     peak_sizes=(128, 256),
@@ -205,7 +207,7 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], device: torch.device, cfg: BenchConfig
+    fns: dict[str, Callable[[], object]], device: torch.device, cfg: PerfConfig
 ) -> dict[str, Timing]:
     """Time several callables one call of each per round, so that load changes hit all of them.
 
@@ -294,7 +296,7 @@ def patch_embed_encoder(pretrained: bool = False, dim: int = 384, patch: int = 3
     return VisionEncoder(PatchEmbedder(dim, patch), {"preset": PATCH_PRESET}, data_config=data_config)
 
 
-def build_ours(task: str, fusion: str, cfg: BenchConfig) -> FusionModel:
+def build_ours(task: str, fusion: str, cfg: PerfConfig) -> FusionModel:
     """A fusionzoo model at ``cfg``: patch embedding, BERT embeddings (0 layers; 1 for captioning), the fusion."""
     if PATCH_PRESET not in fusionzoo.VISION_ENCODERS:
         fusionzoo.register_vision_encoder(PATCH_PRESET)(patch_embed_encoder)
@@ -330,7 +332,7 @@ def build_ours(task: str, fusion: str, cfg: BenchConfig) -> FusionModel:
     return model
 
 
-def build_vilt(cfg: BenchConfig) -> nn.Module:
+def build_vilt(cfg: PerfConfig) -> nn.Module:
     """``transformers.ViltForQuestionAnswering`` at ``cfg``, randomly initialised (no download)."""
     from transformers import ViltConfig, ViltForQuestionAnswering
 
@@ -352,7 +354,7 @@ def build_vilt(cfg: BenchConfig) -> nn.Module:
     return ViltForQuestionAnswering(config)
 
 
-def vqa_batch(cfg: BenchConfig, device: torch.device, vilt: bool = False) -> dict[str, Tensor]:
+def vqa_batch(cfg: PerfConfig, device: torch.device, vilt: bool = False) -> dict[str, Tensor]:
     """A synthetic VQA batch, already on ``device`` (the data path never makes the model wait)."""
     g = torch.Generator().manual_seed(0)
     batch = {
@@ -407,7 +409,7 @@ def maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
 
 
 # -- the machine's peak ------------------------------------------------------
-def matmul_peak(device: torch.device, cfg: BenchConfig, kind: str) -> dict[str, Any]:
+def matmul_peak(device: torch.device, cfg: PerfConfig, kind: str) -> dict[str, Any]:
     """Best GFLOP/s of square matmuls ``a @ b`` and ``a @ b.T`` (3 timed runs each, after one warmup).
 
     ``kind``: ``"fp32"``; ``"bf16"`` (PyTorch's bf16 kernels); ``"bf16_via_fp32"`` (a bf16
@@ -444,7 +446,7 @@ def matmul_peak(device: torch.device, cfg: BenchConfig, kind: str) -> dict[str, 
     return {"gflops": round(best, 2), "by_size_and_layout": results}
 
 
-def measure_peaks(device: torch.device, cfg: BenchConfig) -> dict[str, Any]:
+def measure_peaks(device: torch.device, cfg: PerfConfig) -> dict[str, Any]:
     """fp32 and bf16 matmul peaks; on a CPU without optimised bf16 kernels also bf16 through the fp32 units.
 
     ``bf16_gflops`` is the fastest way this machine multiplies bf16 matrices in PyTorch
@@ -463,7 +465,7 @@ def set_reference_peaks(peaks: dict[str, Any]) -> None:
     peaks["bf16_gflops"] = max(peaks[k]["gflops"] for k in ("bf16", "bf16_via_fp32") if k in peaks)
 
 
-def recheck_peaks(peaks: dict[str, Any], device: torch.device, cfg: BenchConfig) -> None:
+def recheck_peaks(peaks: dict[str, Any], device: torch.device, cfg: PerfConfig) -> None:
     """Measure the fp32 (and bf16-through-fp32) peak again at one size and keep the best.
 
     Called before each fusion: a peak taken while other processes were busy would
@@ -508,7 +510,7 @@ class FusionResult:
     loadavg: list[float] = field(default_factory=list)
 
 
-def measure_training(model: nn.Module, batch: dict[str, Tensor], device: torch.device, cfg: BenchConfig,
+def measure_training(model: nn.Module, batch: dict[str, Tensor], device: torch.device, cfg: PerfConfig,
                      precisions: tuple[str, ...]) -> dict[str, Timing]:
     """Training-step timings for each precision, interleaved (one optimiser, shared by both)."""
     model.train()
@@ -517,7 +519,7 @@ def measure_training(model: nn.Module, batch: dict[str, Tensor], device: torch.d
     return time_interleaved(steps, device, cfg)
 
 
-def measure_inference(model: FusionModel, batch: dict[str, Tensor], device: torch.device, cfg: BenchConfig,
+def measure_inference(model: FusionModel, batch: dict[str, Tensor], device: torch.device, cfg: PerfConfig,
                       precisions: tuple[str, ...]) -> dict[str, float]:
     """Eval-mode forward samples/s (no labels, no gradients) per precision."""
     model.eval()
@@ -534,7 +536,7 @@ def measure_inference(model: FusionModel, batch: dict[str, Tensor], device: torc
     return {p: cfg.batch / t.median_s for p, t in timings.items()}
 
 
-def measure_generation(fusion: str, device: torch.device, cfg: BenchConfig) -> tuple[dict[str, float], float]:
+def measure_generation(fusion: str, device: torch.device, cfg: PerfConfig) -> tuple[dict[str, float], float]:
     """Caption tokens/s with and without the key/value cache, and the speedup (fp32).
 
     EOS is disabled on this model instance so that both runs decode exactly
@@ -558,7 +560,7 @@ def measure_generation(fusion: str, device: torch.device, cfg: BenchConfig) -> t
     return rates, timings["no_cache"].median_s / timings["kv_cache"].median_s
 
 
-def measure_fusion(fusion: str, device: torch.device, cfg: BenchConfig, compile_model: bool) -> FusionResult:
+def measure_fusion(fusion: str, device: torch.device, cfg: PerfConfig, compile_model: bool) -> FusionResult:
     """Training, FLOPs/MFU, inference and generation for one fusion (memory comes from the worker)."""
     torch.manual_seed(0)
     model = build_ours("vqa", fusion, cfg).to(device)
@@ -581,7 +583,7 @@ def measure_fusion(fusion: str, device: torch.device, cfg: BenchConfig, compile_
 
 
 # -- memory worker (a separate process: see the module docstring) ---------------------
-def memory_worker(cfg: BenchConfig, fusions: list[str], with_vilt: bool, device: torch.device) -> dict[str, Any]:
+def memory_worker(cfg: PerfConfig, fusions: list[str], with_vilt: bool, device: torch.device) -> dict[str, Any]:
     """Peak training-step memory above the RSS before the step, per fusion (and ViLT), per precision.
 
     Runs in a fresh process. Each model: build it and its optimiser, one fp32 step (so
@@ -612,7 +614,7 @@ def memory_worker(cfg: BenchConfig, fusions: list[str], with_vilt: bool, device:
     return out
 
 
-def run_memory_worker(cfg: BenchConfig, fusions: list[str], with_vilt: bool, device: torch.device) -> dict[str, Any]:
+def run_memory_worker(cfg: PerfConfig, fusions: list[str], with_vilt: bool, device: torch.device) -> dict[str, Any]:
     """Start :func:`memory_worker` in a fresh process; on CUDA run it here (the allocator keeps exact counts)."""
     if device.type == "cuda":
         return memory_worker(cfg, fusions, with_vilt, device)
@@ -632,7 +634,7 @@ def run_memory_worker(cfg: BenchConfig, fusions: list[str], with_vilt: bool, dev
 
 
 # -- ViLT, side by side ------------------------------------------------------------
-def compare_with_vilt(device: torch.device, cfg: BenchConfig, compile_model: bool) -> dict[str, Any]:
+def compare_with_vilt(device: torch.device, cfg: PerfConfig, compile_model: bool) -> dict[str, Any]:
     """Our merged_transformer and transformers' ViLT at one configuration, steps alternating."""
     torch.manual_seed(0)
     ours = build_ours("vqa", "merged_transformer", cfg).to(device).train()
@@ -726,7 +728,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if args.memory_worker is not None:  # internal: the fresh process of run_memory_worker
         payload = json.loads(args.memory_worker)
-        cfg = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in payload["cfg"].items()})
+        cfg = PerfConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in payload["cfg"].items()})
         print(json.dumps(memory_worker(cfg, payload["fusions"], payload["vilt"], device)))
         return {}
 
