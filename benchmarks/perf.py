@@ -40,7 +40,7 @@ memory, so the data path never waits.
 
 Usage::
 
-    python benchmarks/perf.py                 # every fusion (about 6 minutes on 2 cores)
+    python benchmarks/perf.py                 # every fusion (minutes on a CPU)
     python benchmarks/perf.py --vs-vilt       # ... and the ViLT comparison
     python benchmarks/perf.py --quick --vs-vilt --out /tmp/perf.json   # smoke run, seconds
     python benchmarks/perf.py --fusions merged_transformer --vs-vilt --compile
@@ -63,9 +63,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 # OpenMP's wait policy is left to the environment. OMP_WAIT_POLICY=PASSIVE (idle threads sleep)
-# helps only when other processes share the cores; on an idle 2-core machine it made cached caption
-# decoding -- many tiny ops, each waking the threads -- 1.8x slower (704 against 393 ms for the
-# merged_transformer workload below) and left the large training matmuls unchanged (within 2%).
+# helps only when other processes share the cores; on an idle machine it slows cached caption
+# decoding -- many tiny ops, each waking the threads -- and leaves the large training matmuls as
+# they are (the README's benchmark section has the figure).
 
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402

@@ -12,8 +12,8 @@ def cpu_has_bf16_instructions() -> bool:
     """Whether this CPU has bfloat16 matrix instructions (AMX or AVX-512 BF16), read from /proc/cpuinfo.
 
     This answers "is bf16 faster than fp32 here", for ``mixed_precision=auto``: without
-    these instructions bfloat16 matmuls are emulated and several times *slower* than float32
-    (measured 6.5x for a 1024-wide Linear on a 2-core AVX2 machine). It is not
+    these instructions bfloat16 matmuls are emulated (or fall back to a reference kernel)
+    and are *slower* than float32, so ``auto`` stays in float32 there. It is not
     :func:`fusionzoo.layers.cpu_has_optimized_bf16_kernels`, which answers "does PyTorch
     avoid its slow reference bf16 kernels here" (also True on AVX-512 CPUs that emulate
     bf16, where bf16 is usable but not faster than fp32).

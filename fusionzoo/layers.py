@@ -7,8 +7,8 @@ key/value cache that caption generation uses.
 Matrix products go through :class:`Linear` (:func:`linear`), an ``nn.Linear``
 that stays fast under bf16 autocast on CPUs without optimised bf16 kernels (see
 :func:`cpu_has_optimized_bf16_kernels`, e.g. AMD Zen 3 or other AVX2-only CPUs). There
-PyTorch's bf16 matrix and attention kernels are a reference fallback 5-100x
-slower than fp32, so :class:`Linear` and :class:`Attention` compute in fp32
+PyTorch's bf16 matrix and attention kernels are a reference fallback, far
+slower than its fp32 kernels, so :class:`Linear` and :class:`Attention` compute in fp32
 instead; everywhere else (GPUs, CPUs with AVX-512, AVX512-BF16 or AMX) autocast applies as usual.
 
 Mask convention everywhere in fusionzoo: boolean, ``True`` = a real token that
@@ -79,7 +79,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
     There, with fp32 parameters, the product is computed from ``x`` in fp32 and the
     result is fp32 (autocast would have made both bf16): on a CPU without bf16
-    instructions the fp32 kernels are 5-100x faster than PyTorch's bf16 fallback, and
+    instructions the fp32 kernels are far faster than PyTorch's bf16 fallback, and
     converting activations back and forth would cost more than bf16 saves.
     """
     if weight.dtype == torch.float32 and bf16_is_slow_here(x):
@@ -88,8 +88,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     rows = x.numel() // max(1, x.shape[-1]) if weight.shape[0] >= WIDE_OUTPUT else FEW_ROWS + 1
     if rows <= FEW_ROWS and x.device.type == "cpu":
         # A few rows through a very wide matrix (an LM head while decoding) is a pass over the
-        # weight; computed as weight @ x^T it ran 2x faster (5.7 against 11.5 ms for 6 rows x
-        # MiniLM's 30,522 x 384 embedding in fp32 on the 2-core CPU of the README).
+        # weight, which PyTorch's CPU kernels make faster as weight @ x^T than as F.linear's
+        # x @ weight^T (the README's benchmark section has the gain).
         flat = x.reshape(rows, x.shape[-1])  # (R, Din)
         out = torch.mm(weight, flat.T) if bias is None else torch.addmm(bias[:, None], weight, flat.T)  # (Dout, R)
         return out.T.contiguous().view(*x.shape[:-1], weight.shape[0])
@@ -248,9 +248,9 @@ class Attention(nn.Module):
                     dropout_p=self.dropout if self.training else 0.0,
                 )
         elif q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-            # PyTorch's CPU flash-attention kernel is slow in bf16: its backward took 16.3 ms
-            # against 2.4 ms for the math kernel at (128, 4 heads, 12 tokens, 32), and 25.0 against
-            # 11.0 ms at (32, 6, 66, 64), on a 2-core AVX512-BF16 CPU. In fp32 flash is the faster one.
+            # PyTorch's CPU flash-attention kernel is slow in bf16 (its backward above all), so
+            # half-precision attention on the CPU takes the math kernel; fp32 keeps the default
+            # choice, where flash is the faster one (the README's benchmark section has figures).
             with sdpa_kernel(SDPBackend.MATH):
                 y = F.scaled_dot_product_attention(
                     q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0

@@ -12,8 +12,8 @@ shared out between them.
   without a centre crop; training uses the encoder's evaluation preprocessing as it
   is, :func:`image_preprocessing` with ``image_size=None, crop=True``). Decoding runs
   in DataLoader workers while the encoder runs in the main process, channels-last
-  (about 2x faster for EfficientNet's depthwise convolutions on CPU than the default
-  layout).
+  (the memory layout PyTorch's CPU kernels for EfficientNet's depthwise convolutions
+  are fastest in).
 * :func:`text_features` -- token ids, mask and ``TextEncoder`` states
   (U, T, Dt) for U distinct strings, so a question asked of 1,000 images is
   encoded once. Within a block, texts are sorted by length before batching (little
