@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from .alignment import Alignment
 from .encoders import TextEncoder, VisionEncoder, build_text_encoder, build_vision_encoder
 from .encoders.text import CONFIG_DIR, TOKENIZER_DIR
-from .encoders.vision import rebuild_saved_vision_encoder
+from .encoders.saved_vision import rebuild_saved_vision_encoder
 from .errors import MissingModelFileError, ModelFolderError
 from .fusions.base import FusionModule, FusionOutput
 from .layers import KVCache
@@ -553,7 +553,7 @@ class FusionModel(nn.Module):
         """Rebuild a model saved by :meth:`save_pretrained` and load its weights strictly.
 
         The folder is data, never a list of places to read or things to run: timm gets only
-        the architecture keywords of :data:`~fusionzoo.encoders.vision.SAVED_TIMM_KWARGS`
+        the architecture keywords of :data:`~fusionzoo.encoders.saved_vision.SAVED_TIMM_KWARGS`
         from config.json (a recorded ``checkpoint`` is never opened), every file read must
         resolve (symlinks followed) inside the folder, the tokenizer must fit the text
         encoder's embedding table, and nothing goes to the network unless ``allow_download``.

@@ -3,7 +3,7 @@
 Every case edits one file of a freshly saved tiny model and expects a
 :class:`~fusionzoo.errors.ModelFolderError` whose message names the file and the key,
 while nothing outside the folder is read and timm never gets a keyword that could
-name a file (:data:`~fusionzoo.encoders.vision.SAVED_TIMM_KWARGS` only). A normal
+name a file (:data:`~fusionzoo.encoders.saved_vision.SAVED_TIMM_KWARGS` only). A normal
 folder still loads offline to identical outputs, and saved files get the umask's mode.
 """
 
@@ -25,7 +25,7 @@ import timm
 import timm.models
 import torch
 
-from fusionzoo.encoders.vision import SAVED_TIMM_KWARGS
+from fusionzoo.encoders.saved_vision import SAVED_TIMM_KWARGS
 from fusionzoo.errors import ModelFolderError
 from fusionzoo.model import CONFIG_NAME, WEIGHTS_NAME, FusionModel, create_model, load_model
 

@@ -387,7 +387,8 @@ def select_settings(data_dir: str | Path, candidates: Sequence[tuple[str, dict[s
     Returns:
         one row per candidate, as :func:`run_retrieval_row` returns it, scored on val.
     """
-    from .cache import FeatureCache, default_cache_dir
+    from ..features.cache import FeatureCache
+    from ..features.layout import default_cache_dir
     from .runner import extract_features, resolve_device
     from .suites import SUITES, load_coco_retrieval_task, _keep_images, _quick_images
     from ..encoders import build_text_encoder, build_vision_encoder

@@ -49,7 +49,8 @@ from ..registry import FUSIONS, HEADS, RegistryError
 from ..tasks import get_task
 from ..training.optim import ENCODER_PREFIXES
 from .baselines import REFERENCES
-from .cache import FeatureCache, default_cache_dir
+from ..features.cache import FeatureCache
+from ..features.layout import default_cache_dir
 from .features import add_position_channels, image_features, image_preprocessing, pool_image_tokens, text_features
 from .loop import (
     FeatureView,

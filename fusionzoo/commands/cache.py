@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..features.cache import StoredEntry
+    from ..features.manage import StoredEntry
 
 CACHE_EPILOG = """\
 The folder is --cache-dir, else $FUSIONZOO_CACHE, else $XDG_CACHE_HOME/fusionzoo/features
@@ -64,7 +64,7 @@ def _no_action(parser: argparse.ArgumentParser) -> int:
 
 
 def _root(args: argparse.Namespace) -> tuple[Path, str]:
-    from ..features.cache import default_cache_dir
+    from ..features.layout import default_cache_dir
 
     if args.cache_dir:
         return Path(args.cache_dir), "--cache-dir"
@@ -114,7 +114,7 @@ def describe(entry: StoredEntry) -> str:
         if first:
             parts.append(f"e.g. {str(first[0])[:40]!r}")
     if entry.meta.get("format") is not None:
-        from ..features.cache import CACHE_FORMAT
+        from ..features.layout import CACHE_FORMAT
 
         if entry.meta["format"] != CACHE_FORMAT:
             parts.append("older layout, never read")
@@ -122,7 +122,7 @@ def describe(entry: StoredEntry) -> str:
 
 
 def _run_cache_list(args: argparse.Namespace) -> int:
-    from ..features.cache import stored_entries
+    from ..features.manage import stored_entries
 
     root, source = _root(args)
     entries = stored_entries(root)  # a CacheError is printed as one line by the command line
@@ -143,7 +143,7 @@ def _run_cache_list(args: argparse.Namespace) -> int:
 
 
 def _run_cache_clear(args: argparse.Namespace) -> int:
-    from ..features.cache import entries_to_remove, parse_age, remove_entries, stored_entries
+    from ..features.manage import entries_to_remove, parse_age, remove_entries, stored_entries
 
     root, _ = _root(args)
     older_than = parse_age(args.older_than) if args.older_than is not None else None

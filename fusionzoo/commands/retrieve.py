@@ -253,7 +253,7 @@ def list_images(folder: Path) -> list[ImageFile]:
 
 def _key_parts(model: FusionModel, model_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """What identifies the model (its weights' content hash, its config) and how images are turned into tokens."""
-    from ..features.cache import fingerprint_files
+    from ..features.keys import fingerprint_files
     from ..model import WEIGHTS_NAME
 
     encoder = {"weights": fingerprint_files([str(model_dir / WEIGHTS_NAME)]), "config": model.config}
@@ -264,7 +264,7 @@ def _key_parts(model: FusionModel, model_dir: Path) -> tuple[dict[str, Any], dic
 
 def index_key(encoder: dict[str, Any], preprocessing: dict[str, Any], entries: list[ImageFile]) -> str:
     """40 hex characters over the model and the folder listing (relative paths, sizes, modification times)."""
-    from ..features.cache import cache_key, fingerprint_texts
+    from ..features.keys import cache_key, fingerprint_texts
 
     listing = fingerprint_texts(f"{f.rel}\t{f.size}\t{f.mtime_ns}" for f in entries)
     return cache_key(encoder, preprocessing, f"listing:{listing}")
@@ -273,10 +273,10 @@ def index_key(encoder: dict[str, Any], preprocessing: dict[str, Any], entries: l
 def default_index_root() -> Path:
     """``$FUSIONZOO_CACHE/retrieve``, else ``$XDG_CACHE_HOME/fusionzoo/retrieve`` (``~/.cache/fusionzoo/retrieve``).
 
-    Next to the feature cache of ``fusionzoo bench`` and training (:func:`~fusionzoo.features.cache.default_cache_dir`);
+    Next to the feature cache of ``fusionzoo bench`` and training (:func:`~fusionzoo.features.layout.default_cache_dir`);
     ``fusionzoo cache`` lists and clears only its own entries, never this folder.
     """
-    from ..features.cache import default_cache_dir
+    from ..features.layout import default_cache_dir
 
     features = default_cache_dir()
     if os.environ.get("FUSIONZOO_CACHE"):
@@ -290,7 +290,7 @@ def default_index_path(encoder: dict[str, Any], preprocessing: dict[str, Any], f
     One file per (model, folder), not per listing: a changed folder replaces its index
     instead of leaving the stale one behind.
     """
-    from ..features.cache import cache_key
+    from ..features.keys import cache_key
 
     slot = cache_key(encoder, preprocessing, f"folder:{folder.resolve()}")[:20]
     return default_index_root() / slot / INDEX_NAME

@@ -63,7 +63,7 @@ three splits (train first); question ``q`` of image ``i`` has id
 Cache (:func:`generate_sort_of_clevr`): a set lives in
 ``<cache_dir>/<key>/``, where ``cache_dir`` defaults to
 ``$FUSIONZOO_CACHE/sort-of-clevr`` or else ``~/.cache/fusionzoo/sort-of-clevr``
-(next to the feature cache of :func:`fusionzoo.features.cache.default_cache_dir`;
+(next to the feature cache of :func:`fusionzoo.features.layout.default_cache_dir`;
 ``fusionzoo cache`` never lists or clears it), and ``key`` is 20 hex digits of a
 hash of every generation parameter and :data:`GENERATOR_VERSION`. A complete set
 is reused as it is; any other parameter gives another key. A set is written
@@ -257,7 +257,7 @@ def answer_vocabulary(num_objects: int = 6) -> list[str]:
 
 def default_cache_dir() -> Path:
     """``$FUSIONZOO_CACHE/sort-of-clevr``, else ``$XDG_CACHE_HOME/fusionzoo/sort-of-clevr`` (``~/.cache/...``)."""
-    from fusionzoo.features.cache import default_cache_dir as feature_cache_dir
+    from fusionzoo.features.layout import default_cache_dir as feature_cache_dir
 
     features = feature_cache_dir()
     if os.environ.get("FUSIONZOO_CACHE"):

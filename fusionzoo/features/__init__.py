@@ -1,8 +1,14 @@
 """Frozen-encoder features, computed once and kept on disk: the one cache that benchmarks and training share.
 
-* :mod:`~fusionzoo.features.cache` -- :class:`FeatureCache`: memory-mapped float16 arrays
-  keyed by encoder weights, preprocessing and inputs; resumable builds shared by a run's
-  processes; ``fusionzoo cache list`` / ``clear`` (imports no torch);
+* :mod:`~fusionzoo.features.cache` -- :class:`FeatureCache`: memory-mapped float16 arrays,
+  looked up and, on a miss, built;
+* :mod:`~fusionzoo.features.keys` -- :func:`cache_key` and the fingerprints of weights and
+  inputs it hashes;
+* :mod:`~fusionzoo.features.layout` -- an entry's folder on disk (:class:`CacheEntry`),
+  :func:`default_cache_dir`, :class:`CacheError`;
+* :mod:`~fusionzoo.features.build` -- :class:`RowBuilder`: resumable builds shared by a
+  run's processes, published by a rename;
+* :mod:`~fusionzoo.features.manage` -- ``fusionzoo cache list`` / ``clear`` (imports no torch);
 * :mod:`~fusionzoo.features.extract` -- :func:`image_features` and :func:`text_features`,
   which fill it.
 
@@ -15,9 +21,9 @@ from typing import Any
 
 # Names imported on first use (PEP 562): listing the cache needs no torch.
 _LAZY = {
-    "CacheEntry": "cache", "CacheError": "cache", "FeatureCache": "cache", "RowBuilder": "cache",
-    "cache_key": "cache", "default_cache_dir": "cache", "fingerprint_files": "cache",
-    "fingerprint_module": "cache", "fingerprint_texts": "cache",
+    "CacheEntry": "layout", "CacheError": "layout", "FeatureCache": "cache", "RowBuilder": "build",
+    "cache_key": "keys", "default_cache_dir": "layout", "fingerprint_files": "keys",
+    "fingerprint_module": "keys", "fingerprint_texts": "keys",
     "image_features": "extract", "image_preprocessing": "extract", "text_features": "extract",
     "text_preprocessing": "extract",
 }

@@ -2,7 +2,7 @@
 
 Both functions go through :class:`~fusionzoo.features.cache.FeatureCache`: the first
 run extracts and stores, later runs memory-map what is stored. Each extraction is a
-:class:`~fusionzoo.features.cache.RowBuilder`, so it shows a progress bar, resumes
+:class:`~fusionzoo.features.build.RowBuilder`, so it shows a progress bar, resumes
 where an interrupted one stopped and, with a cache given the run's processes, is
 shared out between them.
 
@@ -45,17 +45,10 @@ from tqdm.auto import tqdm
 from ..encoders import TextEncoder, VisionEncoder
 from ..data.checks import DataError
 from ..data.common import open_image
-from .cache import (
-    Block,
-    CacheEntry,
-    FeatureCache,
-    Layout,
-    RowBuilder,
-    cache_key,
-    fingerprint_files,
-    fingerprint_module,
-    fingerprint_texts,
-)
+from .build import Block, Layout, RowBuilder
+from .cache import FeatureCache
+from .keys import cache_key, fingerprint_files, fingerprint_module, fingerprint_texts
+from .layout import CacheEntry
 
 #: Stored dtype of feature arrays (see :mod:`fusionzoo.features.cache` for why half precision).
 FEATURE_DTYPE = np.float16
@@ -222,7 +215,7 @@ def image_features(
         tail: None, or ``n``: the inputs of the encoder's last ``n`` blocks instead
             (:meth:`VisionEncoder.tail_inputs`; not with ``stage``).
         skip_bad: an image that does not decode leaves its row zero and is named in the
-            entry's :attr:`~fusionzoo.features.cache.CacheEntry.bad_rows` instead of failing
+            entry's :attr:`~fusionzoo.features.layout.CacheEntry.bad_rows` instead of failing
             the extraction.
         block_rows: images per block (what an interrupted extraction may have to redo).
         images: None (``paths`` are image files), or the opener of images that are not files

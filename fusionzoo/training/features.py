@@ -49,7 +49,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..features.cache import FeatureCache, default_cache_dir
+from ..features.cache import FeatureCache
+from ..features.layout import default_cache_dir
 from ..features.extract import image_features, text_features
 from ..data.checks import SHOW_FIRST, DataError
 from .config import ConfigError, TrainConfig
@@ -62,7 +63,7 @@ IMAGE_ROW, TEXT_ROW = "_image_row", "_text_row"
 
 
 class RunProcesses:
-    """The :class:`~fusionzoo.features.cache.Processes` of a run, from its Accelerator."""
+    """The :class:`~fusionzoo.features.build.Processes` of a run, from its Accelerator."""
 
     def __init__(self, accelerator: Any) -> None:
         self.index, self.count = accelerator.process_index, accelerator.num_processes

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from fusionzoo.bench import FeatureCache, cache_key, fingerprint_files, fingerprint_module, fingerprint_texts
+from fusionzoo.features.cache import FeatureCache
+from fusionzoo.features.keys import cache_key, fingerprint_files, fingerprint_module, fingerprint_texts
 from fusionzoo.bench.baselines import ImageOnlyReference, TextOnlyReference
 from fusionzoo.bench.features import image_preprocessing
 from fusionzoo.bench import runner

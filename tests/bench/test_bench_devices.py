@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fusionzoo.bench.cache import FeatureCache
+from fusionzoo.features.cache import FeatureCache
 from fusionzoo.bench.runner import (BenchConfig, extract_features, run_rows, run_rows_on_devices,
                                     settings_for)
 from fusionzoo.bench.suites import SUITES, load_tasks

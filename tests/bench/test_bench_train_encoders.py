@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fusionzoo.bench import runner
-from fusionzoo.bench.cache import FeatureCache, fingerprint_module
+from fusionzoo.features.cache import FeatureCache
+from fusionzoo.features.keys import fingerprint_module
 from fusionzoo.bench.runner import build_bench_model, extract_features, fusion_kwargs_for
 from fusionzoo.bench.suites import SUITES, load_tasks
 from fusionzoo.bench.tails import EncoderTailsModel, with_encoder_tails

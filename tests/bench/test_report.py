@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from fusionzoo.bench import FeatureCache, report
-from fusionzoo.bench.cache import CacheError, entries_to_remove, fingerprint_files, parse_age, stored_entries
+from fusionzoo.bench import report
+from fusionzoo.features.cache import FeatureCache
+from fusionzoo.features.keys import fingerprint_files
+from fusionzoo.features.layout import CacheError
+from fusionzoo.features.manage import entries_to_remove, parse_age, stored_entries
 from fusionzoo.bench.suites import BenchTask, SplitData
 from fusionzoo.cli import main
 

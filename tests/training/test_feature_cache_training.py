@@ -22,7 +22,9 @@ import pytest
 
 from fusionzoo.encoders import VisionEncoder, build_vision_encoder
 from fusionzoo.features import extract
-from fusionzoo.features.cache import CacheError, FeatureCache, stored_entries
+from fusionzoo.features.cache import FeatureCache
+from fusionzoo.features.layout import CacheError
+from fusionzoo.features.manage import stored_entries
 from fusionzoo.features.extract import image_features, image_preprocessing
 from fusionzoo.model import FusionModel
 from fusionzoo.training.config import ConfigError, load_config
