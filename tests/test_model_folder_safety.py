@@ -418,7 +418,8 @@ def test_saved_files_get_the_mode_the_umask_allows(template: tuple[FusionModel, 
 
 def test_pretraining_exports_get_the_same_modes(tmp_path: Path) -> None:
     from fusionzoo.training.config import load_config
-    from fusionzoo.training.pretrain import build_pretrain_model, pretrain_base_config
+    from fusionzoo.training.pretrain import pretrain_base_config
+    from fusionzoo.training.pretrain_model import build_pretrain_model
 
     fusion = 'fusion_kwargs={"dim": 32, "embed_dim": 16, "num_layers": 1, "num_heads": 2}'
     config = load_config(None, ["vision=tiny", "text=tiny", fusion], base=pretrain_base_config())

@@ -22,7 +22,7 @@ Rows (one model per row and seed, trained and scored on cached features):
 Training (:func:`train_retrieval_model`) is the step of ``fusionzoo train
 task=retrieval`` (:class:`~fusionzoo.training.retrieval.RetrievalRecipe`) on cached
 image tokens and cached caption states: the model's modules wrapped in
-:class:`~fusionzoo.training.pretrain.PretrainModel` (ITC over the batch with the captions
+:class:`~fusionzoo.training.pretrain_model.PretrainModel` (ITC over the batch with the captions
 of one image as positives of each other, ITM on the positives and on hard negatives drawn
 by ITC similarity with per-row generators, no MLM), through the bench's loop
 (:func:`~fusionzoo.bench.loop.train_model`: AdamW, warmup then cosine, full batches).
@@ -57,7 +57,8 @@ from ..model import FusionModel
 from ..registry import FUSIONS
 from ..tasks.retrieval import Captions, Gallery, OneProcess, score_matrices
 from ..tasks.retrieval_eval import recall_at_k
-from ..training.pretrain import PretrainModel, row_generators
+from ..training.pretrain import row_generators
+from ..training.pretrain_model import PretrainModel
 from .baselines import REFERENCES, TEXT_ONLY
 from .loop import PeakMemory, autocast, seeded, train_model
 from .runner import (SCORES_KEY, TEXT_ENCODER, VISION_ENCODER, _mean_metrics, result_row, count_parameters, fusion_kwargs_for,

@@ -119,7 +119,7 @@ class RetrievalSettings(TrainSettings):
 
     Attributes:
         itc_weight, itm_weight: ``loss = itc_weight * ITC + itm_weight * ITM``
-            (:class:`~fusionzoo.training.pretrain.PretrainModel`); ``itm_weight=0`` trains
+            (:class:`~fusionzoo.training.pretrain_model.PretrainModel`); ``itm_weight=0`` trains
             the alignment alone (the dual-encoder row).
         embed_dim: width of the :class:`~fusionzoo.alignment.Alignment` embeddings (a
             fusion that aligns itself, ``albef``, takes its own ``embed_dim`` from its kwargs).

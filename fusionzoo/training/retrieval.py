@@ -3,7 +3,7 @@
 The model is a :class:`~fusionzoo.model.FusionModel` for the ``retrieval`` task: the
 encoders, the fusion, its ITM head (``head``) and, for a fusion that does not
 align its own streams, an :class:`~fusionzoo.alignment.Alignment` (``align``). Each
-step is pretraining's step without MLM (:class:`~fusionzoo.training.pretrain.PretrainModel`
+step is pretraining's step without MLM (:class:`~fusionzoo.training.pretrain_model.PretrainModel`
 built around the same modules): ITC over the global batch with the captions of one
 image as positives of each other, and ITM on the positives and on hard negatives
 drawn by ITC similarity from the global batch, with per-row generators, so N
@@ -26,7 +26,9 @@ from torch.utils.data import DataLoader
 from ..losses import ITMLoss
 from .config import ConfigError, TrainConfig
 from .loop import RecipeData
-from .pretrain import PretrainModel, PretrainRecipe, _check_config, prepare_pretrain_data
+from .pretrain import PretrainRecipe, check_pretrain_config
+from .pretrain_data import prepare_pretrain_data
+from .pretrain_model import PretrainModel
 from .trainer import _build_model, check_names, eval_split_of, limit_rows, refuse_streamed
 
 
@@ -50,7 +52,7 @@ class RetrievalRecipe(PretrainRecipe):
         if config.itc_weight <= 0 and config.itm_weight <= 0:
             raise ConfigError("task=retrieval needs itc_weight > 0 or itm_weight > 0 (it trains ITC + ITM), got "
                               f"itc_weight={config.itc_weight}, itm_weight={config.itm_weight}")
-        _check_config(dataclasses.replace(config, mlm_weight=0.0), accelerator.num_processes)
+        check_pretrain_config(dataclasses.replace(config, mlm_weight=0.0), accelerator.num_processes)
         self.task = get_task(config.task)
         self.config = config
         self.label = f"train retrieval/{config.fusion}"

@@ -110,7 +110,7 @@ def features_as_cached(forward):
 def install_features_as_cached() -> None:
     """Patch ``PretrainModel`` and ``FusionModel`` with :func:`features_as_cached` for the rest of the process."""
     from fusionzoo.model import FusionModel
-    from fusionzoo.training.pretrain import PretrainModel
+    from fusionzoo.training.pretrain_model import PretrainModel
 
     for model in (PretrainModel, FusionModel):
         model.forward = features_as_cached(model.forward)

@@ -28,7 +28,8 @@ from fusionzoo.features.manage import stored_entries
 from fusionzoo.features.extract import image_features, image_preprocessing
 from fusionzoo.model import FusionModel
 from fusionzoo.training.config import ConfigError, load_config
-from fusionzoo.training.pretrain import PretrainModel, pretrain, pretrain_base_config
+from fusionzoo.training.pretrain import pretrain, pretrain_base_config
+from fusionzoo.training.pretrain_model import PretrainModel
 from fusionzoo.training.trainer import train
 
 from fixtures import _square, features_as_cached, train_log, write_karpathy_captions

@@ -24,10 +24,10 @@ from fusionzoo.losses import hard_negative_candidates
 from fusionzoo.training.config import load_config
 from fusionzoo.training.pretrain import (
     ProcessView,
-    build_pretrain_model,
     pretrain,
     pretrain_base_config,
 )
+from fusionzoo.training.pretrain_model import build_pretrain_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 60, 220), "yellow": (230, 220, 30)}
