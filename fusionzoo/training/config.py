@@ -179,6 +179,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         raise ConfigError(f"{source}: key '{key}' expects {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         allowed = get_args(tp)
+        if isinstance(value, bool) and ("yes" if value else "no") in allowed:
+            return "yes" if value else "no"  # YAML reads a bare no / yes (off / on) as a bool
         if value in allowed:
             return value
         if isinstance(value, bool) is False and str(value) in [str(a) for a in allowed]:
