@@ -1,15 +1,15 @@
-"""A lean training and evaluation loop over cached encoder features.
+"""The bench's driver of the training step over cached encoder features: one process, many small rows.
 
-Why not :mod:`fusionzoo.training.trainer`: the general trainer decodes images,
-runs the encoders and carries Accelerate's distributed machinery, checkpoints and
-resumption -- what fine-tuning needs. With frozen encoders and features already
-in memory a benchmark step is only "gather rows, run fusion + head, step", and on
-a 2-core CPU every millisecond of data loading and bookkeeping per step shows in
-the wall time. This loop is that and nothing more: one process, index tensors
-into the memory-mapped feature arrays, AdamW with the project's decay groups
-(:func:`~fusionzoo.training.optim.build_optimizer`) and warmup-cosine schedule
-(:func:`~fusionzoo.training.optim.warmup_cosine`), gradient clipping, optional
-autocast. The models it trains are ordinary :class:`~fusionzoo.model.FusionModel` s
+Why not :func:`fusionzoo.training.loop.run`: that loop decodes images, runs the encoders
+and carries Accelerate's distributed machinery, checkpoints and resumption -- what
+fine-tuning needs. With frozen encoders and features already in memory a benchmark step
+is only "gather rows, run fusion + head, step", and the per-step bookkeeping of a data
+loader shows in a small row's wall time. So this driver batches by indexing tensors into
+the memory-mapped feature arrays, and takes everything else from
+:mod:`fusionzoo.training.step`, the step ``fusionzoo train`` takes: the precision rule and
+autocast, the seeds, the step counts and warmup-cosine rates, the non-finite check, and the
+step itself (backward, clipping, AdamW with the project's decay groups,
+:func:`~fusionzoo.training.optim.build_optimizer`). The models it trains are ordinary :class:`~fusionzoo.model.FusionModel` s
 fed through ``forward(image_states=..., text_states=...)``, or, with ``--train-encoders``,
 :class:`~fusionzoo.bench.tails.EncoderTailsModel` s fed the encoders' cached tail inputs
 (``forward(image_tail_inputs=..., text_tail_inputs=...)``), which run trainable copies of
@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import resource
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -32,13 +30,20 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..hardware import auto_mixed_precision
+from ..hardware import RssSampler
 from ..model import FusionModel
-from ..training.optim import ENCODER_PREFIXES, build_optimizer, warmup_cosine
-from .suites import BenchError
-
-#: ``--mixed-precision`` values.
-PRECISIONS = ("auto", "no", "bf16", "fp16")
+from ..training.optim import ENCODER_PREFIXES, build_optimizer
+from ..training.step import (  # noqa: F401  (PRECISIONS, autocast: the bench's names for them)
+    PRECISIONS,
+    LearningRates,
+    LocalAccelerator,
+    autocast,
+    check_finite,
+    optimizer_step,
+    plan_steps,
+    seed_everything,
+)
+from ..training.step import resolve_precision as _resolve_precision
 
 
 # --------------------------------------------------------------------------------------
@@ -101,19 +106,8 @@ def as_tensor(array: np.ndarray) -> Tensor:
 # Precision and memory
 # --------------------------------------------------------------------------------------
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` where bfloat16 is fast (CUDA with bf16, CPUs with AMX / AVX-512 BF16), else ``no``.
-
-    On a CPU without those instructions bfloat16 matmuls are emulated and several
-    times *slower* than float32 (measured 6.5x for a 1024-wide Linear on the
-    2-core AVX2 machine of the README's reference numbers).
-    """
-    if precision not in PRECISIONS:
-        raise BenchError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision != "auto":
-        if precision == "fp16" and device.type == "cpu":
-            raise BenchError("--mixed-precision fp16 needs a CUDA device; on CPU use bf16 or no")
-        return precision
-    return auto_mixed_precision(on_cuda=device.type == "cuda")
+    """``--mixed-precision`` made concrete on ``device``: the rule of ``fusionzoo train``'s ``mixed_precision``."""
+    return _resolve_precision(precision, device.type, key="--mixed-precision")
 
 
 #: Held while a row seeds torch's global RNG and builds its model (rows on several GPUs run in threads).
@@ -132,49 +126,24 @@ def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
     threads would share one generator; the CPU runs rows in processes instead.
     """
     with _BUILD_LOCK:
-        if device is not None and device.type == "cuda":
-            torch.default_generator.manual_seed(seed)
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        else:
-            torch.manual_seed(seed)
+        seed_everything(seed, device)
         yield
-
-
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """The autocast context of a resolved precision (``no`` = plain float32)."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "fp16":
-        return torch.autocast(device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
-def _rss_bytes() -> int:
-    """Resident set size of this process now (Linux), else its peak so far."""
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class PeakMemory:
     """Peak *extra* memory while the block runs, in MB.
 
     CUDA: ``max_memory_allocated`` over what was allocated at the start. CPU: the
-    process's resident memory, sampled every 5 ms by a thread, over what it was at
-    the start -- the block's own working memory (weights, optimiser state,
+    process's resident memory (:class:`fusionzoo.hardware.RssSampler`) over what it was
+    at the start -- the block's own working memory (weights, optimiser state,
     activations), not the cached features already in memory.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peak_mb = 0.0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._base = 0
-        self._peak = 0
+        self._sampler: RssSampler | None = None
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
@@ -182,26 +151,18 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             return self
-        self._base = self._peak = _rss_bytes()
-
-        def sample() -> None:
-            while not self._stop.wait(0.005):
-                self._peak = max(self._peak, _rss_bytes())
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
+        self._sampler = RssSampler().__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
+            extra = torch.cuda.max_memory_allocated(self.device) - self._base
         else:
-            self._stop.set()
-            if self._thread is not None:
-                self._thread.join()
-            peak = max(self._peak, _rss_bytes())
-        self.peak_mb = max(0.0, (peak - self._base) / 2**20)
+            assert self._sampler is not None
+            self._sampler.__exit__(*exc)
+            extra = self._sampler.increase()
+        self.peak_mb = max(0.0, extra / 2**20)
 
 
 # --------------------------------------------------------------------------------------
@@ -209,11 +170,13 @@ class PeakMemory:
 # --------------------------------------------------------------------------------------
 @dataclass
 class TrainStats:
-    """What one training run reports: wall seconds, optimiser steps, the mean loss of the last 10% of steps."""
+    """What one training run reports: wall seconds, optimiser steps, the mean loss of the last 10% of steps,
+    and the loss of every step."""
 
     seconds: float
     steps: int
     final_loss: float
+    losses: list[float] = field(default_factory=list)
 
 
 def _batches(count: int, batch_size: int, steps: int, generator: torch.Generator,
@@ -247,6 +210,7 @@ def train_model(
     extra_inputs: Callable[[int, Tensor], dict[str, Any]] | None = None,
     drop_last: bool = False,
     encoder_prefixes: tuple[str, ...] = ENCODER_PREFIXES,
+    max_grad_norm: float = 1.0,
 ) -> TrainStats:
     """Train the trainable parameters of ``model`` on ``view``: its fusion and head (the frozen encoders
     never run), and with ``--train-encoders`` the encoder tails of an
@@ -268,42 +232,42 @@ def train_model(
         encoder_prefixes: name prefixes of the encoder parameters, trained at a tenth of ``lr``
             (:func:`~fusionzoo.training.optim.parameter_groups`); by default a FusionModel's
             ``vision.`` and ``text.``, frozen here.
+        max_grad_norm: gradients are clipped to this norm (0: not clipped), as ``fusionzoo train``'s
+            ``max_grad_norm``.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN or infinite (a :class:`~fusionzoo.errors.FusionZooError`).
     """
     full = drop_last and len(view) >= batch_size
-    per_epoch = len(view) // batch_size if full else math.ceil(len(view) / batch_size)
-    steps = max(1, round(per_epoch * epochs))
+    plan = plan_steps(len(view) // batch_size if full else math.ceil(len(view) / batch_size), epochs=epochs,
+                      warmup_ratio=warmup)
+    steps = plan.total
+    accelerator = LocalAccelerator(precision, device)
     optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay, encoder_prefixes=encoder_prefixes)
-    schedule = warmup_cosine(optimizer, steps, warmup_steps=round(warmup * steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    rates = LearningRates(optimizer, plan)
+    optimizer = accelerator.prepare_optimizer(optimizer)
     generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     model.train()
     start = time.perf_counter()
     with tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False) as bar:
         for index in _batches(len(view), batch_size, steps, generator, drop_last):
+            rates.set(len(losses))
             inputs = view.batch(index, device)
             if extra_inputs is not None:
                 inputs.update(extra_inputs(len(losses), index))
-            with autocast(precision, device):
-                loss = model(**inputs).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: the loss became {loss.item()} at step {len(losses)}; "
-                                         "lower the learning rate or use --mixed-precision no")
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()
-            losses.append(float(loss.detach()))
+            with accelerator.autocast():
+                out = model(**inputs)
+            check_finite(out.loss, out.losses, where=f"at step {len(losses)} of {desc}",
+                         advice="Lower the learning rate or use --mixed-precision no.")
+            optimizer_step(accelerator, model, optimizer, out.loss, max_grad_norm)
+            losses.append(float(out.loss.detach()))
             bar.update(1)
             if len(losses) % 10 == 0:
                 bar.set_postfix(loss=f"{np.mean(losses[-10:]):.4f}")
     seconds = time.perf_counter() - start
     tail = losses[-max(1, len(losses) // 10):]
-    return TrainStats(seconds=seconds, steps=len(losses), final_loss=float(np.mean(tail)))
+    return TrainStats(seconds=seconds, steps=len(losses), final_loss=float(np.mean(tail)), losses=losses)
 
 
 # --------------------------------------------------------------------------------------

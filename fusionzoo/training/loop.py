@@ -48,17 +48,17 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from ..errors import OutputDirError, TrainingInterrupted, TrainingStopped
+from ..errors import OutputDirError, TrainingInterrupted
 from .checkpoint import CheckpointManager, run_metadata, write_json_atomic
 from .config import ConfigError, TrainConfig
-from .optim import build_optimizer, warmup_cosine_factor
+from .optim import build_optimizer
 from .processes import ProcessView
+from .step import LearningRates, NonFiniteLossError, check_finite, optimizer_step, plan_steps, resolve_precision
+from .step import seed_everything
 
 logger = logging.getLogger(__name__)
 
-
-class NonFiniteLossError(TrainingStopped):
-    """The loss became NaN or infinite on some process; every process saved the last good state first."""
+__all__ = ["NonFiniteLossError", "Recipe", "RecipeData", "StepContext", "StepOutput", "run"]
 
 
 # -- what a recipe gives the loop ------------------------------------------------------
@@ -212,7 +212,8 @@ def make_accelerator(config: TrainConfig, with_trackers: bool = True, find_unuse
                           "on the CPU launch without --config_file (DDP over gloo: torchrun --nproc_per_node N "
                           "-m fusionzoo train ...)")
     return Accelerator(
-        mixed_precision=resolve_mixed_precision(config.mixed_precision, cpu),
+        mixed_precision=resolve_precision(config.mixed_precision,
+                                          "cuda" if not cpu and torch.cuda.is_available() else "cpu"),
         cpu=cpu,
         gradient_accumulation_steps=config.grad_accum,
         log_with=log_with,
@@ -222,17 +223,6 @@ def make_accelerator(config: TrainConfig, with_trackers: bool = True, find_unuse
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
     )
-
-
-def resolve_mixed_precision(value: str, cpu: bool) -> str:
-    """``mixed_precision=auto`` made concrete: ``bf16`` on a GPU with bfloat16 (``fp16`` on one
-    without) and on a CPU with AMX / AVX-512 BF16, else ``no``; other values unchanged.
-    ``cpu``: the run is on the CPU although a GPU may be present."""
-    if value != "auto":
-        return value
-    from ..hardware import auto_mixed_precision
-
-    return auto_mixed_precision(on_cuda=not cpu and torch.cuda.is_available())
 
 
 class OnDevice:
@@ -444,14 +434,13 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
     ``end_process_group=False`` keeps the process group of a multi-process launch for a
     further run in the same processes (several runs from one script).
     """
-    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     accelerator = make_accelerator(config, find_unused_parameters=recipe.leaves_parameters_unused(config))
     recipe.check(config, accelerator)
     out_dir = Path(config.output_dir)
     resume_from, progress, run_id = claim_output_dir(config, accelerator)  # before any data is loaded
-    set_seed(config.seed)
+    seed_everything(config.seed)
     meta = run_metadata(config.to_dict())
     processes = ProcessView.from_accelerator(accelerator)
 
@@ -484,25 +473,18 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
                                  drop_last=data.eval_drop_last)
 
     optimizer = build_optimizer(model, config.lr, config.weight_decay, config.encoder_lr)
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
     if streamed:  # the whole run is one "epoch" (a stream repeats its passes itself)
-        steps_per_epoch = total_steps = config.max_steps
+        plan = plan_steps(config.max_steps, epochs=1, warmup_ratio=config.warmup_ratio, max_steps=config.max_steps)
     else:
         # Batches per process per epoch: prepare() shards the loader over processes.
         if data.drop_last:
             batches_per_epoch = len(train_loader) // accelerator.num_processes
         else:
             batches_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes)
-        steps_per_epoch = max(1, math.ceil(batches_per_epoch / config.grad_accum))
-        total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
-    warmup_steps = int(config.warmup_ratio * total_steps)
-
-    def set_lr(step_: int) -> float:
-        """Learning rates of optimizer step ``step_`` (0-based); returns the first group's."""
-        factor = warmup_cosine_factor(step_, total_steps, warmup_steps)
-        for group, base in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = base * factor
-        return base_lrs[0] * factor
+        plan = plan_steps(batches_per_epoch, epochs=config.epochs, warmup_ratio=config.warmup_ratio,
+                          grad_accum=config.grad_accum, max_steps=config.max_steps)
+    steps_per_epoch, total_steps = plan.per_epoch, plan.total
+    rates = LearningRates(optimizer, plan)  # base rates read before prepare() wraps the optimizer
 
     if streamed:
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -549,7 +531,7 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
     running = _Running()
     last_logs: dict[str, float] = {}
     micro = 0
-    lr = set_lr(step)
+    lr = rates.set(step)
     saved: tuple[int, Path] | None = None  # the step and folder of the last checkpoint this run wrote
     done = step >= total_steps
     stops = StopRequests().install()
@@ -569,21 +551,11 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
                         out = recipe.forward(model, unwrapped, batch, context)
                     if not processes.all_finite(out.loss):  # decided together: saving is a collective call
                         path = save(step, epoch, batches_done)  # parameters are still the last good step's
-                        parts = ", ".join(f"{k}={v.item():.4g}" for k, v in out.losses.items())
-                        if bool(torch.isfinite(out.loss.detach()).all()):
-                            what = "the loss of another process is not finite"
-                        else:
-                            what = f"loss is {out.loss.item()} ({parts})"
-                        raise NonFiniteLossError(
-                            f"{what} at step {step} (epoch {epoch}, batch {batches_done}; process "
-                            f"{accelerator.process_index} of {accelerator.num_processes}); the last good state was "
-                            f"saved to {path}. Try a lower lr, max_grad_norm, or mixed_precision=no."
-                        )
-                    accelerator.backward(out.loss)
-                    if accelerator.sync_gradients and config.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                        check_finite(out.loss, out.losses, finite=False, saved=str(path),
+                                     where=f"at step {step} (epoch {epoch}, batch {batches_done}; process "
+                                           f"{accelerator.process_index} of {accelerator.num_processes})",
+                                     advice="Try a lower lr, max_grad_norm, or mixed_precision=no.")
+                    optimizer_step(accelerator, model, optimizer, out.loss, config.max_grad_norm)
                 batches_done += 1
                 micro += 1
                 samples_seen += out.num_samples * accelerator.num_processes
@@ -607,7 +579,7 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
                     shown = {k.removeprefix("train/"): f"{v:.4f}" for k, v in logs.items()
                              if k.removeprefix("train/") in ("loss", *out.losses)}
                     bar.set_postfix(shown | {"sps": f"{logs['train/samples_per_second']:.1f}"})
-                lr = set_lr(step)
+                lr = rates.set(step)
                 if config.save_every and step % config.save_every == 0 and step < total_steps:
                     saved = (step, save(step, epoch, batches_done))
                 if step < total_steps and processes.any(stops.signal is not None):  # decided together

@@ -75,10 +75,3 @@ def warmup_cosine_factor(step: int, total_steps: int, warmup_steps: int, min_rat
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                  min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """:func:`warmup_cosine_factor` as a ``LambdaLR`` (for loops that step a scheduler themselves)."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine_factor(step, total_steps, warmup_steps, min_ratio))

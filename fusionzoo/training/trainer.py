@@ -21,6 +21,7 @@ from ..errors import CheckpointError, FusionZooError
 from ..data.common import SkipBadImages
 from .config import ConfigError, TrainConfig
 from .features import FrozenFeatures
+from .step import seed_everything
 from .loop import (
     NonFiniteLossError,
     Recipe,
@@ -85,11 +86,9 @@ class FinetuneRecipe(Recipe):
         self.label = f"train {config.task}/{config.fusion}"
 
     def build_model(self, config: TrainConfig, accelerator: Any) -> nn.Module:
-        from accelerate.utils import set_seed
-
         with accelerator.main_process_first():
             self.data = self.task.load_data(config)
-        set_seed(config.seed)  # the model's init does not depend on how much randomness data loading used
+        seed_everything(config.seed)  # the model's init does not depend on how much randomness data loading used
         self.config = config
         return _build_model(config, self.task, self.data, init=True)
 

@@ -82,12 +82,17 @@ def test_example_accelerate_configs_parse() -> None:
 
 def test_mixed_precision_auto_is_bf16_where_it_is_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     import fusionzoo.hardware
-    from fusionzoo.training.loop import resolve_mixed_precision
+    from fusionzoo.training.step import resolve_precision
 
     assert load_config(None, ["mixed_precision=auto"]).mixed_precision == "auto"
+    assert load_config(None, ["mixed_precision=no"]).mixed_precision == "no"  # YAML would read a bare no as False
     with pytest.raises(ConfigError, match="mixed_precision"):
         load_config(None, ["mixed_precision=fast"])
     for fast, expected in ((True, "bf16"), (False, "no")):
         monkeypatch.setattr(fusionzoo.hardware, "cpu_has_bf16_instructions", lambda fast=fast: fast)
-        assert resolve_mixed_precision("auto", cpu=True) == expected
-    assert resolve_mixed_precision("no", cpu=True) == "no" and resolve_mixed_precision("bf16", cpu=True) == "bf16"
+        assert resolve_precision("auto", "cpu") == expected
+    assert resolve_precision("no", "cpu") == "no" and resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        resolve_precision("fp16", "cpu")
+    with pytest.raises(ConfigError, match="must be one of auto, no, bf16, fp16"):
+        resolve_precision("fp8", "cuda")

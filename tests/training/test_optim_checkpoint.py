@@ -12,7 +12,8 @@ from torch import nn
 
 from fusionzoo.errors import CheckpointError
 from fusionzoo.training.checkpoint import CheckpointManager, run_metadata, write_json_atomic
-from fusionzoo.training.optim import build_optimizer, parameter_groups, warmup_cosine
+from fusionzoo.training.optim import build_optimizer, parameter_groups
+from fusionzoo.training.step import LearningRates, plan_steps
 
 
 class Toy(nn.Module):
@@ -46,15 +47,28 @@ def test_parameter_groups_split_decay_and_encoders() -> None:
 
 def test_warmup_cosine_values() -> None:
     p = nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([p], lr=1.0)
-    sched = warmup_cosine(opt, total_steps=10, warmup_steps=2)
+    opt = torch.optim.SGD([{"params": [p], "lr": 1.0}, {"params": [nn.Parameter(torch.zeros(1))], "lr": 0.1}])
+    plan = plan_steps(5, epochs=2, warmup_ratio=0.2)
+    assert (plan.per_epoch, plan.total, plan.warmup) == (5, 10, 2)
+    rates = LearningRates(opt, plan)
     lrs = []
-    for _ in range(10):
+    for step in range(10):
+        assert rates.set(step) == opt.param_groups[0]["lr"]
         lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+        assert opt.param_groups[1]["lr"] == pytest.approx(0.1 * lrs[-1])  # every group scaled from its own base
     expected = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
     assert lrs == pytest.approx(expected)
+
+
+def test_plan_steps_counts_as_both_loops_did() -> None:
+    # a fraction of an epoch rounds the steps up; the warmup rounds to the nearest step
+    assert plan_steps(7, epochs=1.5, warmup_ratio=0.1) == plan_steps(7, epochs=1.5, warmup_ratio=0.1)
+    plan = plan_steps(7, epochs=1.5, warmup_ratio=0.1)
+    assert (plan.per_epoch, plan.total, plan.warmup) == (7, 11, 1)
+    plan = plan_steps(9, epochs=1, warmup_ratio=0.3, grad_accum=2)  # 5 steps of 2 batches (the last one 1)
+    assert (plan.per_epoch, plan.total, plan.warmup) == (5, 5, 2)
+    assert plan_steps(9, epochs=3, warmup_ratio=0.0, max_steps=4).total == 4
+    assert plan_steps(1, epochs=0.01, warmup_ratio=0.5).total == 1  # at least one step
 
 
 def test_write_json_atomic_leaves_no_temp(tmp_path: Path) -> None:
@@ -121,7 +135,7 @@ def test_build_optimizer_updates_like_the_reference_adamw() -> None:
         torch.testing.assert_close(a, b, msg=name)
 
 
-def test_warmup_cosine_factor_is_the_schedule_of_the_lambda_scheduler() -> None:
+def test_warmup_cosine_factor_values() -> None:
     from fusionzoo.training.optim import warmup_cosine_factor
 
     # 2 warmup steps of 10: 1/2, 2/2, then cos from step 2 (progress 0) to step 10 (progress 1).
