@@ -22,13 +22,13 @@ import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
-from fusionzoo.data.checks import MissingRootError
+from fusionzoo.data.checks import DataError, MissingRootError
 from fusionzoo.data.common import model_inputs
 from fusionzoo.errors import ConfigError
 from fusionzoo.registry import DATASETS, TASKS, RegistryError
 
 from .classification_eval import classification_metrics
-from .scoring import score_caption_predictions, score_classification_predictions, score_vqa_predictions
+from .scoring import score_caption_predictions, score_classification_predictions, score_vqa_predictions, vqa_scores
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor
@@ -210,6 +210,11 @@ class _ChoiceTask(Task):
         """The metrics of the whole split from the gathered per-sample values (one row per sample)."""
         raise NotImplementedError
 
+    def split_metrics(self, gathered: dict[str, "Tensor"], data: Any, split: str) -> dict[str, float]:
+        """:meth:`metrics`, for a task whose scores need only the gathered values; one that reads the
+        split's rows too (VQA: the human answers) overrides this."""
+        return self.metrics(gathered)
+
     def evaluate(self, model: Any, loader: Any, accelerator: Any, data: Any, split: str,
                  **options: Any) -> dict[str, float]:
         import torch
@@ -230,7 +235,7 @@ class _ChoiceTask(Task):
         gathered = {key: torch.cat(value).cpu() for key, value in parts.items()}
         valid = gathered.pop("valid")  # rows whose image could not be decoded (skip_bad=true) are left out
         gathered = {key: value[valid] for key, value in gathered.items()}
-        metrics = self.metrics(gathered)
+        metrics = self.split_metrics(gathered, data, split)
         if "loss" in gathered:
             metrics["loss"] = gathered["loss"].double().mean().item()
         return metrics
@@ -254,12 +259,28 @@ class VQATask(_ChoiceTask):
         return list(data.answers)
 
     def sample_values(self, logits: "Tensor", batch: dict[str, Any]) -> dict[str, "Tensor"]:
-        pred = logits.argmax(-1)  # (B,)
-        return {"score": batch["labels"].float().gather(1, pred[:, None]).squeeze(1)}  # soft score of the answer
+        return {"answer": logits.argmax(-1), "question_id": batch["question_id"].to(logits.device)}  # (B,) each
 
-    def metrics(self, gathered: dict[str, "Tensor"]) -> dict[str, float]:
-        scores = gathered["score"].double()
-        return {"accuracy": 100.0 * scores.mean().item(), "num_samples": float(len(scores))}
+    def split_metrics(self, gathered: dict[str, "Tensor"], data: Any, split: str) -> dict[str, float]:
+        """``accuracy``: the argmax answers scored against the split's human answers by the rule the bench
+        uses (:func:`~fusionzoo.tasks.scoring.vqa_scores`: the official VQA accuracy, or exact match
+        for one-answer data); questions without answers (an unlabeled split) are not scored."""
+        rows = self.eval_rows(data, split)
+        position = {qid: i for i, qid in enumerate(rows["question_id"])}
+        if len(position) != len(rows):
+            raise DataError(f"split {split!r} of {data.name!r} repeats a question_id",
+                            expected="one question_id per question")
+        picked = [position[qid] for qid in gathered["question_id"].tolist()]
+        answers = rows["answers"]
+        labeled = [i for i in picked if answers[i]]
+        metrics = {"num_samples": float(len(picked))}
+        if labeled:
+            chosen = [data.answers[a] for a, i in zip(gathered["answer"].tolist(), picked) if answers[i]]
+            groups = {name: [rows[name][i] for i in labeled] for name in ("answer_type", "question_type")
+                      if name in rows.column_names}
+            metrics["accuracy"] = float(vqa_scores(chosen, [answers[i] for i in labeled], data.metric,
+                                                   groups)["accuracy"])
+        return metrics
 
     def bench_metrics(self, bench_task: Any, split: Any, outputs: Any) -> dict[str, Any]:
         return score_vqa_predictions(bench_task, split, outputs)

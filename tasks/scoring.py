@@ -36,21 +36,38 @@ def _per_group(correct: Sequence[float], groups: Sequence[str]) -> dict[str, flo
     return {group: 100.0 * float(np.mean(values)) for group, values in sorted(sums.items())}
 
 
-def score_vqa_predictions(task: Any, split: Any, logits: torch.Tensor) -> dict[str, object]:
-    """``accuracy`` (%), ``per_answer_type`` and ``per_question_type`` (%) of argmax answers."""
-    predictions = [task.vocabulary[i] for i in logits.argmax(dim=-1).tolist()]
-    if task.scoring == "vqa":
-        report = score_vqa(predictions, split.answers, split.groups.get("answer_type"),
-                           split.groups.get("question_type"))
+def vqa_scores(predictions: Sequence[str], answers: Sequence[Sequence[str]], scoring: str,
+               groups: dict[str, Sequence[str]] | None = None) -> dict[str, object]:
+    """The one VQA accuracy: ``accuracy`` (%) of predicted answer strings, with ``per_answer_type`` and
+    ``per_question_type`` (%) where ``groups`` has those categories.
+
+    Args:
+        predictions: one answer per question, as the model says it.
+        answers: the human answers of each question, raw.
+        scoring: ``vqa`` -- the official VQA accuracy (:func:`~fusionzoo.tasks.vqa_eval.score_vqa`,
+            ten answers a question); ``exact_match`` -- 100 when the normalised prediction is one of
+            the normalised gold answers (one answer a question: easy-VQA, yes/no sets).
+        groups: breakdown name (``answer_type``, ``question_type``) -> one category per question.
+    """
+    groups = groups or {}
+    if scoring == "vqa":
+        report = score_vqa(list(predictions), [list(a) for a in answers], groups.get("answer_type"),
+                           groups.get("question_type"))
         return {"accuracy": report["overall"], "per_answer_type": report["perAnswerType"],
                 "per_question_type": report["perQuestionType"]}
     correct = [float(normalize_answer(p) in {normalize_answer(a) for a in gold})
-               for p, gold in zip(predictions, split.answers)]
+               for p, gold in zip(predictions, answers)]
     metrics: dict[str, object] = {"accuracy": 100.0 * float(np.mean(correct))}
     for name in ("answer_type", "question_type"):
-        if name in split.groups:
-            metrics[f"per_{name}"] = _per_group(correct, split.groups[name])
+        if name in groups:
+            metrics[f"per_{name}"] = _per_group(correct, groups[name])
     return metrics
+
+
+def score_vqa_predictions(task: Any, split: Any, logits: torch.Tensor) -> dict[str, object]:
+    """:func:`vqa_scores` of the argmax answers of ``logits`` (S, A) on a bench split."""
+    predictions = [task.vocabulary[i] for i in logits.argmax(dim=-1).tolist()]
+    return vqa_scores(predictions, split.answers, task.scoring, split.groups)
 
 
 def question_prior(task: Any) -> dict[str, float] | None:
