@@ -47,7 +47,7 @@ from .registry import (  # noqa: E402
 _LAZY = {
     "FusionModel": "fusionzoo.model",
     "ModelOutput": "fusionzoo.model",
-    "create_model": "fusionzoo.model",
+    "create_model": "fusionzoo.factory",
     "load_model": "fusionzoo.model",
     "FusionModule": "fusionzoo.fusions.base",
     "FusionOutput": "fusionzoo.fusions.base",
@@ -58,7 +58,8 @@ _SUBMODULES = {"encoders", "fusions", "heads", "layers", "losses", "model", "tas
 if TYPE_CHECKING:  # for type checkers and IDEs
     from .fusions.base import FusionModule, FusionOutput
     from .layers import KVCache
-    from .model import FusionModel, ModelOutput, create_model, load_model
+    from .factory import create_model
+    from .model import FusionModel, ModelOutput, load_model
 
 
 def __getattr__(name: str) -> Any:

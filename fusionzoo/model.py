@@ -1,4 +1,4 @@
-"""FusionModel: image encoder + text encoder + fusion + task head, its factory and checkpoints.
+"""FusionModel: image encoder + text encoder + fusion + task head, and what it returns.
 
 The composition follows TorchMultimodal (built modules passed in) with the thin
 task heads and ``save_pretrained`` / ``from_pretrained`` round trip of
@@ -8,22 +8,18 @@ transformers (ViLT, BLIP)::
                                                        +--fusion--> FusionOutput --head--> logits
     input_ids ----text-----> text states (B, T, Dt) ---+
 
-* :func:`create_model` takes hyperparameters (names and keyword dicts) and builds
-  the modules; :class:`FusionModel` takes the built modules and a plain ``config``
-  dict that :meth:`FusionModel.save_pretrained` writes to ``config.json``.
+* :class:`FusionModel` takes the built modules and a plain ``config`` dict (the model
+  config of :mod:`fusionzoo.model_config`) that :meth:`FusionModel.save_pretrained`
+  writes to ``config.json``; :func:`fusionzoo.factory.create_model` builds both from
+  hyperparameters (names and keyword dicts).
 * :meth:`FusionModel.forward` is the training/evaluation pass and returns a
   :class:`ModelOutput`; inference lives in :meth:`~FusionModel.predict` (VQA and
   classification: strings from the model's vocabulary) and
   :meth:`~FusionModel.generate` (captioning: greedy or beam search, with or without
   key/value caches, both giving the same captions).
-
-A checkpoint folder holds ``config.json`` (written last: its presence marks a
-complete save), ``model.safetensors`` (every weight, never a pickle),
-``text_encoder/config.json`` and ``tokenizer/``; :func:`load_model` rebuilds the
-architecture from those without downloading anything and loads the weights strictly.
-It reads a folder as untrusted data: timm gets only allow-listed architecture keywords
-from ``config.json``, every file must lie inside the folder (symlinks included), the
-tokenizer must fit the text encoder, and a hub name needs ``allow_download=True``.
+* :meth:`~FusionModel.save_pretrained`, :meth:`~FusionModel.from_pretrained` and
+  :func:`load_model` delegate to :mod:`fusionzoo.model_folder`, which owns the saved
+  folder: its atomic writing and its reading as untrusted data.
 """
 
 from __future__ import annotations
@@ -32,31 +28,21 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import safetensors.torch
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
 from .alignment import Alignment
-from .encoders import TextEncoder, VisionEncoder, build_text_encoder, build_vision_encoder
-from .encoders.text import CONFIG_DIR, TOKENIZER_DIR
-from .encoders.saved_vision import rebuild_saved_vision_encoder
-from .errors import MissingModelFileError, ModelFolderError
+from .encoders import TextEncoder, VisionEncoder
 from .fusions.base import FusionModule, FusionOutput
 from .layers import KVCache
 from .losses import IGNORE_INDEX, itc_loss
-from .registry import FUSIONS, HEADS, TASKS, RegistryError
-
-#: Version of the checkpoint layout written by :meth:`FusionModel.save_pretrained`.
-FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+from .model_folder import load_folder, save_folder
+from .registry import TASKS
 
 
 @dataclass
@@ -99,7 +85,7 @@ class FusionModel(nn.Module):
         text: text encoder (causal for captioning); ``text(ids, mask).states`` is (B, T, Dt).
         fusion: a :class:`~fusionzoo.fusions.base.FusionModule` built for (Dt, Di).
         head: a task head from :data:`~fusionzoo.registry.HEADS`, built for ``fusion``.
-        config: plain dict describing the model, as :func:`create_model` builds it
+        config: plain dict describing the model, as :func:`~fusionzoo.factory.create_model` builds it
             (``task``, ``fusion``, ``vision``, ``text``, ``head``, the ``answers`` or
             ``labels`` vocabulary, ``max_text_len``, ``freeze_encoders``, ``align``); it is
             what ``config.json`` stores.
@@ -523,24 +509,7 @@ class FusionModel(nn.Module):
         Returns:
             the folder, as a Path.
         """
-        from .version import __version__
-
-        directory = Path(directory)
-        if directory.exists() and not directory.is_dir():
-            raise NotADirectoryError(f"cannot save a model to {directory}: it exists and is not a folder")
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        config = {"format_version": FORMAT_VERSION, "fusionzoo_version": __version__, **self.config}
-        # load_model checks the tokenizer it finds against this (a lost tokenizer.json leaves 5 tokens)
-        config["text"] = {**config.get("text", {}), "tokenizer_size": len(self.text.tokenizer)}
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-", dir=directory.parent))
-        try:
-            safetensors.torch.save_model(self, str(staging / WEIGHTS_NAME), force_contiguous=True)
-            self.text.save_config(staging)
-            (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-            _publish(staging, directory)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return directory
+        return save_folder(directory, self, self.text, self.config)
 
     @classmethod
     def from_pretrained(
@@ -575,50 +544,7 @@ class FusionModel(nn.Module):
                 ``FileNotFoundError``. Each message names the file and the key.
             RegistryError: config.json names a fusion, head, task or encoder that is not registered.
         """
-        folder = Path(directory)
-        config_path = folder / CONFIG_NAME
-        config = _read_config(folder)
-
-        def get(key: str, kind: type | tuple[type, ...] | None = None, expected: str = "") -> Any:
-            return _get(config, config_path, key, kind, expected)
-
-        version = get("format_version")
-        if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
-            raise ModelFolderError(
-                f"{config_path}: format_version {version!r} is newer than this fusionzoo reads "
-                f"({FORMAT_VERSION}); upgrade fusionzoo (the model was saved by fusionzoo "
-                f"{config.get('fusionzoo_version', '?')})"
-            )
-        task_spec = _lookup(TASKS, get("task"), config_path, "task")
-        fusion_cls = _lookup(FUSIONS, get("fusion.name"), config_path, "fusion.name")
-        head_cls = _lookup(HEADS, get("head.name"), config_path, "head.name")
-        fusion_config = get("fusion.config", dict, "an object")
-        head_kwargs = get("head.kwargs", dict, "an object")
-        vocabulary = _saved_vocabulary(config, config_path, task_spec)
-        _check_optional(config, config_path)
-
-        vision = rebuild_saved_vision_encoder(
-            get("vision.spec"), get("vision.data_config"),
-            folder=folder, config_path=config_path, allow_download=allow_download,
-        )
-        text = _load_text_encoder(folder, config_path, get("text.spec", (dict, str), "an object"),
-                                  get("text", dict, "an object").get("tokenizer_size"))
-        with _as_folder_error(config_path, "fusion.config", "does not build the fusion"):
-            fusion = fusion_cls(text.out_dim, vision.out_dim, **fusion_config)
-        with _as_folder_error(config_path, "head.kwargs", "does not build the head"):
-            head = head_cls.from_parts(fusion, text, vocabulary, **head_kwargs)
-        align = None
-        if config.get("align") is not None:
-            align_config = get("align", dict, "an object or null")
-            with _as_folder_error(config_path, "align", "does not build the alignment"):
-                align = Alignment(text.out_dim, vision.out_dim, **align_config)
-        model_config = {k: v for k, v in config.items() if k not in ("format_version", "fusionzoo_version")}
-        with _as_folder_error(config_path, "task", "does not describe a model that fits together"):
-            model = cls(vision, text, fusion, head, model_config, align=align)
-        _load_weights(model, folder / WEIGHTS_NAME, config_path)
-        if config.get("freeze_encoders"):
-            model.vision.freeze()
-            model.text.freeze()
+        model = load_folder(directory, cls, allow_download=allow_download)
         if device is not None:
             model.to(device)
         return model.eval()
@@ -632,362 +558,6 @@ def _last_position(fused: FusionOutput) -> FusionOutput:
         text_tokens=fused.text_tokens[:, -1:],  # (B, 1, D)
         modality_text_tokens=None if per_modality is None else per_modality[:, :, -1:],  # (B, K, 1, D)
     )
-
-
-def _lookup(registry: Any, name: Any, config_path: Path, key: str) -> Any:
-    """``registry.get(name)`` with an error that names the checkpoint file and key."""
-    if not isinstance(name, str):
-        raise ModelFolderError(
-            f"{config_path}: key {key!r} must be the name of a registered {registry.kind}, got {name!r}"
-        )
-    try:
-        return registry.get(name)
-    except RegistryError as exc:
-        raise RegistryError(
-            f"{config_path}: key {key!r} names {registry.kind} {name!r}, which is not registered. {exc} "
-            f"If it comes from a plug-in, import that module (or pass --import) before loading."
-        ) from exc
-
-
-# -- reading a model folder as data -------------------------------------------------------------
-TOKENIZER_CONFIG = "tokenizer_config.json"
-TOKENIZER_FILE = "tokenizer.json"  # the vocabulary of a tokenizers-backed ("fast") tokenizer
-
-
-def _check_inside(folder: Path, path: Path) -> None:
-    """A ModelFolderError unless ``path`` resolves (symlinks followed) inside ``folder``."""
-    root, resolved = folder.resolve(), path.resolve()
-    if not resolved.is_relative_to(root):
-        raise ModelFolderError(
-            f"{path} resolves to {resolved}, outside the model folder {root}: a model folder holds its own "
-            "files (a symlink in it may only point inside it)"
-        )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path``, or a ModelFolderError naming the file."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFolderError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise ModelFolderError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
-
-
-def _read_config(folder: Path) -> dict[str, Any]:
-    """config.json of ``folder``, once it and model.safetensors are known to be files inside it."""
-    if not folder.is_dir():
-        raise MissingModelFileError(f"no saved fusionzoo model at {folder}: the folder does not exist")
-    for path in (folder / CONFIG_NAME, folder / WEIGHTS_NAME):
-        if not path.is_file():
-            raise MissingModelFileError(
-                f"{path} not found: a model saved by FusionModel.save_pretrained has {CONFIG_NAME} and "
-                f"{WEIGHTS_NAME} (a folder without {CONFIG_NAME} is an incomplete save)"
-            )
-        _check_inside(folder, path)
-    return _read_json(folder / CONFIG_NAME)
-
-
-def _get(config: dict[str, Any], config_path: Path, key: str, kind: type | tuple[type, ...] | None = None,
-         expected: str = "") -> Any:
-    """``config[a][b]`` for ``key="a.b"``; a ModelFolderError naming the key if it is missing or not ``kind``."""
-    value: Any = config
-    for part in key.split("."):
-        if not isinstance(value, dict) or part not in value:
-            raise ModelFolderError(f"{config_path}: missing key {key!r}")
-        value = value[part]
-    if kind is not None and not isinstance(value, kind):
-        raise ModelFolderError(f"{config_path}: key {key!r} must be {expected}, got {value!r}")
-    return value
-
-
-def _saved_vocabulary(config: dict[str, Any], config_path: Path, task_spec: Any) -> list[str] | None:
-    """The ``answers`` / ``labels`` of config.json for the task, checked as create_model checks them."""
-    key = task_spec.vocabulary_key
-    if not key:
-        return None
-    value = _get(config, config_path, key, list, "a list of strings")
-    with _as_folder_error(config_path, key, "is not a valid output vocabulary"):
-        return _check_vocabulary(config["task"], key, {key: value})
-
-
-def _check_optional(config: dict[str, Any], config_path: Path) -> None:
-    """``max_text_len`` (an int >= 2) and ``freeze_encoders`` (a bool), where config.json has them."""
-    max_text_len = config.get("max_text_len", 32)
-    if not isinstance(max_text_len, int) or isinstance(max_text_len, bool) or max_text_len < 2:
-        raise ModelFolderError(f"{config_path}: key 'max_text_len' must be an int >= 2, got {max_text_len!r}")
-    if not isinstance(config.get("freeze_encoders", False), bool):
-        raise ModelFolderError(f"{config_path}: key 'freeze_encoders' must be true or false, "
-                               f"got {config['freeze_encoders']!r}")
-
-
-@contextlib.contextmanager
-def _as_folder_error(config_path: Path, key: str, what: str) -> Iterator[None]:
-    """Turn a ValueError / TypeError raised while building from ``key`` into a ModelFolderError naming it."""
-    try:
-        yield
-    except (ValueError, TypeError) as exc:
-        if isinstance(exc, ModelFolderError):
-            raise
-        raise ModelFolderError(f"{config_path}: key {key!r} {what}: {exc}") from exc
-
-
-def _check_text_files(folder: Path) -> None:
-    """text_encoder/ and tokenizer/ hold their files, all inside the folder, and name no file elsewhere.
-
-    A tokenizer_config.json may not point the tokenizer at a vocabulary outside tokenizer/
-    (transformers opens a string under ``vocab``, ``merges`` or a ``*_file`` key as a path).
-    """
-    for name in (CONFIG_DIR, TOKENIZER_DIR):
-        path = folder / name
-        if not path.is_dir():
-            raise MissingModelFileError(
-                f"{path} not found: a model saved by FusionModel.save_pretrained has the folders "
-                f"{CONFIG_DIR}/ and {TOKENIZER_DIR}/ (written by TextEncoder.save_config)"
-            )
-        _check_inside(folder, path)
-        for entry in sorted(path.rglob("*")):
-            _check_inside(folder, entry)
-    tokenizer_dir = folder / TOKENIZER_DIR
-    expected = [folder / CONFIG_DIR / CONFIG_NAME, tokenizer_dir / TOKENIZER_CONFIG]
-    for path in expected:
-        if not path.is_file():
-            raise MissingModelFileError(f"{path} not found: TextEncoder.save_config writes it into every saved model")
-    _read_json(folder / CONFIG_DIR / CONFIG_NAME)
-    tokenizer_config = _read_json(tokenizer_dir / TOKENIZER_CONFIG)
-    backend = tokenizer_config.get("backend", "tokenizers")
-    if backend == "tokenizers" and not (tokenizer_dir / TOKENIZER_FILE).is_file():
-        raise MissingModelFileError(
-            f"{tokenizer_dir / TOKENIZER_FILE} not found: {tokenizer_dir / TOKENIZER_CONFIG} describes a "
-            f"tokenizers-backed tokenizer, whose vocabulary is that file (without it every word would be [UNK])"
-        )
-    inside = tokenizer_dir.resolve()
-    for key, value in tokenizer_config.items():
-        if key in ("vocab", "merges") or key.endswith("_file"):
-            paths = [value]
-        elif key.endswith("_files"):
-            paths = value if isinstance(value, list) else [value]
-        else:
-            continue
-        for item in paths:
-            if isinstance(item, str) and item and not Path(item).resolve().is_relative_to(inside):
-                raise ModelFolderError(
-                    f"{tokenizer_dir / TOKENIZER_CONFIG}: key {key!r} names the file {item!r}, outside {inside}; "
-                    f"a saved tokenizer keeps its files in {TOKENIZER_DIR}/ under their standard names"
-                )
-
-
-def _load_text_encoder(folder: Path, config_path: Path, spec: Any, tokenizer_size: Any) -> TextEncoder:
-    """The text encoder of text_encoder/ and tokenizer/, its tokenizer checked against the embedding table.
-
-    ``tokenizer_size`` (config.json's ``text.tokenizer_size``, written since it was added) is the
-    tokenizer length saved with the model; folders without it must have exactly one embedding
-    row per token.
-    """
-    if tokenizer_size is not None and not (type(tokenizer_size) is int and tokenizer_size > 0):
-        raise ModelFolderError(
-            f"{config_path}: key 'text.tokenizer_size' must be a positive int, got {tokenizer_size!r}"
-        )
-    _check_text_files(folder)
-    config_dir, tokenizer_dir = folder / CONFIG_DIR, folder / TOKENIZER_DIR
-    try:
-        text = TextEncoder.from_saved(folder, spec)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelFolderError(
-            f"{config_dir / CONFIG_NAME} and {tokenizer_dir}/ do not rebuild a text encoder: {exc}"
-        ) from exc
-    tokens, rows = len(text.tokenizer), text.vocab_size
-    expected = rows if tokenizer_size is None else tokenizer_size
-    if tokens != expected:
-        if tokenizer_size is None:
-            said = f"the embedding table of {config_dir / CONFIG_NAME} has {rows} rows"
-        else:
-            said = f"{config_path} key 'text.tokenizer_size' says {tokenizer_size} (embedding table: {rows} rows)"
-        raise ModelFolderError(
-            f"{tokenizer_dir}/: the tokenizer has {tokens} tokens but {said}; a tokenizer file is missing or "
-            "comes from another model (save_pretrained writes the tokenizer the model was trained with)"
-        )
-    return text
-
-
-def _load_weights(model: nn.Module, weights_path: Path, config_path: Path) -> None:
-    """Load model.safetensors strictly; a ModelFolderError if it does not fit the architecture."""
-    try:
-        safetensors.torch.load_model(model, str(weights_path), strict=True)
-    except (RuntimeError, safetensors.SafetensorError) as exc:
-        raise ModelFolderError(
-            f"{weights_path} does not fit the architecture {config_path} describes: {exc}"
-        ) from exc
-
-
-def _apply_umask(staging: Path) -> None:
-    """Give every folder 0777 and every file 0666 less the umask, as ``mkdir`` and ``open`` would.
-
-    ``mkdtemp`` makes the staging folder private (0700) and safetensors writes its file 0600.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [staging, *staging.rglob("*")]:
-        if not path.is_symlink():
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def _publish(staging: Path, target: Path) -> None:
-    """Move the files of ``staging`` into ``target`` so that a crash leaves no loadable half-model.
-
-    A new folder is one atomic rename. Into an existing folder, its old
-    config.json is removed first, the other entries are replaced one by one
-    (each an atomic rename), and the new config.json comes last. Every file and
-    folder gets the mode the umask allows.
-    """
-    _apply_umask(staging)
-    if not target.exists():
-        os.rename(staging, target)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    try:
-        if (target / CONFIG_NAME).exists():
-            os.replace(target / CONFIG_NAME, trash / CONFIG_NAME)
-        for entry in sorted(staging.iterdir()):
-            if entry.name == CONFIG_NAME:
-                continue
-            destination = target / entry.name
-            if destination.exists() or destination.is_symlink():
-                os.replace(destination, trash / entry.name)
-            os.replace(entry, destination)
-        os.replace(staging / CONFIG_NAME, target / CONFIG_NAME)
-    finally:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
-def _check_vocabulary(task: str, vocabulary_key: str | None, given: dict[str, Any]) -> list[str] | None:
-    """Validate the ``answers`` / ``labels`` argument of :func:`create_model` for ``task``."""
-    for key, value in given.items():
-        if value is not None and key != vocabulary_key:
-            wanted = f"{vocabulary_key}=[...]" if vocabulary_key else "no output vocabulary (the tokenizer is)"
-            raise ValueError(f"task {task!r} takes {wanted}, not {key}=")
-    if vocabulary_key is None:
-        return None
-    value = given.get(vocabulary_key)
-    if value is None:
-        raise ValueError(f"task {task!r} needs {vocabulary_key}=[...]: the list of output strings the head predicts")
-    if isinstance(value, str) or not isinstance(value, Sequence):
-        raise TypeError(f"{vocabulary_key} must be a list of strings, got {type(value).__name__}")
-    value = list(value)
-    if not value:
-        raise ValueError(f"{vocabulary_key} must not be empty")
-    not_str = [v for v in value if not isinstance(v, str)]
-    if not_str:
-        raise TypeError(f"{vocabulary_key} must hold strings only, got {not_str[:3]!r}")
-    seen: set[str] = set()
-    duplicates = sorted({v for v in value if v in seen or seen.add(v)})
-    if duplicates:
-        raise ValueError(f"{vocabulary_key} must be unique, got duplicates {duplicates[:5]!r}")
-    return value
-
-
-def _fusion_kwargs_for_head(fusion_cls: type[FusionModule], head_cls: type, given: dict[str, Any] | None
-                            ) -> dict[str, Any]:
-    """``given`` plus, for a fusion with ``supports_head_reads``, ``head_reads`` = what ``head_cls`` reads."""
-    kwargs = dict(given or {})
-    if not getattr(fusion_cls, "supports_head_reads", False):
-        return kwargs
-    reads = getattr(head_cls, "reads", "all")
-    head_reads = kwargs.setdefault("head_reads", reads)
-    if head_reads not in ("all", reads):
-        raise ValueError(
-            f"fusion_kwargs head_reads={head_reads!r} would leave out what the {head_cls.__name__} reads "
-            f"({reads!r}); leave it out (the default is what the head reads) or pass 'all'"
-        )
-    return kwargs
-
-
-def create_model(
-    task: str,
-    fusion: str,
-    vision: str | dict[str, Any] = "tiny",
-    text: str | dict[str, Any] = "tiny",
-    *,
-    pretrained: bool = True,
-    freeze_encoders: bool = False,
-    answers: Sequence[str] | None = None,
-    labels: Sequence[str] | None = None,
-    fusion_kwargs: dict[str, Any] | None = None,
-    head_kwargs: dict[str, Any] | None = None,
-    align_kwargs: dict[str, Any] | None = None,
-    max_text_len: int = 32,
-) -> FusionModel:
-    """Build a model for ``task`` with the named fusion and encoders.
-
-    Args:
-        task: a registered task (``fusionzoo.list_tasks()``): ``"vqa"``,
-            ``"captioning"`` or ``"classification"``.
-        fusion: a registered fusion (``fusionzoo.list_fusions()``).
-        vision: image encoder preset, timm name or spec dict (``build_vision_encoder``).
-        text: text encoder preset, folder, hub id or spec dict (``build_text_encoder``);
-            built causal for captioning.
-        pretrained: load the encoders' pretrained weights (False: random, e.g. for tests).
-        freeze_encoders: freeze both encoders (no gradients, eval mode).
-        answers: VQA answer vocabulary (required for ``vqa``; unique strings).
-        labels: classification label names (required for ``classification``).
-        fusion_kwargs: hyperparameters of the fusion (its constructor keywords). A fusion
-            with ``supports_head_reads`` also gets ``head_reads``, what the task head reads
-            (``head.reads``, ``"all"`` for a head that does not say), unless given here:
-            it then builds only the parameters that feed that head, so every trainable
-            parameter gets a gradient (DDP needs no ``find_unused_parameters``); the
-            value is saved in the fusion's config. ``head_reads="all"`` builds every part.
-        head_kwargs: hyperparameters of the head (e.g. ``dropout``).
-        align_kwargs: hyperparameters of the :class:`~fusionzoo.alignment.Alignment` a task
-            that embeds images and texts apart (``retrieval``) builds when the fusion does not
-            align its own streams (``embed_dim``, ``temperature``, ``text_summary``, ``image_summary``).
-        max_text_len: tokens kept per question / text in ``predict``.
-    Raises:
-        RegistryError: unknown task or fusion (lists what exists).
-        ValueError / TypeError: a missing, empty, duplicated or misplaced vocabulary, or a
-            ``head_reads`` in ``fusion_kwargs`` that leaves out what the head reads.
-    """
-    task_spec = TASKS.get(task)
-    fusion_cls = FUSIONS.get(fusion)
-    head_cls = HEADS.get(task_spec.head)
-    vocabulary = _check_vocabulary(task, task_spec.vocabulary_key, {"answers": answers, "labels": labels})
-    if not isinstance(max_text_len, int) or max_text_len < 2:
-        raise ValueError(f"max_text_len must be an int >= 2 ([CLS] and [SEP] count), got {max_text_len!r}")
-    head_kwargs = dict(head_kwargs or {})
-
-    vision_encoder = build_vision_encoder(vision, pretrained=pretrained)
-    text_encoder = build_text_encoder(text, pretrained=pretrained, causal=bool(getattr(head_cls, "causal", False)))
-    if max_text_len > text_encoder.max_length:
-        raise ValueError(
-            f"max_text_len={max_text_len} exceeds the {text_encoder.max_length} positions of text encoder "
-            f"{text_encoder.spec}"
-        )
-    fusion_kwargs = _fusion_kwargs_for_head(fusion_cls, head_cls, fusion_kwargs)
-    fusion_module = fusion_cls(text_encoder.out_dim, vision_encoder.out_dim, **fusion_kwargs)
-    head = head_cls.from_parts(fusion_module, text_encoder, vocabulary, **head_kwargs)
-    align = None
-    if task_spec.aligns and not fusion_module.aligns:
-        align = Alignment(text_encoder.out_dim, vision_encoder.out_dim, **dict(align_kwargs or {}))
-    elif align_kwargs and not task_spec.aligns:
-        raise ValueError(f"align_kwargs are for a task that embeds images and texts apart (retrieval), not {task!r}")
-    if freeze_encoders:
-        vision_encoder.freeze()
-        text_encoder.freeze()
-
-    config: dict[str, Any] = {
-        "task": task,
-        "fusion": {"name": fusion, "config": fusion_module.config},
-        "vision": {"spec": vision_encoder.spec, "data_config": vision_encoder.data_config},
-        "text": {"spec": text_encoder.spec},
-        "head": {"name": task_spec.head, "kwargs": head_kwargs},
-        "max_text_len": max_text_len,
-        "freeze_encoders": bool(freeze_encoders),
-    }
-    if task_spec.vocabulary_key:
-        config[task_spec.vocabulary_key] = vocabulary
-    if task_spec.aligns:
-        config["align"] = None if align is None else align.config  # None: the fusion aligns itself
-    return FusionModel(vision_encoder, text_encoder, fusion_module, head, config, align=align)
 
 
 def load_model(

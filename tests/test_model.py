@@ -16,7 +16,9 @@ import torch
 from PIL import Image
 
 import fusionzoo
-from fusionzoo.model import CONFIG_NAME, WEIGHTS_NAME, FusionModel, ModelOutput, create_model, load_model
+from fusionzoo.factory import create_model
+from fusionzoo.model import FusionModel, ModelOutput, load_model
+from fusionzoo.model_folder import CONFIG_NAME, WEIGHTS_NAME
 from fusionzoo.registry import RegistryError
 
 FUSIONS = fusionzoo.list_fusions()
@@ -275,7 +277,7 @@ def test_a_crash_while_saving_leaves_the_old_model(tmp_path, monkeypatch) -> Non
     def crash(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("fusionzoo.model.safetensors.torch.save_model", crash)
+    monkeypatch.setattr("fusionzoo.model_folder.safetensors.torch.save_model", crash)
     with pytest.raises(OSError, match="disk full"):
         build("vqa", FUSIONS[-1]).save_pretrained(folder)
     with pytest.raises(OSError, match="disk full"):

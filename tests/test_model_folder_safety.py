@@ -27,7 +27,9 @@ import torch
 
 from fusionzoo.encoders.saved_vision import SAVED_TIMM_KWARGS
 from fusionzoo.errors import ModelFolderError
-from fusionzoo.model import CONFIG_NAME, WEIGHTS_NAME, FusionModel, create_model, load_model
+from fusionzoo.factory import create_model
+from fusionzoo.model import FusionModel, load_model
+from fusionzoo.model_folder import CONFIG_NAME, WEIGHTS_NAME
 
 ANSWERS = ["yes", "no", "2", "red"]
 TINY_FUSION = {"dim": 32, "num_layers": 1, "num_heads": 2}

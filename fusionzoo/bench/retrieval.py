@@ -54,6 +54,7 @@ from ..alignment import Alignment, summarise
 from ..encoders import TextEncoder, VisionEncoder
 from ..losses import ITMLoss
 from ..model import FusionModel
+from ..model_config import model_config
 from ..registry import FUSIONS
 from ..tasks.retrieval import Captions, Gallery, OneProcess, score_matrices
 from ..tasks.retrieval_eval import recall_at_k
@@ -146,16 +147,8 @@ def build_retrieval_model(task: BenchTask, fusion: str, vision: VisionEncoder, t
         align = StandardizedAlignment(text.out_dim, vision.out_dim, embed_dim=settings.embed_dim,
                                       temperature=settings.temperature, text_summary=settings.text_summary,
                                       **align_stats)
-    config: dict[str, Any] = {
-        "task": task.task,
-        "fusion": {"name": name, "config": module.config},
-        "vision": {"spec": vision.spec, "data_config": vision.data_config},
-        "text": {"spec": text.spec},
-        "head": {"name": get_task(task.task).head, "kwargs": {}},
-        "max_text_len": settings.max_text_len,
-        "freeze_encoders": True,
-        "align": None if align is None else align.config,
-    }
+    config = model_config(task.task, name, module, vision, text, max_text_len=settings.max_text_len,
+                          freeze_encoders=True, align=align)
     model = FusionModel(vision, text, module, head, config, align=align)
     if carrier:  # never run: no gradient, not in the optimiser
         model.fusion.requires_grad_(False)

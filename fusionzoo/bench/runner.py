@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from ..encoders import TextEncoder, VisionEncoder, build_text_encoder, build_vision_encoder
 from ..model import FusionModel
+from ..model_config import model_config
 from ..registry import FUSIONS, HEADS, RegistryError
 from ..tasks import get_task
 from ..training.optim import ENCODER_PREFIXES
@@ -419,18 +420,8 @@ def build_bench_model(task: BenchTask, fusion: str, vision: VisionEncoder, text:
     task_object = get_task(task.task)
     head_name = task_object.head
     head = HEADS.get(head_name).from_parts(fusion_module, text, task.vocabulary, **(head_kwargs or {}))
-    config: dict[str, Any] = {
-        "task": task.task,
-        "fusion": {"name": fusion, "config": fusion_module.config},
-        "vision": {"spec": vision.spec, "data_config": vision.data_config},
-        "text": {"spec": text.spec},
-        "head": {"name": head_name, "kwargs": dict(head_kwargs or {})},
-        "max_text_len": max_text_len,
-        "freeze_encoders": True,
-    }
-    key = task_object.vocabulary_key
-    if key:
-        config[key] = list(task.vocabulary)
+    config = model_config(task.task, fusion, fusion_module, vision, text, max_text_len=max_text_len,
+                          freeze_encoders=True, head_kwargs=head_kwargs, vocabulary=task.vocabulary)
     return FusionModel(vision, text, fusion_module, head, config)
 
 

@@ -23,7 +23,7 @@ A head reads either the per-sample vector (``pooled``, or ``modality_pooled``)
 or the per-position states (``text_tokens``, or ``modality_text_tokens``). A
 fusion some of whose parameters only make the outputs one kind of head never
 reads may take ``head_reads`` (one of :data:`HEAD_READS`) as a constructor
-keyword and set ``supports_head_reads = True``; :func:`~fusionzoo.model.create_model`
+keyword and set ``supports_head_reads = True``; :func:`~fusionzoo.factory.create_model`
 then passes what its task head reads, and the fusion leaves those parameters out,
 so every trainable parameter gets a gradient in every step (what DDP without
 ``find_unused_parameters`` needs). The outputs that head does not read keep the

@@ -497,7 +497,7 @@ class PretrainModel(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
         """Write ``model.safetensors``, ``config.json`` (last), ``text_encoder/`` and ``tokenizer/``, atomically."""
-        from ..model import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, _publish
+        from ..model_folder import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, publish_folder
 
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
@@ -508,7 +508,7 @@ class PretrainModel(nn.Module):
                                         metadata={"kind": PRETRAIN_KIND})
             self.text.save_config(staging)
             (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-            _publish(staging, directory)
+            publish_folder(staging, directory)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return directory

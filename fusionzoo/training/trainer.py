@@ -167,7 +167,7 @@ def _build_model(config: TrainConfig, task: Any, data: Any, *, init: bool) -> nn
     ``head_kwargs.output_ids=train`` (a text-generating task): the head scores only the tokens of
     the ``train_split`` captions (:func:`caption_token_ids`), stored in the model's config.
     """
-    from fusionzoo.model import create_model
+    from fusionzoo.factory import create_model
 
     vocabulary = task.vocabulary(data)
     vocab_kwargs = {task.vocabulary_key: vocabulary} if task.vocabulary_key else {}

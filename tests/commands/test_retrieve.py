@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from fusionzoo.cli import main
-from fusionzoo.model import FusionModel, create_model, load_model
+from fusionzoo.factory import create_model
+from fusionzoo.model import FusionModel, load_model
 
 COLOURS = [("red", (40, 30)), ("blue", (20, 50)), ("green", (64, 64)), ("yellow", (33, 17)),
            ("white", (12, 12)), ("purple", (50, 25))]

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import fusionzoo
-from fusionzoo.model import create_model, load_model
+from fusionzoo.factory import create_model
+from fusionzoo.model import load_model
 from fusionzoo.tasks.retrieval import Captions, Gallery, reranked_matrix, score_matrices
 from fusionzoo.tasks.retrieval_eval import load_scores, recall_at_k, score_retrieval
 
