@@ -9,7 +9,7 @@ Modules, in the order a run uses them:
 
 * :mod:`~fusionzoo.bench.suites` -- the suites (``sort-of-clevr``, ``easy-vqa``, ``coco``, ``vqav2``,
   ``flickr30k``), their tasks and data layouts;
-* :mod:`~fusionzoo.bench.cache` / :mod:`~fusionzoo.bench.features` -- the feature cache
+* :mod:`fusionzoo.features` / :mod:`~fusionzoo.bench.features` -- the feature cache
   and the extraction it avoids (:mod:`fusionzoo.features`, which training runs share), and
   what the bench does to the cached tokens (pooling, position channels);
 * :mod:`~fusionzoo.bench.tails` -- ``--train-encoders``: the encoders' last blocks trained per row;
@@ -26,14 +26,17 @@ from typing import Any
 # Names imported on first use (PEP 562): `fusionzoo cache list` reads the cache without torch.
 _LAZY = {
     "REFERENCES": "baselines", "ImageOnlyReference": "baselines", "TextOnlyReference": "baselines",
-    "FeatureCache": "cache", "cache_key": "cache", "fingerprint_files": "cache", "fingerprint_module": "cache",
-    "fingerprint_texts": "cache", "BenchConfig": "runner", "run_bench": "runner", "SUITES": "suites",
+    "FeatureCache": "..features.cache", "cache_key": "..features.keys", "fingerprint_files": "..features.keys",
+    "fingerprint_module": "..features.keys", "fingerprint_texts": "..features.keys", "BenchConfig": "runner", "run_bench": "runner", "SUITES": "suites",
 }
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        module = _LAZY[name]
+        where = importlib.import_module(module, __name__) if module.startswith(".") else \
+            importlib.import_module(f"{__name__}.{module}")
+        return getattr(where, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -6,7 +6,7 @@
    :mod:`fusionzoo.bench.suites`);
 2. build the frozen encoders once (``efficientnet-lite0``, ``minilm-l6``; a causal
    MiniLM for captioning) and get their features from the
-   :class:`~fusionzoo.bench.cache.FeatureCache`: one entry for every distinct
+   :class:`~fusionzoo.features.cache.FeatureCache`: one entry for every distinct
    image of the run, one for every distinct question / text, one for every
    distinct training caption (causal states). A warm cache skips extraction;
 3. for each task, fusion and seed: build the fusion and head under the seed,
