@@ -42,7 +42,6 @@ import gc
 import io
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -54,6 +53,7 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
+from fusionzoo.hardware import describe_machine  # noqa: E402  (imports no torch)
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "coco-vqa-mini"
 PRETRAIN_CONFIG = REPO_ROOT / "configs" / "pretrain_albef_coco.yaml"
 CAPTION_CONFIG = REPO_ROOT / "configs" / "captioning" / "co_attention.yaml"
@@ -62,19 +62,6 @@ KARPATHY_TRAIN_IMAGES = 113_287
 MiB = 1024 * 1024
 GB = 1e9
 _START = time.perf_counter()
-
-
-# -- the machine ---------------------------------------------------------------
-def describe_machine() -> dict[str, Any]:
-    import torch
-    from perf import cpu_name  # here, not at the top: the memory workers import this module without perf's imports
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    info = {"cpu": cpu_name(), "cores": cores, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def progress(message: str) -> None:
@@ -429,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         memory_worker(json.loads(args.memory_worker))
         return {}
     machine = describe_machine()
-    print(f"machine: {machine['cpu']} ({machine['cores']} cores, {machine['torch_threads']} torch threads"
+    print(f"machine: {machine['cpu']} ({machine['cpu_cores']} cores, {machine['torch_threads']} torch threads"
           + (f", GPU {machine['gpu']}" if "gpu" in machine else "") + f"); torch {machine['torch']}, "
           f"python {machine['python']}")
     print(f"load average at start (1/5/15 min): {machine['loadavg_start']}  (other processes share these cores)")
@@ -454,7 +441,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print_epochs(results["epochs"])
     results["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     print(f"load average at end: {results['loadavg_end']}")
-    summary = {"cpu": machine["cpu"], "cores": machine["cores"]}
+    summary = {"cpu": machine["cpu"], "cores": machine["cpu_cores"]}
     if "webdataset" in results and "ratio" in results["webdataset"]:
         summary["webdataset_ratio"] = round(results["webdataset"]["ratio"], 3)
     if "pretrain" in results:

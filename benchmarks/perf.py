@@ -53,7 +53,6 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -75,7 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import fusionzoo  # noqa: E402
 from fusionzoo.encoders import VisionEncoder  # noqa: E402
-from fusionzoo.hardware import RssSampler, rss_bytes, rss_is_current  # noqa: E402
+from fusionzoo.hardware import RssSampler, describe_machine, rss_bytes, rss_is_current  # noqa: E402
 from fusionzoo.layers import Linear, cpu_has_optimized_bf16_kernels  # noqa: E402
 from fusionzoo.model import FusionModel  # noqa: E402
 
@@ -139,35 +138,6 @@ QUICK = PerfConfig(
     gen_images=1, gen_tokens=4, beams=3, warmup=1, repeats=2, budget_s=2.0, slow_s=5.0,
     peak_sizes=(128, 256),
 )
-
-
-# -- the machine -------------------------------------------------------------
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else platform's guess."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def describe_machine(device: torch.device) -> dict[str, Any]:
-    """What the numbers were measured on, including the load other processes put on it."""
-    info: dict[str, Any] = {
-        "device": str(device),
-        "cpu": cpu_name(),
-        "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_native_bf16": cpu_has_optimized_bf16_kernels(),
-        "python": platform.python_version(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 _START = time.perf_counter()
@@ -739,8 +709,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in fusions:
         fusionzoo.FUSIONS.get(name)  # unknown names fail here, listing what exists
 
-    machine = describe_machine(device)
-    print(f"machine: {machine['cpu']} ({machine['cpu_count']} cores, {threads} torch threads, "
+    machine = {**describe_machine(device), "cpu_native_bf16": cpu_has_optimized_bf16_kernels()}
+    print(f"machine: {machine['cpu']} ({machine['cpu_cores']} cores, {threads} torch threads, "
           f"{machine['cpu_capability']}, native bf16: {machine['cpu_native_bf16']}, "
           f"OMP_WAIT_POLICY={machine['omp_wait_policy']})"
           + (f", GPU {machine['gpu']}" if "gpu" in machine else "") + f"; torch {machine['torch']}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import platform
 import threading
 from typing import Any
 
@@ -38,6 +39,59 @@ def auto_mixed_precision(on_cuda: bool) -> str:
 
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_has_bf16_instructions() else "no"
+
+
+# -- the machine -------------------------------------------------------------------------
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what :mod:`platform` guesses."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_machine(device: Any = None) -> dict[str, Any]:
+    """What a measurement ran on, to be written next to its numbers (``run.json``, the benchmarks' JSON).
+
+    Args:
+        device: the device measured (a ``torch.device`` or its name); None = ``cuda`` where
+            CUDA is available, else ``cpu``.
+    Returns:
+        ``device``, ``cpu`` (:func:`cpu_name`), ``cpu_cores`` (the cores this process may
+        run on), ``torch_threads``, ``cpu_capability`` (PyTorch's CPU kernel level),
+        ``cpu_bf16_instructions`` (:func:`cpu_has_bf16_instructions`), ``python``, ``torch``,
+        ``omp_wait_policy`` (``$OMP_WAIT_POLICY`` or None), ``loadavg_start`` (1, 5 and 15
+        minute load averages, where the system gives them: other processes on the cores), and
+        on CUDA ``gpu`` (its name) and ``gpus`` (how many the device stands for).
+    """
+    import torch
+
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    info: dict[str, Any] = {
+        "device": str(device),
+        "cpu": cpu_name(),
+        "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16_instructions": cpu_has_bf16_instructions(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    }
+    try:
+        info["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpus"] = torch.cuda.device_count() if device.index is None else 1
+    return info
 
 
 # -- resident memory ---------------------------------------------------------------------

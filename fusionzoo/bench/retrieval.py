@@ -35,7 +35,7 @@ Rows hand their score matrices to the report under the private key ``_scores``
 ``scores_<task>_<row>_seed<seed>.npz`` (``fusionzoo score retrieval`` reads them).
 
 Settings were chosen on the validation split (:func:`select_settings`); see
-:data:`~fusionzoo.bench.runner.TASK_SETTINGS`.
+:data:`~fusionzoo.bench.settings.TASK_SETTINGS`.
 """
 
 from __future__ import annotations
@@ -61,9 +61,11 @@ from ..tasks.retrieval_eval import recall_at_k
 from ..training.pretrain import row_generators
 from ..training.pretrain_model import PretrainModel
 from .baselines import REFERENCES, TEXT_ONLY
+from .config import resolve_device
 from .loop import PeakMemory, autocast, seeded, train_model
-from .runner import (SCORES_KEY, TEXT_ENCODER, VISION_ENCODER, _mean_metrics, result_row, count_parameters, fusion_kwargs_for,
-                     settings_for)
+from .row import SCORES_KEY, count_parameters, mean_metrics, result_row
+from .run_features import Features, extract_features
+from .settings import TEXT_ENCODER, VISION_ENCODER, fusion_kwargs_for, settings_for
 from .standardize import STD_FLOOR, StandardizedAligningFusion, StandardizedFusion
 from .suites import BenchTask, SplitData
 
@@ -174,7 +176,7 @@ def row_parameters(model: FusionModel, fusion: str) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------
-def train_retrieval_model(model: FusionModel, split: SplitData, features: Any, settings: Any, *, precision: str,
+def train_retrieval_model(model: FusionModel, split: SplitData, features: Features, settings: Any, *, precision: str,
                           device: torch.device, seed: int, desc: str = "train", progress: bool = False) -> Any:
     """ITC (+ ITM) training of ``model`` on the (image, caption) pairs of ``split``, from cached features.
 
@@ -201,7 +203,7 @@ def train_retrieval_model(model: FusionModel, split: SplitData, features: Any, s
 # Scoring
 # --------------------------------------------------------------------------------------
 @torch.no_grad()
-def embed_split(model: FusionModel, split: SplitData, features: Any, device: torch.device, precision: str,
+def embed_split(model: FusionModel, split: SplitData, features: Features, device: torch.device, precision: str,
                 batch_size: int = 1024) -> tuple[Gallery, Captions]:
     """The split's distinct images (in order of first appearance) and its captions, embedded from the cache."""
     model.eval()
@@ -250,7 +252,7 @@ def recalls(i2t: Tensor, t2i: Tensor, owner: Tensor, prefix: str = "") -> dict[s
     return {f"{prefix}{k}": v for k, v in recall_at_k(i2t.float().numpy(), t2i.float().numpy(), owner.numpy()).items()}
 
 
-def evaluate_row(model: FusionModel, fusion: str, split: SplitData, features: Any, settings: Any, *,
+def evaluate_row(model: FusionModel, fusion: str, split: SplitData, features: Features, settings: Any, *,
                  precision: str, device: torch.device, score_all: bool = True
                  ) -> tuple[dict[str, float], dict[str, np.ndarray], float]:
     """A row's metrics on ``split``, its score matrices (for the report's .npz), and its queries per second.
@@ -304,13 +306,13 @@ def evaluate_row(model: FusionModel, fusion: str, split: SplitData, features: An
 # --------------------------------------------------------------------------------------
 # One row
 # --------------------------------------------------------------------------------------
-def run_retrieval_row(task: BenchTask, fusion: str, settings: Any, features: Any, encoders: dict[str, Any],
+def run_retrieval_row(task: BenchTask, fusion: str, settings: Any, features: Features, encoders: dict[str, Any],
                       seeds: Sequence[int], precision: str, device: torch.device, progress: bool,
                       fusion_kwargs: dict[str, Any] | None = None, score_all: bool = True) -> dict[str, Any]:
-    """Train and score one retrieval row for every seed; the aggregated results row (as ``run_row``'s).
+    """Train and score one retrieval row for every seed; the aggregated results row (as :mod:`~fusionzoo.bench.row`'s).
 
     ``fusion_kwargs``: the fusion's constructor arguments (default: the benchmark's,
-    :func:`~fusionzoo.bench.runner.fusion_kwargs_for`); ``score_all``: also score every pair
+    :func:`~fusionzoo.bench.settings.fusion_kwargs_for`); ``score_all``: also score every pair
     with ITM (the ``all_*`` metrics). The row also holds ``_scores``
     (:data:`SCORES_KEY`): seed -> the arrays of its score file.
     """
@@ -339,7 +341,7 @@ def run_retrieval_row(task: BenchTask, fusion: str, settings: Any, features: Any
         throughput.append(queries_per_second)
         memory.append(peak.peak_mb)
         losses.append(stats.final_loss)
-    metrics = _mean_metrics(per_seed)
+    metrics = mean_metrics(per_seed)
     metrics["final_train_loss"] = float(np.mean(losses))
     if len(seeds) > 1:
         metrics["per_seed"] = [{"seed": s, **m} for s, m in zip(seeds, per_seed)]
@@ -383,7 +385,6 @@ def select_settings(data_dir: str | Path, candidates: Sequence[tuple[str, dict[s
     """
     from ..features.cache import FeatureCache
     from ..features.layout import default_cache_dir
-    from .runner import extract_features, resolve_device
     from .suites import SUITES, load_coco_retrieval_task, _keep_images, _quick_images
     from ..encoders import build_text_encoder, build_vision_encoder
 

@@ -288,7 +288,7 @@ def _vqa_split(dataset: Any, answers: list[str], question_type: Callable[[str], 
     count = len(columns["question"])
     labels = torch.zeros(count, len(answers))  # (S, A)
     rows = [i for i, ids in enumerate(columns["target_ids"]) for _ in ids]
-    if rows:  # one scatter for the whole split (a call per question took ~1 s on easy-VQA)
+    if rows:  # one scatter for the whole split, not one call per question
         cols = [j for ids in columns["target_ids"] for j in ids]
         scores = [x for row in columns["target_scores"] for x in row]
         labels[torch.as_tensor(rows), torch.as_tensor(cols, dtype=torch.long)] = torch.as_tensor(scores)

@@ -56,7 +56,7 @@ from ..model import FusionModel, ModelOutput
 from .features import FEATURE_DTYPE, add_position_channels, pool_image_tokens
 from .suites import MODEL_TASKS, BenchError, Suite
 
-#: Model tasks whose rows ``--train-encoders`` supports: trained by ``run_row`` and scored
+#: Model tasks whose rows ``--train-encoders`` supports: trained by ``run_prediction_row`` and scored
 #: through ``predict_logits``.
 TAIL_MODEL_TASKS = ("vqa", "classification")
 

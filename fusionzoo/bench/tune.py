@@ -9,7 +9,7 @@ best trial's -- is then trained again with every seed and scored on the test spl
 The tolerance keeps a trial that costs three times as much from winning by a difference
 the validation split cannot resolve (on easy-VQA's 3,801 validation questions, 0.5 points
 is 19 questions). Settings outside the
-grid stay each row's defaults (:func:`fusionzoo.bench.runner.settings_for`).
+grid stay each row's defaults (:func:`fusionzoo.bench.settings.settings_for`).
 
 Each result row carries its tuning under ``"tune"``::
 
@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 from .suites import BenchError
 
-#: Settings a grid may set (numeric fields of :class:`~fusionzoo.bench.runner.TrainSettings`).
+#: Settings a grid may set (numeric fields of :class:`~fusionzoo.bench.settings.TrainSettings`).
 GRID_KEYS = {"epochs": float, "lr": float, "batch_size": int, "weight_decay": float, "warmup": float}
 
 #: Per task: the grid ``--tune`` tries for every row, cheapest values first (a tie goes to the

@@ -13,10 +13,11 @@ import torch
 from fusionzoo.features.cache import FeatureCache
 from fusionzoo.features.keys import cache_key, fingerprint_files, fingerprint_module, fingerprint_texts
 from fusionzoo.bench.baselines import ImageOnlyReference, TextOnlyReference
-from fusionzoo.bench.features import image_preprocessing
-from fusionzoo.bench import runner
-from fusionzoo.bench.runner import pool_image_tokens
+from fusionzoo.bench import settings as bench_settings
+from fusionzoo.bench.config import resolve_jobs
+from fusionzoo.bench.features import image_preprocessing, pool_image_tokens
 from fusionzoo.bench.suites import BenchError, easy_vqa_question_type, question_prefix, vqa_answer_type
+from fusionzoo.bench.workers import row_devices
 from fusionzoo.cli import main
 from fusionzoo.encoders import build_vision_encoder
 from fusionzoo.layers import KVCache
@@ -252,37 +253,37 @@ def test_pool_image_tokens_averages_grid_regions() -> None:
 
 
 def test_row_settings_and_fusion_kwargs_precedence(monkeypatch) -> None:
-    monkeypatch.setitem(runner.TASK_SETTINGS, "t", runner.TrainSettings(epochs=4, batch_size=32, lr=1e-3))
-    monkeypatch.setitem(runner.FUSION_SETTINGS, "t", {"albef": {"epochs": 6, "lr": 2e-3}})
-    assert runner.settings_for("t", "early_concat") == runner.TASK_SETTINGS["t"]
-    albef = runner.settings_for("t", "albef")
+    monkeypatch.setitem(bench_settings.TASK_SETTINGS, "t", bench_settings.TrainSettings(epochs=4, batch_size=32, lr=1e-3))
+    monkeypatch.setitem(bench_settings.FUSION_SETTINGS, "t", {"albef": {"epochs": 6, "lr": 2e-3}})
+    assert bench_settings.settings_for("t", "early_concat") == bench_settings.TASK_SETTINGS["t"]
+    albef = bench_settings.settings_for("t", "albef")
     assert (albef.epochs, albef.batch_size, albef.lr) == (6, 32, 2e-3)
-    assert runner.settings_for("t", "albef", epochs=0.5).epochs == 0.5  # --epochs wins
-    assert runner.settings_for("t", "albef", quick=True).epochs == runner.QUICK_EPOCHS
+    assert bench_settings.settings_for("t", "albef", epochs=0.5).epochs == 0.5  # --epochs wins
+    assert bench_settings.settings_for("t", "albef", quick=True).epochs == bench_settings.QUICK_EPOCHS
 
-    monkeypatch.setattr(runner, "COMMON_FUSION_KWARGS", {"dim": 128, "num_layers": 1})
-    monkeypatch.setitem(runner.TASK_FUSION_KWARGS, "t", {"*": {"dim": 64}, "albef": {"num_layers": 2}})
-    monkeypatch.setitem(runner.FUSION_KWARGS, "albef", {"dim": 32})
-    assert runner.fusion_kwargs_for("early_concat", "t") == {"dim": 64, "num_layers": 1}
-    assert runner.fusion_kwargs_for("albef", "t") == {"dim": 32, "num_layers": 2}
-    assert runner.fusion_kwargs_for("early_concat", "other") == {"dim": 128, "num_layers": 1}
+    monkeypatch.setattr(bench_settings, "COMMON_FUSION_KWARGS", {"dim": 128, "num_layers": 1})
+    monkeypatch.setitem(bench_settings.TASK_FUSION_KWARGS, "t", {"*": {"dim": 64}, "albef": {"num_layers": 2}})
+    monkeypatch.setitem(bench_settings.FUSION_KWARGS, "albef", {"dim": 32})
+    assert bench_settings.fusion_kwargs_for("early_concat", "t") == {"dim": 64, "num_layers": 1}
+    assert bench_settings.fusion_kwargs_for("albef", "t") == {"dim": 32, "num_layers": 2}
+    assert bench_settings.fusion_kwargs_for("early_concat", "other") == {"dim": 128, "num_layers": 1}
 
 
 def test_resolve_jobs() -> None:
     cpu = torch.device("cpu")
-    assert runner.resolve_jobs(3, cpu, rows=2) == 2  # never more workers than rows
-    assert 1 <= runner.resolve_jobs(None, cpu, rows=8) <= 2
+    assert resolve_jobs(3, cpu, rows=2) == 2  # never more workers than rows
+    assert 1 <= resolve_jobs(None, cpu, rows=8) <= 2
     with pytest.raises(BenchError, match="--jobs must be >= 1"):
-        runner.resolve_jobs(0, cpu, rows=8)
+        resolve_jobs(0, cpu, rows=8)
     # CUDA: one row at a time per GPU, every GPU of --device cuda by default, one for cuda:N
     cuda, cuda1 = torch.device("cuda"), torch.device("cuda", 1)
-    assert runner.resolve_jobs(None, cuda, rows=8, gpus=4) == 4
-    assert runner.resolve_jobs(None, cuda, rows=3, gpus=4) == 3
-    assert runner.resolve_jobs(2, cuda, rows=8, gpus=4) == 2
-    assert runner.resolve_jobs(None, cuda1, rows=8, gpus=4) == 1
+    assert resolve_jobs(None, cuda, rows=8, gpus=4) == 4
+    assert resolve_jobs(None, cuda, rows=3, gpus=4) == 3
+    assert resolve_jobs(2, cuda, rows=8, gpus=4) == 2
+    assert resolve_jobs(None, cuda1, rows=8, gpus=4) == 1
     with pytest.raises(BenchError, match="needs a GPU of its own, and --device cuda gives 2"):
-        runner.resolve_jobs(3, cuda, rows=8, gpus=2)
+        resolve_jobs(3, cuda, rows=8, gpus=2)
     with pytest.raises(BenchError, match="--device cuda uses every GPU"):
-        runner.resolve_jobs(2, cuda1, rows=8, gpus=4)
-    assert runner.row_devices(cuda, 3) == [torch.device("cuda", i) for i in range(3)]
-    assert runner.row_devices(cuda1, 1) == [cuda1] and runner.row_devices(cpu, 2) == [cpu, cpu]
+        resolve_jobs(2, cuda1, rows=8, gpus=4)
+    assert row_devices(cuda, 3) == [torch.device("cuda", i) for i in range(3)]
+    assert row_devices(cuda1, 1) == [cuda1] and row_devices(cpu, 2) == [cpu, cpu]

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from fusionzoo.features.cache import FeatureCache
-from fusionzoo.bench.runner import (BenchConfig, extract_features, run_rows, run_rows_on_devices,
-                                    settings_for)
+from fusionzoo.bench.config import BenchConfig
+from fusionzoo.bench.run_features import extract_features
+from fusionzoo.bench.settings import settings_for
+from fusionzoo.bench.workers import run_rows, run_rows_on_devices
 from fusionzoo.bench.suites import SUITES, load_tasks
 from fusionzoo.encoders import build_text_encoder, build_vision_encoder
 

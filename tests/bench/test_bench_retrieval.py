@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusionzoo.bench import runner
+from fusionzoo.bench import settings as bench_settings
 from fusionzoo.bench.retrieval import ITC_ROW, StandardizedAlignment, row_names
 from fusionzoo.bench.standardize import StandardizedAligningFusion
 from fusionzoo.cli import main
@@ -80,10 +80,10 @@ def test_standardized_alignment_and_aligning_fusion_embed_standardized_inputs() 
 
 
 def test_retrieval_settings_are_the_tasks_and_the_dual_encoder_trains_itc_alone() -> None:
-    settings = runner.settings_for("coco-retrieval", "early_concat")
-    assert isinstance(settings, runner.RetrievalSettings) and settings.itm_weight > 0 and settings.rerank_k == 16
-    assert runner.settings_for("coco-retrieval", ITC_ROW).itm_weight == 0
-    assert runner.settings_for("coco-retrieval", ITC_ROW, quick=True).epochs <= runner.QUICK_EPOCHS
+    settings = bench_settings.settings_for("coco-retrieval", "early_concat")
+    assert isinstance(settings, bench_settings.RetrievalSettings) and settings.itm_weight > 0 and settings.rerank_k == 16
+    assert bench_settings.settings_for("coco-retrieval", ITC_ROW).itm_weight == 0
+    assert bench_settings.settings_for("coco-retrieval", ITC_ROW, quick=True).epochs <= bench_settings.QUICK_EPOCHS
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fusionzoo.bench.runner import add_position_channels
+from fusionzoo.bench.features import add_position_channels
 from fusionzoo.bench.suites import SUITES, BenchError, load_tasks
 from fusionzoo.cli import main
 from fusionzoo.encoders import build_vision_encoder

@@ -10,10 +10,12 @@ from typing import Any
 import pytest
 import torch
 
-from fusionzoo.bench import runner
+from fusionzoo.bench import row as bench_row, runner, workers
 from fusionzoo.features.cache import FeatureCache
 from fusionzoo.features.keys import fingerprint_module
-from fusionzoo.bench.runner import build_bench_model, extract_features, fusion_kwargs_for
+from fusionzoo.bench.row import build_bench_model
+from fusionzoo.bench.run_features import extract_features
+from fusionzoo.bench.settings import fusion_kwargs_for
 from fusionzoo.bench.suites import SUITES, load_tasks
 from fusionzoo.bench.tails import EncoderTailsModel, with_encoder_tails
 from fusionzoo.cli import main
@@ -55,7 +57,7 @@ def _tail_weights(model: EncoderTailsModel) -> dict[str, torch.Tensor]:
 def test_train_encoders_run_trains_a_copy_of_the_tails_per_row(tmp_path: Path, loaded: list, monkeypatch,
                                                                capsys) -> None:
     seen: dict[str, Any] = {"models": []}
-    real_run_row, real_train = runner.run_row, runner.train_model
+    real_run_row, real_train = workers.run_row, bench_row.train_model
 
     def run_row(task, fusion, settings, features, encoders, *args):
         if "encoders" not in seen:  # the run's shared objects, before any row trains
@@ -75,8 +77,8 @@ def test_train_encoders_run_trains_a_copy_of_the_tails_per_row(tmp_path: Path, l
         seen["models"].append((model, before, states))
         return stats
 
-    monkeypatch.setattr(runner, "run_row", run_row)
-    monkeypatch.setattr(runner, "train_model", train_model)
+    monkeypatch.setattr(workers, "run_row", run_row)
+    monkeypatch.setattr(bench_row, "train_model", train_model)
     out, cache = tmp_path / "out", tmp_path / "cache"
     assert main([*RUN, "--train-encoders", "1", "--out", str(out), "--cache-dir", str(cache)]) == 0
     rows = _rows(out)
@@ -106,8 +108,8 @@ def test_train_encoders_run_trains_a_copy_of_the_tails_per_row(tmp_path: Path, l
     vit_norm = sum(p.numel() for p in encoders["vision"].model.norm.parameters())
     bert_layer = sum(p.numel() for p in encoders["text"].model.encoder.layer[-1].parameters())
     assert tails == vit_block + vit_norm + bert_layer
-    monkeypatch.setattr(runner, "run_row", real_run_row)
-    monkeypatch.setattr(runner, "train_model", real_train)
+    monkeypatch.setattr(workers, "run_row", real_run_row)
+    monkeypatch.setattr(bench_row, "train_model", real_train)
     frozen_out = tmp_path / "frozen"  # one step per row is enough: training does not change parameter counts
     frozen_run = [*RUN[: RUN.index("--epochs")], "--epochs", "0.01", *RUN[RUN.index("--epochs") + 2:]]
     assert main([*frozen_run, "--out", str(frozen_out), "--cache-dir", str(cache)]) == 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fusionzoo.bench.runner import TASK_SETTINGS
+from fusionzoo.bench.settings import TASK_SETTINGS
 from fusionzoo.bench.suites import BenchError
 from fusionzoo.bench.tune import apply_trial, best_trial, grid_for, grid_trials, parse_grid, tune_record
 from fusionzoo.cli import main

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusionzoo.bench import report
+from fusionzoo.bench import formatting, plots, priors, report, tables
 from fusionzoo.features.cache import FeatureCache
 from fusionzoo.features.keys import fingerprint_files
 from fusionzoo.features.layout import CacheError
@@ -62,7 +62,7 @@ ROWS = [_row("co_attention", 80.0), _row("early_concat", 70.0), _row("text_only"
 # Seeds: mean ± sd, never `_std` types
 # --------------------------------------------------------------------------------------
 def test_multi_seed_report_has_error_bars_and_no_std_types(monkeypatch, tmp_path: Path) -> None:
-    markdown = report.markdown(ROWS, _run())
+    markdown = tables.markdown(ROWS, _run())
     assert "_std" not in markdown
     assert "| co_attention | 80.00 ± 2.00 |" in markdown
     assert "| fusion | what color | yes/no shape |" in markdown and "80.0 ± 1.5 | 70.0 ± 2.5 |" in markdown
@@ -81,20 +81,20 @@ def test_multi_seed_report_has_error_bars_and_no_std_types(monkeypatch, tmp_path
                         or real_bar(ax, x, h, *a, **kw))
     monkeypatch.setattr(Axes, "set_xticks", lambda ax, t, labels=None, **kw: ticks.append(list(labels or []))
                         or real_ticks(ax, t, labels, **kw))
-    assert report.plot_breakdowns(ROWS, "t", tmp_path / "per_type.png", _run()["majority_prior"]["t"])
+    assert plots.plot_breakdowns(ROWS, "t", tmp_path / "per_type.png", _run()["majority_prior"]["t"])
     assert ticks == [list(TYPES), ["other", "yes/no"]]  # the types, not their spreads
     assert len(bars) == 2 * len(ROWS) and all(b["yerr"] is not None for b in bars)
     first = bars[0]  # co_attention per question type: ± 1.5 and ± 2.5 (cut at 0 and 100)
     assert first["height"] == [80.0, 70.0] and first["yerr"] == [[1.5, 2.5], [1.5, 2.5]]
 
     bars.clear()
-    report.plot_scores(ROWS, "t", tmp_path / "score.png", report.plot_priors("t", _run(), "accuracy"))
+    plots.plot_scores(ROWS, "t", tmp_path / "score.png", priors.plot_priors("t", _run(), "accuracy"))
     assert bars[0]["yerr"] == [[2.0] * 3, [2.0] * 3]
 
     one_seed = [_row(r["fusion"], r["metrics"]["accuracy"], _is_ref(r), seeds=(0,)) for r in ROWS]
     bars.clear()
-    report.plot_breakdowns(one_seed, "t", tmp_path / "per_type1.png")
-    assert all(b["yerr"] is None for b in bars) and "±" not in report.markdown(one_seed, _run((0,))).split("##")[1]
+    plots.plot_breakdowns(one_seed, "t", tmp_path / "per_type1.png")
+    assert all(b["yerr"] is None for b in bars) and "±" not in tables.markdown(one_seed, _run((0,))).split("##")[1]
 
 
 def _is_ref(row: dict[str, Any]) -> bool:
@@ -102,16 +102,16 @@ def _is_ref(row: dict[str, Any]) -> bool:
 
 
 def test_mean_and_std_keeps_a_type_named_like_a_spread() -> None:
-    means, stds = report.mean_and_std({"a": 1.0, "a_std": 0.5, "b_std": 3.0})
+    means, stds = formatting.mean_and_std({"a": 1.0, "a_std": 0.5, "b_std": 3.0})
     assert means == {"a": 1.0, "b_std": 3.0} and stds == {"a": 0.5}
 
 
 def test_priors_drawn_and_majority_prior_from_the_test_split() -> None:
-    lines = report.plot_priors("t", _run(), "accuracy")
+    lines = priors.plot_priors("t", _run(), "accuracy")
     assert [(style, value) for style, _, value in lines] == [("majority", 52.9), ("question", 60.0)]
     run = _run()
     run["question_prior"]["t"]["seen_in_train"] = 1  # a fifth of the questions: only results.md reports it
-    assert [style for style, *_ in report.plot_priors("t", run, "accuracy")] == ["majority"]
+    assert [style for style, *_ in priors.plot_priors("t", run, "accuracy")] == ["majority"]
 
     vocab = ["no", "yes"]
     onehot = lambda answers: torch.tensor([[float(a == v) for v in vocab] for a in answers])  # noqa: E731
@@ -120,7 +120,7 @@ def test_priors_drawn_and_majority_prior_from_the_test_split() -> None:
                                       answers=[[a] for a in answers])
     task = BenchTask(name="v", task="vqa", metric="accuracy", vocabulary=vocab, train=split(["yes"] * 3),
                      test=split(["no", "no", "yes", "no"]))
-    prior = report.majority_prior(task)
+    prior = priors.majority_prior(task)
     assert prior["answer"] == "no" and prior["kind"] == "answer" and prior["metrics"]["accuracy"] == 75.0
 
     labels = torch.tensor([1, 1, 0, 1, 1])
@@ -128,7 +128,7 @@ def test_priors_drawn_and_majority_prior_from_the_test_split() -> None:
                       groups={"label": ["match" if x else "mismatch" for x in labels.tolist()]})
     match = BenchTask(name="m", task="classification", metric="accuracy", vocabulary=["mismatch", "match"],
                       train=pairs, test=pairs)
-    prior = report.majority_prior(match)
+    prior = priors.majority_prior(match)
     assert prior["answer"] == "match" and prior["kind"] == "label" and prior["metrics"]["accuracy"] == 80.0
     assert prior["metrics"]["per_label"] == {"match": 100.0, "mismatch": 0.0}
 
@@ -137,7 +137,7 @@ def test_priors_drawn_and_majority_prior_from_the_test_split() -> None:
 # The tables at the end of a run; one report per folder
 # --------------------------------------------------------------------------------------
 def test_results_tables_are_printed_on_their_own_lines(capsys) -> None:
-    report.print_results(ROWS, _run())
+    tables.print_results(ROWS, _run())
     out = capsys.readouterr().out
     assert out.startswith("\n")  # a line of its own after whatever the progress bar left
     lines = out.splitlines()
@@ -145,7 +145,7 @@ def test_results_tables_are_printed_on_their_own_lines(capsys) -> None:
     assert lines[header - 2].startswith("## t: test accuracy") and "mean ± sd over 2 seeds" in lines[header - 2]
     assert [line.split(" | ")[0] for line in lines[header + 2: header + 5]] == [
         "| co_attention", "| early_concat", "| text_only (reference)"]
-    assert report.task_table(ROWS) == [line for line in report.markdown(ROWS, _run()).splitlines()
+    assert tables.task_table(ROWS) == [line for line in tables.markdown(ROWS, _run()).splitlines()
                                        if line.startswith("|")][: len(ROWS) + 2]  # the table of results.md
     assert any(line.startswith("majority prior:") for line in lines)
 
@@ -177,7 +177,7 @@ def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
 def test_place_labels_separates_close_points() -> None:
     points = [(100.0, 100.0), (104.0, 101.0), (110.0, 99.0), (300.0, 100.0)]  # three on top of each other
     sizes = [(60.0, 12.0)] * 4
-    places = report.place_labels(points, sizes, (0, 0, 400, 300), pad=5, marker=4)
+    places = plots.place_labels(points, sizes, (0, 0, 400, 300), pad=5, marker=4)
     boxes = [(x, y - h / 2, x + w, y + h / 2) for (x, y, _), (w, h) in zip(places, sizes)]
     assert not any(_overlap(boxes[i], boxes[j]) for i in range(4) for j in range(i))
     markers = [(px - 4, py - 4, px + 4, py + 4) for px, py in points]
@@ -198,7 +198,7 @@ def test_label_points_on_a_plot(tmp_path: Path) -> None:
     ax.set_ylim(ax.get_ylim())
     fig.tight_layout()
     names = ["merged_transformer", "albef", "attention_weighted", "late_voting", "co_attention"]
-    artists = report.label_points(ax, xs, ys, names)
+    artists = plots.label_points(ax, xs, ys, names)
     renderer = fig.canvas.get_renderer()
     boxes = [tuple(a.get_window_extent(renderer).extents) for a in artists]
     assert [a.get_text() for a in artists] == names
