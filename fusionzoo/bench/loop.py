@@ -201,7 +201,7 @@ def train_model(
     batch_size: int,
     lr: float,
     weight_decay: float,
-    warmup: float,
+    warmup_ratio: float,
     precision: str,
     device: torch.device,
     seed: int,
@@ -220,7 +220,7 @@ def train_model(
         epochs: passes over the split (fractions allowed; at least one step).
         batch_size: samples per step.
         lr, weight_decay: AdamW settings (no decay on biases, norms, embeddings' tables).
-        warmup: fraction of the steps spent warming the learning rate up, then cosine to 0.
+        warmup_ratio: fraction of the steps spent warming the learning rate up, then cosine to 0.
         precision: a resolved precision (``no``, ``bf16``, ``fp16``).
         device: where the model and batches live.
         seed: seeds the shuffling (the model was built under its own seed).
@@ -240,7 +240,7 @@ def train_model(
     """
     full = drop_last and len(view) >= batch_size
     plan = plan_steps(len(view) // batch_size if full else math.ceil(len(view) / batch_size), epochs=epochs,
-                      warmup_ratio=warmup)
+                      warmup_ratio=warmup_ratio)
     steps = plan.total
     accelerator = LocalAccelerator(precision, device)
     optimizer = build_optimizer(model, lr=lr, weight_decay=weight_decay, encoder_prefixes=encoder_prefixes)

@@ -122,7 +122,7 @@ def run_prediction_row(task: BenchTask, fusion: str, settings: TrainSettings, fe
             params = (params[0], params[1] - model.replaced_parameters)
         with PeakMemory(device) as peak:
             train_stats = train_model(model, train_view, epochs=settings.epochs, batch_size=settings.batch_size,
-                                      lr=settings.lr, weight_decay=settings.weight_decay, warmup=settings.warmup,
+                                      lr=settings.lr, weight_decay=settings.weight_decay, warmup_ratio=settings.warmup_ratio,
                                       precision=precision, device=device, seed=seed,
                                       desc=f"{task.name} {fusion} seed {seed}", progress=progress,
                                       encoder_prefixes=EncoderTailsModel.ENCODER_PREFIXES if trained

@@ -32,7 +32,7 @@ class TrainSettings:
         batch_size: samples per optimiser step.
         lr: AdamW peak learning rate (warmup, then cosine to 0).
         weight_decay: AdamW weight decay of matrices.
-        warmup: fraction of steps of linear warmup.
+        warmup_ratio: fraction of steps of linear warmup (as `fusionzoo train`'s `warmup_ratio`).
         max_text_len: tokens kept per question / caption.
         eval_batch_size: samples per inference call.
         num_beams: beams for caption generation (1 = greedy).
@@ -43,7 +43,7 @@ class TrainSettings:
     batch_size: int
     lr: float
     weight_decay: float = 0.01
-    warmup: float = 0.05
+    warmup_ratio: float = 0.05
     max_text_len: int = 32
     eval_batch_size: int = 1024
     num_beams: int = 1

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 from .suites import BenchError
 
 #: Settings a grid may set (numeric fields of :class:`~fusionzoo.bench.settings.TrainSettings`).
-GRID_KEYS = {"epochs": float, "lr": float, "batch_size": int, "weight_decay": float, "warmup": float}
+GRID_KEYS = {"epochs": float, "lr": float, "batch_size": int, "weight_decay": float, "warmup_ratio": float}
 
 #: Per task: the grid ``--tune`` tries for every row, cheapest values first (a tie goes to the
 #: cheaper trial). easy-VQA also tries two batch sizes: eight trials, four elsewhere.
@@ -77,6 +77,8 @@ def parse_grid(text: str) -> dict[str, list[Any]]:
         key, sep, values = part.partition("=")
         if not sep or not values:
             raise BenchError(f"--tune-grid: {part!r} is not key=v1,v2 (e.g. 'epochs=2,6 lr=1e-3,2e-3')")
+        if key == "warmup":
+            raise BenchError("--tune-grid: 'warmup' is now called 'warmup_ratio' (the name `fusionzoo train` uses)")
         if key not in GRID_KEYS:
             raise BenchError(f"--tune-grid: unknown setting {key!r}; expected one of {', '.join(GRID_KEYS)}")
         if key in grid:
@@ -89,7 +91,7 @@ def parse_grid(text: str) -> dict[str, list[Any]]:
             except ValueError:
                 raise BenchError(f"--tune-grid: {key}={values}: {value!r} is not "
                                  f"{'an integer' if kind is int else 'a number'}") from None
-            if not number > 0 and not (key in ("weight_decay", "warmup") and number == 0):
+            if not number > 0 and not (key in ("weight_decay", "warmup_ratio") and number == 0):
                 raise BenchError(f"--tune-grid: {key}={values}: {value!r} must be > 0")
             parsed.append(number)
         grid[key] = list(dict.fromkeys(parsed))

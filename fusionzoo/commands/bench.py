@@ -177,7 +177,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                         "the report shows each row's validation score and chosen settings")
     p.add_argument("--tune-grid", type=_grid, metavar="'KEY=V1,V2 ...'",
                    help="the grid --tune tries, e.g. 'epochs=2,6 lr=1e-3,2e-3' (settings: epochs, lr, batch_size, "
-                        "weight_decay, warmup) (default: each task's: 2 epoch counts x 2 learning rates, x 2 "
+                        "weight_decay, warmup_ratio) (default: each task's: 2 epoch counts x 2 learning rates, x 2 "
                         "batch sizes on easy-VQA)")
     p.add_argument("--train-encoders", type=int, default=0, metavar="N",
                    help="fine-tune the last N blocks of both encoders with every fusion and head (each row its own "

@@ -17,11 +17,12 @@ from fusionzoo.cli import main
 
 def test_parse_grid_reads_values_and_names_what_is_wrong() -> None:
     assert parse_grid("epochs=2,6 lr=1e-3,2e-3") == {"epochs": [2.0, 6.0], "lr": [0.001, 0.002]}
-    assert parse_grid("batch_size=64,128;warmup=0,0.1") == {"batch_size": [64, 128], "warmup": [0.0, 0.1]}
+    assert parse_grid("batch_size=64,128;warmup_ratio=0,0.1") == {"batch_size": [64, 128], "warmup_ratio": [0.0, 0.1]}
     assert parse_grid("lr=1e-3,1e-3") == {"lr": [0.001]}  # a repeated value is one trial
     for text, message in [("", "empty"), ("epochs", "not key=v1,v2"), ("depth=2", "unknown setting 'depth'"),
                           ("lr=fast", "'fast' is not a number"), ("batch_size=6.5", "not an integer"),
-                          ("epochs=0", "must be > 0"), ("lr=1e-3 lr=2e-3", "given twice")]:
+                          ("epochs=0", "must be > 0"), ("lr=1e-3 lr=2e-3", "given twice"),
+                          ("warmup=0.1", "now called .warmup_ratio.")]:
         with pytest.raises(BenchError, match=message):
             parse_grid(text)
 

@@ -67,7 +67,7 @@ def test_a_bench_row_and_fusionzoo_train_log_the_same_losses(tmp_path: Path, fus
         text_mask=as_tensor(texts["mask"]).bool(),
         text_rows=torch.tensor([questions.index(q) for q in rows["question"]]), labels=labels)
     stats = train_model(model, view, epochs=1, batch_size=BATCH, lr=config.lr, weight_decay=config.weight_decay,
-                        warmup=config.warmup_ratio, precision="no", device=torch.device("cpu"), seed=config.seed,
+                        warmup_ratio=config.warmup_ratio, precision="no", device=torch.device("cpu"), seed=config.seed,
                         progress=False, max_grad_norm=config.max_grad_norm)
     assert stats.losses == pytest.approx(trained, rel=1e-5)
     assert len(set(round(x, 6) for x in trained)) == 4  # the model learns: no two steps alike
