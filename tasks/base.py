@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from fusionzoo.data.checks import DataError, MissingRootError
-from fusionzoo.data.common import model_inputs
 from fusionzoo.errors import ConfigError
 from fusionzoo.registry import DATASETS, TASKS, RegistryError
 
@@ -219,19 +218,18 @@ class _ChoiceTask(Task):
                  **options: Any) -> dict[str, float]:
         import torch
 
+        from .passes import logits_pass
+
         unwrapped = accelerator.unwrap_model(model)
         parts: dict[str, list[Tensor]] = {}
-        with torch.no_grad():
-            for batch in loader:
-                with accelerator.autocast():
-                    out = model(**model_inputs(batch))
-                logits = out.logits.float()
+        for batch, logits in logits_pass(model, loader, accelerator.autocast):
+            with torch.no_grad():
                 values = self.sample_values(logits, batch)
                 if "labels" in batch:
                     values["loss"] = sample_losses(unwrapped.head, logits, batch["labels"])
-                values["valid"] = batch.get("valid", torch.ones(len(logits), dtype=torch.bool)).to(logits.device)
-                for key, value in values.items():
-                    parts.setdefault(key, []).append(accelerator.gather_for_metrics(value))
+            values["valid"] = batch.get("valid", torch.ones(len(logits), dtype=torch.bool)).to(logits.device)
+            for key, value in values.items():
+                parts.setdefault(key, []).append(accelerator.gather_for_metrics(value))
         gathered = {key: torch.cat(value).cpu() for key, value in parts.items()}
         valid = gathered.pop("valid")  # rows whose image could not be decoded (skip_bad=true) are left out
         gathered = {key: value[valid] for key, value in gathered.items()}
@@ -335,23 +333,21 @@ class CaptioningTask(Task):
         import torch
 
         from .caption_eval import score_caption_dicts
+        from .passes import caption_pass
 
         unwrapped = accelerator.unwrap_model(model)
         references = data.references(split)
         width = max_new_tokens + 2
         image_ids, token_rows, flags = [], [], []
-        with torch.no_grad():
-            for batch in loader:
-                with accelerator.autocast():
-                    ids = unwrapped.generate_ids(batch.get("pixel_values"), image_states=batch.get("image_states"),
-                                                 max_new_tokens=max_new_tokens, num_beams=num_beams)
-                padded = torch.full((ids.shape[0], width), unwrapped.text.pad_token_id, dtype=torch.long,
-                                    device=ids.device)  # (B, width): one shape on every process
-                padded[:, : ids.shape[1]] = ids[:, :width]
-                token_rows.append(accelerator.gather_for_metrics(padded))
-                image_ids.append(accelerator.gather_for_metrics(batch["image_id"]))
-                flags.append(accelerator.gather_for_metrics(
-                    batch.get("valid", torch.ones(len(ids), dtype=torch.bool)).to(ids.device)))
+        for batch, ids in caption_pass(unwrapped, loader, accelerator.autocast, max_new_tokens=max_new_tokens,
+                                       num_beams=num_beams):
+            padded = torch.full((ids.shape[0], width), unwrapped.text.pad_token_id, dtype=torch.long,
+                                device=ids.device)  # (B, width): one shape on every process
+            padded[:, : ids.shape[1]] = ids[:, :width]
+            token_rows.append(accelerator.gather_for_metrics(padded))
+            image_ids.append(accelerator.gather_for_metrics(batch["image_id"]))
+            flags.append(accelerator.gather_for_metrics(
+                batch.get("valid", torch.ones(len(ids), dtype=torch.bool)).to(ids.device)))
         valid = torch.cat(flags).cpu()  # images that could not be decoded (skip_bad=true) are left out
         ids_all = torch.cat(token_rows).cpu()[valid]
         captions = unwrapped.text.tokenizer.batch_decode(ids_all.tolist(), skip_special_tokens=True)

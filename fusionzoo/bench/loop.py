@@ -23,7 +23,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..hardware import RssSampler
 from ..model import FusionModel
+from ..tasks.passes import Stopwatch, caption_pass, logits_pass
 from ..training.optim import ENCODER_PREFIXES, build_optimizer
 from ..training.step import (  # noqa: F401  (PRECISIONS, autocast: the bench's names for them)
     PRECISIONS,
@@ -273,39 +274,40 @@ def train_model(
 # --------------------------------------------------------------------------------------
 # Inference
 # --------------------------------------------------------------------------------------
+def _batches_of(view: FeatureView, batch_size: int, device: torch.device) -> Iterator[dict[str, Tensor]]:
+    """``view`` in order, ``batch_size`` samples a batch, on ``device``."""
+    for begin in range(0, len(view), batch_size):
+        yield view.batch(torch.arange(begin, min(begin + batch_size, len(view))), device)
+
+
+def _without_labels(batch: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in batch.items() if key != "labels"}
+
+
 @torch.inference_mode()
 def predict_logits(model: FusionModel, view: FeatureView, *, batch_size: int, precision: str,
                    device: torch.device) -> tuple[Tensor, float]:
-    """Logits (S, C) of every sample of ``view`` (float32, CPU) and the seconds the forward passes took."""
+    """Logits (S, C) of every sample of ``view`` (float32, CPU) and the seconds the forward passes took
+    (the tasks' evaluation pass, :func:`fusionzoo.tasks.passes.logits_pass`, over the cached features)."""
     model.eval()
-    outputs, seconds = [], 0.0
-    for begin in range(0, len(view), batch_size):
-        index = torch.arange(begin, min(begin + batch_size, len(view)))
-        inputs = view.batch(index, device)
-        inputs.pop("labels", None)
-        start = time.perf_counter()
-        with autocast(precision, device):
-            logits = model(**inputs).logits  # (B, C)
-        logits = logits.float().cpu()
-        seconds += time.perf_counter() - start
-        outputs.append(logits)
-    return torch.cat(outputs), seconds
+    watch = Stopwatch(device)
+    batches = _batches_of(view, batch_size, device)
+    outputs = [logits.cpu() for _, logits in logits_pass(model, batches, LocalAccelerator(precision, device).autocast,
+                                                          inputs=_without_labels, stopwatch=watch)]
+    return torch.cat(outputs), watch.seconds
 
 
 @torch.inference_mode()
 def generate_captions(model: FusionModel, view: FeatureView, *, batch_size: int, precision: str,
                       device: torch.device, max_new_tokens: int = 20, num_beams: int = 1) -> tuple[list[str], float]:
-    """A caption per sample (image) of ``view`` and the seconds generation took (text encoder run live)."""
+    """A caption per sample (image) of ``view`` and the seconds generation took (text encoder run live;
+    the captioning task's pass, :func:`fusionzoo.tasks.passes.caption_pass`)."""
     model.eval()
+    watch = Stopwatch(device)
+    batches = ({"image_states": batch["image_states"]} for batch in _batches_of(view, batch_size, device))
     captions: list[str] = []
-    seconds = 0.0
-    for begin in range(0, len(view), batch_size):
-        index = torch.arange(begin, min(begin + batch_size, len(view)))
-        image = view.batch(index, device)["image_states"]  # (B, N, Di)
-        start = time.perf_counter()
-        with autocast(precision, device):
-            ids = model.generate_ids(image_states=image, max_new_tokens=max_new_tokens, num_beams=num_beams)
-        seconds += time.perf_counter() - start
+    for _, ids in caption_pass(model, batches, LocalAccelerator(precision, device).autocast,
+                               max_new_tokens=max_new_tokens, num_beams=num_beams, stopwatch=watch):
         texts = model.text.tokenizer.batch_decode(ids.cpu().tolist(), skip_special_tokens=True)
         captions.extend(text.strip() for text in texts)
-    return captions, seconds
+    return captions, watch.seconds
