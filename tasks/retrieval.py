@@ -71,30 +71,6 @@ class Captions:
     mask: Any
 
 
-class OneProcess:
-    """What the ranking functions ask of an Accelerator, for one process on ``device`` without autocast."""
-
-    num_processes, process_index, is_main_process = 1, 0, True
-
-    def __init__(self, device: Any = "cpu") -> None:
-        import torch
-
-        self.device = torch.device(device)
-
-    def autocast(self) -> Any:
-        import contextlib
-
-        return contextlib.nullcontext()
-
-    def gather(self, tensor: Any) -> Any:
-        return tensor
-
-    gather_for_metrics = gather
-
-    def unwrap_model(self, model: Any) -> Any:
-        return model
-
-
 def _image_tokens(model: Any, batch: dict[str, Any]) -> Any:
     if batch.get("image_states") is not None:
         return batch["image_states"]
@@ -246,6 +222,8 @@ def score_matrices(model: Any, gallery: Gallery, captions: Captions, *, rerank_k
     ``itc_seconds`` here is the shortlisting time only.
     """
     import torch
+
+    from fusionzoo.processes import OneProcess
 
     accelerator = accelerator or OneProcess(model.device)
     with torch.no_grad():

@@ -56,7 +56,8 @@ from ..losses import ITMLoss
 from ..model import FusionModel
 from ..model_config import model_config
 from ..registry import FUSIONS
-from ..tasks.retrieval import Captions, Gallery, OneProcess, score_matrices
+from ..processes import OneProcess
+from ..tasks.retrieval import Captions, Gallery, score_matrices
 from ..tasks.retrieval_eval import recall_at_k
 from ..training.pretrain import row_generators
 from ..training.pretrain_model import PretrainModel

@@ -9,7 +9,7 @@
   same key finds it and computes only the blocks without a marker. An exclusive
   ``flock`` on the staging folder keeps two runs from building one entry at once:
   the second waits, then finds the entry.
-* **several processes** -- given the run's :class:`Processes`, an entry is built with
+* **several processes** -- given the run's :class:`~fusionzoo.processes.ProcessView`, an entry is built with
   all of them: process 0 prepares the staging folder and lists the blocks left, each
   process computes every P-th of them, and process 0 publishes the entry; then every
   process memory-maps the same files. The cache folder must therefore be one folder for
@@ -35,9 +35,12 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..processes import ProcessView
 
 from .layout import (
     CACHE_FORMAT,
@@ -113,39 +116,8 @@ class RowBuilder:
         return {**self.info(), **({"bad_rows": {str(r): m for r, m in sorted(bad.items())}} if bad else {})}
 
 
-class Processes(Protocol):
-    """The processes of one run, as :func:`build_blocks` needs them to build an entry together.
-
-    ``any`` and ``broadcast`` are called by every process at the same point, so each is also
-    a barrier.
-    """
-
-    index: int
-    count: int
-
-    def any(self, flag: bool) -> bool:
-        """Whether ``flag`` is true on any process."""
-        ...
-
-    def broadcast(self, value: Any) -> Any:
-        """Process 0's ``value`` (a JSON-able object), on every process."""
-        ...
-
-
-class OneProcess:
-    """:class:`Processes` of a run on one process."""
-
-    index, count = 0, 1
-
-    def any(self, flag: bool) -> bool:
-        return bool(flag)
-
-    def broadcast(self, value: Any) -> Any:
-        return value
-
-
 def build_whole(folder: Path, name: str, key: str, builder: Builder, describe: Mapping[str, Any],
-                processes: Processes, start: float) -> None:
+                processes: ProcessView, start: float) -> None:
     """Build ``folder`` with ``builder`` on process 0 while the others wait; every process raises if it fails."""
     error = None
     if processes.index == 0:
@@ -185,7 +157,7 @@ def publish(staging: Path, folder: Path, meta: dict[str, Any], start: float) -> 
 
 
 def build_blocks(folder: Path, name: str, key: str, builder: RowBuilder, describe: Mapping[str, Any],
-                 processes: Processes, start: float) -> bool:
+                 processes: ProcessView, start: float) -> bool:
     """Build ``folder`` with every process, resuming an interrupted build; False if another run built it."""
     staging = folder.parent / f".{folder.name}.building-{RESUMABLE_SUFFIX}"
     lock: int | None = None
@@ -250,7 +222,7 @@ def build_blocks(folder: Path, name: str, key: str, builder: RowBuilder, describ
             os.close(lock)
 
 
-def _agree(processes: Processes, error: BaseException | None, what: str) -> None:
+def _agree(processes: ProcessView, error: BaseException | None, what: str) -> None:
     """Raise on every process when any process failed at ``what`` (its own error where it failed)."""
     if processes.any(error is not None):
         if error is not None:

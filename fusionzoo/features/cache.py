@@ -32,12 +32,15 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from .build import Builder, OneProcess, Processes, RowBuilder, build_blocks, build_whole
+from .build import Builder, RowBuilder, build_blocks, build_whole
 from .layout import META_NAME, CacheEntry, CacheError, canonical, load_entry, touch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..processes import ProcessView
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ class FeatureCache:
     misses: int = 0
     extraction_seconds: float = 0.0
     entries: list[dict[str, Any]] = field(default_factory=list)
-    processes: Processes | None = field(default=None, repr=False)
+    processes: ProcessView | None = field(default=None, repr=False)
 
     def get_or_build(self, name: str, key: str, builder: Builder, describe: Mapping[str, Any]) -> CacheEntry:
         """The entry ``name``/``key``: read from disk, or built by ``builder`` (and stored when enabled).
@@ -74,7 +77,11 @@ class FeatureCache:
             describe: what was hashed, in readable form, for ``meta.json``.
         """
         folder = Path(self.root) / f"{name}-{key[:20]}"
-        processes = self.processes or OneProcess()
+        processes = self.processes
+        if processes is None:
+            from ..processes import ProcessView
+
+            processes = ProcessView()
         if self.enabled:
             entry = load_entry(folder, key)
             if not processes.any(entry is None):  # every process found it

@@ -24,7 +24,7 @@ folder), what its frozen encoders would compute in every step, and its batches r
   DataLoader worker through the page cache. From the second epoch on (and in a second run)
   nothing is decoded or encoded.
 * **several processes** -- the run's processes extract together, each process its share
-  of the blocks (:class:`RunProcesses`), then all memory-map the same files.
+  of the blocks (:class:`~fusionzoo.processes.ProcessView`), then all memory-map the same files.
 * **bad images** -- with ``skip_bad=true`` an image that does not decode is found during
   extraction, and the rows that use it are left out of training and evaluation (a warning
   names the first few); without it, extraction stops there with the data error.
@@ -54,7 +54,7 @@ from ..features.layout import default_cache_dir
 from ..features.extract import image_features, text_features
 from ..data.checks import SHOW_FIRST, DataError
 from .config import ConfigError, TrainConfig
-from .processes import ProcessView
+from ..processes import ProcessView
 
 logger = logging.getLogger(__name__)
 
@@ -62,30 +62,10 @@ logger = logging.getLogger(__name__)
 IMAGE_ROW, TEXT_ROW = "_image_row", "_text_row"
 
 
-class RunProcesses:
-    """The :class:`~fusionzoo.features.build.Processes` of a run, from its Accelerator."""
-
-    def __init__(self, accelerator: Any) -> None:
-        self.index, self.count = accelerator.process_index, accelerator.num_processes
-        self._view = ProcessView.from_accelerator(accelerator)
-
-    def any(self, flag: bool) -> bool:
-        return self._view.any(flag)
-
-    def broadcast(self, value: Any) -> Any:
-        if self.count == 1:
-            return value
-        from accelerate.utils import broadcast_object_list
-
-        box = [value]
-        broadcast_object_list(box, from_process=0)
-        return box[0]
-
-
 def run_cache(config: TrainConfig, accelerator: Any) -> FeatureCache:
     """The feature cache of a run: ``cache_dir`` (default the bench's folder), shared by its processes."""
     root = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
-    return FeatureCache(root, processes=RunProcesses(accelerator))
+    return FeatureCache(root, processes=ProcessView.from_accelerator(accelerator))
 
 
 def why_not_cached(config: TrainConfig, model: Any, data: Any, task: Any = None) -> str | None:

@@ -52,7 +52,7 @@ from ..errors import OutputDirError, TrainingInterrupted
 from .checkpoint import CheckpointManager, run_metadata, write_json_atomic
 from .config import ConfigError, TrainConfig
 from .optim import build_optimizer
-from .processes import ProcessView
+from ..processes import ProcessView
 from .step import LearningRates, NonFiniteLossError, check_finite, optimizer_step, plan_steps, resolve_precision
 from .step import seed_everything
 

@@ -41,7 +41,7 @@ from ..registry import FUSIONS
 from .config import ConfigError, TrainConfig
 from .features import FrozenFeatures
 from .loop import NonFiniteLossError, Recipe, RecipeData, StepContext, StepOutput, run
-from .processes import ProcessView
+from ..processes import ProcessView
 from ..data.streaming import derive_seed  # a 63-bit seed from (seed, purpose, step, ...)
 from .pretrain_data import STREAM_EVAL_SAMPLES, load_caption_data, prepare_pretrain_data, prepare_streamed_pretrain_data
 from .pretrain_model import PretrainModel, PretrainOutput, build_pretrain_model

@@ -106,7 +106,7 @@ from ..losses import (
 from ..registry import FUSIONS
 from ..version import __version__
 from .config import TrainConfig
-from .processes import ProcessView
+from ..processes import ProcessView
 
 __all__ = ["PRETRAIN_KIND", "PretrainModel", "PretrainOutput", "build_pretrain_model"]
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, TrainingStopped
 from ..hardware import auto_mixed_precision
+from ..processes import OneProcess
 from .optim import warmup_cosine_factor
 
 #: The values of ``mixed_precision`` (``fusionzoo train``) and ``--mixed-precision`` (``fusionzoo bench``).
@@ -204,27 +205,26 @@ class _ScaledOptimizer:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
 
-class LocalAccelerator:
-    """What :func:`optimizer_step` asks of an ``Accelerator``, for one process on one device.
+class LocalAccelerator(OneProcess):
+    """What :func:`optimizer_step` and evaluation ask of an ``Accelerator``, for one process on one device.
 
-    ``prepare_optimizer`` wraps the optimizer as Accelerate does for fp16 (a GradScaler);
-    ``backward`` scales the loss, ``clip_grad_norm_`` unscales before clipping, ``autocast``
-    is :func:`autocast` of the precision. No gradient accumulation: every batch syncs.
+    A :class:`~fusionzoo.processes.OneProcess` (identity gathers) whose ``autocast`` is
+    :func:`autocast` of the precision; ``prepare_optimizer`` wraps the optimizer as
+    Accelerate does for fp16 (a GradScaler); ``backward`` scales the loss,
+    ``clip_grad_norm_`` unscales before clipping. No gradient accumulation: every batch syncs.
     """
 
     sync_gradients = True
 
     def __init__(self, precision: str, device: torch.device) -> None:
-        self.precision, self.device = precision, device
+        super().__init__(device, autocast=lambda: autocast(precision, self.device))
+        self.precision = precision
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self._optimizer: torch.optim.Optimizer | None = None
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> Any:
         self._optimizer = optimizer
         return _ScaledOptimizer(optimizer, self.scaler) if self.scaler.is_enabled() else optimizer
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return autocast(self.precision, self.device)
 
     def backward(self, loss: Tensor) -> None:
         self.scaler.scale(loss).backward()
