@@ -12,12 +12,12 @@ only one run are listed after the table.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .suites import BenchError
+from .verdicts import combined_spread, exceeds, seed_std
 
 
 @dataclass(frozen=True)
@@ -39,14 +39,12 @@ class RowComparison:
     @property
     def spread(self) -> float | None:
         """Combined seed standard deviation, or None unless both rows had several seeds."""
-        if self.a_std is None or self.b_std is None:
-            return None
-        return math.hypot(self.a_std, self.b_std)
+        return combined_spread(self.a_std, self.b_std)
 
     @property
     def significant(self) -> bool:
         """The difference exceeds the seeds' spread (never for single-seed rows)."""
-        return self.spread is not None and abs(self.difference) > self.spread
+        return exceeds(self.difference, self.spread)
 
 
 def load_results(run: Path) -> dict[tuple[str, str], dict[str, Any]]:
@@ -73,13 +71,6 @@ def load_results(run: Path) -> dict[tuple[str, str], dict[str, Any]]:
     return out
 
 
-def _std(row: dict[str, Any], metric: str) -> float | None:
-    if len(row.get("seeds") or []) < 2:
-        return None
-    value = row["metrics"].get(f"{metric}_std")
-    return None if value is None else float(value)
-
-
 def compare_runs(run_a: Path, run_b: Path) -> tuple[list[RowComparison], list[tuple[str, str]], list[tuple[str, str]]]:
     """The rows of both runs compared, and the (task, fusion) keys only in A and only in B (in report order)."""
     a, b = load_results(run_a), load_results(run_b)
@@ -93,7 +84,7 @@ def compare_runs(run_a: Path, run_b: Path) -> tuple[list[RowComparison], list[tu
             raise BenchError(f"{key[0]} {key[1]}: headline metric {metric!r} in {run_a} but "
                              f"{row_b['config']['headline_metric']!r} in {run_b}")
         both.append(RowComparison(key[0], key[1], metric, float(row_a["metrics"][metric]),
-                                  float(row_b["metrics"][metric]), _std(row_a, metric), _std(row_b, metric)))
+                                  float(row_b["metrics"][metric]), seed_std(row_a, metric), seed_std(row_b, metric)))
     return both, [k for k in a if k not in b], [k for k in b if k not in a]
 
 

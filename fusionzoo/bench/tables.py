@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 from .formatting import (BREAKDOWNS, PERCENT, breakdown_groups, format_number, headline_score, is_reference,
                          mean_and_std, ordered, row_label, scored_split)
+from .verdicts import best_baseline, difference_cells, verdict_lines
 
 #: Extra metric columns shown in results.md per model task.
 COLUMNS = {
@@ -114,28 +115,35 @@ def _tune_lines(task_rows: Sequence[dict[str, Any]]) -> list[str]:
             "table's settings column what it chose", ""]
 
 
-def task_table(task_rows: Sequence[dict[str, Any]]) -> list[str]:
-    """The Markdown table of one task's rows (best first, references last); "mean ± sd" with several seeds."""
+def task_table(task_rows: Sequence[dict[str, Any]], majority: dict[str, Any] | None = None) -> list[str]:
+    """The Markdown table of one task's rows (best first, references last, then the majority prior);
+    "mean ± sd" with several seeds; each fusion's difference from the best baseline and from the next
+    fusion, ``*`` where larger than the seeds' spread (:mod:`~fusionzoo.bench.verdicts`)."""
     task_rows = ordered(task_rows)
+    differences = difference_cells(task_rows, best_baseline(task_rows, majority))
     columns = COLUMNS[task_rows[0]["config"]["model_task"]]
     varies = len({_schedule(r) for r in task_rows}) > 1
     metric = task_rows[0]["config"]["headline_metric"]
     tuned = any("tune" in r for r in task_rows)
-    header = ["fusion", *[HEADERS.get(c, c) for c in columns],
+    header = ["fusion", *[HEADERS.get(c, c) for c in columns], "vs baseline", "vs next",
               *([f"val {HEADERS.get(metric, metric)} (--tune)"] if tuned else []), "trainable params", "train s",
               "eval queries/s" if task_rows[0]["config"]["model_task"] == "retrieval" else "eval samples/s",
               "peak MB"]
     if varies:
         header.append("epochs x batch, lr, dim" + (", itm weight" if "itm_weight" in task_rows[0]["config"] else ""))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in task_rows:
+    for row, (vs_base, vs_next) in zip(task_rows, differences):
         val = [format_number(row["tune"]["val_score"], metric) if "tune" in row else "-"] if tuned else []
-        cells = [row_label(row), *[_with_std(row["metrics"], c) for c in columns], *val, _count(row["params_trainable"]),
-                 f"{row['train_seconds']:.1f}", f"{row['eval_samples_per_second']:,.0f}",
-                 f"{row['peak_memory_mb']:.0f}"]
+        cells = [row_label(row), *[_with_std(row["metrics"], c) for c in columns], vs_base, vs_next, *val,
+                 _count(row["params_trainable"]), f"{row['train_seconds']:.1f}",
+                 f"{row['eval_samples_per_second']:,.0f}", f"{row['peak_memory_mb']:.0f}"]
         if varies:
             cells.append(_schedule(row))
         lines.append("| " + " | ".join(cells) + " |")
+    if majority and metric in majority.get("metrics", {}):
+        cells = [f"always \"{majority['answer']}\" (majority prior)",
+                 *[_with_std(majority["metrics"], c) for c in columns], "-", "-"]
+        lines.append("| " + " | ".join(cells + ["-"] * (len(header) - len(cells))) + " |")
     return lines
 
 
@@ -212,8 +220,10 @@ def markdown(rows: Sequence[dict[str, Any]], run: dict[str, Any]) -> str:
         lines += _prior_lines(task, run, first["config"]["headline_metric"])
         lines += _tune_lines(task_rows)
         lines += _retrieval_lines(task_rows)
-        lines += [*task_table(task_rows), ""]
-        lines += _breakdown_tables(task_rows, run.get("majority_prior", {}).get(task))
+        majority = run.get("majority_prior", {}).get(task)
+        lines += [*task_table(task_rows, majority), ""]
+        lines += verdict_lines(task_rows, best_baseline(task_rows, majority))
+        lines += _breakdown_tables(task_rows, majority)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -225,10 +235,13 @@ def results_tables(rows: Sequence[dict[str, Any]], run: dict[str, Any]) -> str:
         if not task_rows:
             continue
         metric = task_rows[0]["config"]["headline_metric"]
+        majority = run.get("majority_prior", {}).get(task)
         seeds = len(task_rows[0]["seeds"])
         lines += [f"## {task}: {scored_split(task_rows)} {metric}, best first, references last"
                   + (f" (mean ± sd over {seeds} seeds)" if seeds > 1 else ""), "",
-                  *task_table(task_rows), "", *_prior_lines(task, run, metric), *_retrieval_lines(task_rows)]
+                  *task_table(task_rows, majority), "",
+                  *verdict_lines(task_rows, best_baseline(task_rows, majority)), *_prior_lines(task, run, metric),
+                  *_retrieval_lines(task_rows)]
     return "\n".join(lines).rstrip() + "\n"
 
 

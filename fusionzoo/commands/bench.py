@@ -40,11 +40,13 @@ each fusion instead: the cache then holds the inputs of those blocks.
 Report in --out: results.json (one object per task x fusion), results.md (the tables),
 run.json (machine, wall time, cache hits), captions.json (captioning), PNG plots. A new
 report replaces the files of the previous one there (as its run.json lists them); other
-files in --out are left alone. With several --seeds, tables give mean ± sd over the seeds
-and plots error bars. `fusionzoo cache list` / `fusionzoo cache clear` manage the cache.
+files in --out are left alone. A run trains 3 seeds of every row (1 with --quick): tables give
+mean ± sd over the seeds, plots error bars, and each table marks with * the differences (from
+the best baseline, and between neighbouring fusions) larger than the seeds' spread. `fusionzoo cache list` / `fusionzoo cache clear` manage the cache.
 
 examples:
-  fusionzoo bench                                  Sort-of-CLEVR, every fusion, one seed
+  fusionzoo bench                                  Sort-of-CLEVR, every fusion, 3 seeds
+  fusionzoo bench --seeds 1                        one seed (a third of the time, no spread)
   fusionzoo bench --suite easy-vqa                 easy-VQA
   fusionzoo bench --eval-split val                 score the validation scenes (choosing settings)
   fusionzoo bench --suite easy-vqa --tune          choose every fusion's epochs and lr on validation, then test
@@ -52,7 +54,7 @@ examples:
   fusionzoo bench --quick --out /tmp/bench         a few hundred samples per task (a minute)
   fusionzoo bench --suite coco --data-dir ../shared/data/coco-vqa-mini
   fusionzoo bench --suite vqav2 --data-dir /data/vqa --max-train 5000 --max-test 1000   a slice of VQA v2
-  fusionzoo bench --fusions co_attention,albef,text_only --seeds 0 1 2 --epochs 3
+  fusionzoo bench --fusions co_attention,albef,text_only --seeds 3 --epochs 3
   fusionzoo bench --suite easy-vqa --train-encoders 1 --device cuda   fine-tune the encoders' last blocks too
   fusionzoo bench compare bench-results other-results    metric differences between two reports
 """
@@ -106,6 +108,25 @@ def check_device(name: str) -> None:
                          "use --device cpu (or auto)")
 
 
+#: Seeds of a run without --seeds (a conclusion between fusions needs their spread); --quick runs one.
+DEFAULT_SEEDS = 3
+
+
+def bench_seeds(values: list[int] | None, first: int, quick: bool) -> list[int]:
+    """The seeds of a run: ``--seeds N`` (a count from ``first``), ``--seeds A B ...`` (those), or the default."""
+    from ..bench.suites import BenchError
+
+    if values is None:
+        values = [1 if quick else DEFAULT_SEEDS]
+    if len(values) == 1:
+        if values[0] < 1:
+            raise BenchError(f"--seeds {values[0]}: expected a number of seeds >= 1 (or several seeds)")
+        return list(range(first, first + values[0]))
+    if len(set(values)) != len(values):
+        raise BenchError(f"--seeds {' '.join(map(str, values))}: a seed is given twice")
+    return list(values)
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
@@ -129,8 +150,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", type=_names, metavar="A,B,...", help="comma-separated tasks of the suite (default: all)")
     p.add_argument("--epochs", type=float,
                    help="epochs for every task (default: the tuned setting of each task and fusion)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
-                   help="one model per seed, scores averaged with their spread (default: 0)")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="N",
+                   help="one model per seed, every score the mean ± standard deviation over the seeds: one "
+                   "number N trains seeds --first-seed .. --first-seed + N - 1, several numbers are the seeds "
+                   f"themselves (default: {DEFAULT_SEEDS}; 1 with --quick)")
+    p.add_argument("--first-seed", type=int, default=0, metavar="S",
+                   help="the first seed of --seeds N (default: 0)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="report folder (default: bench-results/)")
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
                    help="autocast precision; auto = bf16 where it is fast (CUDA, CPUs with AMX/AVX-512 BF16), "
@@ -221,12 +246,13 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     try:
         check_device(args.device)
+        seeds = bench_seeds(args.seeds, args.first_seed, args.quick)
     except BenchError as exc:
         print(f"fusionzoo bench: error: {exc}", file=sys.stderr)
         return 2
     config = BenchConfig(
         suite=args.suite, data_dir=args.data_dir, fusions=args.fusions, tasks=args.tasks, epochs=args.epochs,
-        seeds=list(args.seeds), out=args.out, mixed_precision=args.mixed_precision, quick=args.quick,
+        seeds=seeds, out=args.out, mixed_precision=args.mixed_precision, quick=args.quick,
         cache_dir=args.cache_dir, no_cache=args.no_cache, device=args.device, image_size=args.image_size,
         image_grid=args.image_grid, jobs=args.jobs, eval_split=args.eval_split, vision=args.vision, text=args.text,
         max_train=args.max_train, max_test=args.max_test,

@@ -141,12 +141,14 @@ def test_results_tables_are_printed_on_their_own_lines(capsys) -> None:
     out = capsys.readouterr().out
     assert out.startswith("\n")  # a line of its own after whatever the progress bar left
     lines = out.splitlines()
-    header = lines.index("| fusion | accuracy | trainable params | train s | eval samples/s | peak MB |")
+    header = lines.index("| fusion | accuracy | vs baseline | vs next | trainable params | train s | eval samples/s "
+                         "| peak MB |")
     assert lines[header - 2].startswith("## t: test accuracy") and "mean ± sd over 2 seeds" in lines[header - 2]
     assert [line.split(" | ")[0] for line in lines[header + 2: header + 5]] == [
         "| co_attention", "| early_concat", "| text_only (reference)"]
-    assert tables.task_table(ROWS) == [line for line in tables.markdown(ROWS, _run()).splitlines()
-                                       if line.startswith("|")][: len(ROWS) + 2]  # the table of results.md
+    majority = _run()["majority_prior"]["t"]
+    assert tables.task_table(ROWS, majority) == [line for line in tables.markdown(ROWS, _run()).splitlines()
+                                                 if line.startswith("|")][: len(ROWS) + 3]  # results.md's table
     assert any(line.startswith("majority prior:") for line in lines)
 
 
