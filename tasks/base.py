@@ -175,6 +175,12 @@ class Task:
         """Keyword options :meth:`evaluate` takes from the run config (e.g. retrieval's ``rerank_k``)."""
         return {}
 
+    def config_defaults(self, config: Any) -> dict[str, Any]:
+        """Config values this task trains best with, used for the keys a run's config file and command
+        line leave unset (``fusionzoo train --show-config`` shows them); ``config`` is the run's config
+        with the user's keys applied. None by default."""
+        return {}
+
     # -- scoring and inference ----------------------------------------------------------
     def evaluate(self, model: Any, loader: Any, accelerator: Any, data: Any, split: str,
                  **options: Any) -> dict[str, float]:

@@ -134,8 +134,9 @@ class TrainConfig:
     """Retrieval evaluation: how many ITC candidates per query the ITM head reranks (``all``: every pair)."""
     rerank_batch_size: int = 256
     """Retrieval evaluation: image-text pairs per ITM forward pass while reranking."""
-    rerank_itc_weight: float = 0.0
-    """Retrieval evaluation: a shortlisted pair scores ITM log-odds + this x its ITC logit (0: ITM alone)."""
+    rerank_itc_weight: float | Literal["auto"] = "auto"
+    """Retrieval evaluation: a shortlisted pair scores ITM log-odds + this x its ITC logit (0: ITM alone);
+    ``auto``: training chooses it on the validation split and saves it with the model, which eval uses."""
     results: str | None = None
     """``fusionzoo eval`` of a retrieval model: write the score matrices to this ``.npz`` file."""
 
@@ -314,8 +315,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             apply(config, {key: value}, f"{path}, line {lines[key]}" if key in lines else str(path))
     if overrides:
         apply(config, parse_overrides(overrides), "command line")
+    if base is None:
+        given = set(data) if path is not None else set()
+        given |= {key.partition(".")[0] for key in parse_overrides(overrides or [])}
+        apply_task_defaults(config, given)
     validate(config)
     return config
+
+
+def apply_task_defaults(config: TrainConfig, given: set[str]) -> TrainConfig:
+    """Set the task's :meth:`~fusionzoo.tasks.Task.config_defaults` for the keys not in ``given``."""
+    from fusionzoo.registry import RegistryError
+    from fusionzoo.tasks import get_task
+
+    try:
+        task = get_task(config.task)
+    except (RegistryError, KeyError, ValueError):
+        return config  # an unknown task is reported where the run starts, with the registered names
+    defaults = {key: value for key, value in task.config_defaults(config).items() if key not in given}
+    return apply(config, defaults, f"task {config.task!r} defaults")
 
 
 def validate(config: TrainConfig) -> None:

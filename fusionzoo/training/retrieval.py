@@ -95,9 +95,24 @@ class RetrievalRecipe(PretrainRecipe):
                           feature_cache=None if data.features is None else data.features.stats())
 
     def evaluate(self, model: nn.Module, loader: DataLoader, accelerator: Any, config: TrainConfig) -> dict[str, float]:
+        """Recall@K on the validation split; with ``rerank_itc_weight=auto`` every weight of
+        :data:`~fusionzoo.tasks.retrieval.ITC_WEIGHT_GRID` is tried there (one ITM pass) and the best
+        is saved with the model (``config.json``: ``retrieval.rerank_itc_weight``) for ``eval`` to use."""
+        from fusionzoo.tasks.retrieval import ITC_WEIGHT_GRID
+
         options = {**self.task.eval_options(config), "results": None}  # no score files while training
+        # chosen on a validation split only: a run evaluated on its test split keeps the unchosen weight
+        choose = config.rerank_itc_weight == "auto" and self.eval_split != "test"
+        if choose:
+            options["rerank_itc_weight"] = ITC_WEIGHT_GRID
         self.model.eval()
-        return self.task.evaluate(self.model, loader, accelerator, self.data, self.eval_split, **options)
+        metrics = self.task.evaluate(self.model, loader, accelerator, self.data, self.eval_split, **options)
+        if choose:
+            self.model.config["retrieval"] = {
+                "rerank_itc_weight": metrics["rerank_itc_weight"], "chosen_on": self.eval_split,
+                "r_mean": {f"{w:g}": metrics[f"r_mean_itc_weight_{w:g}"] for w in ITC_WEIGHT_GRID},
+                "itc_r_mean": metrics["itc_r_mean"]}
+        return metrics
 
     def export(self, accelerator: Any, model: nn.Module, directory: Path) -> None:
         if accelerator.is_main_process:

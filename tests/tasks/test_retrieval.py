@@ -17,7 +17,8 @@ import torch
 import fusionzoo
 from fusionzoo.factory import create_model
 from fusionzoo.model import load_model
-from fusionzoo.tasks.retrieval import Captions, Gallery, reranked_matrix, score_matrices
+from fusionzoo.tasks.retrieval import (ITC_WEIGHT_GRID, UNCHOSEN_ITC_WEIGHT, Captions, Gallery, choose_ranking,
+                                      ranked_matrices, reranked_matrix, saved_itc_weight, score_matrices)
 from fusionzoo.tasks.retrieval_eval import load_scores, recall_at_k, score_retrieval
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
@@ -172,6 +173,12 @@ def test_train_eval_and_score_agree(trained: Path, captions_root: Path, tmp_path
 
     saved = json.loads((trained / "final" / "config.json").read_text())
     assert saved["task"] == "retrieval" and saved["head"]["name"] == "itm" and saved["align"]["embed_dim"] == 256
+    # rerank_itc_weight=auto: chosen on the validation split (the best r_mean of the grid), saved with the model
+    chosen = saved["retrieval"]
+    assert chosen["chosen_on"] == "val" and chosen["rerank_itc_weight"] in ITC_WEIGHT_GRID
+    final = json.loads((trained / "metrics.json").read_text())["latest"]  # the last validation scores
+    assert final["r_mean"] == max(chosen["r_mean"].values()) == chosen["r_mean"][f"{chosen['rerank_itc_weight']:g}"]
+    assert final["rerank_itc_weight"] == chosen["rerank_itc_weight"]
     capsys.readouterr()
     results = tmp_path / "scores.npz"
     assert main(["eval", str(trained), "split=test", "rerank_k=4", f"results={results}"]) == 0
@@ -179,6 +186,7 @@ def test_train_eval_and_score_agree(trained: Path, captions_root: Path, tmp_path
     assert RECALL_KEYS | {f"itc_{k}" for k in RECALL_KEYS} | {"seconds_per_query", "itc_seconds_per_query"} \
         <= set(metrics)
     assert metrics["num_images"] == 6 and metrics["num_captions"] == 12 and metrics["rerank_k"] == 4
+    assert metrics["rerank_itc_weight"] == chosen["rerank_itc_weight"]  # eval uses the saved choice
     assert metrics["r_mean"] == pytest.approx(np.mean([metrics[k] for k in RECALL_KEYS - {"r_mean"}]))
 
     scores = load_scores(results)  # what `fusionzoo score retrieval` reads
@@ -289,3 +297,64 @@ def test_retrieval_training_resumes_exactly(captions_root: Path, tmp_path: Path,
     a = safetensors.torch.load_file(str(straight / "final" / "model.safetensors"))
     b = safetensors.torch.load_file(str(cut / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def _pieces(itm_signal: float, itc_signal: float, seed: int = 0) -> dict:
+    """Shortlist pieces of 6 images x 12 captions (caption c belongs to image c // 2): the ITM and ITC
+    scores are the match indicator times their signal plus unit noise; every pair is shortlisted."""
+    g = torch.Generator().manual_seed(seed)
+    match = (torch.arange(12)[None, :] // 2 == torch.arange(6)[:, None]).float()  # (I, C)
+    itc = itc_signal * match + torch.randn(6, 12, generator=g)
+    itm = itm_signal * match + torch.randn(6, 12, generator=g)
+    short_i2t = torch.arange(12).repeat(6, 1)  # (I, C): every caption
+    short_t2i = torch.arange(6).repeat(12, 1)  # (C, I): every image
+    return {"itc_i2t": itc, "short_i2t": short_i2t, "short_t2i": short_t2i, "itm_i2t": itm, "itm_t2i": itm.t(),
+            "logit_i2t": itc, "logit_t2i": itc.t(), "image_ids": torch.arange(6), "caption_ids": torch.arange(12),
+            "owner": torch.arange(12) // 2, "itc_seconds": 0.0, "rerank_seconds": 0.0, "k": 12}
+
+
+def test_the_itc_weight_is_chosen_by_r_mean() -> None:
+    # an ITM head that learned nothing: the largest weight (closest to ITC alone) ranks best
+    noise_itm = _pieces(itm_signal=0.0, itc_signal=3.0)
+    metrics, _ = choose_ranking(noise_itm, ITC_WEIGHT_GRID)
+    by_weight = {w: recall_at_k(ranked_matrices(noise_itm, w)["i2t"].numpy(), ranked_matrices(noise_itm, w)["t2i"]
+                                .numpy(), noise_itm["owner"].numpy())["r_mean"] for w in ITC_WEIGHT_GRID}
+    best = max(by_weight.values())
+    assert metrics["r_mean"] == best and metrics["rerank_itc_weight"] == next(w for w in ITC_WEIGHT_GRID
+                                                                             if by_weight[w] == best)
+    assert {f"r_mean_itc_weight_{w:g}": v for w, v in by_weight.items()} == {
+        k: v for k, v in metrics.items() if k.startswith("r_mean_itc_weight_")}
+    assert by_weight[0.0] < by_weight[8.0]  # ITM alone is worse than (almost) ITC alone
+    # a good ITM head and an ITC that ranks the wrong way round: ITM alone (weight 0) wins
+    sharp_itm = _pieces(itm_signal=5.0, itc_signal=-5.0)
+    assert choose_ranking(sharp_itm, ITC_WEIGHT_GRID)[0]["rerank_itc_weight"] == 0.0
+    one, _ = choose_ranking(sharp_itm, [2.0])
+    assert one["rerank_itc_weight"] == 2.0 and not any(k.startswith("r_mean_itc_weight_") for k in one)
+
+
+def test_saved_itc_weight() -> None:
+    from types import SimpleNamespace
+
+    assert saved_itc_weight(SimpleNamespace(config={"retrieval": {"rerank_itc_weight": 4.0}})) == 4.0
+    assert saved_itc_weight(SimpleNamespace(config={"task": "retrieval"})) == UNCHOSEN_ITC_WEIGHT == 1.0
+
+
+def test_frozen_retrieval_runs_get_the_tasks_defaults(tmp_path: Path) -> None:
+    from fusionzoo.training.config import TrainConfig, load_config
+
+    plain = TrainConfig()
+    frozen = load_config(None, ["task=retrieval"])
+    assert (frozen.epochs, frozen.batch_size, frozen.lr, frozen.weight_decay) == (3.0, 64, 1e-3, 0.05)
+    assert frozen.rerank_itc_weight == "auto"
+    mine = load_config(None, ["task=retrieval", "lr=2e-4"])  # a key the user gives is kept
+    assert (mine.lr, mine.epochs) == (2e-4, 3.0)
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("task: retrieval\nbatch_size: 16\n")
+    from_file = load_config(yaml_file)
+    assert (from_file.batch_size, from_file.epochs) == (16, 3.0)
+    tuned = load_config(None, ["task=retrieval", "freeze_encoders=false"])  # encoders train: fine-tuning's
+    assert (tuned.epochs, tuned.batch_size, tuned.lr) == (plain.epochs, plain.batch_size, plain.lr)
+    vqa = load_config(None, ["task=vqa"])
+    assert (vqa.epochs, vqa.lr) == (plain.epochs, plain.lr)
+    saved = load_config(None, [], base=TrainConfig(task="retrieval"))  # eval: the run's own config, as saved
+    assert saved.lr == plain.lr
