@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..training.step import BF16_UNSAFE
+
 #: The frozen encoders of a run (``--vision``, ``--text``).
 VISION_ENCODER = "efficientnet-lite0"
 TEXT_ENCODER = "minilm-l6"
@@ -220,3 +222,12 @@ def settings_for(task: str, fusion: str, epochs: float | None = None, quick: boo
     if quick:
         return replace(settings, epochs=min(settings.epochs, QUICK_EPOCHS))
     return settings
+
+
+def row_precision(fusion: str, precision: str, auto: bool) -> str:
+    """The precision a row trains in: ``precision``, except float32 (``no``) for a fusion of
+    :data:`~fusionzoo.training.step.BF16_UNSAFE` when ``--mixed-precision auto`` chose bf16
+    (an explicit bf16 is kept), as ``fusionzoo train`` does."""
+    if auto and precision == "bf16" and fusion in BF16_UNSAFE:
+        return "no"
+    return precision

@@ -168,6 +168,18 @@ def _breakdown_tables(task_rows: Sequence[dict[str, Any]], majority: dict[str, A
     return lines
 
 
+def _precision_lines(rows: Sequence[dict[str, Any]], run: dict[str, Any]) -> list[str]:
+    """A line naming the fusions that trained in another precision than the run's, and why."""
+    from ..training.step import BF16_UNSAFE
+
+    other = sorted({r["fusion"] for r in rows if r["config"].get("precision", run["precision"]) != run["precision"]})
+    if not other:
+        return []
+    why = "; ".join(BF16_UNSAFE[f] for f in other if f in BF16_UNSAFE)
+    return [f"- {', '.join(other)} trained in float32, not {run['precision']}: `--mixed-precision auto` keeps "
+            f"{'it' if len(other) == 1 else 'them'} out of bf16 ({why}; `--mixed-precision bf16` forces it)"]
+
+
 def markdown(rows: Sequence[dict[str, Any]], run: dict[str, Any]) -> str:
     """The Markdown report: run line, one table per task, per-type tables, example captions."""
     machine = run["machine"]
@@ -195,6 +207,7 @@ def markdown(rows: Sequence[dict[str, Any]], run: dict[str, Any]) -> str:
         f"{features['images']:,} images, {features.get('texts', 0):,} distinct texts"
         + (f", {features['captions']:,} distinct captions" if features.get("captions") else "")
         + (" encoded once up to the trained blocks" if trained else " encoded once"),
+        *_precision_lines(rows, run),
         f"- seeds: {', '.join(map(str, run['seeds']))}"
         + (" (every cell: mean ± standard deviation over the seeds)" if len(run["seeds"]) > 1 else ""),
         ("- throughput: test samples per second through the encoders' trained tails, fusion + head on cached "

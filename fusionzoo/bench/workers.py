@@ -24,16 +24,20 @@ from .config import BenchConfig
 from .retrieval import ITC_ROW, row_names, run_retrieval_row
 from .row import run_prediction_row
 from .run_features import Features
-from .settings import TrainSettings
+from .settings import TrainSettings, row_precision
 from .suites import BenchTask
 
 
 def run_row(task: BenchTask, fusion: str, settings: TrainSettings, features: Features, encoders: dict[str, Any],
             seeds: Sequence[int], precision: str, device: torch.device, progress: bool,
-            captions_out: dict[str, Any]) -> dict[str, Any]:
+            captions_out: dict[str, Any], auto_precision: bool = False) -> dict[str, Any]:
     """Train and score one row for every seed: a retrieval task's by
     :func:`~fusionzoo.bench.retrieval.run_retrieval_row`, any other by
-    :func:`~fusionzoo.bench.row.run_prediction_row`; the aggregated results row."""
+    :func:`~fusionzoo.bench.row.run_prediction_row`; the aggregated results row.
+
+    ``auto_precision``: ``precision`` is what ``--mixed-precision auto`` chose, which a fusion
+    unsafe in bf16 (:data:`~fusionzoo.bench.settings.BF16_UNSAFE`) runs in float32 instead."""
+    precision = row_precision(fusion, precision, auto_precision)
     if task.task == "retrieval":
         return run_retrieval_row(task, fusion, settings, features, encoders, seeds, precision, device, progress)
     return run_prediction_row(task, fusion, settings, features, encoders, seeds, precision, device, progress,
@@ -81,7 +85,7 @@ def _row_worker(index: int) -> tuple[int, dict[str, Any], dict[str, Any]]:
     t, fusion, settings = state["work"][index]
     captions: dict[str, Any] = {}
     row = run_row(state["tasks"][t], fusion, settings, state["features"], state["encoders"], state["seeds"],
-                  state["precision"], state["device"], False, captions)
+                  state["precision"], state["device"], False, captions, state["auto_precision"])
     return index, row, captions
 
 
@@ -101,11 +105,11 @@ def run_rows(work: list[tuple[int, str, TrainSettings]], tasks: Sequence[BenchTa
         for index, (t, fusion, settings) in enumerate(work):
             captions: dict[str, Any] = {}
             row = run_row(tasks[t], fusion, settings, features, encoders, config.seeds, precision, device,
-                          config.progress, captions)
+                          config.progress, captions, config.mixed_precision == "auto")
             yield index, row, captions
         return
     _WORKER_STATE.update(work=work, tasks=tasks, features=features, encoders=encoders, seeds=list(config.seeds),
-                         precision=precision, device=device)
+                         precision=precision, device=device, auto_precision=config.mixed_precision == "auto")
     cost = lambda i: -row_cost(tasks[work[i][0]], work[i][1], work[i][2])  # noqa: E731  (longest first)
     threads = max(1, torch.get_num_threads() // jobs)
     try:
@@ -147,7 +151,7 @@ def run_rows_on_devices(work: list[tuple[int, str, TrainSettings]], tasks: Seque
             t, fusion, settings = work[index]
             captions: dict[str, Any] = {}
             row = run_row(tasks[t], fusion, settings, features, per_device[k], config.seeds, precision, devices[k],
-                          False, captions)
+                          False, captions, config.mixed_precision == "auto")
             return index, row, captions
         finally:
             free.put(k)

@@ -213,7 +213,8 @@ def make_accelerator(config: TrainConfig, with_trackers: bool = True, find_unuse
                           "-m fusionzoo train ...)")
     return Accelerator(
         mixed_precision=resolve_precision(config.mixed_precision,
-                                          "cuda" if not cpu and torch.cuda.is_available() else "cpu"),
+                                          "cuda" if not cpu and torch.cuda.is_available() else "cpu",
+                                          fusion=config.fusion),
         cpu=cpu,
         gradient_accumulation_steps=config.grad_accum,
         log_with=log_with,

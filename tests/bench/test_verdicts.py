@@ -82,3 +82,29 @@ def test_seeds_of_a_run() -> None:
         bench_seeds([0], 0, quick=False)
     with pytest.raises(BenchError, match="given twice"):
         bench_seeds([2, 2], 0, quick=False)
+
+
+def test_auto_keeps_bf16_unsafe_fusions_in_float32_and_the_report_says_so() -> None:
+    from fusionzoo.bench.settings import row_precision
+    from fusionzoo.training.step import BF16_UNSAFE
+
+    assert "albef" in BF16_UNSAFE
+    assert row_precision("albef", "bf16", auto=True) == "no"
+    assert row_precision("albef", "bf16", auto=False) == "bf16"  # asked for explicitly
+    assert row_precision("co_attention", "bf16", auto=True) == "bf16"
+    assert row_precision("albef", "no", auto=True) == "no"
+    rows = [_row("albef", 50.0, None), _row("co_attention", 40.0, None)]
+    rows[0]["config"]["precision"], rows[1]["config"]["precision"] = "no", "bf16"
+    lines = tables._precision_lines(rows, {"precision": "bf16"})
+    assert len(lines) == 1 and lines[0].startswith("- albef trained in float32, not bf16")
+    assert BF16_UNSAFE["albef"] in lines[0]
+    assert tables._precision_lines(rows[1:], {"precision": "bf16"}) == []
+
+
+def test_train_auto_precision_keeps_albef_in_float32(monkeypatch) -> None:
+    from fusionzoo.training import step
+
+    monkeypatch.setattr(step, "auto_mixed_precision", lambda on_cuda: "bf16")  # a machine where auto picks bf16
+    assert step.resolve_precision("auto", "cpu", fusion="albef") == "no"
+    assert step.resolve_precision("auto", "cpu", fusion="co_attention") == "bf16"
+    assert step.resolve_precision("bf16", "cpu", fusion="albef") == "bf16"
