@@ -118,11 +118,22 @@ class CheckpointManager:
         return final
 
     def _prune(self) -> None:
+        """Remove this run's checkpoints but the last ``keep_last``, and what a killed run left half done.
+
+        An old checkpoint is renamed out of the ``step-*`` names before it is deleted, so a kill
+        during the deletion leaves a ``.tmp-*`` folder (removed by the next prune), never a
+        ``step-*`` folder with part of its files."""
         own = [c for c in self.checkpoints() if self._run_of(c) == self.run_id]
         for old in own[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in self.root.glob(".tmp-step-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+            doomed = self.root / f".tmp-deleting-{old.name}"
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        complete = set(self.checkpoints())
+        for path in self.root.iterdir():
+            broken = _STEP_DIR.match(path.name) and path.is_dir() and path not in complete  # no progress file
+            if path.name.startswith(".tmp-") or broken:
+                shutil.rmtree(path, ignore_errors=True)
 
     @staticmethod
     def _run_of(checkpoint: Path) -> str | None:

@@ -114,6 +114,43 @@ def test_checkpoint_manager_save_prune_resume(tmp_path: Path) -> None:
     del model
 
 
+def test_a_kill_at_any_point_of_a_save_leaves_nothing_the_next_save_keeps(tmp_path: Path) -> None:
+    """A SIGKILL while a run saves and prunes, then the resumed run (same run id) saves again."""
+    import shutil
+
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(nn.Linear(3, 3))
+
+    def fresh() -> CheckpointManager:
+        shutil.rmtree(tmp_path / "checkpoints", ignore_errors=True)
+        manager = CheckpointManager(tmp_path, keep_last=2, run_id="run")
+        for step in (3, 6, 9):
+            manager.save(accelerator, step, {"step": step, "epoch": 0, "batches_in_epoch": step})
+        return manager
+
+    cases = {
+        # killed while writing step 12 (its staging folder half written)
+        "writing": lambda m: (m.root / ".tmp-step-00000012").mkdir(),
+        # killed after step 12 was renamed into place, before the prune removed step 6
+        "before prune": lambda m: shutil.copytree(m.root / "step-00000009", m.root / "step-00000012")
+        or shutil.copytree(m.root / "step-00000006", m.root / "step-00000003"),
+        # killed while deleting an old checkpoint: its progress.json gone, other files left
+        "deleting, old layout": lambda m: (m.root / "step-00000006" / "progress.json").unlink(),
+        # the same with today's prune, which renames the folder out of step-* before deleting it
+        "deleting": lambda m: (m.root / "step-00000006").rename(m.root / ".tmp-deleting-step-00000006"),
+    }
+    for name, kill in cases.items():
+        manager = fresh()
+        assert [p.name for p in manager.root.iterdir()] and len(manager.checkpoints()) == 2
+        kill(manager)
+        resumed = CheckpointManager(tmp_path, keep_last=2, run_id="run")
+        for step in (15, 18):
+            resumed.save(accelerator, step, {"step": step, "epoch": 0, "batches_in_epoch": step})
+        assert sorted(p.name for p in resumed.root.iterdir()) == ["step-00000015", "step-00000018"], name
+
+
 def test_build_optimizer_updates_like_the_reference_adamw() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 3))
