@@ -365,10 +365,11 @@ def train_step(model: nn.Module, batch: dict[str, Tensor], optimizer: torch.opti
     return step
 
 
-def train_flops(model: nn.Module, batch: dict[str, Tensor]) -> int:
-    """FLOPs of one forward + backward (FlopCounterMode: matmuls, convolutions, attention)."""
+def train_flops(model: nn.Module, batch: dict[str, Tensor], custom_mapping: dict[Any, Any] | None = None) -> int:
+    """FLOPs of one forward + backward (FlopCounterMode: matmuls, convolutions, attention; ``custom_mapping``:
+    formulas for more ops, as FlopCounterMode takes them)."""
     model.zero_grad(set_to_none=True)
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=custom_mapping or {}) as counter:
         model(**batch).loss.backward()
     model.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
