@@ -44,6 +44,7 @@ Usage::
     python benchmarks/perf.py --vs-vilt       # ... and the ViLT comparison
     python benchmarks/perf.py --quick --vs-vilt --out /tmp/perf.json   # smoke run, seconds
     python benchmarks/perf.py --fusions merged_transformer --vs-vilt --compile
+    python benchmarks/perf.py --fusions merged_transformer --vs-vilt --compile --compile-vilt   # both compiled
 """
 
 from __future__ import annotations
@@ -605,8 +606,12 @@ def run_memory_worker(cfg: PerfConfig, fusions: list[str], with_vilt: bool, devi
 
 
 # -- ViLT, side by side ------------------------------------------------------------
-def compare_with_vilt(device: torch.device, cfg: PerfConfig, compile_model: bool) -> dict[str, Any]:
-    """Our merged_transformer and transformers' ViLT at one configuration, steps alternating."""
+def compare_with_vilt(device: torch.device, cfg: PerfConfig, compile_model: bool,
+                      compile_vilt: bool = False) -> dict[str, Any]:
+    """Our merged_transformer and transformers' ViLT at one configuration, steps alternating.
+
+    ``compile_model`` / ``compile_vilt``: torch.compile that side; a compiled side takes one step
+    per precision before the timing (compilation, reported as ``<side>_compile_s_<precision>``)."""
     torch.manual_seed(0)
     ours = build_ours("vqa", "merged_transformer", cfg).to(device).train()
     vilt = build_vilt(cfg).to(device).train()
@@ -618,17 +623,17 @@ def compare_with_vilt(device: torch.device, cfg: PerfConfig, compile_model: bool
         "gflop_vilt": train_flops(vilt, vilt_batch) / 1e9,
     }
     report["params_ratio"] = report["params_ours"] / report["params_vilt"]
-    ours_run = maybe_compile(ours, compile_model)
+    report["compiled"] = {"ours": compile_model, "vilt": compile_vilt}
+    ours_run, vilt_run = maybe_compile(ours, compile_model), maybe_compile(vilt, compile_vilt)
     ours_opt, vilt_opt = make_adamw(ours), make_adamw(vilt)
     for precision in ("fp32", "bf16"):
-        timings = time_interleaved(
-            {
-                "ours": train_step(ours_run, ours_batch, ours_opt, device, precision),
-                "vilt": train_step(vilt, vilt_batch, vilt_opt, device, precision),
-            },
-            device,
-            cfg,
-        )
+        steps = {
+            "ours": train_step(ours_run, ours_batch, ours_opt, device, precision),
+            "vilt": train_step(vilt_run, vilt_batch, vilt_opt, device, precision),
+        }
+        for side in (side for side, compiled in report["compiled"].items() if compiled):
+            report[f"{side}_compile_s_{precision}"] = timed(steps[side], device)  # outside the timed rounds
+        timings = time_interleaved(steps, device, cfg)
         for side in ("ours", "vilt"):
             t = timings[side]
             report[f"{side}_ms_{precision}"] = t.median_s * 1e3
@@ -677,7 +682,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps (a smoke test, seconds)")
     parser.add_argument("--vs-vilt", action="store_true", help="also time transformers' ViLT side by side")
-    parser.add_argument("--compile", action="store_true", help="torch.compile our models (ViLT stays eager)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile our models (ViLT stays eager unless --compile-vilt)")
+    parser.add_argument("--compile-vilt", action="store_true",
+                        help="with --vs-vilt --compile: torch.compile ViLT too, compiled against compiled")
     parser.add_argument("--fusions", default="all", help="comma-separated fusion names (default: all registered)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: the cores this process may use; 1 with --quick)")
@@ -685,7 +693,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory worker process")
     parser.add_argument("--out", default="perf.json", help="where to write the JSON results")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.compile_vilt and not (args.vs_vilt and args.compile):
+        parser.error("--compile-vilt compiles ViLT beside our compiled model: give it with --vs-vilt --compile")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -718,7 +729,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"load average at start (1/5/15 min): {machine['loadavg_start']}  (other processes share these cores)")
     print(f"configuration: {json.dumps(asdict(cfg))}")
     if args.compile:
-        print("torch.compile: on for our models (compilation happens in the warmup, untimed); ViLT stays eager")
+        print("torch.compile: on for our models (compilation happens in the warmup, untimed); "
+              + ("ViLT compiled too" if args.compile_vilt else "ViLT stays eager"))
 
     progress("measuring the matmul peaks")
     peaks = measure_peaks(device, cfg)
@@ -745,7 +757,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.vs_vilt:
         progress("comparing with ViLT")
         recheck_peaks(peaks, device, cfg)
-        vilt = compare_with_vilt(device, cfg, args.compile)
+        vilt = compare_with_vilt(device, cfg, args.compile, args.compile_vilt)
     add_mfu(results, vilt, peaks)
 
     print()
@@ -766,6 +778,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": machine["device"],
         "quick": args.quick,
         "compile": args.compile,
+        "compile_vilt": args.compile_vilt,
         "loadavg_start": machine["loadavg_start"],
         "loadavg_end": load_end,
         "peak_gflops_fp32": peaks["fp32_gflops"],

@@ -6,6 +6,7 @@ wall-clock figures: those depend on the machine and its load.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -64,9 +65,22 @@ def test_json_file_has_every_measurement(quick_run: tuple[dict, dict, str]) -> N
     assert full["memory"]["vilt"]["fp32"] >= 0
     assert full["vilt"]["params_ratio"] == pytest.approx(1.0, abs=0.05)  # equal configurations
     assert "loadavg_start" in full["machine"] and full["memory_method"]
+    assert full["vilt"]["compiled"] == {"ours": False, "vilt": False} and full["summary"]["compile_vilt"] is False
 
 
 def test_report_prints_both_parameter_counts(quick_run: tuple[dict, dict, str]) -> None:
     _, full, stdout = quick_run
     assert f"{full['vilt']['params_ours']:,}" in stdout and f"{full['vilt']['params_vilt']:,}" in stdout
     assert "load average" in stdout
+
+
+def test_compile_vilt_needs_the_compiled_comparison(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("perf", PERF)
+    perf = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("perf", perf)  # its dataclasses look their module up there
+    spec.loader.exec_module(perf)
+    assert perf.parse_args(["--vs-vilt", "--compile", "--compile-vilt"]).compile_vilt
+    for argv in (["--compile-vilt"], ["--vs-vilt", "--compile-vilt"], ["--compile", "--compile-vilt"]):
+        with pytest.raises(SystemExit):
+            perf.parse_args(argv)
+        assert "--compile-vilt compiles ViLT" in capsys.readouterr().err
