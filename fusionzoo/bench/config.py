@@ -64,6 +64,9 @@ class BenchConfig:
         train_encoders: 0 = frozen encoders; N > 0 = fine-tune the last N blocks of both encoders
             with every row (each row its own copy; the cache keeps the inputs of those blocks;
             VQA and classification tasks only; meant for a GPU): :mod:`fusionzoo.bench.tails`.
+        shard: ``"I/N"``: run only the I-th of N disjoint parts of the run's rows x seeds (whole
+            rows with ``tune``) and write that part to ``out``; ``fusionzoo bench merge`` makes the
+            report of the N parts (:mod:`fusionzoo.bench.shards`). None = the whole run.
         progress: show progress bars.
     """
 
@@ -91,6 +94,7 @@ class BenchConfig:
     tune: bool = False
     tune_grid: dict[str, list[Any]] | None = None
     train_encoders: int = 0
+    shard: str | None = None
     progress: bool = True
 
 

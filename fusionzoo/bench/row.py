@@ -6,7 +6,7 @@
   predict the scored split and score it with the task's metrics;
 * :func:`mean_metrics`, :func:`count_parameters`, :func:`result_row` -- what a row of
   ``results.json`` holds; a retrieval row (:mod:`fusionzoo.bench.retrieval`) is summed up
-  the same way.
+  the same way; :func:`combine_seed_rows` -- one row from rows that each ran some of its seeds.
 
 A row hands data that does not go into ``results.json`` to the run under private keys:
 :data:`SCORES_KEY` (retrieval score matrices) and :data:`ANSWERS_KEY` (VQA answers).
@@ -165,6 +165,40 @@ def run_prediction_row(task: BenchTask, fusion: str, settings: TrainSettings, fe
     if answers is not None:
         row[ANSWERS_KEY] = answers
     return row
+
+
+def combine_seed_rows(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One results row from rows of the same task and fusion, each trained and scored for its own seeds.
+
+    A row's seeds can run apart (in other worker processes, or in other ``--shard`` parts of
+    a run); this sums them up as one call over all the seeds would: metrics averaged over every
+    seed with ``<name>_std`` (:func:`mean_metrics`), ``per_seed`` for several seeds, the mean
+    training loss, seconds and throughput, the highest peak memory, and the private score and
+    answer keys (scores per seed; the first seed's answers). ``rows`` in seed order; every row
+    must hold one seed.
+    """
+    if not rows:
+        raise ValueError("combine_seed_rows needs at least one row")
+    first = rows[0]
+    for row in rows:
+        if len(row["seeds"]) != 1 or (row["task"], row["fusion"]) != (first["task"], first["fusion"]):
+            raise ValueError(f"combine_seed_rows: expected one-seed rows of {first['task']} {first['fusion']}, "
+                             f"got {row['task']} {row['fusion']} with seeds {row['seeds']}")
+    if len(rows) == 1:
+        return first
+    seeds = [row["seeds"][0] for row in rows]
+    per_seed = [{k: v for k, v in row["metrics"].items() if k != "final_train_loss"} for row in rows]
+    metrics = mean_metrics(per_seed)
+    metrics["final_train_loss"] = float(np.mean([row["metrics"]["final_train_loss"] for row in rows]))
+    metrics["per_seed"] = [{"seed": s, **{k: v for k, v in m.items() if not isinstance(v, dict)}}
+                           for s, m in zip(seeds, per_seed)]
+    combined = {**first, "metrics": metrics, "seeds": seeds,
+                "train_seconds": round(float(np.mean([row["train_seconds"] for row in rows])), 3),
+                "eval_samples_per_second": round(float(np.mean([row["eval_samples_per_second"] for row in rows])), 1),
+                "peak_memory_mb": max(row["peak_memory_mb"] for row in rows)}
+    if SCORES_KEY in first:
+        combined[SCORES_KEY] = {seed: arrays for row in rows for seed, arrays in row[SCORES_KEY].items()}
+    return combined
 
 
 def result_row(task: BenchTask, fusion: str, metrics: dict[str, Any], params: tuple[int, int],

@@ -16,7 +16,12 @@
    are :mod:`fusionzoo.bench.retrieval`'s), the rows run by :func:`~fusionzoo.bench.workers.run_rows`;
 5. write ``results.json``, ``results.md``, ``run.json``, the plots, the retrieval
    score files and the VQA results files (:mod:`fusionzoo.bench.report`) to ``--out``, replacing the report
-   there, and print the results tables.
+   there, and print the results tables (:func:`finish_report`).
+
+``--shard I/N`` stops after step 2 has been done for the whole run: it runs only its part of
+steps 3 and 4 and writes that part (:func:`run_shard`, :mod:`fusionzoo.bench.shards`);
+:func:`merge_parts` (``fusionzoo bench merge``) checks that the parts make one whole run and does
+step 5 for it.
 
 ``--train-encoders N`` (:mod:`fusionzoo.bench.tails`) caches the inputs of the encoders' last N
 blocks instead of their outputs in step 2, and in step 4 trains a copy of those blocks with
@@ -41,18 +46,20 @@ from ..features.layout import default_cache_dir
 from ..hardware import describe_machine
 from ..registry import RegistryError
 from ..tasks.scoring import question_prior
+from ..training.checkpoint import git_commit
 from .config import BenchConfig, resolve_device, resolve_fusions, resolve_jobs, resolve_tasks, spec_name
 from .loop import resolve_precision
 from .priors import majority_prior
 from .report import write_report
-from .row import ANSWERS_KEY, SCORES_KEY
+from .row import ANSWERS_KEY, SCORES_KEY, combine_seed_rows
 from .run_features import Features, extract_features
 from .settings import QUICK_EPOCHS, TASK_SETTINGS, TrainSettings, settings_for
 from .suites import SUITES, BenchError, BenchTask, load_tasks
 from .tables import print_results, summary_line
 from .tails import check_tail_blocks, check_tail_tasks
 from .tune import apply_trial, grid_for, grid_trials, tune_record
-from .workers import run_rows, task_rows
+from .shards import check_parts, parse_shard, part_rows, read_part, run_identity, shard_units, write_part
+from .workers import merge_captions, row_cost, run_rows, run_units, task_rows
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +121,7 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
     if not config.seeds:
         raise BenchError("--seeds needs at least one seed")
     resolve_jobs(config.jobs, device, rows=1)  # --jobs checked before any data is generated or extracted
+    shard = parse_shard(config.shard) if config.shard is not None else None
     if config.epochs is not None and config.epochs <= 0:
         raise BenchError(f"--epochs must be > 0, got {config.epochs}")
     image_size = config.image_size or suite.image_size
@@ -187,39 +195,9 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
 
     work = [(t, fusion, settings_for(task.name, fusion, config.epochs, config.quick))
             for t, task in enumerate(tasks) for fusion in task_rows(task, fusions)]
-    tuning: dict[int, dict[str, Any]] = {}  # index in `work` -> its tuning record
-    if config.tune:
-        work, tuning = tune_settings(work, tasks, val_tasks, grids, features, encoders, config, precision, device,
-                                     echo)
-    jobs = resolve_jobs(config.jobs, device, len(work))
-    captions: dict[str, Any] = {}
-    scores: dict[tuple[str, str], dict[str, Any]] = {}  # (task, row) -> seed -> retrieval score arrays
-    answers: dict[tuple[str, str], list[dict[str, Any]]] = {}  # (task, fusion) -> VQA results entries
-    finished: dict[int, dict[str, Any]] = {}  # index in `work` -> row; rows finish in any order
-    rows_start = time.perf_counter()
-    for index, row, row_captions in run_rows(work, tasks, features, encoders, config, precision, device, jobs):
-        t = work[index][0]
-        if SCORES_KEY in row:  # retrieval: the score matrices go to their own files, not results.json
-            scores[(row["task"], row["fusion"])] = row.pop(SCORES_KEY)
-        if ANSWERS_KEY in row:  # VQA with official question ids: a results file of its own
-            answers[(row["task"], row["fusion"])] = row.pop(ANSWERS_KEY)
-        row["config"].update(image_size=image_size, image_grid=image_grid, image_stage=suite.image_stage,
-                             image_positions=suite.image_positions, eval_split=config.eval_split,
-                             vision=spec_name(config.vision), text=spec_name(config.text),
-                             quick=config.quick, jobs=jobs)
-        for task_name, per_fusion in row_captions.items():
-            captions.setdefault(task_name, {}).update(per_fusion)
-        logger.info("%s %s: %s", tasks[t].name, row["fusion"], row["metrics"].get(tasks[t].metric))
-        finished[index] = row
-        of_task = [i for i, (task_index, _, _) in enumerate(work) if task_index == t]
-        if all(i in finished for i in of_task):
-            with tqdm.external_write_mode():  # above the progress bar, not glued to its line
-                echo(summary_line(tasks[t], [finished[i] for i in of_task], time.perf_counter() - rows_start))
-                sys.stdout.flush()
-    rows = [finished[i] for i in range(len(work))]  # `work` is in task, then fusion order
-    for index, record in tuning.items():
-        rows[index]["tune"] = record
-
+    context = dict(image_size=image_size, image_grid=image_grid, image_stage=suite.image_stage,
+                   image_positions=suite.image_positions, eval_split=config.eval_split,
+                   vision=spec_name(config.vision), text=spec_name(config.text), quick=config.quick)
     run_info = {
         "suite": config.suite,
         "tasks": [task.name for task in tasks],
@@ -234,12 +212,127 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
         "machine": describe_machine(device),
         "features": feature_info,
         "cache": cache.stats(),
-        "wall_seconds": round(time.perf_counter() - started, 1),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
     }
-    write_report(Path(config.out), rows, run_info, captions, scores, answers)
+    if shard is not None:
+        identity = run_identity(asdict(config), precision,
+                                [(tasks[t].name, fusion, asdict(settings)) for t, fusion, settings in work],
+                                cache.entries, git_commit())
+        return run_shard(shard, identity, work, tasks, val_tasks, grids if config.tune else {}, features, encoders,
+                         config, precision, device, context, run_info, started, echo)
+    tuning: dict[int, dict[str, Any]] = {}  # index in `work` -> its tuning record
+    if config.tune:
+        work, tuning = tune_settings(work, tasks, val_tasks, grids, features, encoders, config, precision, device,
+                                     echo)
+    jobs = resolve_jobs(config.jobs, device, len(work) * len(config.seeds))
+    finished: dict[int, dict[str, Any]] = {}  # index in `work` -> row; rows finish in any order
+    captions: list[dict[str, Any]] = []
+    rows_start = time.perf_counter()
+    for index, row, row_captions in run_rows(work, tasks, features, encoders, config, precision, device, jobs):
+        t = work[index][0]
+        row["config"].update(context, jobs=jobs)
+        captions.append(row_captions)
+        logger.info("%s %s: %s", tasks[t].name, row["fusion"], row["metrics"].get(tasks[t].metric))
+        finished[index] = row
+        of_task = [i for i, (task_index, _, _) in enumerate(work) if task_index == t]
+        if all(i in finished for i in of_task):
+            with tqdm.external_write_mode():  # above the progress bar, not glued to its line
+                echo(summary_line(tasks[t], [finished[i] for i in of_task], time.perf_counter() - rows_start))
+                sys.stdout.flush()
+    rows = [finished[i] for i in range(len(work))]  # `work` is in task, then fusion order
+    run_info["cache"] = cache.stats()
     run_info["wall_seconds"] = round(time.perf_counter() - started, 1)
-    echo(f"wrote {Path(config.out) / 'results.md'} (and results.json, run.json, plots) "
-         f"in {run_info['wall_seconds']:.0f}s")
+    return finish_report(Path(config.out), rows, tuning, run_info, merge_captions(captions), started, echo)
+
+
+def finish_report(out: Path, rows: list[dict[str, Any]], tuning: dict[int, dict[str, Any]], run_info: dict[str, Any],
+                  captions: dict[str, Any], started: float, echo: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Write the report of a run's rows (in work order) to ``out`` and print its tables; return the rows.
+
+    The rows' retrieval score arrays and VQA answers (the private keys) go to files of their own;
+    ``tuning`` (index -> record) becomes each tuned row's ``tune``.
+    """
+    scores: dict[tuple[str, str], dict[str, Any]] = {}  # (task, row) -> seed -> retrieval score arrays
+    answers: dict[tuple[str, str], list[dict[str, Any]]] = {}  # (task, fusion) -> VQA results entries
+    for row in rows:
+        if SCORES_KEY in row:  # retrieval: the score matrices go to their own files, not results.json
+            scores[(row["task"], row["fusion"])] = row.pop(SCORES_KEY)
+        if ANSWERS_KEY in row:  # VQA with official question ids: a results file of its own
+            answers[(row["task"], row["fusion"])] = row.pop(ANSWERS_KEY)
+    for index, record in tuning.items():
+        rows[index]["tune"] = record
+    write_report(out, rows, run_info, captions, scores, answers)
+    run_info["wall_seconds"] = round(time.perf_counter() - started, 1)
+    echo(f"wrote {out / 'results.md'} (and results.json, run.json, plots) in {run_info['wall_seconds']:.0f}s")
     print_results(rows, run_info, echo)
     return rows
+
+
+def run_shard(shard: tuple[int, int], identity: dict[str, Any], work: list[tuple[int, str, TrainSettings]],
+              tasks: Sequence[BenchTask], val_tasks: Sequence[BenchTask], grids: dict[str, dict[str, list[Any]]],
+              features: Features, encoders: dict[str, Any], config: BenchConfig, precision: str, device: torch.device,
+              context: dict[str, Any], run_info: dict[str, Any], started: float,
+              echo: Callable[[str], None]) -> list[dict[str, Any]]:
+    """``--shard I/N``: train this part's units (:func:`~fusionzoo.bench.shards.shard_units`) and write the part.
+
+    With ``--tune`` the part's rows are tuned here first (their trials are the part's too).
+    Returns the part's one-seed rows.
+    """
+    costs = [row_cost(tasks[t], fusion, settings) for t, fusion, settings in work]
+    trials = [len(grid_trials(grids[tasks[t].name])) if config.tune else 0 for t, _, _ in work]
+    units = shard_units(costs, config.seeds, config.tune, trials, shard)
+    mine = sorted({index for index, _ in units})
+    tuning: dict[int, dict[str, Any]] = {}
+    if config.tune and mine:
+        tuned, records = tune_settings([work[i] for i in mine], tasks, val_tasks, grids, features, encoders, config,
+                                       precision, device, echo)
+        for k, index in enumerate(mine):
+            work[index] = tuned[k]
+            tuning[index] = records[k]
+    one_seed = [(index, (seed,)) for index, seeds in units for seed in seeds]
+    jobs = resolve_jobs(config.jobs, device, max(1, len(one_seed)))
+    echo(f"--shard {shard[0]}/{shard[1]}: {len(one_seed)} of the run's {len(work) * len(config.seeds)} row x seed "
+         f"units ({len(mine)} rows)")
+    results = []
+    for position, row, row_captions in run_units(work, one_seed, tasks, features, encoders, config, precision,
+                                                 device, jobs):
+        row["config"].update(context, jobs=jobs)
+        results.append((one_seed[position][0], row, row_captions))
+    results.sort(key=lambda item: (item[0], item[1]["seeds"][0]))
+    run_info["wall_seconds"] = round(time.perf_counter() - started, 1)
+    path = write_part(Path(config.out), shard, identity, units, results, tuning, run_info)
+    echo(f"wrote part {shard[0]}/{shard[1]} to {path} in {run_info['wall_seconds']:.0f}s; when every part is done: "
+         f"fusionzoo bench merge PART_DIR... --out REPORT_DIR")
+    return [row for _, row, _ in results]
+
+
+def merge_parts(folders: Sequence[Path], out: Path, echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """``fusionzoo bench merge``: check the ``--shard`` parts in ``folders`` are one whole run; write its report.
+
+    The report is the one the run without ``--shard`` writes: every row combined over its seeds
+    from the parts' one-seed rows (:func:`~fusionzoo.bench.row.combine_seed_rows`). ``run.json``
+    also lists the parts (folder, machine, wall seconds); its ``wall_seconds`` is the longest part's.
+    """
+    started = time.perf_counter()
+    parts = sorted((read_part(Path(folder)) for folder in folders), key=lambda part: part["shard"][0])
+    count, seeds = check_parts(parts)
+    by_row = part_rows(parts)
+    rows, captions = [], []
+    for index in range(count):
+        pieces = [by_row[index][seed] for seed in seeds]
+        rows.append(combine_seed_rows([row for row, _ in pieces]))
+        captions += [part_captions for _, part_captions in pieces]
+    tuning = {int(index): record for part in parts for index, record in part["tuning"].items()}
+    run_info = dict(parts[0]["run"])
+    run_info["config"] = {**run_info["config"], "shard": None, "out": str(out)}
+    caches = [part["run"]["cache"] for part in parts]
+    run_info["cache"] = {**caches[0], "enabled": all(c["enabled"] for c in caches),
+                         "hits": sum(c["hits"] for c in caches), "misses": sum(c["misses"] for c in caches),
+                         "extraction_seconds": round(sum(c["extraction_seconds"] for c in caches), 2),
+                         "parts": caches}
+    run_info["wall_seconds"] = max(part["run"]["wall_seconds"] for part in parts)
+    run_info["shards"] = [{"shard": f"{part['shard'][0]}/{part['shard'][1]}", "folder": str(Path(part["path"]).parent),
+                           "machine": part["run"]["machine"], "wall_seconds": part["run"]["wall_seconds"],
+                           "units": len(part["rows"])} for part in parts]
+    echo(f"bench merge: {len(parts)} parts of one run, {count} rows x {len(seeds)} seeds, all present")
+    return finish_report(Path(out), rows, tuning, run_info, merge_captions(captions), started, echo)

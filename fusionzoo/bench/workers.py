@@ -1,12 +1,16 @@
 """Running the run's rows: each row to its task's row function, in this process, in forked workers or on several GPUs.
 
-:func:`run_rows` takes the run's work list -- ``(task index, row name, settings)`` -- and
-yields every row as it finishes: one at a time here (``--jobs 1``), in forked worker
-processes that share the features and encoders (``--jobs N`` on a CPU), or one thread per GPU
-(:func:`run_rows_on_devices`), the longest rows (:func:`row_cost`) started first.
-:func:`run_row` sends a row to :func:`~fusionzoo.bench.row.run_prediction_row` or, for a
-retrieval task, to :func:`~fusionzoo.bench.retrieval.run_retrieval_row`; :func:`task_rows`
-names a task's rows.
+A run's work list holds ``(task index, row name, settings)``; a *unit* is one row of it with
+some of its seeds, ``(index in work, seeds)``, and the run's units are every row once per
+seed (:func:`seed_units`), so the seeds of one row train at once in other workers and a
+``--shard`` of a run can hold any of them. :func:`run_units` yields every unit's one-seed row
+as it finishes: one at a time here (``--jobs 1``), in forked worker processes that share the
+features and encoders (``--jobs N`` on a CPU), or one thread per GPU, the longest units
+(:func:`row_cost`) started first. :func:`run_rows` runs every row of a work list for the
+config's seeds and yields each row once all its seeds are in
+(:func:`~fusionzoo.bench.row.combine_seed_rows`). :func:`run_row` sends a unit to
+:func:`~fusionzoo.bench.row.run_prediction_row` or, for a retrieval task, to
+:func:`~fusionzoo.bench.retrieval.run_retrieval_row`; :func:`task_rows` names a task's rows.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .config import BenchConfig
 from .retrieval import ITC_ROW, row_names, run_retrieval_row
-from .row import run_prediction_row
+from .row import combine_seed_rows, run_prediction_row
 from .run_features import Features
 from .settings import TrainSettings, row_precision
 from .suites import BenchTask
@@ -72,7 +76,22 @@ def row_devices(device: torch.device, jobs: int) -> list[torch.device]:
     return [device] * jobs
 
 
-#: What forked row workers read (set by :func:`run_rows` just before it forks).
+#: A row of the work list with the seeds to train it for: ``(index in work, seeds)``.
+Unit = tuple[int, tuple[int, ...]]
+
+
+def seed_units(work_size: int, seeds: Sequence[int]) -> list[Unit]:
+    """Every row of a work list of ``work_size`` rows once per seed, in work, then seed order."""
+    return [(index, (seed,)) for index in range(work_size) for seed in seeds]
+
+
+def unit_cost(work: Sequence[tuple[int, str, TrainSettings]], tasks: Sequence[BenchTask], unit: Unit) -> float:
+    """:func:`row_cost` of the unit's row, times its seeds."""
+    t, fusion, settings = work[unit[0]]
+    return row_cost(tasks[t], fusion, settings) * len(unit[1])
+
+
+#: What forked row workers read (set by :func:`run_units` just before it forks).
 _WORKER_STATE: dict[str, Any] = {}
 
 
@@ -80,43 +99,49 @@ def _row_worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _row_worker(index: int) -> tuple[int, dict[str, Any], dict[str, Any]]:
+def _row_worker(position: int) -> tuple[int, dict[str, Any], dict[str, Any]]:
     state = _WORKER_STATE
+    index, seeds = state["units"][position]
     t, fusion, settings = state["work"][index]
     captions: dict[str, Any] = {}
-    row = run_row(state["tasks"][t], fusion, settings, state["features"], state["encoders"], state["seeds"],
+    row = run_row(state["tasks"][t], fusion, settings, state["features"], state["encoders"], seeds,
                   state["precision"], state["device"], False, captions, state["auto_precision"])
-    return index, row, captions
+    return position, row, captions
 
 
-def run_rows(work: list[tuple[int, str, TrainSettings]], tasks: Sequence[BenchTask], features: Features,
-             encoders: dict[str, Any], config: BenchConfig, precision: str, device: torch.device, jobs: int):
-    """Train and score every (task, fusion, settings) of ``work``; yield ``(index, row, captions)`` as rows finish.
+def run_units(work: list[tuple[int, str, TrainSettings]], units: Sequence[Unit], tasks: Sequence[BenchTask],
+              features: Features, encoders: dict[str, Any], config: BenchConfig, precision: str,
+              device: torch.device, jobs: int, devices: Sequence[torch.device] | None = None):
+    """Train and score every unit; yield ``(position in units, row, captions)`` as units finish.
 
-    ``jobs == 1``: in this process, in order, with per-step progress bars. More:
-    forked worker processes of ``torch.get_num_threads() // jobs`` threads each
-    (the features and encoders are inherited, not copied), the longest rows
-    (most training samples) started first; a bar counts finished rows.
+    ``jobs == 1``: in this process, in order, with per-step progress bars. More on a CPU:
+    forked worker processes of ``torch.get_num_threads() // jobs`` threads each (the features
+    and encoders are inherited, not copied), the longest units started first, a bar counting
+    finished units; on CUDA (or given ``devices``) :func:`run_units_on_devices`.
     """
-    if device.type == "cuda" and jobs > 1:
-        yield from run_rows_on_devices(work, tasks, features, encoders, config, precision, row_devices(device, jobs))
+    auto = config.mixed_precision == "auto"
+    if devices is None and device.type == "cuda" and jobs > 1:
+        devices = row_devices(device, jobs)
+    if devices:
+        yield from run_units_on_devices(work, units, tasks, features, encoders, config, precision, devices)
         return
     if jobs == 1:
-        for index, (t, fusion, settings) in enumerate(work):
+        for position, (index, seeds) in enumerate(units):
+            t, fusion, settings = work[index]
             captions: dict[str, Any] = {}
-            row = run_row(tasks[t], fusion, settings, features, encoders, config.seeds, precision, device,
-                          config.progress, captions, config.mixed_precision == "auto")
-            yield index, row, captions
+            row = run_row(tasks[t], fusion, settings, features, encoders, seeds, precision, device,
+                          config.progress, captions, auto)
+            yield position, row, captions
         return
-    _WORKER_STATE.update(work=work, tasks=tasks, features=features, encoders=encoders, seeds=list(config.seeds),
-                         precision=precision, device=device, auto_precision=config.mixed_precision == "auto")
-    cost = lambda i: -row_cost(tasks[work[i][0]], work[i][1], work[i][2])  # noqa: E731  (longest first)
+    _WORKER_STATE.update(work=work, units=list(units), tasks=tasks, features=features, encoders=encoders,
+                         precision=precision, device=device, auto_precision=auto)
     threads = max(1, torch.get_num_threads() // jobs)
     try:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"),
                                  initializer=_row_worker_init, initargs=(threads,)) as pool, \
-                tqdm(total=len(work), desc=f"rows ({jobs} at once)", unit="row", disable=not config.progress) as bar:
-            futures = [pool.submit(_row_worker, i) for i in sorted(range(len(work)), key=cost)]
+                tqdm(total=len(units), desc=f"rows x seeds ({jobs} at once)", unit="row",
+                     disable=not config.progress) as bar:
+            futures = [pool.submit(_row_worker, k) for k in longest_first(work, units, tasks)]
             for future in as_completed(futures):
                 bar.update(1)
                 yield future.result()
@@ -124,14 +149,52 @@ def run_rows(work: list[tuple[int, str, TrainSettings]], tasks: Sequence[BenchTa
         _WORKER_STATE.clear()
 
 
-def run_rows_on_devices(work: list[tuple[int, str, TrainSettings]], tasks: Sequence[BenchTask], features: Features,
-                        encoders: dict[str, Any], config: BenchConfig, precision: str, devices: Sequence[torch.device]):
-    """:func:`run_rows` with one row at a time per device of ``devices`` (one per GPU), in threads.
+def longest_first(work: Sequence[tuple[int, str, TrainSettings]], units: Sequence[Unit],
+                  tasks: Sequence[BenchTask]) -> list[int]:
+    """The positions of ``units``, the costliest (:func:`unit_cost`) first; ties in order."""
+    return sorted(range(len(units)), key=lambda k: -unit_cost(work, tasks, units[k]))
+
+
+def run_rows(work: list[tuple[int, str, TrainSettings]], tasks: Sequence[BenchTask], features: Features,
+             encoders: dict[str, Any], config: BenchConfig, precision: str, device: torch.device, jobs: int,
+             devices: Sequence[torch.device] | None = None):
+    """Train and score every row of ``work`` for every seed of ``config``; yield ``(index, row, captions)``.
+
+    Each row once all its seeds have finished (:func:`run_units` over :func:`seed_units`; ``devices``
+    as there), as one row over the seeds (:func:`~fusionzoo.bench.row.combine_seed_rows`); rows in
+    the order their last seed finishes.
+    """
+    units = seed_units(len(work), config.seeds)
+    done: dict[int, dict[int, tuple[dict[str, Any], dict[str, Any]]]] = {}  # index -> seed -> (row, captions)
+    for position, row, captions in run_units(work, units, tasks, features, encoders, config, precision, device,
+                                             jobs, devices):
+        index, (seed,) = units[position]
+        done.setdefault(index, {})[seed] = (row, captions)
+        if len(done[index]) == len(config.seeds):
+            of_row = done.pop(index)
+            parts = [of_row[s] for s in config.seeds]
+            yield index, combine_seed_rows([row for row, _ in parts]), merge_captions([c for _, c in parts])
+
+
+def merge_captions(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Captions ``task -> fusion -> seed -> {image id: caption}`` of several units, as one dict."""
+    merged: dict[str, Any] = {}
+    for part in parts:
+        for task, per_fusion in part.items():
+            for fusion, per_seed in per_fusion.items():
+                merged.setdefault(task, {}).setdefault(fusion, {}).update(per_seed)
+    return merged
+
+
+def run_units_on_devices(work: list[tuple[int, str, TrainSettings]], units: Sequence[Unit],
+                         tasks: Sequence[BenchTask], features: Features, encoders: dict[str, Any],
+                         config: BenchConfig, precision: str, devices: Sequence[torch.device]):
+    """:func:`run_units` with one unit at a time per device of ``devices`` (one per GPU), in threads.
 
     Threads, not processes: a forked process cannot use CUDA once its parent has, and the
     features are shared, not copied. Each device gets its own copy of the frozen encoders
     (the models hold them as submodules and are moved to their device); the GPUs run the
-    kernels while the threads take turns in Python. Longest rows first, as :func:`run_rows`.
+    kernels while the threads take turns in Python. Longest units first, as :func:`run_units`.
     """
     per_device = []
     for k, device in enumerate(devices):
@@ -143,23 +206,24 @@ def run_rows_on_devices(work: list[tuple[int, str, TrainSettings]], tasks: Seque
     for k in range(len(devices)):
         free.put(k)
 
-    def one(index: int) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    def one(position: int) -> tuple[int, dict[str, Any], dict[str, Any]]:
         k = free.get()
         if devices[k].type == "cpu":
             torch.set_num_threads(threads)  # per thread: a new thread starts with the default count
         try:
+            index, seeds = units[position]
             t, fusion, settings = work[index]
             captions: dict[str, Any] = {}
-            row = run_row(tasks[t], fusion, settings, features, per_device[k], config.seeds, precision, devices[k],
+            row = run_row(tasks[t], fusion, settings, features, per_device[k], seeds, precision, devices[k],
                           False, captions, config.mixed_precision == "auto")
-            return index, row, captions
+            return position, row, captions
         finally:
             free.put(k)
 
-    cost = lambda i: -row_cost(tasks[work[i][0]], work[i][1], work[i][2])  # noqa: E731  (longest first)
     with ThreadPoolExecutor(len(devices)) as pool, \
-            tqdm(total=len(work), desc=f"rows ({len(devices)} devices)", unit="row", disable=not config.progress) as bar:
-        futures = [pool.submit(one, i) for i in sorted(range(len(work)), key=cost)]
+            tqdm(total=len(units), desc=f"rows x seeds ({len(devices)} devices)", unit="row",
+                 disable=not config.progress) as bar:
+        futures = [pool.submit(one, k) for k in longest_first(work, units, tasks)]
         for future in as_completed(futures):
             bar.update(1)
             yield future.result()

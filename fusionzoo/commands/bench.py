@@ -57,6 +57,8 @@ examples:
   fusionzoo bench --fusions co_attention,albef,text_only --seeds 3 --epochs 3
   fusionzoo bench --suite easy-vqa --train-encoders 1 --device cuda   fine-tune the encoders' last blocks too
   fusionzoo bench compare bench-results other-results    metric differences between two reports
+  fusionzoo bench --shard 2/4 --out parts/2        the 2nd of 4 parts of a run (on another machine)
+  fusionzoo bench merge parts/1 parts/2 parts/3 parts/4    the report of the 4 parts
 """
 
 
@@ -210,9 +212,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                         "so only they run per step: meant for a GPU. VQA and classification tasks only (easy-vqa, "
                         "coco-yesno, coco-match, vqav2, flickr30k-match), not captioning, retrieval or "
                         "sort-of-clevr (its stage-2 features lie before the last blocks) (default: 0, frozen)")
+    p.add_argument("--shard", metavar="I/N",
+                   help="run only the I-th of N disjoint parts of the run (its rows x seeds; whole rows with --tune, "
+                        "trials included) and write that part to --out: run every part with the same options (on "
+                        "any machines, e.g. as a job array), then `fusionzoo bench merge` their folders into the "
+                        "report (default: the whole run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_bench)
-    actions = p.add_subparsers(dest="bench_action", metavar="compare", required=False,
+    actions = p.add_subparsers(dest="bench_action", metavar="{compare,merge}", required=False,
                                title="other actions (instead of a run)")
     c = actions.add_parser(
         "compare", help="per task x fusion, the headline metric's difference between two reports",
@@ -222,18 +229,45 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     c.add_argument("run_a", type=Path, metavar="RUN_A", help="a report folder (fusionzoo bench --out)")
     c.add_argument("run_b", type=Path, metavar="RUN_B", help="another report folder")
     c.set_defaults(func=_run_compare)
+    m = actions.add_parser(
+        "merge", help="the report of a run made in --shard I/N parts",
+        description="Read the part folders that `fusionzoo bench --shard I/N --out PART` runs wrote, check that "
+        "they are the N parts of one run (the same suite, options, precision, settings, code version and "
+        "feature cache keys; every part once; every row x seed once) and write the report that one run "
+        "without --shard writes, to --out. An error names the part and what differs or is missing.",
+        epilog="example (two machines, or two jobs of a SLURM array using $SLURM_ARRAY_TASK_ID):\n"
+               "  fusionzoo bench --shard 1/2 --out parts/1     # on one machine\n"
+               "  fusionzoo bench --shard 2/2 --out parts/2     # on another\n"
+               "  fusionzoo bench merge parts/1 parts/2 --out bench-results",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("parts", type=Path, nargs="+", metavar="PART_DIR", help="the --out folders of the parts")
+    m.add_argument("--out", dest="merge_out", type=Path, default=Path("bench-results"),
+                   help="report folder (default: bench-results/)")
+    m.set_defaults(func=_run_merge)
+
+
+def _bench_action(name: str, action) -> int:
+    """Run ``fusionzoo bench <name>``'s ``action()``: 0, or 2 with its error on one line of stderr."""
+    from ..bench.suites import BenchError
+
+    try:
+        action()
+    except BenchError as exc:
+        print(f"fusionzoo bench {name}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from ..bench.runner import merge_parts
+
+    return _bench_action("merge", lambda: merge_parts(args.parts, args.merge_out))
 
 
 def _run_compare(args: argparse.Namespace) -> int:
     from ..bench.compare import run_compare
-    from ..bench.suites import BenchError
 
-    try:
-        run_compare(args.run_a, args.run_b)
-    except BenchError as exc:
-        print(f"fusionzoo bench compare: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    return 0
+    return _bench_action("compare", lambda: run_compare(args.run_a, args.run_b))
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -247,6 +281,10 @@ def _run_bench(args: argparse.Namespace) -> int:
     try:
         check_device(args.device)
         seeds = bench_seeds(args.seeds, args.first_seed, args.quick)
+        if args.shard is not None:
+            from ..bench.shards import parse_shard
+
+            parse_shard(args.shard)
     except BenchError as exc:
         print(f"fusionzoo bench: error: {exc}", file=sys.stderr)
         return 2
@@ -257,7 +295,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         image_grid=args.image_grid, jobs=args.jobs, eval_split=args.eval_split, vision=args.vision, text=args.text,
         max_train=args.max_train, max_test=args.max_test,
         progress=not args.no_progress, vision_weights=args.vision_weights, tune=args.tune or args.tune_grid is not None,
-        tune_grid=args.tune_grid, train_encoders=args.train_encoders,
+        tune_grid=args.tune_grid, train_encoders=args.train_encoders, shard=args.shard,
     )
     try:
         run_bench(config)

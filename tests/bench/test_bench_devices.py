@@ -11,7 +11,7 @@ from fusionzoo.features.cache import FeatureCache
 from fusionzoo.bench.config import BenchConfig
 from fusionzoo.bench.run_features import extract_features
 from fusionzoo.bench.settings import settings_for
-from fusionzoo.bench.workers import run_rows, run_rows_on_devices
+from fusionzoo.bench.workers import run_rows
 from fusionzoo.bench.suites import SUITES, load_tasks
 from fusionzoo.encoders import build_text_encoder, build_vision_encoder
 
@@ -41,7 +41,8 @@ def test_rows_on_several_devices_equal_rows_one_at_a_time(tmp_path: Path, reques
     work = [(0, fusion, settings_for("easy-vqa", fusion, epochs=1))
             for fusion in ("co_attention", "early_concat", "albef", "text_only")]
     alone = {i: row for i, row, _ in run_rows(work, tasks, features, encoders, config, "no", cpu, jobs=1)}
-    shared = {i: row for i, row, _ in run_rows_on_devices(work, tasks, features, encoders, config, "no", [cpu, cpu])}
+    shared = {i: row for i, row, _ in run_rows(work, tasks, features, encoders, config, "no", cpu, jobs=2,
+                                                devices=[cpu, cpu])}
     assert sorted(shared) == list(range(len(work)))
     for i, (_, fusion, _) in enumerate(work):
         assert shared[i]["fusion"] == alone[i]["fusion"] == fusion
