@@ -41,8 +41,8 @@ class BenchConfig:
             ``~/.cache/fusionzoo/features``.
         no_cache: extract features in memory, never read or write the cache.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``...
-        jobs: rows trained at once in worker processes (None = 2 on a multi-core CPU,
-            1 on CUDA); see :func:`resolve_jobs`.
+        jobs: rows x seeds trained at once in worker processes (None = 2 on a multi-core CPU,
+            every GPU on CUDA); see :func:`resolve_jobs`.
         image_size: overrides the suite's encoder input size.
         image_grid: overrides the suite's pooled token grid (0 = keep every token).
         vision: the frozen image encoder: a preset (``efficientnet-lite0/1/2``), a timm model

@@ -170,8 +170,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="auto (CUDA when available), cpu, cuda, cuda:N (one GPU) or mps (default: auto)")
     p.add_argument("--image-size", type=int, help="encoder input size in pixels (default: the suite's)")
     p.add_argument("--jobs", type=int, metavar="N",
-                   help="rows (task x fusion) trained at once: on CPU each in a worker process with its share of "
-                        "the CPU threads (default: 2 on a CPU with 2+ cores); on CUDA one row per GPU, in threads "
+                   help="rows (task x fusion x seed) trained at once: on CPU each in a worker process with its share "
+                        "of the CPU threads (default: 2 on a CPU with 2+ cores); on CUDA one per GPU, in threads "
                         "(default: every GPU of --device cuda, 1 for cuda:N)")
     p.add_argument("--image-grid", type=int, metavar="G",
                    help="average-pool the encoder's token grid to GxG tokens before the fusions "
