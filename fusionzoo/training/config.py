@@ -22,6 +22,9 @@ import yaml
 
 from ..errors import ConfigError  # noqa: F401  (raised here for config keys; importable from here too)
 
+#: The ``torch.compile`` modes that key ``compile`` may name besides true / false (true is ``default``).
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
 
 @dataclass
 class TrainConfig:
@@ -103,6 +106,12 @@ class TrainConfig:
     AVX-512 BF16, float32 elsewhere (bf16 is emulated, and slower, on other CPUs)."""
     cpu: bool = False
     """Force CPU even when a GPU is present."""
+    compile: bool | CompileMode = False
+    """``torch.compile`` the modules the step trains, in place (checkpoints are unchanged): the fusion
+    and head, the encoders only when they train (frozen ones run eager, or not at all with the feature
+    cache); true is mode ``default``. Compiling happens in the first steps and is left out of
+    ``samples_per_second``; evaluation runs eager; where compiling fails, one warning says why and
+    training goes on eager."""
 
     # checkpoints, evaluation, logging
     save_every: int | None = None

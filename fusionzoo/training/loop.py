@@ -34,6 +34,7 @@ The same model on N processes as on one:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -54,7 +55,7 @@ from .config import ConfigError, TrainConfig
 from .optim import build_optimizer
 from ..processes import ProcessView
 from .step import LearningRates, NonFiniteLossError, check_finite, optimizer_step, plan_steps, resolve_precision
-from .step import seed_everything
+from .step import CompiledModules, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -494,6 +495,7 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
     if isinstance(eval_loader, DataLoader):
         eval_loader = accelerator.prepare(eval_loader)
     unwrapped = accelerator.unwrap_model(model)
+    compiled = CompiledModules(unwrapped, config.compile)  # in place: the same state_dict, checkpoints
 
     manager = CheckpointManager(out_dir, config.keep_last, run_id)
     step, epoch, batches_done = 0, 0, 0
@@ -522,8 +524,21 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
                                                  "total_steps": total_steps, **meta})
 
     def evaluate_and_record(step_: int, epoch_: int) -> dict[str, Any]:
-        metrics = evaluate_model(recipe, model, eval_loader, accelerator, config)
+        with compiled.paused():
+            metrics = evaluate_model(recipe, model, eval_loader, accelerator, config)
         return _record_eval(metrics, accelerator, step_, epoch_, out_dir, run_id)
+
+    def take_step(batch: Any, context: StepContext) -> StepOutput:  # forward, finite check, backward, update
+        with accelerator.autocast():
+            out = recipe.forward(model, unwrapped, batch, context)
+        if not processes.all_finite(out.loss):  # decided together: saving is a collective call
+            path = save(step, epoch, batches_done)  # parameters are still the last good step's
+            check_finite(out.loss, out.losses, finite=False, saved=str(path),
+                         where=f"at step {step} (epoch {epoch}, batch {batches_done}; process "
+                               f"{accelerator.process_index} of {accelerator.num_processes})",
+                         advice="Try a lower lr, max_grad_norm, or mixed_precision=no.")
+        optimizer_step(accelerator, model, optimizer, out.loss, config.max_grad_norm)
+        return out
 
     bar = tqdm(total=total_steps, initial=step, desc=recipe.label, disable=not accelerator.is_local_main_process,
                dynamic_ncols=True)
@@ -547,16 +562,8 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
                 loader = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader
             for batch in loader:
                 context = StepContext(step, micro, epoch, steps_per_epoch, processes)
-                with accelerator.accumulate(model):
-                    with accelerator.autocast():
-                        out = recipe.forward(model, unwrapped, batch, context)
-                    if not processes.all_finite(out.loss):  # decided together: saving is a collective call
-                        path = save(step, epoch, batches_done)  # parameters are still the last good step's
-                        check_finite(out.loss, out.losses, finite=False, saved=str(path),
-                                     where=f"at step {step} (epoch {epoch}, batch {batches_done}; process "
-                                           f"{accelerator.process_index} of {accelerator.num_processes})",
-                                     advice="Try a lower lr, max_grad_norm, or mixed_precision=no.")
-                    optimizer_step(accelerator, model, optimizer, out.loss, config.max_grad_norm)
+                with accelerator.accumulate(model):  # the first step compiles (eager where that fails)
+                    out = compiled.step(functools.partial(take_step, batch, context))
                 batches_done += 1
                 micro += 1
                 samples_seen += out.num_samples * accelerator.num_processes
@@ -571,7 +578,8 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
                     logs = {f"train/{k}": v for k, v in running.means(accelerator).items()}
                     logs["train/lr"] = lr  # the rate this step used
                     logs.update({f"train/{k}": v for k, v in recipe.log_extras(step - 1, steps_per_epoch).items()})
-                    logs["train/samples_per_second"] = samples_seen / max(1e-9, time.perf_counter() - t0)
+                    seconds = time.perf_counter() - t0 - compiled.compile_seconds  # compiling left out
+                    logs["train/samples_per_second"] = samples_seen / max(1e-9, seconds)
                     last_logs = logs
                     accelerator.log(logs, step=step)
                     if accelerator.is_main_process:
@@ -603,6 +611,7 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
     finally:
         bar.close()
         stops.uninstall()
+        compiled.release()  # evaluation, export and whatever comes after run eager
 
     save(step, epoch, batches_done)
     final_eval: dict[str, Any] = {}
@@ -624,6 +633,7 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
         write_json_atomic(out_dir / "final" / "run.json", {
             **meta, "metrics": final_eval, "train": train_losses, "step": step,
             "num_processes": accelerator.num_processes, "param_checksums": checksums,
+            **({"compile": compiled.summary()} if config.compile else {}),
             **({"feature_cache": data.feature_cache} if data.feature_cache is not None else {}),
         })
     accelerator.wait_for_everyone()

@@ -15,24 +15,32 @@ their step from here, so a change to how a step is taken is made once:
   ``Accelerator`` or on :class:`LocalAccelerator`, the few parts of it that one process on one
   device needs (the bench trains rows in threads, one per GPU, where Accelerate's process-wide
   state cannot follow).
+* :class:`CompiledModules` -- ``compile`` / ``train_model(compile=...)``: the trained modules
+  compiled in place for the step, eager again where compiling fails or the step is not taken.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import logging
 import math
 import random
+import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator, TypeVar, get_args
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, TrainingStopped
+from ..errors import ConfigError, FusionZooError, TrainingStopped
 from ..hardware import auto_mixed_precision
 from ..processes import OneProcess
+from .config import CompileMode
 from .optim import warmup_cosine_factor
+
+logger = logging.getLogger(__name__)
 
 #: The values of ``mixed_precision`` (``fusionzoo train``) and ``--mixed-precision`` (``fusionzoo bench``).
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -244,3 +252,204 @@ class LocalAccelerator(OneProcess):
         if self.scaler.is_enabled() and self._optimizer is not None:
             self.scaler.unscale_(self._optimizer)
         return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
+
+
+# --------------------------------------------------------------------------------------
+# Compilation
+# --------------------------------------------------------------------------------------
+#: The ``torch.compile`` modes that ``compile`` may name; ``true`` is ``default``.
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
+#: The backend :class:`CompiledModules` compiles with (a test puts one here that fails).
+COMPILE_BACKEND: str | Callable[..., Any] = "inductor"
+#: Graphs torch may compile for the modules before it runs them eager. Every ``nn.Module.compile``
+#: compiles ``nn.Module._call_impl``, one code object, so all compiled modules of a process share
+#: torch's budget (8 by default): a bench process that trains several fusions, each a fusion and a
+#: head in a few shapes, needs more. Given where ``torch.compile`` takes ``recompile_limit``.
+RECOMPILE_LIMIT = 64
+
+StepResult = TypeVar("StepResult")
+
+
+def compile_mode(value: bool | str | None, *, key: str = "compile") -> str | None:
+    """The ``torch.compile`` mode that ``compile`` asks for: None when off, ``default`` for true.
+
+    Raises:
+        ConfigError: a string that is not one of :data:`COMPILE_MODES`.
+    """
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "default"
+    if value not in COMPILE_MODES:
+        raise ConfigError(f"{key} must be true, false or one of {', '.join(COMPILE_MODES)}, got {value!r}")
+    return value
+
+
+def trained_children(model: nn.Module) -> dict[str, nn.Module]:
+    """The children of ``model`` that hold a trainable parameter, by name: what ``compile`` compiles.
+
+    A :class:`~fusionzoo.model.FusionModel` with frozen encoders gives its fusion and head (and
+    alignment); with trained encoders, the encoders too; the bench's encoder-tails model, its
+    tails and the model behind them. Frozen modules (encoders, momentum copies) stay eager: they
+    take no gradient, and with the feature cache the encoders do not run in the step at all.
+    """
+    return {name: child for name, child in model.named_children()
+            if any(p.requires_grad for p in child.parameters())}
+
+
+def _compile_callbacks() -> Any | None:
+    """torch's handler of compile start / end callbacks, or None where this torch has none."""
+    try:
+        from torch._dynamo.callback import callback_handler
+    except ImportError:
+        return None
+    return callback_handler if hasattr(callback_handler, "register_start_callback") else None
+
+
+def _reason(exc: BaseException) -> str:
+    """One line that names why compiling failed: the innermost exception's type and first line."""
+    seen = {id(exc)}
+    while True:
+        inner = getattr(exc, "inner_exception", None) or exc.__cause__
+        if inner is None or id(inner) in seen:
+            break
+        seen.add(id(inner))
+        exc = inner
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0]}"[:300] if lines else type(exc).__name__
+
+
+class CompiledModules:
+    """The trained children of a model, compiled in place (``nn.Module.compile``) for the training step.
+
+    In place: the modules, their parameters and their ``state_dict`` keys stay the eager
+    model's, so a checkpoint or saved model is the same whether the run compiled or not, and
+    loads into either. Only the step runs compiled: evaluation runs eager inside
+    :meth:`paused` (a switch to eval mode and no gradients would compile again, and generation
+    would compile for its lengths), and :meth:`release` makes the modules eager for good.
+
+    The first :meth:`step` compiles (the forward at its first call, the backward at its first
+    backward pass). Where that fails -- no C++ compiler, an operation the compiler does not
+    take, a dynamo error -- the modules become eager, the model's buffers and torch's random
+    generators are put back as they were before the step, gradients are dropped, one warning
+    names the reason, and the step is taken again eager: training goes on. A step that fails
+    eager too raises its own error, and a :class:`~fusionzoo.errors.FusionZooError` raised by
+    the step (a non-finite loss) is never taken for a failure to compile.
+
+    ``compile_seconds`` adds up the seconds torch spent compiling inside :meth:`step`,
+    recompiles for new shapes included, from torch's compile callbacks (where this torch has
+    none: the first step's seconds); the callbacks are process-wide, so rows trained at once in
+    threads count each other's. Drivers leave these seconds out of the step times they report.
+
+    Args:
+        model: the model whose trained children (:func:`trained_children`) are compiled.
+        compile: false or None (nothing is compiled; :meth:`step` just takes the step), true,
+            or a mode of :data:`COMPILE_MODES`.
+    """
+
+    def __init__(self, model: nn.Module, compile: bool | str | None) -> None:
+        self.model = model
+        self.mode = compile_mode(compile)
+        self.modules = trained_children(model) if self.mode else {}
+        self.failure: str | None = None
+        self.compile_seconds = 0.0
+        self._first = bool(self.modules)
+        self._started: float | None = None
+        self._callbacks = _compile_callbacks()
+        if self.modules and not hasattr(nn.Module, "compile"):
+            self._fall_back("this torch has no nn.Module.compile (torch 2.2 or later has)")
+        options: dict[str, Any] = {"mode": None if self.mode == "default" else self.mode, "backend": COMPILE_BACKEND}
+        if self.modules and "recompile_limit" in inspect.signature(torch.compile).parameters:
+            options["recompile_limit"] = RECOMPILE_LIMIT
+        for module in self.modules.values():
+            module.compile(**options)
+        self._compiled = {name: module._compiled_call_impl for name, module in self.modules.items()}
+
+    def summary(self) -> dict[str, Any]:
+        """What a run records: the mode, the modules compiled, seconds compiling, and why it fell back (or None)."""
+        return {"mode": self.mode, "modules": list(self._compiled), "seconds": round(self.compile_seconds, 3),
+                "fallback": self.failure}
+
+    def step(self, take: Callable[[], StepResult]) -> StepResult:
+        """``take()``: one training step (forward, backward, update); the first compiles, eager if that fails."""
+        first, self._first = self._first, False
+        if not self.modules:
+            return take()
+        if not first:
+            with self._clock():
+                return take()
+        saved = self._state()
+        start = time.perf_counter()
+        try:
+            with self._clock():
+                result = take()
+        except FusionZooError:
+            raise
+        except Exception as exc:  # any failure to compile; a real error raises again when taken eager
+            self._fall_back(_reason(exc))
+            self._restore(saved)
+            return take()
+        if self._callbacks is None:
+            self.compile_seconds += time.perf_counter() - start
+        return result
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The modules eager inside (evaluation during training), compiled again after."""
+        for module in self.modules.values():
+            module._compiled_call_impl = None
+        try:
+            yield
+        finally:
+            for name, module in self.modules.items():
+                module._compiled_call_impl = self._compiled[name]
+
+    def release(self) -> None:
+        """Make the modules eager for good (training is over)."""
+        for module in self.modules.values():
+            module._compiled_call_impl = None
+        self.modules = {}
+
+    # -- inside -----------------------------------------------------------------------
+    def _fall_back(self, reason: str) -> None:
+        names = ", ".join(self.modules) or "the model"
+        self.failure = reason
+        logger.warning("torch.compile of %s failed (%s); training on eager", names, reason)
+        self.release()
+
+    @contextlib.contextmanager
+    def _clock(self) -> Iterator[None]:
+        """Count the seconds torch compiles inside the block into ``compile_seconds``."""
+        if self._callbacks is None:
+            yield
+            return
+        self._callbacks.register_start_callback(self._on_start)
+        self._callbacks.register_end_callback(self._on_end)
+        try:
+            yield
+        finally:
+            self._callbacks.remove_start_callback(self._on_start)
+            self._callbacks.remove_end_callback(self._on_end)
+
+    def _on_start(self, args: Any) -> None:
+        self._started = time.perf_counter()
+
+    def _on_end(self, args: Any) -> None:
+        if self._started is not None:
+            self.compile_seconds += time.perf_counter() - self._started
+            self._started = None
+
+    def _state(self) -> tuple[list[Tensor], Tensor, list[Tensor] | None]:
+        """The model's buffers and torch's generators before the first step, to take it again eager."""
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        return [b.detach().clone() for b in self.model.buffers()], torch.get_rng_state(), cuda
+
+    def _restore(self, saved: tuple[list[Tensor], Tensor, list[Tensor] | None]) -> None:
+        buffers, cpu, cuda = saved
+        with torch.no_grad():
+            for buffer, value in zip(self.model.buffers(), buffers):
+                buffer.copy_(value)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        self.model.zero_grad(set_to_none=True)
