@@ -19,6 +19,7 @@ the encoders' last blocks first.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 import time
@@ -36,6 +37,7 @@ from ..tasks.passes import Stopwatch, caption_pass, logits_pass
 from ..training.optim import ENCODER_PREFIXES, build_optimizer
 from ..training.step import (  # noqa: F401  (PRECISIONS, autocast: the bench's names for them)
     PRECISIONS,
+    CompiledModules,
     LearningRates,
     LocalAccelerator,
     autocast,
@@ -172,12 +174,13 @@ class PeakMemory:
 @dataclass
 class TrainStats:
     """What one training run reports: wall seconds, optimiser steps, the mean loss of the last 10% of steps,
-    and the loss of every step."""
+    the loss of every step, and with ``compile`` the seconds torch spent compiling (not in ``seconds``)."""
 
     seconds: float
     steps: int
     final_loss: float
     losses: list[float] = field(default_factory=list)
+    compile_seconds: float = 0.0
 
 
 def _batches(count: int, batch_size: int, steps: int, generator: torch.Generator,
@@ -212,6 +215,7 @@ def train_model(
     drop_last: bool = False,
     encoder_prefixes: tuple[str, ...] = ENCODER_PREFIXES,
     max_grad_norm: float = 1.0,
+    compile: bool = False,
 ) -> TrainStats:
     """Train the trainable parameters of ``model`` on ``view``: its fusion and head (the frozen encoders
     never run), and with ``--train-encoders`` the encoder tails of an
@@ -235,6 +239,9 @@ def train_model(
             ``vision.`` and ``text.``, frozen here.
         max_grad_norm: gradients are clipped to this norm (0: not clipped), as ``fusionzoo train``'s
             ``max_grad_norm``.
+        compile: compile the modules that train (``fusionzoo train``'s ``compile=true``,
+            :class:`~fusionzoo.training.step.CompiledModules`): eager again if compiling fails, and
+            eager when this returns; the seconds spent compiling are ``compile_seconds``, not ``seconds``.
 
     Raises:
         NonFiniteLossError: the loss became NaN or infinite (a :class:`~fusionzoo.errors.FusionZooError`).
@@ -250,25 +257,35 @@ def train_model(
     generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     model.train()
+    compiled = CompiledModules(model, compile)
+
+    def take(inputs: dict[str, Any]) -> Any:
+        with accelerator.autocast():
+            out = model(**inputs)
+        check_finite(out.loss, out.losses, where=f"at step {len(losses)} of {desc}",
+                     advice="Lower the learning rate or use --mixed-precision no.")
+        optimizer_step(accelerator, model, optimizer, out.loss, max_grad_norm)
+        return out
+
     start = time.perf_counter()
-    with tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False) as bar:
-        for index in _batches(len(view), batch_size, steps, generator, drop_last):
-            rates.set(len(losses))
-            inputs = view.batch(index, device)
-            if extra_inputs is not None:
-                inputs.update(extra_inputs(len(losses), index))
-            with accelerator.autocast():
-                out = model(**inputs)
-            check_finite(out.loss, out.losses, where=f"at step {len(losses)} of {desc}",
-                         advice="Lower the learning rate or use --mixed-precision no.")
-            optimizer_step(accelerator, model, optimizer, out.loss, max_grad_norm)
-            losses.append(float(out.loss.detach()))
-            bar.update(1)
-            if len(losses) % 10 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-10:]):.4f}")
-    seconds = time.perf_counter() - start
+    try:
+        with tqdm(total=steps, desc=desc, unit="step", disable=not progress, leave=False) as bar:
+            for index in _batches(len(view), batch_size, steps, generator, drop_last):
+                rates.set(len(losses))
+                inputs = view.batch(index, device)
+                if extra_inputs is not None:
+                    inputs.update(extra_inputs(len(losses), index))
+                out = compiled.step(functools.partial(take, inputs))
+                losses.append(float(out.loss.detach()))
+                bar.update(1)
+                if len(losses) % 10 == 0:
+                    bar.set_postfix(loss=f"{np.mean(losses[-10:]):.4f}")
+    finally:
+        compiled.release()
+    seconds = time.perf_counter() - start - compiled.compile_seconds
     tail = losses[-max(1, len(losses) // 10):]
-    return TrainStats(seconds=seconds, steps=len(losses), final_loss=float(np.mean(tail)), losses=losses)
+    return TrainStats(seconds=seconds, steps=len(losses), final_loss=float(np.mean(tail)), losses=losses,
+                      compile_seconds=compiled.compile_seconds)
 
 
 # --------------------------------------------------------------------------------------

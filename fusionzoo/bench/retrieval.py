@@ -197,7 +197,7 @@ def train_retrieval_model(model: FusionModel, split: SplitData, features: Featur
     return train_model(trainer, view, epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
                        weight_decay=settings.weight_decay, warmup_ratio=settings.warmup_ratio, precision=precision,
                        device=device, seed=seed, desc=desc, progress=progress, extra_inputs=extra_inputs,
-                       drop_last=True)
+                       drop_last=True, compile=settings.compile)
 
 
 # --------------------------------------------------------------------------------------

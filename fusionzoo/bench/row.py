@@ -126,7 +126,7 @@ def run_prediction_row(task: BenchTask, fusion: str, settings: TrainSettings, fe
                                       precision=precision, device=device, seed=seed,
                                       desc=f"{task.name} {fusion} seed {seed}", progress=progress,
                                       encoder_prefixes=EncoderTailsModel.ENCODER_PREFIXES if trained
-                                      else ENCODER_PREFIXES)
+                                      else ENCODER_PREFIXES, compile=settings.compile)
             if task_object.generates_text:
                 outputs, eval_seconds = generate_captions(
                     model, test_view, batch_size=settings.eval_batch_size, precision=precision, device=device,

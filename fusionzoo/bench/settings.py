@@ -39,6 +39,9 @@ class TrainSettings:
         eval_batch_size: samples per inference call.
         num_beams: beams for caption generation (1 = greedy).
         max_new_tokens: longest generated caption.
+        compile: compile the trained modules for the training step (``fusionzoo train``'s
+            ``compile``; :func:`~fusionzoo.bench.loop.train_model`); the seconds spent compiling
+            are left out of the row's training seconds.
     """
 
     epochs: float
@@ -50,6 +53,7 @@ class TrainSettings:
     eval_batch_size: int = 1024
     num_beams: int = 1
     max_new_tokens: int = 20
+    compile: bool = False
 
 
 @dataclass(frozen=True)
