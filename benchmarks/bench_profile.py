@@ -9,6 +9,8 @@ takes the bench's training step: a batch gathered from the feature arrays
 (:meth:`~fusionzoo.bench.loop.FeatureView.batch`), the forward pass under the precision's
 autocast, the non-finite check, then :func:`fusionzoo.training.step.optimizer_step` (backward,
 clipping, fused AdamW over the project's decay groups), with the warmup-cosine rate set first.
+It runs on the torch threads such a row gets: on a CPU the bench trains several rows at once in
+worker processes that share the cores (:func:`row_threads`).
 
 After a few warmup steps it times steps alone (the median is the step time), then runs more
 steps under ``torch.profiler`` and prints:
@@ -64,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # perf.py, beside this
 
 from perf import FULL, QUICK, matmul_peak, measure_peaks, sync, timed, train_flops  # noqa: E402
 
-from fusionzoo.bench.config import resolve_device, resolve_fusions  # noqa: E402
+from fusionzoo.bench.config import resolve_device, resolve_fusions, resolve_jobs  # noqa: E402
 from fusionzoo.bench.features import add_position_channels, pool_image_tokens  # noqa: E402
 from fusionzoo.bench.loop import FeatureView, resolve_precision, seeded, train_model  # noqa: E402
 from fusionzoo.bench.row import build_bench_model, count_parameters  # noqa: E402
@@ -338,6 +340,14 @@ def peak_gflops(device: torch.device, precision: str, quick: bool) -> tuple[floa
     return measure_peaks(device, cfg)["bf16_gflops"], "bf16"
 
 
+def row_threads(device: torch.device) -> int:
+    """The torch threads of one row in a default ``fusionzoo bench`` run of the suite: on a CPU, torch's
+    threads shared by the rows it trains at once (its default ``--jobs``), as its row workers get them."""
+    if device.type != "cpu":
+        return torch.get_num_threads()
+    return max(1, torch.get_num_threads() // resolve_jobs(None, device, rows=len(resolve_fusions(None))))
+
+
 def commit() -> str | None:
     """The checkout's commit (with ``-dirty`` for uncommitted changes), or None outside git."""
     try:
@@ -369,7 +379,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0,
                         help="the row's seed: its weights and batches (default 0, the bench's first seed)")
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads (default: the cores this process may use; 1 with --quick)")
+                        help="torch threads (default: those of one row of a default fusionzoo bench run, which "
+                             "on a CPU shares torch's threads among the rows it trains at once; 1 with --quick)")
     parser.add_argument("--cache-dir", default=None,
                         help="the bench's feature cache (default: fusionzoo bench's, $FUSIONZOO_CACHE or "
                              "~/.cache/fusionzoo/features); a miss extracts the features first")
@@ -387,9 +398,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Build the row, time and profile its step, count its FLOPs, measure the peak; the report."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(args.threads or (1 if args.quick else cores))
     device = resolve_device(args.device)
+    torch.set_num_threads(args.threads or (1 if args.quick else row_threads(device)))
+    machine = describe_machine(device)  # its load average is the start's
     fusion, = resolve_fusions([args.fusion])
     task_name = SUITES[SUITE].tasks[0]
     precision = row_precision(fusion, resolve_precision(args.precision, device), auto=args.precision == "auto")
@@ -422,7 +433,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     step_s = statistics.median(seconds)
     achieved = flops / step_s / 1e12
     return {
-        "machine": describe_machine(device),
+        "machine": machine,
         "commit": commit(),
         "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "row": {"suite": SUITE, "task": task.name, "fusion": fusion, "precision": precision,
