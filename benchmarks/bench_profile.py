@@ -27,7 +27,7 @@ steps under ``torch.profiler`` and prints:
   backward: matrix products and attention; element-wise work is not counted, as usual for MFU),
   the achieved TFLOP/s at the median step time, and the utilisation: that over the matmul peak
   this machine reaches at the step's precision (``benchmarks/perf.py``'s ``matmul_peak``,
-  measured in this run);
+  measured in this run on the step's threads before and after the steps, the better kept);
 * the machine (:func:`fusionzoo.hardware.describe_machine`).
 
 ``--quick`` keeps the row's model, settings and step but feeds it a small synthetic feature set
@@ -331,7 +331,10 @@ def step_flops(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
 
 
 def peak_gflops(device: torch.device, precision: str, quick: bool) -> tuple[float, str]:
-    """The machine's matmul peak at ``precision`` (GFLOP/s) and what was measured (``perf.py``'s way)."""
+    """The machine's matmul peak at ``precision`` (GFLOP/s) and what was measured (``perf.py``'s way).
+
+    Measured before and after the steps, the best kept: a peak taken while other processes were
+    busy would understate the machine and inflate the utilisation."""
     cfg = QUICK if quick else FULL
     if precision == "no":
         return matmul_peak(device, cfg, "fp32")["gflops"], "fp32"
@@ -421,6 +424,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         model = build_bench_model(task, fusion, vision, text, kwargs, settings.max_text_len,
                                   features.stats(task.train, False), image_dim=features.image_dim).to(device)
     step = RowStep(model, view, settings, precision, device, args.seed)
+    peaks = [peak_gflops(device, precision, args.quick)]  # at the start and at the end: the best of the two
     for _ in range(args.warmup):
         step()
     if device.type == "cuda":
@@ -429,7 +433,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     peak_memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     profiled = breakdown(profile_steps(step, args.steps, device), args.steps, device.type == "cuda")
     flops = step_flops(model, step.batch())
-    peak, peak_kind = peak_gflops(device, precision, args.quick)
+    peaks.append(peak_gflops(device, precision, args.quick))
+    peak, peak_kind = max(peaks)
     step_s = statistics.median(seconds)
     achieved = flops / step_s / 1e12
     return {
@@ -448,6 +453,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "achieved_tflops": achieved,
         "peak_tflops": peak / 1e3,
         "peak_kind": peak_kind,
+        "peak_tflops_start_end": [gflops / 1e3 for gflops, _ in peaks],
         "utilisation": achieved / (peak / 1e3),
         "peak_memory_mib": peak_memory,
     }
