@@ -1,8 +1,8 @@
 """Two gloo processes (torchrun) against one: every task x fusion trains, the same losses and learning
 rates step for step, a NaN on one process stops both, and a 2-process evaluation prints the 1-process scores.
 
-One launch trains every job of :data:`JOBS` (``run_jobs.py``); the one-process references run
-in the test process.
+One launch (``run_jobs.py``) trains every job of :func:`launched`, then runs ``fusionzoo eval`` on some
+of the trained models; the one-process references, training and evaluation, run in the test process.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from fusionzoo.cli import main as fusionzoo
 from fusionzoo.registry import FUSIONS
 from fusionzoo.training.config import load_config
 from fusionzoo.training.pretrain import pretrain, pretrain_base_config
@@ -40,6 +41,13 @@ EQUAL_RETRIEVAL = ("merged_transformer", "albef")
 STREAMED = ("albef", "co_attention")
 QUIET = ["vision=tiny", "text=tiny", "log_with=none", "log_every=1", "seed=1"]
 NO_DROPOUT = ["fusion_kwargs.dropout=0.0", "head_kwargs.dropout=0.0"]
+#: Retrieval models that ``fusionzoo eval`` scores on 2 processes and on 1: one aligning itself, one through
+#: an Alignment. The 2-process evaluations run in the launch that trained them.
+EVAL_RETRIEVAL = ("co_attention", "albef")
+#: ``fusionzoo eval`` options: VQA on the test split (37 questions at batch 8: the last batch is padded),
+#: retrieval on 11 train images at batch 4 (padded too), ITM reranking in batches of 7.
+VQA_EVAL = ["split=test", "eval_batch_size=8"]
+RETRIEVAL_EVAL = ["split=train", "max_eval_samples=11", "eval_batch_size=4", "rerank_k=5", "rerank_batch_size=7"]
 
 
 def _free_port() -> int:
@@ -109,9 +117,18 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def _evals(out: Path) -> dict[str, list[str]]:
+    """The launch's evaluations by name, each its ``fusionzoo`` arguments (retrieval also saves its scores)."""
+    evals = {"eval-vqa-early_concat": ["eval", str(out / "vqa-early_concat"), *VQA_EVAL]}
+    for fusion in EVAL_RETRIEVAL:
+        name = f"eval-retrieval-{fusion}"
+        evals[name] = ["eval", str(out / f"retrieval-{fusion}"), *RETRIEVAL_EVAL, f"results={out / name}.npz"]
+    return evals
+
+
 @pytest.fixture(scope="module")
 def launched(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One 2-process launch: every task x registered fusion for 3 steps, then the equality jobs."""
+    """One 2-process launch: every task x registered fusion for 3 steps, the equality jobs, then evaluations."""
     out = tmp_path_factory.mktemp("ddp-runs")
     jobs = [{"kind": "train", "overrides": _pair_args(task, fusion, data, out / f"{task}-{fusion}")}
             for task in TASKS for fusion in FUSIONS.list() if fusion in BUILT_IN]
@@ -123,6 +140,7 @@ def launched(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
              for fusion in EQUAL_RETRIEVAL]
     jobs += [{"kind": "pretrain", "overrides": _streamed_pretrain_args(fusion, data, out / f"streamed-{fusion}", 4, 0)}
              for fusion in STREAMED]
+    jobs += [{"kind": "cli", "argv": argv, "stdout": str(out / name)} for name, argv in _evals(out).items()]
     (out / "jobs.json").write_text(json.dumps(jobs))
     result = _torchrun(str(HERE / "run_jobs.py"), str(out / "jobs.json"), timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -248,38 +266,38 @@ def test_nan_on_one_process_stops_both_with_one_checkpoint(data: Path, tmp_path:
     assert elapsed < 120, f"took {elapsed:.0f} s: a process waited for the other"
 
 
-def test_two_process_eval_prints_the_one_process_scores(launched: Path) -> None:
-    run = launched / "vqa-early_concat"
-    args = ["eval", str(run), "split=test", "eval_batch_size=8"]
-    two = _torchrun("-m", "fusionzoo", *args)
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "fusionzoo", *args], capture_output=True, text=True, timeout=300,
-                         env=ENV)
-    assert one.returncode == 0, one.stderr[-3000:]
-    lines_two = [line for line in two.stdout.splitlines() if line.startswith("{")]
-    assert len(lines_two) == 1  # printed by the main process only
-    scores_two, scores_one = json.loads(lines_two[0]), json.loads(one.stdout.strip().splitlines()[-1])
+def _printed_by_the_launch(launched: Path, name: str) -> dict:
+    """The scores evaluation ``name`` of the launch printed: one JSON line, on the main process only."""
+    printed = [[line for line in (launched / f"{name}.rank{rank}").read_text().splitlines() if line.startswith("{")]
+               for rank in (0, 1)]
+    assert len(printed[0]) == 1 and printed[1] == [], printed
+    return json.loads(printed[0][0])
+
+
+def _printed_by_one_process(argv: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
+    capsys.readouterr()
+    assert fusionzoo(argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_two_process_eval_prints_the_one_process_scores(launched: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    scores_two = _printed_by_the_launch(launched, "eval-vqa-early_concat")
+    scores_one = _printed_by_one_process(["eval", str(launched / "vqa-early_concat"), *VQA_EVAL], capsys)
     assert scores_one["num_samples"] == scores_two["num_samples"] == 37  # padding duplicates dropped
     assert set(scores_one) == set(scores_two) == {"accuracy", "loss", "num_samples"}
     assert scores_two["accuracy"] == scores_one["accuracy"]
     assert scores_two["loss"] == pytest.approx(scores_one["loss"], rel=1e-6)
 
 
-@pytest.mark.parametrize("fusion", ["co_attention", "albef"])
-def test_two_process_retrieval_eval_equals_one_process(launched: Path, tmp_path: Path, fusion: str) -> None:
+@pytest.mark.parametrize("fusion", EVAL_RETRIEVAL)
+def test_two_process_retrieval_eval_equals_one_process(launched: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str], fusion: str) -> None:
     """Images sharded and gathered, each process reranks its share of the queries: the same scores."""
-    run = launched / f"retrieval-{fusion}"
-    files = {n: tmp_path / f"{n}.npz" for n in ("one", "two")}
-    args = ["eval", str(run), "split=train", "max_eval_samples=11", "eval_batch_size=4", "rerank_k=5",
-            "rerank_batch_size=7"]
-    two = _torchrun("-m", "fusionzoo", *args, f"results={files['two']}")
-    assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "fusionzoo", *args, f"results={files['one']}"], capture_output=True,
-                         text=True, timeout=300, env=ENV)
-    assert one.returncode == 0, one.stderr[-3000:]
-    lines_two = [line for line in two.stdout.splitlines() if line.startswith("{")]
-    assert len(lines_two) == 1
-    scores_two, scores_one = json.loads(lines_two[0]), json.loads(one.stdout.strip().splitlines()[-1])
+    name = f"eval-retrieval-{fusion}"
+    files = {"one": tmp_path / "one.npz", "two": launched / f"{name}.npz"}
+    scores_two = _printed_by_the_launch(launched, name)
+    scores_one = _printed_by_one_process(["eval", str(launched / f"retrieval-{fusion}"), *RETRIEVAL_EVAL,
+                                          f"results={files['one']}"], capsys)
     assert scores_one["num_images"] == scores_two["num_images"] == 11  # 11 images: the last batch is padded
     recalls = [k for k in scores_one if k.endswith(("_r1", "_r5", "_r10", "r_mean"))]
     assert len(recalls) == 14 and {k: scores_two[k] for k in recalls} == {k: scores_one[k] for k in recalls}
@@ -287,8 +305,8 @@ def test_two_process_retrieval_eval_equals_one_process(launched: Path, tmp_path:
 
     with np.load(files["one"]) as a, np.load(files["two"]) as b:
         assert a["image_ids"].tolist() == b["image_ids"].tolist()
-        for name in ("i2t", "t2i", "itc_i2t", "itc_t2i"):
-            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-5)
+        for key in ("i2t", "t2i", "itc_i2t", "itc_t2i"):
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-5)
 
 
 def test_accelerate_launch_with_the_cpu_config_starts_two_processes(data: Path, tmp_path: Path) -> None:
