@@ -83,42 +83,63 @@ def _command(setup: dict[str, Path], processes: int) -> list[str]:
     return [*launcher, "-m", "fusionzoo", "--import", str(setup["plugin"]), "train"]
 
 
-def _interrupt_then_resume(setup: dict[str, Path], out: Path, processes: int, sig: signal.Signals) -> None:
-    args = _args(setup, out, 8 // processes)
+def _last_step_logged(log: Path) -> int:
+    """The last step in ``log`` so far (0 before the first); a line still being written is not read."""
+    lines = log.read_text().split("\n")[:-1] if log.is_file() else []
+    return max((json.loads(x)["step"] for x in lines if '"train/loss"' in x), default=0)
+
+
+def _interrupt(setup: dict[str, Path], out: Path, processes: int, sig: signal.Signals, at_step: int,
+               resume: bool = False) -> int:
+    """Start (or resume) the run, send ``sig`` once it has logged step ``at_step``; the step it stopped at.
+
+    The run must stop with the resume hint and no ``final/``, having saved one checkpoint more.
+    """
+    args = [*_args(setup, out, 8 // processes), *(["resume=auto"] if resume else [])]
+    before = sorted((out / "checkpoints").iterdir()) if resume else []
     proc = subprocess.Popen([*_command(setup, processes), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=ENV)
-    deadline = time.time() + 120
-    log = out / "train_log.jsonl"
-    while proc.poll() is None and time.time() < deadline:  # wait for step 5 of 24
-        if log.is_file() and len([x for x in log.read_text().splitlines() if '"train/loss"' in x]) >= 5:
-            break
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline and _last_step_logged(out / "train_log.jsonl") < at_step:
         time.sleep(0.02)
     proc.send_signal(sig)  # to the single process, or to torchrun, which passes it to both workers
-    _, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=240)
     assert proc.returncode != 0, stderr[-3000:]
     if processes == 1:
         assert proc.returncode == 130
     assert "interrupted at step" in stderr and "continue with resume=auto" in stderr, stderr[-3000:]
+    if resume:
+        assert f"resume=auto: continuing from {before[-1]}" in stdout
     assert not (out / "final").exists()
     checkpoints = sorted((out / "checkpoints").iterdir())
-    assert len(checkpoints) == 1
-    stopped_at = json.loads((checkpoints[0] / "progress.json").read_text())["step"]
-    assert 5 <= stopped_at < STEPS
+    assert len(checkpoints) == len(before) + 1 and checkpoints[:-1] == before
+    stopped_at = json.loads((checkpoints[-1] / "progress.json").read_text())["step"]
+    assert at_step <= stopped_at < STEPS
+    return stopped_at
 
-    resumed = subprocess.run([*_command(setup, processes), *args, "resume=auto"], capture_output=True, text=True,
-                             timeout=300, env=ENV)
+
+def _resume(setup: dict[str, Path], out: Path, processes: int, stops: list[int]) -> dict[int, dict[str, float]]:
+    """Resume the run stopped at ``stops`` (one step a stop) to its end; its training log by step."""
+    last = sorted((out / "checkpoints").iterdir())[-1]
+    resumed = subprocess.run([*_command(setup, processes), *_args(setup, out, 8 // processes), "resume=auto"],
+                             capture_output=True, text=True, timeout=300, env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resume=auto: continuing from {checkpoints[0]}" in resumed.stdout
-    events = [json.loads(x) for x in log.read_text().splitlines() if '"event"' in x]
-    assert [e["event"] for e in events] == ["start", "resume"] and events[1]["step"] == stopped_at
-    assert events[0]["run_id"] == events[1]["run_id"]
+    assert f"resume=auto: continuing from {last}" in resumed.stdout
+    events = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines() if '"event"' in x]
+    assert [e["event"] for e in events] == ["start"] + ["resume"] * len(stops)
+    assert [e["step"] for e in events[1:]] == stops
+    assert len({e["run_id"] for e in events}) == 1
+    return train_log(out)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_one_process_interrupted_and_resumed_equals_the_uninterrupted_run(
-        setup: dict[str, Path], reference: dict[int, dict[str, float]], tmp_path: Path, sig: signal.Signals) -> None:
-    _interrupt_then_resume(setup, tmp_path / "run", 1, sig)
-    resumed = train_log(tmp_path / "run")
+def test_one_process_interrupted_by_sigint_and_by_sigterm_resumes_to_the_uninterrupted_run(
+        setup: dict[str, Path], reference: dict[int, dict[str, float]], tmp_path: Path) -> None:
+    """Stopped by SIGINT (Ctrl-C) at step 5 or later, resumed and stopped again by SIGTERM 3 steps on, resumed
+    to the end: each stop exits 130 with one checkpoint more, and the losses are the uninterrupted run's."""
+    out = tmp_path / "run"
+    first = _interrupt(setup, out, 1, signal.SIGINT, 5)
+    second = _interrupt(setup, out, 1, signal.SIGTERM, first + 3, resume=True)
+    resumed = _resume(setup, out, 1, [first, second])
     assert sorted(resumed) == sorted(reference) == list(range(1, STEPS + 1))
     for step in reference:
         assert resumed[step]["train/loss"] == pytest.approx(reference[step]["train/loss"], rel=1e-5), step
@@ -126,8 +147,9 @@ def test_one_process_interrupted_and_resumed_equals_the_uninterrupted_run(
 
 def test_two_processes_stop_together_and_resume_to_the_uninterrupted_run(
         setup: dict[str, Path], reference: dict[int, dict[str, float]], tmp_path: Path) -> None:
-    _interrupt_then_resume(setup, tmp_path / "run", 2, signal.SIGTERM)  # a cluster's preemption
-    resumed = train_log(tmp_path / "run")
+    out = tmp_path / "run"
+    stopped_at = _interrupt(setup, out, 2, signal.SIGTERM, 5)  # a cluster's preemption
+    resumed = _resume(setup, out, 2, [stopped_at])
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step in reference:
         assert resumed[step]["train/loss"] == pytest.approx(reference[step]["train/loss"], rel=1e-5), step
