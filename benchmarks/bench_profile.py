@@ -271,8 +271,9 @@ def breakdown(events: Any, steps: int, on_cuda: bool) -> dict[str, Any]:
             phase = PHASES[1] if marks[FORWARD].holds(start) else PHASES[2] if marks[BACKWARD].holds(start) \
                 else PHASES[4]
             category = CATEGORIES[-1] if e.name in (STEP, FORWARD, BACKWARD) else op_category(e.name)
-        if e.name in (STEP, GATHER, FORWARD, BACKWARD, CLIP):
-            between_us += spent  # the marks' own time: Python and bookkeeping between the ops
+        if e.name in (STEP, GATHER, FORWARD, BACKWARD, CLIP):  # a mark, not an op
+            if category == CATEGORIES[-1]:
+                between_us += spent  # its own time: Python and bookkeeping between the ops
         else:
             ops[e.name][0] += 1
             ops[e.name][1] += spent
