@@ -1,7 +1,8 @@
 """The Accelerate training loop end to end, on easy-VQA with tiny encoders.
 
-These run the real command line in subprocesses: resume after SIGKILL, eval and
-predict on the saved model. Two processes against one: test_distributed.py.
+A run killed with SIGKILL and its resume, and a predict on the saved model, run the real
+command line in subprocesses; the models they start from or compare with train in the test
+process. Two processes against one: test_distributed.py.
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ def _losses(run: Path) -> dict[int, float]:
 
 
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
+    from fusionzoo.training.trainer import train
+
     args = [*COMMON, "max_steps=20", "save_every=3", "max_eval_samples=100"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    ref = _fusionzoo("train", *args, f"output_dir={straight}")
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    final_straight = train(load_config(None, [*args, f"output_dir={straight}"]))  # what `fusionzoo train` prints
 
     proc = subprocess.Popen([sys.executable, "-m", "fusionzoo", "train", *args, f"output_dir={killed}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
@@ -66,9 +68,8 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
     assert sorted(a) == sorted(b) == list(range(1, 21))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), f"step {step}"
-    final_a = json.loads(resumed.stdout.strip().splitlines()[-1])
-    final_b = json.loads(ref.stdout.strip().splitlines()[-1])
-    assert final_a["accuracy"] == pytest.approx(final_b["accuracy"])
+    final_resumed = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert final_resumed["accuracy"] == pytest.approx(final_straight["accuracy"])
     # Only the last keep_last (2) checkpoints remain, all complete.
     ckpts = sorted(p.name for p in (killed / "checkpoints").iterdir())
     assert ckpts == ["step-00000018", "step-00000020"], (ckpts, resumed.stdout[-2000:], resumed.stderr[-2000:])
@@ -76,10 +77,12 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path) -> None:
     assert run["config"]["max_steps"] == 20 and "torch" in run["versions"]
 
 
-def test_predict_on_saved_model(tmp_path: Path) -> None:
+def test_predict_on_saved_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fusionzoo.cli import main
+    from fusionzoo.training.trainer import train
+
     out = tmp_path / "run"
-    trained = _fusionzoo("train", *COMMON, "max_steps=2", "max_eval_samples=32", f"output_dir={out}")
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    train(load_config(None, [*COMMON, "max_steps=2", "max_eval_samples=32", f"output_dir={out}"]))
     from fusionzoo.data.vqa import load_easy_vqa
 
     data = load_easy_vqa(splits=["test"])
@@ -88,8 +91,9 @@ def test_predict_on_saved_model(tmp_path: Path) -> None:
     result = _fusionzoo("predict", str(out), "--image", row["image_path"], "--question", row["question"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() in answers
-    missing = _fusionzoo("predict", str(out), "--image", str(tmp_path / "nope.png"), "--question", "what?")
-    assert missing.returncode == 2 and "cannot read image" in missing.stderr
+    capsys.readouterr()
+    assert main(["predict", str(out), "--image", str(tmp_path / "nope.png"), "--question", "what?"]) == 2
+    assert "cannot read image" in capsys.readouterr().err
 
 
 NAN_FUSION = '''
