@@ -64,6 +64,9 @@ class BenchConfig:
         train_encoders: 0 = frozen encoders; N > 0 = fine-tune the last N blocks of both encoders
             with every row (each row its own copy; the cache keeps the inputs of those blocks;
             VQA and classification tasks only; meant for a GPU): :mod:`fusionzoo.bench.tails`.
+        compile: ``torch.compile`` every row's trained modules for its training steps
+            (:class:`~fusionzoo.training.step.CompiledModules`; eager where compiling fails, with a
+            warning); the seconds spent compiling are left out of a row's ``train_seconds``.
         shard: ``"I/N"``: run only the I-th of N disjoint parts of the run's rows x seeds (whole
             rows with ``tune``) and write that part to ``out``; ``fusionzoo bench merge`` makes the
             report of the N parts (:mod:`fusionzoo.bench.shards`). None = the whole run.
@@ -94,6 +97,7 @@ class BenchConfig:
     tune: bool = False
     tune_grid: dict[str, list[Any]] | None = None
     train_encoders: int = 0
+    compile: bool = False
     shard: str | None = None
     progress: bool = True
 

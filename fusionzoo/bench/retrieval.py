@@ -322,7 +322,7 @@ def run_retrieval_row(task: BenchTask, fusion: str, settings: Any, features: Fea
     else:
         kwargs = dict(fusion_kwargs) if fusion_kwargs is not None else fusion_kwargs_for(fusion, task.name)
     feature_stats = features.stats(task.train, False)
-    per_seed, seconds, throughput, memory, losses, scores = [], [], [], [], [], {}
+    per_seed, seconds, throughput, memory, losses, compiling, scores = [], [], [], [], [], [], {}
     params = (0, 0)
     model = None
     for seed in seeds:
@@ -342,8 +342,11 @@ def run_retrieval_row(task: BenchTask, fusion: str, settings: Any, features: Fea
         throughput.append(queries_per_second)
         memory.append(peak.peak_mb)
         losses.append(stats.final_loss)
+        compiling.append(stats.compile_seconds)
     metrics = mean_metrics(per_seed)
     metrics["final_train_loss"] = float(np.mean(losses))
+    if settings.compile:  # torch.compile's own seconds, left out of train_seconds
+        metrics["compile_seconds"] = float(np.mean(compiling))
     if len(seeds) > 1:
         metrics["per_seed"] = [{"seed": s, **m} for s, m in zip(seeds, per_seed)]
     config_settings = asdict(settings)

@@ -103,7 +103,7 @@ def run_prediction_row(task: BenchTask, fusion: str, settings: TrainSettings, fe
     # Captioning: predict only the tokens of the training captions (their [SEP] end token included).
     task_object = get_task(task.task)
     head_kwargs = {"output_ids": features.token_ids(task.train, True)} if task_object.generates_text else None
-    per_seed, seconds, throughput, memory, losses = [], [], [], [], []
+    per_seed, seconds, throughput, memory, losses, compiling = [], [], [], [], [], []
     params = (0, 0)
     answers = None  # VQA with official question ids: the first seed's answers, for the results file
     trained = features.train_encoders  # --train-encoders N: last blocks each model trains
@@ -146,9 +146,12 @@ def run_prediction_row(task: BenchTask, fusion: str, settings: TrainSettings, fe
         throughput.append(len(test_view) / max(eval_seconds, 1e-9))
         memory.append(peak.peak_mb)
         losses.append(train_stats.final_loss)
+        compiling.append(train_stats.compile_seconds)
         del model
     metrics = mean_metrics(per_seed)
     metrics["final_train_loss"] = float(np.mean(losses))
+    if settings.compile:  # torch.compile's own seconds, left out of train_seconds
+        metrics["compile_seconds"] = float(np.mean(compiling))
     if len(seeds) > 1:
         metrics["per_seed"] = [{"seed": s, **{k: v for k, v in m.items() if not isinstance(v, dict)}}
                                for s, m in zip(seeds, per_seed)]
@@ -187,9 +190,12 @@ def combine_seed_rows(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     if len(rows) == 1:
         return first
     seeds = [row["seeds"][0] for row in rows]
-    per_seed = [{k: v for k, v in row["metrics"].items() if k != "final_train_loss"} for row in rows]
+    costs = ("final_train_loss", "compile_seconds")  # means over the seeds, no spread, not per seed
+    per_seed = [{k: v for k, v in row["metrics"].items() if k not in costs} for row in rows]
     metrics = mean_metrics(per_seed)
-    metrics["final_train_loss"] = float(np.mean([row["metrics"]["final_train_loss"] for row in rows]))
+    for name in costs:
+        if name in first["metrics"]:
+            metrics[name] = float(np.mean([row["metrics"][name] for row in rows]))
     metrics["per_seed"] = [{"seed": s, **{k: v for k, v in m.items() if not isinstance(v, dict)}}
                            for s, m in zip(seeds, per_seed)]
     combined = {**first, "metrics": metrics, "seeds": seeds,

@@ -193,7 +193,7 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
         echo(f"feature cache: {cache.hits} hits, {cache.misses} misses -- extracted in "
              f"{cache.extraction_seconds:.1f}s, stored in {cache.root}")
 
-    work = [(t, fusion, settings_for(task.name, fusion, config.epochs, config.quick))
+    work = [(t, fusion, replace(settings_for(task.name, fusion, config.epochs, config.quick), compile=config.compile))
             for t, task in enumerate(tasks) for fusion in task_rows(task, fusions)]
     context = dict(image_size=image_size, image_grid=image_grid, image_stage=suite.image_stage,
                    image_positions=suite.image_positions, eval_split=config.eval_split,

@@ -212,6 +212,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                         "so only they run per step: meant for a GPU. VQA and classification tasks only (easy-vqa, "
                         "coco-yesno, coco-match, vqav2, flickr30k-match), not captioning, retrieval or "
                         "sort-of-clevr (its stage-2 features lie before the last blocks) (default: 0, frozen)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each row's fusion and head for its training steps (eager again, with one "
+                        "warning, where compiling fails); train seconds leave the compile time out and results.json "
+                        "gives it per row (default: eager)")
     p.add_argument("--shard", metavar="I/N",
                    help="run only the I-th of N disjoint parts of the run (its rows x seeds; whole rows with --tune, "
                         "trials included) and write that part to --out: run every part with the same options (on "
@@ -295,7 +299,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         image_grid=args.image_grid, jobs=args.jobs, eval_split=args.eval_split, vision=args.vision, text=args.text,
         max_train=args.max_train, max_test=args.max_test,
         progress=not args.no_progress, vision_weights=args.vision_weights, tune=args.tune or args.tune_grid is not None,
-        tune_grid=args.tune_grid, train_encoders=args.train_encoders, shard=args.shard,
+        tune_grid=args.tune_grid, train_encoders=args.train_encoders, shard=args.shard, compile=args.compile,
     )
     try:
         run_bench(config)

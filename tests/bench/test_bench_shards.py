@@ -15,6 +15,8 @@ from fusionzoo.cli import main
 
 #: What may differ between a run and its merged parts: how long things took, and where.
 TIMING_KEYS = ("train_seconds", "eval_samples_per_second", "peak_memory_mb")
+#: The tests' tiny encoders, every token: what is checked is the splitting, not the scores.
+TINY = ["--vision", "tiny", "--text", "tiny", "--image-grid", "0"]
 
 
 def test_parse_shard() -> None:
@@ -73,10 +75,9 @@ def _table_scores(out: Path) -> list[str]:
             if line.startswith("| ")]
 
 
-@pytest.mark.slow
 def test_two_shards_merged_give_the_report_of_one_run(tmp_path: Path, capsys) -> None:
     cache = tmp_path / "cache"
-    base = ["bench", "--suite", "easy-vqa", "--quick", "--no-progress", "--cache-dir", str(cache),
+    base = ["bench", "--suite", "easy-vqa", "--quick", *TINY, "--no-progress", "--cache-dir", str(cache),
             "--mixed-precision", "no", "--fusions", "early_concat,text_only", "--seeds", "2", "--jobs", "1"]
     assert main([*base, "--out", str(tmp_path / "whole")]) == 0
     for i in (1, 2):
@@ -116,10 +117,9 @@ def test_two_shards_merged_give_the_report_of_one_run(tmp_path: Path, capsys) ->
     assert not (tmp_path / "bad").exists()  # a refused merge writes nothing
 
 
-@pytest.mark.slow
 def test_tuned_run_in_shards(tmp_path: Path, capsys) -> None:
     # --tune: a part holds whole rows, tuned in that part on the validation split.
-    base = ["bench", "--suite", "easy-vqa", "--quick", "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+    base = ["bench", "--suite", "easy-vqa", "--quick", *TINY, "--no-progress", "--cache-dir", str(tmp_path / "cache"),
             "--mixed-precision", "no", "--fusions", "early_concat,text_only", "--tune-grid", "lr=1e-3,3e-3",
             "--jobs", "1"]
     assert main([*base, "--out", str(tmp_path / "whole")]) == 0
