@@ -24,6 +24,41 @@ atexit.register(shutil.rmtree, _FEATURE_CACHE, True)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+#: Test modules whose module-scoped fixtures take seconds to build (a training launch, a trained model,
+#: a METEOR process). Under ``pytest -n 2`` each runs on one worker: split over both, each worker would
+#: build them again.
+SHARED_FIXTURE_MODULES = frozenset({
+    "tests/training/test_distributed.py",
+    "tests/training/test_feature_cache_training.py",
+    "tests/training/test_pretrain.py",
+    "tests/training/test_interrupt.py",
+    "tests/training/test_compile.py",
+    "tests/test_perf_benchmark.py",
+    "tests/test_bench_profile.py",
+    "tests/tasks/test_caption_eval.py",
+    "tests/tasks/test_retrieval.py",
+    "tests/commands/test_retrieve.py",
+    "tests/bench/test_bench_train_encoders.py",
+})
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """``-n N``'s test-by-test load balancing, each module of :data:`SHARED_FIXTURE_MODULES` one unit.
+
+    (xdist's own ``--dist loadgroup`` marks tests by rewriting their node ids, which pytest 9 ignores.)
+    The units with the most tests, these modules, are handed out first.
+    """
+    if config.getvalue("dist") != "load":
+        return None  # --dist loadfile, each, ...: as asked
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in SHARED_FIXTURE_MODULES else nodeid
+
+    return SharedFixtureScheduling(config, log)
 
 
 @pytest.fixture(autouse=True, scope="session")
