@@ -37,6 +37,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .alignment import Alignment
+from .decoding import Decoded, DecodingOptions, beam_search
 from .encoders import TextEncoder, VisionEncoder
 from .fusions.base import FusionModule, FusionOutput
 from .layers import KVCache
@@ -325,6 +326,32 @@ class FusionModel(nn.Module):
             return torch.sigmoid(self.match_states(*self._text_batch(texts), image))
 
     # -- inference: VQA and classification ------------------------------------
+    @property
+    def output_names(self) -> list[str]:
+        """What each of the head's outputs stands for: :attr:`vocabulary`, or an ITM head's labels."""
+        return list(self.vocabulary or getattr(self.head, "labels", ()))
+
+    def choice_logits(self, images: Sequence[Image.Image], texts: Sequence[str]) -> Tensor:
+        """(B, C) float32 logits over :attr:`output_names` of B image-text pairs (eval mode, no gradients).
+
+        Args:
+            images: B PIL images (any mode; converted to RGB).
+            texts: B questions or texts.
+        """
+        if self.head.causal:
+            raise TypeError(f"a {self.task} model writes text; use generate(images) instead of predict")
+        if len(images) != len(texts):
+            raise ValueError(f"got {len(images)} images but {len(texts)} texts; predict takes one text per image")
+        if not len(images):
+            return torch.empty(0, len(self.output_names), device=self.device)
+        with _eval_mode(self):
+            batch = self.text.tokenize(list(texts), max_length=self.max_text_len)
+            return self(
+                pixel_values=self._pixels(images),  # (B, 3, H, W)
+                input_ids=batch["input_ids"].to(self.device),
+                attention_mask=batch["attention_mask"].to(self.device),
+            ).logits.float()  # (B, C)
+
     def predict(self, images: Sequence[Image.Image], texts: Sequence[str]) -> list[str]:
         """The most likely answer / label for each image-text pair (eval mode, no gradients).
 
@@ -332,94 +359,57 @@ class FusionModel(nn.Module):
             images: B PIL images (any mode; converted to RGB).
             texts: B questions or texts.
         Returns:
-            B strings from :attr:`vocabulary`.
+            B strings from :attr:`output_names`.
         """
-        if self.head.causal:
-            raise TypeError(f"a {self.task} model writes text; use generate(images) instead of predict")
-        if len(images) != len(texts):
-            raise ValueError(f"got {len(images)} images but {len(texts)} texts; predict takes one text per image")
-        if not len(images):
-            return []
-        with _eval_mode(self):
-            pixel_values = self.vision.preprocess(list(images)).to(self.device, self.dtype)  # (B, 3, H, W)
-            batch = self.text.tokenize(list(texts), max_length=self.max_text_len)
-            logits = self(
-                pixel_values=pixel_values,
-                input_ids=batch["input_ids"].to(self.device),
-                attention_mask=batch["attention_mask"].to(self.device),
-            ).logits  # (B, C)
-        vocabulary = self.vocabulary or list(getattr(self.head, "labels", ()))  # ITM: "no match" / "match"
-        return [vocabulary[i] for i in logits.argmax(dim=-1).tolist()]
+        names = self.output_names
+        return [names[i] for i in self.choice_logits(images, texts).argmax(dim=-1).tolist()]
 
     # -- inference: captioning ------------------------------------------------
-    def generate(
-        self,
-        images: Sequence[Image.Image],
-        max_new_tokens: int = 20,
-        num_beams: int = 1,
-        use_cache: bool = True,
-        length_penalty: float = 1.0,
-    ) -> list[str]:
-        """Caption images: greedy (``num_beams=1``) or beam search; see :meth:`generate_ids`.
+    def generate(self, images: Sequence[Image.Image], use_cache: bool = True, **decoding: Any) -> list[str]:
+        """Caption images: greedy (``num_beams=1``) or beam search; ``decoding``: the
+        :class:`~fusionzoo.decoding.DecodingOptions` (``max_new_tokens``, ``num_beams``, ...).
 
         Returns:
             one caption per image, special tokens removed.
         """
         if not len(images):
             return []
-        pixel_values = self.vision.preprocess(list(images))  # (B, 3, H, W)
-        ids = self.generate_ids(
-            pixel_values,
-            max_new_tokens=max_new_tokens,
-            num_beams=num_beams,
-            use_cache=use_cache,
-            length_penalty=length_penalty,
-        )
-        captions = self.text.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)
-        return [c.strip() for c in captions]
+        ids = self.generate_ids(self.vision.preprocess(list(images)), use_cache=use_cache, **decoding)
+        return [c.strip() for c in self.text.tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)]
 
-    def generate_ids(
-        self,
-        pixel_values: Tensor | None = None,
-        *,
-        image_states: Tensor | None = None,
-        image_mask: Tensor | None = None,
-        max_new_tokens: int = 20,
-        num_beams: int = 1,
-        use_cache: bool = True,
-        length_penalty: float = 1.0,
-    ) -> Tensor:
-        """Caption token ids by beam search (greedy decoding is the one-beam case).
+    def generate_ids(self, pixel_values: Tensor | None = None, *, image_states: Tensor | None = None,
+                     image_mask: Tensor | None = None, use_cache: bool = True, **decoding: Any) -> Tensor:
+        """(B, 1 + L) long caption token ids: :meth:`decode`'s ``ids``."""
+        return self.decode(pixel_values, image_states=image_states, image_mask=image_mask, use_cache=use_cache,
+                           **decoding).ids
 
-        The image is encoded once. Each step scores the next token of every beam;
-        a beam that produced EOS ([SEP]) is finished and only extends with padding
-        at no cost. Beams are ranked by ``sum log p / length ** length_penalty``
-        (length = generated tokens, EOS included), which for unfinished beams of
-        equal length is the plain sum, so one beam is exactly greedy decoding.
+    def decode(self, pixel_values: Tensor | None = None, *, image_states: Tensor | None = None,
+               image_mask: Tensor | None = None, use_cache: bool = True, **decoding: Any) -> Decoded:
+        """Captions by :func:`~fusionzoo.decoding.beam_search`, with their scores.
 
-        With ``use_cache`` the text encoder keeps its HF ``past_key_values`` and the
-        fusion its :class:`~fusionzoo.layers.KVCache`, so each step processes one new
-        position; without it the whole prefix is recomputed each step. Both give
+        The image is encoded once. With ``use_cache`` the text encoder keeps its HF
+        ``past_key_values`` and the fusion its :class:`~fusionzoo.layers.KVCache`, so each step
+        processes one new position; without it the whole prefix is recomputed each step. Both give
         the same tokens (up to float rounding in near-ties).
 
         Args:
             pixel_values: (B, 3, H, W) preprocessed images, or
             image_states: (B, N, Di) precomputed image tokens.
             image_mask: (B, N) bool, True = real image token; None = all real.
-            max_new_tokens: most tokens generated after [CLS].
-            num_beams: beams per image; 1 = greedy.
             use_cache: reuse past keys/values instead of recomputing the prefix.
-            length_penalty: exponent of the length normalisation (> 0 favours longer captions).
+            decoding: the fields of :class:`~fusionzoo.decoding.DecodingOptions` (``num_beams``,
+                ``max_new_tokens``, ``min_new_tokens``, ``length_penalty``, ``no_repeat_ngram_size``,
+                ``repetition_penalty``), with the meanings transformers gives them.
         Returns:
-            (B, 1 + L) long: [CLS], the caption, [SEP] and padding after it.
+            :class:`~fusionzoo.decoding.Decoded`: ids (B, 1 + L) -- [CLS], the caption, [SEP] and
+            padding after it -- and each caption's score (B,).
         """
         if not self.head.causal:
             raise TypeError(f"a {self.task} model does not write text; use predict(images, texts)")
-        if num_beams < 1 or max_new_tokens < 1:
-            raise ValueError(f"need num_beams >= 1 and max_new_tokens >= 1, got {num_beams} and {max_new_tokens}")
-        if max_new_tokens + 1 > self.text.max_length:
+        options = DecodingOptions(**decoding)
+        if options.max_new_tokens + 1 > self.text.max_length:
             raise ValueError(
-                f"max_new_tokens={max_new_tokens} plus [CLS] exceeds the {self.text.max_length} positions "
+                f"max_new_tokens={options.max_new_tokens} plus [CLS] exceeds the {self.text.max_length} positions "
                 "of the text encoder"
             )
         bos, eos, pad = self.text.bos_token_id, self.text.eos_token_id, self.text.pad_token_id
@@ -429,45 +419,26 @@ class FusionModel(nn.Module):
             if pixel_values is not None:
                 pixel_values = pixel_values.to(self.device, self.dtype)
             image = self.encode_image(pixel_values, image_states)  # (B, N, Di)
-            b, k, device = image.shape[0], num_beams, image.device
+            k = options.num_beams
             image = image.repeat_interleave(k, dim=0)  # (B*K, N, Di), beams of an image adjacent
             if image_mask is not None:
                 image_mask = image_mask.repeat_interleave(k, dim=0)  # (B*K, N)
-
-            ids = torch.full((b * k, 1), bos, dtype=torch.long, device=device)  # (B*K, 1)
-            scores = torch.zeros(b, k, dtype=torch.float64, device=device)  # (B, K) summed log-probabilities
-            scores[:, 1:] = float("-inf")  # all beams start identical: expand the first only
-            lengths = torch.zeros(b * k, dtype=torch.float64, device=device)  # (B*K,) tokens generated so far
-            finished = torch.zeros(b * k, dtype=torch.bool, device=device)  # (B*K,)
             cache = KVCache() if use_cache else None
-            past: Any = None
+            state: dict[str, Any] = {"past": None}
 
-            for _ in range(max_new_tokens):
-                log_probs, past = self._next_token_log_probs(ids, image, image_mask, cache, past)  # (B*K, V)
-                vocab = log_probs.shape[-1]
-                # A finished beam may only append padding, at no cost (one candidate per finished beam).
-                pad_only = torch.full_like(log_probs[:1], float("-inf"))
-                pad_only[0, pad] = 0.0
-                log_probs = torch.where(finished[:, None], pad_only, log_probs)
-                candidates = scores.reshape(b * k, 1) + log_probs  # (B*K, V)
-                new_lengths = lengths + (~finished).to(lengths.dtype)  # (B*K,)
-                ranked = candidates / new_lengths.clamp_min(1.0)[:, None] ** length_penalty  # (B*K, V)
-                best = ranked.reshape(b, k * vocab).topk(k, dim=-1).indices  # (B, K), best first
-                beam, token = best // vocab, best % vocab  # (B, K) source beam, appended token
-                rows = (torch.arange(b, device=device)[:, None] * k + beam).reshape(-1)  # (B*K,)
-                scores = candidates.reshape(b, k * vocab).gather(1, best)  # (B, K)
-                ids = torch.cat([ids[rows], token.reshape(-1, 1)], dim=1)  # (B*K, t+1)
-                lengths = new_lengths[rows]
-                finished = finished[rows] | (token.reshape(-1) == eos)
-                if cache is not None and k > 1:
+            def next_logits(ids: Tensor) -> Tensor:
+                logits, state["past"] = self._next_token_logits(ids, image, image_mask, cache, state["past"])
+                return logits
+
+            def reorder(rows: Tensor) -> None:
+                if cache is not None:
                     cache.reorder(rows)
-                    past = self.text.reorder_cache(past, rows)
-                if bool(finished.all()):
-                    break
-            # Beams are sorted by their normalised score: the first of each image is the best.
-            return ids.reshape(b, k, -1)[:, 0]  # (B, 1 + L)
+                    state["past"] = self.text.reorder_cache(state["past"], rows)
 
-    def _next_token_log_probs(
+            return beam_search(next_logits, len(image) // k, options, bos=bos, eos=eos, pad=pad,
+                               device=image.device, reorder=reorder)
+
+    def _next_token_logits(
         self,
         ids: Tensor,
         image: Tensor,
@@ -475,7 +446,7 @@ class FusionModel(nn.Module):
         cache: KVCache | None,
         past: Any,
     ) -> tuple[Tensor, Any]:
-        """Log-probabilities (B', V) of the token after ``ids`` (B', t), and the updated HF cache.
+        """Logits (B', V) float64 of the token after ``ids`` (B', t), and the updated HF cache.
 
         With a cache only the positions not yet processed are encoded and fused
         (the text encoder's HF cache length says how many were); without one the
@@ -494,7 +465,7 @@ class FusionModel(nn.Module):
         logits = self.head(last, vote=self._vote())[:, -1]  # (B', V), or (B', V') over the head's output_ids
         if hasattr(self.head, "full_vocabulary"):
             logits = self.head.full_vocabulary(logits)  # (B', V)
-        return logits.double().log_softmax(dim=-1), past
+        return logits.double(), past
 
     # -- checkpoints ----------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
