@@ -178,16 +178,25 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], device: torch.device, cfg: PerfConfig
+    fns: dict[str, Callable[[], object]], device: torch.device, cfg: PerfConfig,
+    first_calls: dict[str, float] | None = None,
 ) -> dict[str, Timing]:
     """Time several callables one call of each per round, so that load changes hit all of them.
 
     Each is warmed up ``cfg.warmup`` times first. A callable whose warmup call takes
     longer than ``cfg.slow_s`` keeps that call as its only sample. The others run
     ``cfg.repeats`` rounds, fewer when ``cfg.budget_s`` is spent (at least one).
+
+    ``first_calls`` (a dict to fill): each callable is called once before its warmup and
+    that call's seconds are stored there under its name, never a sample nor judged slow --
+    a compiled model's first call is its compilation, which would otherwise become its
+    only sample.
     """
     samples: dict[str, list[float]] = {name: [] for name in fns}
     slow: set[str] = set()
+    if first_calls is not None:
+        for name, fn in fns.items():
+            first_calls[name] = timed(fn, device)
     for name, fn in fns.items():
         for _ in range(cfg.warmup):
             seconds = timed(fn, device)
@@ -480,20 +489,24 @@ class FusionResult:
     kv_cache_speedup: float = 0.0
     memory_mb: dict[str, float] = field(default_factory=dict)
     loadavg: list[float] = field(default_factory=list)
+    #: with --compile: seconds of each step's first call (its compilation), left out of the timings
+    compile_s: dict[str, float] = field(default_factory=dict)
 
 
 def measure_training(model: nn.Module, batch: dict[str, Tensor], device: torch.device, cfg: PerfConfig,
-                     precisions: tuple[str, ...]) -> dict[str, Timing]:
-    """Training-step timings for each precision, interleaved (one optimiser, shared by both)."""
+                     precisions: tuple[str, ...], first_calls: dict[str, float] | None = None) -> dict[str, Timing]:
+    """Training-step timings for each precision, interleaved (one optimiser, shared by both);
+    ``first_calls``: as :func:`time_interleaved`'s (a compiled model's compile seconds)."""
     model.train()
     optimizer = make_adamw(model)
     steps = {p: train_step(model, batch, optimizer, device, p) for p in precisions}
-    return time_interleaved(steps, device, cfg)
+    return time_interleaved(steps, device, cfg, first_calls)
 
 
 def measure_inference(model: FusionModel, batch: dict[str, Tensor], device: torch.device, cfg: PerfConfig,
-                      precisions: tuple[str, ...]) -> dict[str, float]:
-    """Eval-mode forward samples/s (no labels, no gradients) per precision."""
+                      precisions: tuple[str, ...], first_calls: dict[str, float] | None = None) -> dict[str, float]:
+    """Eval-mode forward samples/s (no labels, no gradients) per precision; ``first_calls`` as
+    :func:`time_interleaved`'s."""
     model.eval()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
 
@@ -503,7 +516,7 @@ def measure_inference(model: FusionModel, batch: dict[str, Tensor], device: torc
                 model(**inputs)
         return run
 
-    timings = time_interleaved({p: forward(p) for p in precisions}, device, cfg)
+    timings = time_interleaved({p: forward(p) for p in precisions}, device, cfg, first_calls)
     model.train()
     return {p: cfg.batch / t.median_s for p, t in timings.items()}
 
@@ -540,12 +553,18 @@ def measure_fusion(fusion: str, device: torch.device, cfg: PerfConfig, compile_m
     result = FusionResult(fusion=fusion, params=num_params(model))
     result.train_gflop = train_flops(model, batch) / 1e9
     runnable = maybe_compile(model, compile_model)
-    timings = measure_training(runnable, batch, device, cfg, ("fp32", "bf16"))
+    compiling: dict[str, float] | None = {} if compile_model else None
+    timings = measure_training(runnable, batch, device, cfg, ("fp32", "bf16"), compiling)
     for precision, timing in timings.items():
         result.train_ms[precision] = timing.median_s * 1e3
         result.train_samples_ms[precision] = [round(s * 1e3, 1) for s in timing.samples]
+    if compiling is not None:
+        result.compile_s.update({f"train_{p}": round(s, 2) for p, s in compiling.items()})
     progress(f"  {fusion}: inference")
-    result.infer_samples_per_s = measure_inference(runnable, batch, device, cfg, ("fp32", "bf16"))
+    compiling = {} if compile_model else None
+    result.infer_samples_per_s = measure_inference(runnable, batch, device, cfg, ("fp32", "bf16"), compiling)
+    if compiling is not None:
+        result.compile_s.update({f"infer_{p}": round(s, 2) for p, s in compiling.items()})
     del runnable, model
     gc.collect()
     progress(f"  {fusion}: caption generation")
@@ -662,6 +681,10 @@ def print_table(results: list[FusionResult], memory: dict[str, Any]) -> None:
             f"{r.caption_tokens_per_s['kv_cache']:>10.1f}{r.caption_tokens_per_s['no_cache']:>8.1f}"
             f"{r.kv_cache_speedup:>6.1f}"
         )
+    for r in results:
+        if r.compile_s:  # --compile: the first calls, kept out of the columns above
+            print(f"{r.fusion}: compiling (first call, untimed) " +
+                  ", ".join(f"{key} {seconds:.1f} s" for key, seconds in r.compile_s.items()))
 
 
 def print_vilt(report: dict[str, Any]) -> None:

@@ -75,12 +75,35 @@ def test_report_prints_both_parameter_counts(quick_run: tuple[dict, dict, str]) 
 
 
 def test_compile_vilt_needs_the_compiled_comparison(capsys: pytest.CaptureFixture[str]) -> None:
-    spec = importlib.util.spec_from_file_location("perf", PERF)
-    perf = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("perf", perf)  # its dataclasses look their module up there
-    spec.loader.exec_module(perf)
+    perf = _load_perf()
     assert perf.parse_args(["--vs-vilt", "--compile", "--compile-vilt"]).compile_vilt
     for argv in (["--compile-vilt"], ["--vs-vilt", "--compile-vilt"], ["--compile", "--compile-vilt"]):
         with pytest.raises(SystemExit):
             perf.parse_args(argv)
         assert "--compile-vilt compiles ViLT" in capsys.readouterr().err
+
+
+def _load_perf():
+    spec = importlib.util.spec_from_file_location("perf", PERF)
+    perf = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("perf", perf)  # its dataclasses look their module up there
+    spec.loader.exec_module(perf)
+    return perf
+
+
+def test_first_calls_are_kept_out_of_the_samples(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiled step's first call (its compilation) is stored apart, not taken as the only sample."""
+    perf = _load_perf()
+    seconds = iter([30.0, 0.5, 0.2, 0.1, 0.3, 0.4, 0.2])  # what timed() reports, call by call
+    calls: list[str] = []
+    monkeypatch.setattr(perf, "timed", lambda fn, device: (fn(), next(seconds))[1])
+    cfg = perf.PerfConfig(warmup=1, repeats=5, budget_s=1e9, slow_s=20.0)
+    first: dict[str, float] = {}
+    timing = perf.time_interleaved({"step": lambda: calls.append("step")}, "cpu", cfg, first)["step"]
+    assert first == {"step": 30.0}
+    assert timing.samples == [0.2, 0.1, 0.3, 0.4, 0.2] and timing.median_s == 0.2 and not timing.first_counted
+    assert len(calls) == 7  # the first call, one warmup, five rounds
+    # without first_calls the same 30 s call is a slow warmup: the only sample, as before
+    seconds = iter([30.0])
+    timing = perf.time_interleaved({"step": lambda: None}, "cpu", cfg)["step"]
+    assert timing.samples == [30.0] and timing.first_counted
