@@ -43,6 +43,12 @@ class Stopwatch:
         self.seconds += time.perf_counter() - self._start
 
 
+def inputs_without_labels(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's inputs of a batch without its ``labels``: a task scoring a split computes each
+    sample's loss itself, and an unlabeled split's labels (-1) have none."""
+    return {key: value for key, value in model_inputs(batch).items() if key != "labels"}
+
+
 def logits_pass(model: Any, batches: Iterable[Mapping[str, Any]], autocast: Autocast, *,
                 inputs: Callable[[Mapping[str, Any]], dict[str, Any]] = model_inputs,
                 stopwatch: Stopwatch | None = None) -> Iterator[tuple[Mapping[str, Any], Tensor]]:
@@ -63,12 +69,13 @@ def logits_pass(model: Any, batches: Iterable[Mapping[str, Any]], autocast: Auto
 
 
 def caption_pass(model: Any, batches: Iterable[Mapping[str, Any]], autocast: Autocast, *,
-                 max_new_tokens: int, num_beams: int = 1,
-                 stopwatch: Stopwatch | None = None) -> Iterator[tuple[Mapping[str, Any], Tensor]]:
+                 max_new_tokens: int, num_beams: int = 1, stopwatch: Stopwatch | None = None,
+                 **decoding: Any) -> Iterator[tuple[Mapping[str, Any], Tensor]]:
     """``(batch, token ids)`` for each batch: the captions ``model.generate_ids`` writes (B, L)
-    from the batch's ``pixel_values`` or cached ``image_states``."""
+    from the batch's ``pixel_values`` or cached ``image_states``; ``decoding``: the other fields of
+    :class:`~fusionzoo.decoding.DecodingOptions` (``min_new_tokens``, ``length_penalty``, ...)."""
     for batch in batches:
         with stopwatch or contextlib.nullcontext(), torch.no_grad(), autocast():
             ids = model.generate_ids(batch.get("pixel_values"), image_states=batch.get("image_states"),
-                                     max_new_tokens=max_new_tokens, num_beams=num_beams)
+                                     max_new_tokens=max_new_tokens, num_beams=num_beams, **decoding)
         yield batch, ids

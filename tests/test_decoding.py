@@ -22,11 +22,7 @@ from fusionzoo.factory import create_model
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield create_model("captioning", "early_concat", "tiny", "tiny", pretrained=False,
-                       fusion_kwargs={"dim": 32}).eval()
-    torch.set_num_threads(threads)
+    return create_model("captioning", "early_concat", "tiny", "tiny", pretrained=False, fusion_kwargs={"dim": 32}).eval()
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +153,15 @@ def test_bad_options_name_the_key(model, pixels, kwargs: dict, message: str) -> 
         DecodingOptions(**kwargs)
     with pytest.raises(ConfigError, match=message):
         model.generate_ids(pixels, **kwargs)
+
+
+def test_run_config_keys_are_the_options() -> None:
+    """``fusionzoo train / eval`` keys of the same names: the same defaults, checked when the config is read."""
+    from fusionzoo.training.config import TrainConfig, load_config
+
+    assert DecodingOptions.from_config(TrainConfig()) == DecodingOptions()
+    config = load_config(None, ["num_beams=4", "length_penalty=0.6", "no_repeat_ngram_size=3", "min_new_tokens=2",
+                                "max_new_tokens=12", "repetition_penalty=1.2"])
+    assert DecodingOptions.from_config(config) == DecodingOptions(4, 12, 2, 0.6, 3, 1.2)
+    with pytest.raises(ConfigError, match="key 'min_new_tokens' \\(30\\) must not exceed max_new_tokens \\(20\\)"):
+        load_config(None, ["min_new_tokens=30"])

@@ -316,15 +316,17 @@ def predict_logits(model: FusionModel, view: FeatureView, *, batch_size: int, pr
 
 @torch.inference_mode()
 def generate_captions(model: FusionModel, view: FeatureView, *, batch_size: int, precision: str,
-                      device: torch.device, max_new_tokens: int = 20, num_beams: int = 1) -> tuple[list[str], float]:
+                      device: torch.device, max_new_tokens: int = 20, num_beams: int = 1,
+                      **decoding: Any) -> tuple[list[str], float]:
     """A caption per sample (image) of ``view`` and the seconds generation took (text encoder run live;
-    the captioning task's pass, :func:`fusionzoo.tasks.passes.caption_pass`)."""
+    the captioning task's pass, :func:`fusionzoo.tasks.passes.caption_pass`); ``decoding``: the other
+    :class:`~fusionzoo.decoding.DecodingOptions`."""
     model.eval()
     watch = Stopwatch(device)
     batches = ({"image_states": batch["image_states"]} for batch in _batches_of(view, batch_size, device))
     captions: list[str] = []
     for _, ids in caption_pass(model, batches, LocalAccelerator(precision, device).autocast,
-                               max_new_tokens=max_new_tokens, num_beams=num_beams, stopwatch=watch):
+                               max_new_tokens=max_new_tokens, num_beams=num_beams, stopwatch=watch, **decoding):
         texts = model.text.tokenizer.batch_decode(ids.cpu().tolist(), skip_special_tokens=True)
         captions.extend(text.strip() for text in texts)
     return captions, watch.seconds

@@ -130,7 +130,7 @@ def run_prediction_row(task: BenchTask, fusion: str, settings: TrainSettings, fe
             if task_object.generates_text:
                 outputs, eval_seconds = generate_captions(
                     model, test_view, batch_size=settings.eval_batch_size, precision=precision, device=device,
-                    max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams)
+                    **settings.decoding.kwargs())
             else:
                 outputs, eval_seconds = predict_logits(model, test_view, batch_size=settings.eval_batch_size,
                                                        precision=precision, device=device)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..decoding import DecodingOptions
 from ..training.step import BF16_UNSAFE
 
 #: The frozen encoders of a run (``--vision``, ``--text``).
@@ -37,8 +38,7 @@ class TrainSettings:
         warmup_ratio: fraction of steps of linear warmup (as `fusionzoo train`'s `warmup_ratio`).
         max_text_len: tokens kept per question / caption.
         eval_batch_size: samples per inference call.
-        num_beams: beams for caption generation (1 = greedy).
-        max_new_tokens: longest generated caption.
+        decoding: how captions are generated (beams, lengths, repetition options; transformers' meanings).
         compile: compile the trained modules for the training step (``fusionzoo train``'s
             ``compile``; :func:`~fusionzoo.bench.loop.train_model`); the seconds spent compiling
             are left out of the row's training seconds.
@@ -51,8 +51,7 @@ class TrainSettings:
     warmup_ratio: float = 0.05
     max_text_len: int = 32
     eval_batch_size: int = 1024
-    num_beams: int = 1
-    max_new_tokens: int = 20
+    decoding: DecodingOptions = DecodingOptions()
     compile: bool = False
 
 
@@ -91,7 +90,8 @@ TASK_SETTINGS: dict[str, TrainSettings] = {
     # Chosen on the validation split (300 scenes, 3,600 questions; see FUSION_SETTINGS below).
     "sort-of-clevr": TrainSettings(epochs=8, batch_size=64, lr=1e-3),
     "coco-yesno": TrainSettings(epochs=6, batch_size=128, lr=3e-4, weight_decay=0.05),
-    "coco-captioning": TrainSettings(epochs=8, batch_size=64, lr=5e-4, eval_batch_size=128, max_new_tokens=20),
+    "coco-captioning": TrainSettings(epochs=8, batch_size=64, lr=5e-4, eval_batch_size=128,
+                                     decoding=DecodingOptions(max_new_tokens=20)),
     "coco-match": TrainSettings(epochs=6, batch_size=128, lr=3e-4, weight_decay=0.05),
     # Chosen on the Karpathy validation split (95 images x 475 captions; r_mean): fusions 3
     # epochs at 5e-4, batch 64, unstandardised features into a 512-wide Alignment over

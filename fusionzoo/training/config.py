@@ -147,7 +147,27 @@ class TrainConfig:
     """Retrieval evaluation: a shortlisted pair scores ITM log-odds + this x its ITC logit (0: ITM alone);
     ``auto``: training chooses it on the validation split and saves it with the model, which eval uses."""
     results: str | None = None
-    """``fusionzoo eval`` of a retrieval model: write the score matrices to this ``.npz`` file."""
+    """``fusionzoo eval``: write the predictions to this file in the official format -- VQA
+    ``[{"question_id", "answer"}]`` JSON, captions ``[{"image_id", "caption"}]`` JSON, classification
+    ``{"id", "label", "probabilities"}`` JSON Lines, retrieval the score matrices (``.npz``)."""
+    references: str | None = None
+    """``fusionzoo eval`` (VQA, captioning): write the scored split's gold answers or captions to this
+    file in the schema ``fusionzoo score`` reads (VQA: one file holding the official ``questions`` and
+    ``annotations``; captions: a COCO captions file), for data without official files of its own."""
+
+    # caption generation (eval, predict), with the meanings of transformers' generate
+    num_beams: int = 1
+    """Beams per image; 1 is greedy decoding."""
+    max_new_tokens: int = 20
+    """Most tokens written after the start token, the end token included."""
+    min_new_tokens: int = 0
+    """The end token is forbidden until this many tokens were written."""
+    length_penalty: float = 1.0
+    """Beams are ranked by ``sum log p / length ** length_penalty`` (> 0 favours longer captions)."""
+    no_repeat_ngram_size: int = 0
+    """``n > 0``: no ``n`` tokens in a row occur twice in a caption."""
+    repetition_penalty: float = 1.0
+    """CTRL's penalty on tokens already written (1.0: none)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -365,6 +385,9 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"key 'rerank_k' must be >= 1 candidates per query or 'all', got {config.rerank_k}")
     if config.rerank_batch_size < 1:
         raise ConfigError(f"key 'rerank_batch_size' must be >= 1 pairs, got {config.rerank_batch_size}")
+    from ..decoding import DecodingOptions
+
+    DecodingOptions.from_config(config)  # a bad decoding option is an error before anything runs
 
 
 def from_dict(data: dict[str, Any], source: str = "saved config") -> TrainConfig:
