@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from fusionzoo.registry import TASKS, register_task
 
-from .base import CaptioningTask, ClassificationTask, Task, VQATask, get_task
+from .base import CaptioningTask, ClassificationTask, Prediction, Task, VQATask, get_task
 from .retrieval import RetrievalTask
 
 register_task("vqa")(VQATask)
@@ -31,4 +31,4 @@ register_task("captioning")(CaptioningTask)
 register_task("classification")(ClassificationTask)
 register_task("retrieval")(RetrievalTask)
 
-__all__ = ["TASKS", "CaptioningTask", "ClassificationTask", "RetrievalTask", "Task", "VQATask", "get_task"]
+__all__ = ["TASKS", "CaptioningTask", "ClassificationTask", "Prediction", "RetrievalTask", "Task", "VQATask", "get_task"]

@@ -19,20 +19,48 @@ training signals and are not part of it.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from fusionzoo.data.checks import DataError, MissingRootError
+from fusionzoo.decoding import DecodingOptions
 from fusionzoo.errors import ConfigError
 from fusionzoo.registry import DATASETS, TASKS, RegistryError
 
 from .classification_eval import classification_metrics
-from .scoring import score_caption_predictions, score_classification_predictions, score_vqa_predictions, vqa_scores
+from .scoring import (
+    score_caption_predictions,
+    score_classification_predictions,
+    score_vqa_predictions,
+    scorable_captions,
+    vqa_scores,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor
 
     from fusionzoo.data.common import TaskData
+
+#: The evaluation options only ``fusionzoo eval`` uses, as evaluations during training set them:
+#: no results or references files, no per-type breakdowns (the training log holds scalars).
+TRAINING_EVAL_OPTIONS: dict[str, Any] = {"results": None, "references": None, "breakdown": False}
+
+
+@dataclass
+class Prediction:
+    """One output of :meth:`Task.predict_scored`.
+
+    Attributes:
+        text: the answer, label or caption.
+        score: how sure the model is: the answer's soft score (VQA, a sigmoid), the label's
+            probability (classification, a softmax), the caption's beam score (``sum log p /
+            length ** length_penalty``); None where a task does not say.
+    """
+
+    text: str
+    score: float | None
+
 
 def call_loader(loader: Any, kwargs: dict[str, Any]) -> Any:
     """Call a dataset loader with the keyword arguments it accepts (all of them if it takes ``**kwargs``)."""
@@ -71,10 +99,14 @@ def _file_and_option_kwargs(loader: Any, name: str, data_files: Any, data_kwargs
 
 
 def sample_losses(head: Any, logits: "Tensor", labels: "Tensor") -> "Tensor":
-    """(B,) the head's own loss of each sample alone (so a mean over samples needs no batch size)."""
+    """(B,) the head's own loss of each sample alone (so a mean over samples needs no batch size);
+    NaN for an unlabeled sample (label -1 of a label-id batch), which has no loss."""
     import torch
 
-    return torch.stack([head.loss(logits[i:i + 1], labels[i:i + 1]) for i in range(len(logits))]).float()
+    unlabeled = labels < 0 if labels.dim() == 1 else torch.zeros(len(labels), dtype=torch.bool)
+    nan = logits.new_full((), float("nan")).float()
+    return torch.stack([nan if unlabeled[i] else head.loss(logits[i:i + 1], labels[i:i + 1]).float()
+                        for i in range(len(logits))])
 
 
 class Task:
@@ -97,6 +129,8 @@ class Task:
             cached features (:mod:`fusionzoo.training.features`): its collate takes rows without
             ``pixel_values`` and its evaluation reads ``image_states`` where a batch has them.
             False for a new task until it says so; the built-in tasks do.
+        output_name, text_name: what a line of ``fusionzoo predict --out`` calls the model's output
+            (``answer``, ``label``, ``caption``) and the text given with each image (``question``).
     """
 
     head: ClassVar[str]
@@ -110,6 +144,8 @@ class Task:
     reads_cached_features: ClassVar[bool] = False
     recipe: ClassVar[str] = "finetune"
     aligns: ClassVar[bool] = False
+    output_name: ClassVar[str] = "output"
+    text_name: ClassVar[str] = "text"
 
     @property
     def name(self) -> str:
@@ -194,6 +230,12 @@ class Task:
             raise ValueError(f"a {self.name} model needs a text with each image")
         return model.predict(images, texts)
 
+    def predict_scored(self, model: Any, images: Sequence[Any], texts: Sequence[str] | None = None,
+                       **options: Any) -> list[Prediction]:
+        """:meth:`predict` with how sure the model is of each output (``fusionzoo predict --images``);
+        a task that does not say gives ``score=None``."""
+        return [Prediction(text, None) for text in self.predict(model, images, texts, **options)]
+
     def bench_metrics(self, bench_task: Any, split: Any, outputs: Any) -> dict[str, Any]:
         """The benchmark's metrics of ``outputs`` (logits, or captions) on ``split`` (``fusionzoo bench``)."""
         raise NotImplementedError(f"task {self.name!r} has no benchmark scoring")
@@ -207,41 +249,75 @@ class _ChoiceTask(Task):
 
     reads_cached_features = True  # model(**model_inputs(batch)) reads image_states and text_states
 
-    def sample_values(self, logits: "Tensor", batch: dict[str, Any]) -> dict[str, "Tensor"]:
-        """Per-sample tensors (first dimension B) of one batch, gathered over processes for :meth:`metrics`."""
+    def sample_values(self, logits: "Tensor", batch: dict[str, Any]) -> dict[str, Any]:
+        """Per-sample values (tensors with first dimension B, or lists of B ids) of one batch, gathered
+        over processes for :meth:`metrics`."""
         raise NotImplementedError
 
-    def metrics(self, gathered: dict[str, "Tensor"]) -> dict[str, float]:
+    def metrics(self, gathered: dict[str, Any]) -> dict[str, float]:
         """The metrics of the whole split from the gathered per-sample values (one row per sample)."""
         raise NotImplementedError
 
-    def split_metrics(self, gathered: dict[str, "Tensor"], data: Any, split: str) -> dict[str, float]:
+    def split_metrics(self, gathered: dict[str, Any], data: Any, split: str, breakdown: bool = False
+                      ) -> dict[str, Any]:
         """:meth:`metrics`, for a task whose scores need only the gathered values; one that reads the
-        split's rows too (VQA: the human answers) overrides this."""
+        split's rows too (VQA: the human answers) overrides this. ``breakdown``: add per-type scores
+        where the task has them (``fusionzoo eval``)."""
         return self.metrics(gathered)
 
-    def evaluate(self, model: Any, loader: Any, accelerator: Any, data: Any, split: str,
-                 **options: Any) -> dict[str, float]:
+    def labeled(self, gathered: dict[str, Any], data: Any, split: str) -> "Tensor":
+        """(S,) bool: the samples with a gold output (the loss is their mean). All, unless overridden."""
         import torch
 
-        from .passes import logits_pass
+        return torch.ones(len(next(iter(gathered.values()))), dtype=torch.bool)
+
+    def probabilities(self, logits: "Tensor") -> "Tensor":
+        """(B, C) how likely each output is, from the head's logits (a softmax; VQA's sigmoid)."""
+        return logits.float().softmax(dim=-1)
+
+    def predict_scored(self, model: Any, images: Sequence[Any], texts: Sequence[str] | None = None,
+                       **options: Any) -> list[Prediction]:
+        if texts is None:
+            raise ValueError(f"a {self.name} model needs a text with each image")
+        probabilities = self.probabilities(model.choice_logits(images, texts))  # (B, C)
+        names = model.output_names
+        return [Prediction(names[i], float(probabilities[j, i]))
+                for j, i in enumerate(probabilities.argmax(dim=-1).tolist())]
+
+    def write_results(self, gathered: dict[str, Any], data: Any, split: str, results: str | None,
+                      references: str | None) -> None:
+        """Write the results file (and references) of a scored split; see :mod:`fusionzoo.tasks.results`."""
+        raise ConfigError(f"key 'results': task {self.name!r} does not write results files")
+
+    def evaluate(self, model: Any, loader: Any, accelerator: Any, data: Any, split: str,
+                 results: str | None = None, references: str | None = None, breakdown: bool = False,
+                 **options: Any) -> dict[str, Any]:
+        """Scores of ``split``; with ``results`` (and ``references``) the main process writes them."""
+        import torch
+
+        from .passes import inputs_without_labels, logits_pass
 
         unwrapped = accelerator.unwrap_model(model)
-        parts: dict[str, list[Tensor]] = {}
-        for batch, logits in logits_pass(model, loader, accelerator.autocast):
+        parts: dict[str, list[Any]] = {}
+        for batch, logits in logits_pass(model, loader, accelerator.autocast, inputs=inputs_without_labels):
             with torch.no_grad():
                 values = self.sample_values(logits, batch)
                 if "labels" in batch:
                     values["loss"] = sample_losses(unwrapped.head, logits, batch["labels"])
             values["valid"] = batch.get("valid", torch.ones(len(logits), dtype=torch.bool)).to(logits.device)
             for key, value in values.items():
-                parts.setdefault(key, []).append(accelerator.gather_for_metrics(value))
-        gathered = {key: torch.cat(value).cpu() for key, value in parts.items()}
+                parts.setdefault(key, []).append(accelerator.gather_for_metrics(value))  # a list: as objects
+        gathered: dict[str, Any] = {key: torch.cat(value).cpu() if isinstance(value[0], torch.Tensor)
+                                    else [item for part in value for item in part] for key, value in parts.items()}
         valid = gathered.pop("valid")  # rows whose image could not be decoded (skip_bad=true) are left out
-        gathered = {key: value[valid] for key, value in gathered.items()}
-        metrics = self.split_metrics(gathered, data, split)
-        if "loss" in gathered:
-            metrics["loss"] = gathered["loss"].double().mean().item()
+        gathered = {key: value[valid] if isinstance(value, torch.Tensor)
+                    else [item for item, keep in zip(value, valid.tolist()) if keep] for key, value in gathered.items()}
+        metrics = self.split_metrics(gathered, data, split, breakdown=breakdown)
+        labeled = self.labeled(gathered, data, split)
+        if "loss" in gathered and bool(labeled.any()):
+            metrics["loss"] = gathered["loss"][labeled].double().mean().item()
+        if (results or references) and accelerator.is_main_process:
+            self.write_results(gathered, data, split, results, references)
         return metrics
 
 
@@ -252,6 +328,8 @@ class VQATask(_ChoiceTask):
     vocabulary_key = "answers"
     description = "visual question answering over an answer vocabulary (soft-score BCE)"
     default_dataset = "vqa-jsonl"
+    output_name = "answer"
+    text_name = "question"
 
     def loader_kwargs(self, config: Any) -> dict[str, Any]:
         return {"answers_top_k": config.answers_top_k, "answers_min_count": config.answers_min_count}
@@ -262,29 +340,70 @@ class VQATask(_ChoiceTask):
     def vocabulary(self, data: Any) -> list[str]:
         return list(data.answers)
 
+    def eval_options(self, config: Any) -> dict[str, Any]:
+        return {"results": config.results, "references": config.references, "breakdown": True}
+
     def sample_values(self, logits: "Tensor", batch: dict[str, Any]) -> dict[str, "Tensor"]:
         return {"answer": logits.argmax(-1), "question_id": batch["question_id"].to(logits.device)}  # (B,) each
 
-    def split_metrics(self, gathered: dict[str, "Tensor"], data: Any, split: str) -> dict[str, float]:
-        """``accuracy``: the argmax answers scored against the split's human answers by the rule the bench
-        uses (:func:`~fusionzoo.tasks.scoring.vqa_scores`: the official VQA accuracy, or exact match
-        for one-answer data); questions without answers (an unlabeled split) are not scored."""
+    def probabilities(self, logits: "Tensor") -> "Tensor":
+        return logits.float().sigmoid()  # each answer's soft score, as the head's BCE trains it
+
+    def _positions(self, gathered: dict[str, "Tensor"], data: Any, split: str) -> tuple[Any, list[int], list[int]]:
+        """The split's rows, each gathered question's row and the order that sorts them by row."""
         rows = self.eval_rows(data, split)
         position = {qid: i for i, qid in enumerate(rows["question_id"])}
         if len(position) != len(rows):
             raise DataError(f"split {split!r} of {data.name!r} repeats a question_id",
                             expected="one question_id per question")
         picked = [position[qid] for qid in gathered["question_id"].tolist()]
+        return rows, picked, sorted(range(len(picked)), key=picked.__getitem__)
+
+    def labeled(self, gathered: dict[str, "Tensor"], data: Any, split: str) -> "Tensor":
+        import torch
+
+        rows, picked, _ = self._positions(gathered, data, split)
         answers = rows["answers"]
-        labeled = [i for i in picked if answers[i]]
-        metrics = {"num_samples": float(len(picked))}
+        return torch.tensor([bool(answers[i]) for i in picked], dtype=torch.bool)
+
+    def split_metrics(self, gathered: dict[str, "Tensor"], data: Any, split: str, breakdown: bool = False
+                      ) -> dict[str, Any]:
+        """``accuracy``: the argmax answers scored against the split's human answers by the rule the bench
+        uses (:func:`~fusionzoo.tasks.scoring.vqa_scores`: the official VQA accuracy, or exact match
+        for one-answer data), in the split's order; questions without answers (an unlabeled split) are
+        not scored. ``breakdown``: also ``per_answer_type`` and ``per_question_type`` where the data
+        has those types (the official report's ``perAnswerType``, ``perQuestionType``)."""
+        rows, picked, order = self._positions(gathered, data, split)
+        answers, chosen_ids = rows["answers"], gathered["answer"].tolist()
+        labeled = [j for j in order if answers[picked[j]]]
+        metrics: dict[str, Any] = {"num_samples": float(len(picked))}
         if labeled:
-            chosen = [data.answers[a] for a, i in zip(gathered["answer"].tolist(), picked) if answers[i]]
-            groups = {name: [rows[name][i] for i in labeled] for name in ("answer_type", "question_type")
+            groups = {name: [rows[name][picked[j]] for j in labeled] for name in ("answer_type", "question_type")
                       if name in rows.column_names}
-            metrics["accuracy"] = float(vqa_scores(chosen, [answers[i] for i in labeled], data.metric,
-                                                   groups)["accuracy"])
+            scores = vqa_scores([data.answers[chosen_ids[j]] for j in labeled], [answers[picked[j]] for j in labeled],
+                                data.metric, groups)
+            metrics["accuracy"] = float(scores["accuracy"])
+            if breakdown:
+                metrics.update({k: v for k, v in scores.items() if k.startswith("per_")})
         return metrics
+
+    def write_results(self, gathered: dict[str, "Tensor"], data: Any, split: str, results: str | None,
+                      references: str | None) -> None:
+        from .results import vqa_references, write_references, write_vqa_results
+
+        rows, picked, order = self._positions(gathered, data, split)
+        if results:
+            chosen = gathered["answer"].tolist()
+            write_vqa_results(results, [rows["question_id"][picked[j]] for j in order],
+                              [data.answers[chosen[j]] for j in order])
+        if references:
+            columns = [c for c in ("question_id", "image_id", "question", "answers", "answer_type", "question_type",
+                                   "multiple_choice_answer") if c in rows.column_names]
+            table = {c: rows[c] for c in columns}
+            chosen_rows = [{c: table[c][picked[j]] for c in columns} for j in order if table["answers"][picked[j]]]
+            if not chosen_rows:
+                raise ConfigError(f"key 'references': split {split!r} of {data.name!r} has no answers to write")
+            write_references(references, vqa_references(chosen_rows, split, data.name, data.metric == "exact_match"))
 
     def bench_metrics(self, bench_task: Any, split: Any, outputs: Any) -> dict[str, Any]:
         return score_vqa_predictions(bench_task, split, outputs)
@@ -297,6 +416,7 @@ class ClassificationTask(_ChoiceTask):
     vocabulary_key = "labels"
     description = "image+text classification (e.g. Hateful Memes, image-caption match)"
     default_dataset = "classification-jsonl"
+    output_name = "label"
 
     data_kind = "classification data"
     data_needs = ("label_names",)
@@ -304,8 +424,30 @@ class ClassificationTask(_ChoiceTask):
     def vocabulary(self, data: Any) -> list[str]:
         return list(data.label_names)
 
-    def sample_values(self, logits: "Tensor", batch: dict[str, Any]) -> dict[str, "Tensor"]:
-        return {"logits": logits, "labels": batch["labels"]}
+    def eval_options(self, config: Any) -> dict[str, Any]:
+        if config.references:
+            raise ConfigError("key 'references': classification results are scored by `fusionzoo eval` itself; "
+                              "`fusionzoo score` has no classification scorer to write references for")
+        return {"results": config.results}
+
+    def sample_values(self, logits: "Tensor", batch: dict[str, Any]) -> dict[str, Any]:
+        values: dict[str, Any] = {"logits": logits, "labels": batch["labels"]}
+        if "id" in batch:
+            values["id"] = list(batch["id"])
+        return values
+
+    def labeled(self, gathered: dict[str, Any], data: Any, split: str) -> "Tensor":
+        return gathered["labels"] >= 0  # -1: an unlabeled split (Hateful Memes' test files)
+
+    def split_metrics(self, gathered: dict[str, Any], data: Any, split: str, breakdown: bool = False
+                      ) -> dict[str, Any]:
+        """:meth:`metrics` of the labeled samples; ``num_samples`` counts every sample predicted."""
+        labeled = self.labeled(gathered, data, split)
+        metrics: dict[str, Any] = {}
+        if bool(labeled.any()):
+            metrics = self.metrics({key: value[labeled] for key, value in gathered.items() if key != "id"})
+        metrics["num_samples"] = float(len(labeled))
+        return metrics
 
     def metrics(self, gathered: dict[str, "Tensor"]) -> dict[str, float]:
         labels = gathered["labels"]
@@ -313,6 +455,15 @@ class ClassificationTask(_ChoiceTask):
                    for k, v in classification_metrics(gathered["logits"].numpy(), labels.numpy()).items()}
         metrics["num_samples"] = float(len(labels))
         return metrics
+
+    def write_results(self, gathered: dict[str, Any], data: Any, split: str, results: str | None,
+                      references: str | None) -> None:
+        from .results import write_classification_results
+
+        if "id" not in gathered:
+            raise ConfigError(f"key 'results': the batches of {data.name!r} carry no 'id' to write results by")
+        write_classification_results(results, gathered["id"], list(data.label_names),
+                                     self.probabilities(gathered["logits"]).tolist())
 
     def bench_metrics(self, bench_task: Any, split: Any, outputs: Any) -> dict[str, Any]:
         return score_classification_predictions(split, outputs)
@@ -324,6 +475,7 @@ class CaptioningTask(Task):
     head = "captioning"
     description = "image captioning with a fusion-conditioned text decoder"
     default_dataset = "karpathy-captions"
+    output_name = "caption"
     generates_text = True
     needs_text = False
 
@@ -334,19 +486,28 @@ class CaptioningTask(Task):
     def train_rows(self, data: Any, split: str) -> Any:
         return data.pairs(split)  # one row per caption; evaluation reads one row per image
 
+    def eval_options(self, config: Any) -> dict[str, Any]:
+        """The run's :class:`~fusionzoo.decoding.DecodingOptions`, ``results`` and ``references``."""
+        return {**DecodingOptions.from_config(config).kwargs(), "results": config.results,
+                "references": config.references}
+
     def evaluate(self, model: Any, loader: Any, accelerator: Any, data: Any, split: str,
-                 max_new_tokens: int = 20, num_beams: int = 1, **options: Any) -> dict[str, float]:
+                 results: str | None = None, references: str | None = None, **decoding: Any) -> dict[str, float]:
+        """COCO caption scores of the captions written with ``decoding`` (the fields of
+        :class:`~fusionzoo.decoding.DecodingOptions`). A caption without a word is scored as
+        :data:`~fusionzoo.tasks.scoring.NO_CAPTION` and counted (``wordless_captions``); images without
+        reference captions are captioned but not scored."""
         import torch
 
         from .caption_eval import score_caption_dicts
         from .passes import caption_pass
+        from .results import caption_references, write_caption_results, write_references
 
+        options = DecodingOptions(**decoding)
         unwrapped = accelerator.unwrap_model(model)
-        references = data.references(split)
-        width = max_new_tokens + 2
+        width = options.max_new_tokens + 2
         image_ids, token_rows, flags = [], [], []
-        for batch, ids in caption_pass(unwrapped, loader, accelerator.autocast, max_new_tokens=max_new_tokens,
-                                       num_beams=num_beams):
+        for batch, ids in caption_pass(unwrapped, loader, accelerator.autocast, **options.kwargs()):
             padded = torch.full((ids.shape[0], width), unwrapped.text.pad_token_id, dtype=torch.long,
                                 device=ids.device)  # (B, width): one shape on every process
             padded[:, : ids.shape[1]] = ids[:, :width]
@@ -356,15 +517,36 @@ class CaptioningTask(Task):
                 batch.get("valid", torch.ones(len(ids), dtype=torch.bool)).to(ids.device)))
         valid = torch.cat(flags).cpu()  # images that could not be decoded (skip_bad=true) are left out
         ids_all = torch.cat(token_rows).cpu()[valid]
-        captions = unwrapped.text.tokenizer.batch_decode(ids_all.tolist(), skip_special_tokens=True)
-        res = {i: [c.strip() or "."] for i, c in zip(torch.cat(image_ids).cpu()[valid].tolist(), captions)}
-        metrics = score_caption_dicts({i: references[i] for i in res}, res)
-        metrics["num_samples"] = float(len(res))
-        return {k: v for k, v in metrics.items() if v is not None}
+        texts = unwrapped.text.tokenizer.batch_decode(ids_all.tolist(), skip_special_tokens=True)
+        captions, wordless = scorable_captions([text.strip() for text in texts])
+        written = dict(zip(torch.cat(image_ids).cpu()[valid].tolist(), captions))
+        all_references = data.references(split)
+        gts = {i: all_references[i] for i in written if all_references.get(i)}
+        metrics: dict[str, float] = {"num_samples": float(len(written)), "wordless_captions": float(wordless)}
+        if gts:
+            scores = score_caption_dicts(gts, {i: [written[i]] for i in gts})
+            metrics.update({k: v for k, v in scores.items() if v is not None})
+        if accelerator.is_main_process:
+            if results:
+                write_caption_results(results, written)
+            if references:
+                if not gts:
+                    raise ConfigError(f"key 'references': split {split!r} of {data.name!r} has no reference captions")
+                write_references(references, caption_references(gts, split, data.name))
+        return metrics
 
     def predict(self, model: Any, images: Sequence[Any], texts: Sequence[str] | None = None,
-                max_new_tokens: int = 20, num_beams: int = 1, **options: Any) -> list[str]:
-        return model.generate(list(images), max_new_tokens=max_new_tokens, num_beams=num_beams)
+                **decoding: Any) -> list[str]:
+        return model.generate(list(images), **decoding)
+
+    def predict_scored(self, model: Any, images: Sequence[Any], texts: Sequence[str] | None = None,
+                       **decoding: Any) -> list[Prediction]:
+        """Captions with their beam scores (``sum log p / length ** length_penalty``)."""
+        if not len(images):
+            return []
+        decoded = model.decode(model.vision.preprocess(list(images)), **decoding)
+        captions = model.text.tokenizer.batch_decode(decoded.ids.tolist(), skip_special_tokens=True)
+        return [Prediction(c.strip(), float(s)) for c, s in zip(captions, decoded.scores.tolist())]
 
     def bench_metrics(self, bench_task: Any, split: Any, outputs: Any) -> dict[str, Any]:
         return score_caption_predictions(split, outputs)

@@ -34,8 +34,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from fusionzoo.errors import ConfigError
 
-from .base import Task
+from .base import Prediction, Task
 from .retrieval_eval import recall_at_k, save_scores, top_k_chunked
 
 logger = logging.getLogger(__name__)
@@ -381,6 +382,7 @@ class RetrievalTask(Task):
     head = "itm"
     description = "image-text retrieval: ITC shortlist, ITM rerank, recall@K both ways"
     default_dataset = "karpathy-captions"
+    output_name = "match"  # the ITM probability that the text describes the image
     data_kind = "image-caption data"
     data_needs = ("pairs", "references")
     #: The model embeds images and texts apart (``create_model`` builds an Alignment unless the fusion aligns).
@@ -402,6 +404,9 @@ class RetrievalTask(Task):
         return {"epochs": 3.0, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.05}
 
     def eval_options(self, config: Any) -> dict[str, Any]:
+        if config.references:
+            raise ConfigError("key 'references': `fusionzoo score retrieval` reads the dataset's own Karpathy or "
+                              "COCO captions file as --annotations; retrieval writes no references")
         return {"rerank_k": config.rerank_k, "rerank_batch_size": config.rerank_batch_size,
                 "rerank_itc_weight": config.rerank_itc_weight,
                 "max_text_len": config.max_text_len, "results": config.results}
@@ -412,6 +417,10 @@ class RetrievalTask(Task):
 
     def predict(self, model: Any, images: Sequence[Any], texts: Sequence[str] | None = None,
                 **options: Any) -> list[str]:
+        return [p.text for p in self.predict_scored(model, images, texts, **options)]
+
+    def predict_scored(self, model: Any, images: Sequence[Any], texts: Sequence[str] | None = None,
+                       **options: Any) -> list[Prediction]:
         if texts is None:
             raise ValueError("a retrieval model scores an image with a text: give one text per image")
-        return [f"{p:.4f}" for p in model.match(list(images), list(texts)).tolist()]
+        return [Prediction(f"{p:.4f}", p) for p in model.match(list(images), list(texts)).tolist()]

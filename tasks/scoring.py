@@ -121,14 +121,21 @@ def score_caption_predictions(split: Any, captions: Sequence[str]) -> dict[str, 
     """BLEU-1, BLEU-4, METEOR, ROUGE-L, CIDEr of one caption per test image."""
     from .caption_eval import score_caption_dicts
 
-    # A model may write nothing, or only punctuation (the PTB tokeniser leaves no word): such a
-    # caption is scored as the placeholder word, which no reference contains -- a score near 0
-    # for that image, where the strict scorer would reject the whole file -- and counted.
-    wordless = [not any(ch.isalnum() for ch in caption) for caption in captions]
-    res = {image_id: [NO_CAPTION if empty else caption]
-           for image_id, caption, empty in zip(split.image_ids, captions, wordless)}
+    scored, wordless = scorable_captions(captions)
+    res = {image_id: [caption] for image_id, caption in zip(split.image_ids, scored)}
     gts = {image_id: split.references[image_id] for image_id in res}
     scores = score_caption_dicts(gts, res)
     metrics: dict[str, object] = {name: float(scores[key]) for key, name in CAPTION_NAMES.items()}
-    metrics["wordless_captions"] = float(sum(wordless))
+    metrics["wordless_captions"] = float(wordless)
     return metrics
+
+
+def scorable_captions(captions: Sequence[str]) -> tuple[list[str], int]:
+    """The captions as they are scored, and how many had no word.
+
+    A model may write nothing, or only punctuation (the PTB tokeniser leaves no word): such a
+    caption is scored as :data:`NO_CAPTION`, which no reference contains -- a score near 0 for
+    that image, where the strict scorer would reject the whole file -- and counted.
+    """
+    wordless = [not any(ch.isalnum() for ch in caption) for caption in captions]
+    return [NO_CAPTION if empty else caption for caption, empty in zip(captions, wordless)], sum(wordless)

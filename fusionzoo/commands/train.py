@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Callable
+
+from ..errors import ConfigError
 
 CONFIG_HELP = """\
 configuration: an optional YAML file, then key=value overrides applied in order
@@ -65,9 +68,21 @@ file). Useful keys:
   data, data_dir  another dataset of the same task
   eval_batch_size, max_eval_samples, num_workers, skip_bad, cpu
   feature_cache, cache_dir   image tokens of a frozen-encoder model from the feature cache
+  results=PATH    the predictions in the official format: VQA [{"question_id", "answer"}] JSON
+                  (EvalAI's test-dev / test-std file; `fusionzoo score vqa --results`), captions
+                  [{"image_id", "caption"}] JSON (`fusionzoo score captions --results`),
+                  classification {"id", "label", "probabilities"} JSON Lines, retrieval PATH.npz
+                  (the score matrices, for `fusionzoo score retrieval`)
+  references=PATH the scored split's gold answers / captions in the schema `fusionzoo score`
+                  reads (VQA: give the one file as --questions and --annotations; captions:
+                  --annotations), for data without official files (easy-VQA, JSONL, Karpathy)
+A split without answers (VQA test-dev, an unlabeled classification file) is predicted and written,
+not scored. VQA scores add per_answer_type and per_question_type (the official report's).
+captioning: num_beams, max_new_tokens, min_new_tokens, length_penalty, no_repeat_ngram_size,
+repetition_penalty (transformers' meanings; default: the run's own).
 retrieval models: rerank_k (ITC candidates per query the ITM head reranks, default 128; all =
 every pair), rerank_batch_size, rerank_itc_weight (0: rank by ITM log-odds alone; 1: add the ITC
-logit, as BLIP does), results=PATH.npz (the score matrices, for `fusionzoo score retrieval`).
+logit, as BLIP does).
 The last line printed is one JSON object with the scores (on N processes, printed once).
 """
 
@@ -122,7 +137,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="score a saved model on a dataset split",
         description="Evaluate a model saved by `fusionzoo train` (its output_dir or output_dir/final) "
         "on a dataset split; prints the scores as one JSON line at the end.",
-        epilog=EVAL_HELP + "\nexample:\n  fusionzoo eval runs/vqa data=easy-vqa split=test",
+        epilog=EVAL_HELP + "\nexamples:\n  fusionzoo eval runs/vqa data=easy-vqa split=test\n"
+        "  fusionzoo eval runs/vqa2 split=test-dev results=vqa_test-dev_results.json\n"
+        "  fusionzoo eval runs/cap split=test num_beams=3 results=captions.json references=refs.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoint", help="a saved model folder (with config.json) or a run's output_dir")
@@ -130,18 +147,24 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_eval)
 
 
-def _run_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _run_config(checkpoint: str) -> Any:
+    """The TrainConfig of the run that saved ``checkpoint`` (its run.json, or its parent's), or None."""
+    from ..training.config import from_dict
 
-    from ..training.config import ConfigError, from_dict, load_config
-
-    base = None
-    run_json = Path(args.checkpoint) / "run.json"
+    run_json = Path(checkpoint) / "run.json"
     if not run_json.is_file():
-        run_json = Path(args.checkpoint).parent / "run.json"
+        run_json = Path(checkpoint).parent / "run.json"
+    if not run_json.is_file():
+        return None
+    return from_dict(json.loads(run_json.read_text())["config"], str(run_json))
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from ..training.config import load_config
+
     try:
-        if run_json.is_file():
-            base = from_dict(json.loads(run_json.read_text())["config"], str(run_json))
+        base = _run_config(args.checkpoint)
+        if base is not None:
             base.max_eval_samples = None
         config = load_config(None, args.overrides, base=base)
     except ConfigError as exc:
@@ -149,52 +172,111 @@ def _run_eval(args: argparse.Namespace) -> int:
         return 2
     from ..training.trainer import evaluate_checkpoint
 
-    return _report("eval", lambda c: evaluate_checkpoint(args.checkpoint, c), config)
+    code = _report("eval", lambda c: evaluate_checkpoint(args.checkpoint, c), config)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        for key in ("results", "references"):
+            if getattr(config, key):
+                print(f"fusionzoo eval: wrote {key} to {getattr(config, key)}", file=sys.stderr)
+    return code
+
+
+PREDICT_HELP = """\
+inputs:
+  --image FILE                one image; the answer, label or caption is printed
+  --images DIR_OR_GLOB        many: a folder (searched recursively for image files) or a glob
+                              ('photos/**/*.jpg'), predicted in batches to --out FILE (JSON Lines,
+                              one line per input: path, question / text, answer / label / caption, score)
+  --question TEXT             the question (VQA) or text (classification) asked of every image
+  --questions FILE, --texts FILE   one a line, each asked of every image (VQA, classification)
+A second run with the same --out skips the inputs already written (an interrupted run resumes).
+Unreadable images are reported by name and skipped. score: the answer's soft score (VQA), the
+label's probability (classification), the caption's beam score (captioning).
+decoding (captioning): key=value overrides, right after RUN, of the run's num_beams, max_new_tokens,
+min_new_tokens, length_penalty, no_repeat_ngram_size, repetition_penalty (transformers' meanings).
+"""
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
-        help="answer a question, label an image-text pair, or caption an image",
-        description="Run a saved model on one image: a VQA model answers --question, a classification "
-        "model labels the image with --question as its text, a captioning model writes a caption.",
-        epilog="examples:\n  fusionzoo predict runs/vqa/final --image photo.jpg --question 'what shape is it?'\n"
-        "  fusionzoo predict runs/cap/final --image photo.jpg --num-beams 3",
+        help="answer questions, label image-text pairs, or caption images (one image or a folder)",
+        description="Run a saved model on one image (--image, printed) or on many (--images, written to --out "
+        "as JSON Lines): a VQA model answers the question, a classification model labels the image with the "
+        "text, a captioning model writes a caption.",
+        epilog=PREDICT_HELP + "\nexamples:\n  fusionzoo predict runs/vqa/final --image photo.jpg --question 'what shape is it?'\n"
+        "  fusionzoo predict runs/vqa --images photos/ --questions questions.txt --out answers.jsonl\n"
+        "  fusionzoo predict runs/cap num_beams=3 no_repeat_ngram_size=3 --images 'photos/*.jpg' --out captions.jsonl",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoint", help="a saved model folder (with config.json) or a run's output_dir")
-    p.add_argument("--image", required=True, help="path of the image")
-    p.add_argument("--question", help="the question (VQA) or text (classification)")
-    p.add_argument("--num-beams", type=int, default=3, help="beam size for captioning (default 3)")
-    p.add_argument("--max-new-tokens", type=int, default=20, help="longest caption in tokens (default 20)")
+    p.add_argument("overrides", nargs="*", help="decoding key=value overrides (num_beams=3, ...), before the options")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--image", help="path of one image")
+    where.add_argument("--images", metavar="DIR_OR_GLOB", help="a folder of images or a glob")
+    asked = p.add_mutually_exclusive_group()
+    asked.add_argument("--question", help="the question (VQA) or text (classification) of every image")
+    asked.add_argument("--questions", metavar="FILE", help="questions, one a line, each asked of every image")
+    asked.add_argument("--texts", metavar="FILE", help="texts, one a line, each paired with every image")
+    p.add_argument("--out", metavar="FILE", help="the JSON Lines output of --images (appended to; resumable)")
+    p.add_argument("--batch-size", type=int, default=16, help="inputs per forward pass (default 16)")
+    p.add_argument("--device", help="where the model runs (default: cuda when available, else cpu)")
+    p.add_argument("--num-beams", type=int, help="the same as num_beams=N")
+    p.add_argument("--max-new-tokens", type=int, help="the same as max_new_tokens=N")
     p.set_defaults(func=_run_predict)
 
 
-def _run_predict(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _decoding(checkpoint: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The run's decoding options (its run.json, where there is one), then the command line's."""
+    from ..decoding import DecodingOptions
+    from ..training.config import TrainConfig, apply, parse_overrides
 
-    from PIL import Image, UnidentifiedImageError
+    config = _run_config(checkpoint) or TrainConfig()
+    updates = parse_overrides(args.overrides)
+    unknown = [key for key in updates if key not in DecodingOptions.names()]
+    if unknown:
+        raise ConfigError(f"command line: fusionzoo predict takes the decoding keys {', '.join(DecodingOptions.names())}; "
+                          f"got {', '.join(repr(k) for k in unknown)}")
+    flags = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
+    updates.update({key: value for key, value in flags.items() if value is not None})
+    apply(config, updates, "command line")
+    return DecodingOptions.from_config(config).kwargs()
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    import torch
 
     from ..model import load_model
-
-    path = Path(args.checkpoint)
-    if not (path / "config.json").is_file() and (path / "final" / "config.json").is_file():
-        path = path / "final"
-    try:
-        image = Image.open(args.image)
-        image.load()
-    except (OSError, UnidentifiedImageError) as exc:
-        print(f"fusionzoo predict: error: cannot read image {args.image}: {exc}", file=sys.stderr)
-        return 2
     from ..tasks import get_task
+    from ..training.trainer import resolve_model_dir
+    from .predict import list_images, open_images, plan_inputs, predict_files, read_lines
 
-    model = load_model(path)
+    decoding = _decoding(args.checkpoint, args)
+    if args.images is not None and not args.out:
+        raise ConfigError("--images writes JSON Lines: give --out FILE")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(resolve_model_dir(args.checkpoint), device=device)
     task = get_task(model.task)
-    if task.needs_text and not args.question:
-        print(f"fusionzoo predict: error: a {model.task} model needs --question", file=sys.stderr)
-        return 2
-    texts = [args.question] if task.needs_text else None
-    print(task.predict(model, [image], texts, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)[0])
+    texts = [args.question] if args.question else None
+    if args.questions or args.texts:
+        texts = read_lines(args.questions or args.texts, "--questions" if args.questions else "--texts")
+    if task.needs_text and texts is None:
+        raise ConfigError(f"a {model.task} model needs --question, --questions FILE or --texts FILE")
+    if not task.needs_text and texts is not None:
+        raise ConfigError(f"a {model.task} model takes no text: leave out --question / --questions / --texts")
+    if args.image is not None:
+        images, bad = open_images([args.image])
+        if bad:
+            print(f"fusionzoo predict: error: cannot read image {args.image}: {bad[args.image]}", file=sys.stderr)
+            return 2
+        print(task.predict(model, [images[args.image]], texts, **decoding)[0])
+        return 0
+    out = Path(args.out)
+    counts = predict_files(model, task, plan_inputs(list_images(args.images), texts), out,
+                           batch_size=args.batch_size, **decoding)
+    print(f"fusionzoo predict: wrote {counts['written']} lines to {out} ({counts['already_done']} inputs already "
+          f"there, {counts['unreadable']} skipped for unreadable images)", file=sys.stderr)
     return 0
 
 

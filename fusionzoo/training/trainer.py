@@ -124,9 +124,11 @@ class FinetuneRecipe(Recipe):
         return StepOutput(loss=out.loss, losses=out.losses, num_samples=len(batch["input_ids"]))
 
     def evaluate(self, model: nn.Module, loader: DataLoader, accelerator: Any, config: TrainConfig) -> dict[str, float]:
+        from fusionzoo.tasks.base import TRAINING_EVAL_OPTIONS
+
         options = self.task.eval_options(config)
-        if "results" in options:
-            options["results"] = None  # evaluations during training write no score files
+        # evaluations during training write no results files and log scalars only
+        options.update({key: value for key, value in TRAINING_EVAL_OPTIONS.items() if key in options})
         return self.task.evaluate(model, loader, accelerator, self.data, self.eval_split, **options)
 
     def export(self, accelerator: Any, model: nn.Module, directory: Path) -> None:
