@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -42,6 +43,9 @@ from .encoders import TextEncoder, VisionEncoder
 from .fusions.base import FusionModule, FusionOutput
 from .layers import KVCache
 from .losses import IGNORE_INDEX, itc_loss
+from .explain import Explanation, explain
+from .hub import upload_model_folder
+from .model_card import write_model_card
 from .model_folder import load_folder, save_folder
 from .registry import TASKS
 
@@ -519,6 +523,20 @@ class FusionModel(nn.Module):
         if device is not None:
             model.to(device)
         return model.eval()
+
+    # -- explaining and sharing (fusionzoo.explain, fusionzoo.hub) -------------
+    def explain(self, image: Image.Image, question: str | None = None, **options: Any) -> Explanation:
+        """Map how much the answer (or each caption word) depends on each image region; see
+        :func:`fusionzoo.explain.explain` (``method``, ``max_new_tokens``, ``num_beams``)."""
+        return explain(self, image, question, **options)
+
+    def push_to_hub(self, repo_id: str, **options: Any) -> str:
+        """Save this model (card included) and upload it to the Hub repo ``repo_id``; see
+        :func:`fusionzoo.hub.upload_model_folder` (``private``, ``token``, ``commit_message``)."""
+        with tempfile.TemporaryDirectory(prefix="fusionzoo-push-") as staging:
+            folder = self.save_pretrained(Path(staging) / "model")
+            write_model_card(folder, repo_id)
+            return upload_model_folder(folder, repo_id, **options)
 
 
 def _last_position(fused: FusionOutput) -> FusionOutput:

@@ -3,8 +3,8 @@
 A folder written by :meth:`~fusionzoo.model.FusionModel.save_pretrained` holds
 ``config.json`` (the model config of :mod:`fusionzoo.model_config` plus ``format_version``
 and ``fusionzoo_version``; written last, so its presence marks a complete save),
-``model.safetensors`` (every weight, never a pickle), ``text_encoder/config.json`` and
-``tokenizer/``.
+``model.safetensors`` (every weight, never a pickle), ``text_encoder/config.json``,
+``tokenizer/`` and ``README.md``, the model card (:mod:`fusionzoo.model_card`).
 
 * :func:`save_folder` writes those files into a staging folder and
   :func:`publish_folder` moves them into place so that a crash never leaves a folder
@@ -13,7 +13,8 @@ and ``fusionzoo_version``; written last, so its presence marks a complete save),
   anything and loads the weights strictly. It reads the folder as data: timm gets only
   allow-listed architecture keywords, every file must lie inside the folder (symlinks
   included), the tokenizer must fit the text encoder, and a hub name needs
-  ``allow_download=True``. Each error names the file and the key.
+  ``allow_download=True``. Each error names the file and the key. ``directory`` may also be
+  a Hub repo id (``owner/name``), fetched into the Hub cache (:mod:`fusionzoo.hub`).
 
 This module knows the model's parts, not the :class:`~fusionzoo.model.FusionModel`
 class: :func:`load_folder` is given the class to assemble the parts with.
@@ -37,6 +38,8 @@ from .encoders import TextEncoder
 from .encoders.saved_vision import rebuild_saved_vision_encoder
 from .encoders.text import CONFIG_DIR, TOKENIZER_DIR
 from .errors import MissingModelFileError, ModelFolderError
+from .hub import resolve_model_folder
+from .model_card import CARD_NAME, model_card, read_card_sources
 from .model_config import check_vocabulary
 from .registry import FUSIONS, HEADS, TASKS, RegistryError
 from .version import __version__
@@ -67,6 +70,9 @@ def save_folder(directory: str | os.PathLike, model: nn.Module, text: TextEncode
     try:
         safetensors.torch.save_model(model, str(staging / WEIGHTS_NAME), force_contiguous=True)
         text.save_config(staging)
+        # The card: the run's dataset and last evaluation come from a run.json already in the folder.
+        _, run = read_card_sources(directory) if directory.is_dir() else (None, None)
+        (staging / CARD_NAME).write_text(model_card(config, run))
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         publish_folder(staging, directory)
     finally:
@@ -130,7 +136,7 @@ def load_folder(directory: str | os.PathLike, build: Callable[..., M], *, allow_
         the model, with the weights of model.safetensors loaded strictly and the encoders
         frozen again if the config says so; in the mode ``build`` left it.
     """
-    folder = Path(directory)
+    folder = resolve_model_folder(directory)  # a local folder, or a Hub repo id's cached snapshot
     config_path = folder / CONFIG_NAME
     config = _read_config(folder)
 

@@ -81,6 +81,7 @@ _CROP_MODES = ("center", "squash", "border")
 #: to read or something to download, so :func:`rebuild_saved_vision_encoder` refuses it.
 SAVED_TIMM_KWARGS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "img_size": ("a positive int or a list of two", _image_size),
+    "patch_size": ("a positive int or a list of two", _image_size),  # a ViT's patch side (the tiny preset's too)
     "in_chans": ("a positive int", _positive_int),
     "global_pool": ("a pooling name such as 'avg', 'token' or ''", _pool_name),
     "output_stride": ("a positive int", _positive_int),

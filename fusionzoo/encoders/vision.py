@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -284,6 +285,30 @@ class VisionEncoder(nn.Module):
         """Like ``nn.Module.train``, except that a frozen encoder stays in eval mode."""
         return super().train(mode and not self.frozen)
 
+    # -- where the tokens come from ----------------------------------------
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens ahead of the patch grid: a ViT's class and register tokens (timm's
+        ``num_prefix_tokens``: 1 for CLIP / DeiT, 5 for DINOv2 with registers), 0 for a CNN's map."""
+        return int(getattr(self.model, "num_prefix_tokens", 0) or 0)
+
+    def token_grid(self, num_tokens: int, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """(rows, columns) of the patch grid behind ``num_tokens`` tokens, prefix tokens left out.
+
+        The grid is the pair of factors of ``num_tokens - num_prefix_tokens`` whose shape is closest
+        to the input's ``height`` / ``width`` (default: the data config's ``input_size``), the
+        row-major order :func:`feature_tokens` gives.
+
+        Raises:
+            ValueError: no more tokens than prefix tokens.
+        """
+        patches = num_tokens - self.num_prefix_tokens
+        if patches < 1:
+            raise ValueError(f"{self.spec}: {num_tokens} tokens, but the encoder puts {self.num_prefix_tokens} "
+                             "prefix tokens before its patch grid")
+        _, default_h, default_w = self.data_config["input_size"]
+        return grid_shape(patches, height or default_h, width or default_w)
+
     def extra_repr(self) -> str:
         return f"spec={self.spec}, out_dim={self.out_dim}, frozen={self.frozen}"
 
@@ -324,6 +349,12 @@ def feature_tokens(features: Tensor, channels_last: bool, where: str = "forward_
         return features  # (B, N, D)
     raise ValueError(f"{where} returned shape {tuple(features.shape)}; expected a feature map (B, C, H, W) "
                      "or tokens (B, N, D)")
+
+
+def grid_shape(count: int, height: int, width: int) -> tuple[int, int]:
+    """(rows, columns) with ``rows * columns == count`` whose aspect is closest to ``height / width``."""
+    pairs = [(rows, count // rows) for rows in range(1, count + 1) if count % rows == 0]
+    return min(pairs, key=lambda rc: abs(math.log(rc[0] / rc[1]) - math.log(height / width)))
 
 
 # -- data config ------------------------------------------------------------

@@ -61,6 +61,7 @@ from ..layers import (
 )
 from ..losses import itc_loss
 from ..registry import register_fusion
+from ..rollout import ImageRelevance, identity_rows, mix
 from .base import FusionModule, FusionOutput
 
 IMAGE_SUMMARIES = ("mean", "first")
@@ -210,6 +211,27 @@ class AlbefFusion(FusionModule):
         temperature = self.itc_temperature()  # ()
         aux = {"image_embed": image_embed, "text_embed": text_embed, "temperature": temperature}
         return FusionOutput(text_tokens=text_tokens, pooled=pooled, image_tokens=image_tokens, aux=aux)
+
+    def attention_rollout(self, attention: dict[nn.Module, Tensor], text_mask: Tensor,
+                          image_mask: Tensor | None = None, causal: bool = False) -> ImageRelevance:
+        """Rollout over the inputs ``[text (T); image (N)]``: the text self-attends and cross-attends
+        to the image stream, which mixes nothing (each image token is only itself).
+
+        Args:
+            attention: what :func:`~fusionzoo.rollout.record_attention` recorded over one
+                forward without a cache: each layer's self (B, T, T) and cross (B, T, N) attention.
+            text_mask: (B, T) the text mask of that forward.
+        """
+        b, t = text_mask.shape
+        n = attention[self.layers[0].cross_attn].shape[-1]
+        like = attention[self.layers[0].self_attn]
+        text = identity_rows(b, t, t + n, 0, like)  # (B, T, T+N)
+        image = identity_rows(b, n, t + n, t, like)  # (B, N, T+N)
+        for layer in self.layers:
+            text = mix(text, attention[layer.self_attn], text)
+            text = mix(text, attention[layer.cross_attn], image)
+        rows = text[:, :, t:]  # (B, T, N)
+        return ImageRelevance(text_tokens=rows, pooled=rows[:, 0])  # pooled: the fused [CLS]
 
     # -- alignment without the fusion encoder -------------------------------------------
     def _image_embed(self, image_tokens: Tensor, image_mask: Tensor | None) -> Tensor:

@@ -44,6 +44,7 @@ from ..layers import (
     running_masked_mean,
 )
 from ..registry import register_fusion
+from ..rollout import ImageRelevance, identity_rows, mix
 from .base import FusionModule, FusionOutput
 
 
@@ -182,6 +183,39 @@ class CoAttentionFusion(FusionModule):
         if cache is not None:
             cache.offset += num_new
         return FusionOutput(text_tokens=text_tokens, pooled=pooled, image_tokens=image_tokens)
+
+    def attention_rollout(self, attention: dict[nn.Module, Tensor], text_mask: Tensor,
+                          image_mask: Tensor | None = None, causal: bool = False) -> ImageRelevance:
+        """Rollout over the inputs ``[text (T); image (N)]``, one relevance matrix per stream.
+
+        Each layer's text layer mixes in its self-attention and its cross-attention to the image
+        stream's layer input; the image layer likewise, reading the text stream's layer input
+        (text position 0 alone when ``causal``). ``pooled`` mixes the two streams' means in
+        equal parts (the pooling Linear sees them side by side); built without the image
+        outputs, it is the text stream's mean.
+
+        Args:
+            attention: what :func:`~fusionzoo.rollout.record_attention` recorded over one
+                forward without a cache.
+            text_mask: (B, T) the text mask of that forward; ``image_mask`` (B, N) or None.
+            causal: whether that forward was causal.
+        """
+        b, t = text_mask.shape
+        n = attention[self.layers[0].text.cross_attn].shape[-1]
+        like = attention[self.layers[0].text.self_attn]
+        text = identity_rows(b, t, t + n, 0, like)  # (B, T, T+N)
+        image = identity_rows(b, n, t + n, t, like)  # (B, N, T+N)
+        for layer in self.layers:
+            new_text = mix(text, attention[layer.text.self_attn], text)
+            new_text = mix(new_text, attention[layer.text.cross_attn], image)
+            if layer.image is not None:
+                image = mix(image, attention[layer.image.self_attn], image)
+                image = mix(image, attention[layer.image.cross_attn], text[:, :1] if causal else text)
+            text = new_text
+        pooled = masked_mean(text, text_mask.bool())  # (B, T+N)
+        if self.pool is not None:
+            pooled = 0.5 * pooled + 0.5 * masked_mean(image, image_mask)
+        return ImageRelevance(text_tokens=text[:, :, t:], pooled=pooled[:, t:])
 
 
 register_fusion("co_attention")(CoAttentionFusion)

@@ -37,6 +37,7 @@ from ..layers import (
     prefix_causal_mask,
 )
 from ..registry import register_fusion
+from ..rollout import ImageRelevance, identity_rows, mix
 from .base import FusionModule, FusionOutput
 
 TEXT_TYPE, IMAGE_TYPE = 0, 1
@@ -190,6 +191,25 @@ class MergedTransformerFusion(FusionModule):
         if cache is not None:
             cache.offset += num_new
         return FusionOutput(text_tokens=text_tokens, pooled=pooled, image_tokens=image_tokens)
+
+    def attention_rollout(self, attention: dict[nn.Module, Tensor], text_mask: Tensor,
+                          image_mask: Tensor | None = None, causal: bool = False) -> ImageRelevance:
+        """Rollout over the one sequence ``[image (N); text (T)]`` (:mod:`fusionzoo.rollout`).
+
+        Args:
+            attention: what :func:`~fusionzoo.rollout.record_attention` recorded over one
+                forward without a cache or ``pooled_only``: every layer's (B, N+T, N+T).
+            text_mask: (B, T) the text mask of that forward (``image_mask`` and ``causal`` are
+                already in the recorded attention).
+        """
+        b, t = text_mask.shape
+        first = attention[self.layers[0].self_attn]  # (B, N+T, N+T)
+        n = first.shape[-1] - t
+        relevance = identity_rows(b, n + t, n + t, 0, first)  # (B, N+T, N+T)
+        for layer in self.layers:
+            relevance = mix(relevance, attention[layer.self_attn], relevance)
+        text_rows = relevance[:, n:, :n]  # (B, T, N)
+        return ImageRelevance(text_tokens=text_rows, pooled=text_rows[:, 0])  # pooled: text position 0
 
 
 register_fusion("merged_transformer")(MergedTransformerFusion)

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..errors import OutputDirError, TrainingInterrupted
+from ..model_card import write_model_card
 from .checkpoint import CheckpointManager, run_metadata, write_json_atomic
 from .config import ConfigError, TrainConfig
 from .optim import build_optimizer
@@ -636,6 +637,8 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
             **({"compile": compiled.summary()} if config.compile else {}),
             **({"feature_cache": data.feature_cache} if data.feature_cache is not None else {}),
         })
+        if (out_dir / "final" / "config.json").is_file():  # a fine-tuned model: its card gets the metrics
+            write_model_card(out_dir / "final")
     accelerator.wait_for_everyone()
     if end_process_group:
         accelerator.end_training()
