@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import CheckpointError, FusionZooError
+from ..hub import resolve_model_folder
 from ..data.common import SkipBadImages
 from .config import ConfigError, TrainConfig
 from .features import FrozenFeatures
@@ -227,7 +228,7 @@ def load_matching_weights(model: nn.Module, source: str | Path, verbose: bool = 
 
     import safetensors.torch
 
-    path = Path(source)
+    path = resolve_model_folder(source)  # a Hub repo id: its snapshot in the Hub cache
     weights = path / "model.safetensors" if path.is_dir() else path
     if not weights.is_file():
         final = path / "final" / "model.safetensors"
