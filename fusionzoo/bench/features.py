@@ -30,7 +30,8 @@ from .suites import BenchError
 # --------------------------------------------------------------------------------------
 # After the cache: pooling and position channels
 # --------------------------------------------------------------------------------------
-def pool_image_tokens(tokens: np.ndarray | torch.Tensor, grid: int | None, chunk: int = 1024) -> torch.Tensor:
+def pool_image_tokens(tokens: np.ndarray | torch.Tensor, grid: int | None, chunk: int = 1024,
+                      prefix_tokens: int = 0) -> torch.Tensor:
     """Average-pool square token grids (U, h*w, D) to (U, grid*grid, D), in the input's dtype.
 
     The cache keeps every token of the encoder's feature map; a run that wants
@@ -42,18 +43,28 @@ def pool_image_tokens(tokens: np.ndarray | torch.Tensor, grid: int | None, chunk
     of the image encoder (:class:`~fusionzoo.bench.tails.EncoderTailsModel`): the result is on
     the device of ``tokens`` and carries gradients back to them.
 
+    A ViT puts ``prefix_tokens`` class / register tokens (timm's ``num_prefix_tokens``) before its
+    patches; they have no place in the grid, so a grid leaves them out (:func:`grid_note` says so).
+
     Args:
-        tokens: image tokens, row-major over an h x h grid (the vision encoder's layout).
-        grid: output side; None or 0, or a grid not smaller than h, returns the tokens unchanged.
+        tokens: image tokens: ``prefix_tokens`` of them, then a row-major h x h grid (the vision
+            encoder's layout).
+        grid: output side; None or 0 returns the tokens unchanged (prefix included), a grid not
+            smaller than h the patch tokens unchanged.
         chunk: images pooled per step (bounds the float32 temporary).
+        prefix_tokens: tokens ahead of the grid, dropped when there is a grid.
     """
     tokens = as_tensor(tokens) if isinstance(tokens, np.ndarray) else tokens
+    if not grid:
+        return tokens
+    if prefix_tokens:
+        tokens = tokens[:, prefix_tokens:]  # the patch grid
     count, side = tokens.shape[1], math.isqrt(tokens.shape[1])
-    if not grid or grid >= side:
+    if grid >= side:
         return tokens
     if side * side != count:
-        raise BenchError(f"cannot pool {count} image tokens to a {grid}x{grid} grid: they are not a square grid "
-                         "(a ViT with prefix tokens?); use --image-grid 0")
+        raise BenchError(f"cannot pool {count} image tokens (after {prefix_tokens} prefix tokens) to a {grid}x{grid} "
+                         "grid: they are not a square grid; use --image-grid 0")
     out = torch.empty(tokens.shape[0], grid * grid, tokens.shape[2], dtype=tokens.dtype, device=tokens.device)
     for begin in range(0, tokens.shape[0], chunk):
         block = tokens[begin: begin + chunk].float()  # (u, h*w, D)
@@ -61,6 +72,18 @@ def pool_image_tokens(tokens: np.ndarray | torch.Tensor, grid: int | None, chunk
         pooled = torch.nn.functional.adaptive_avg_pool2d(block, grid)  # (u, D, g, g)
         out[begin: begin + chunk] = pooled.flatten(2).transpose(1, 2).to(tokens.dtype)  # (u, g*g, D)
     return out
+
+
+def grid_note(vision_name: str, tokens: int, prefix_tokens: int, grid: int | None) -> str | None:
+    """The log line saying what :func:`pool_image_tokens` did to an encoder's ``tokens``, or None for nothing."""
+    if not grid:
+        return None
+    side = math.isqrt(tokens - prefix_tokens)
+    pooled = f"pooled its {side}x{side} patch grid to {grid}x{grid}" if grid < side else f"kept its {side}x{side} patch grid"
+    if not prefix_tokens:
+        return f"image tokens: --vision {vision_name} gives {tokens}; {pooled}" if grid < side else None
+    return (f"image tokens: --vision {vision_name} gives {tokens}, {prefix_tokens} of them prefix tokens "
+            f"(class / register, timm's num_prefix_tokens) that were dropped; {pooled}")
 
 
 def add_position_channels(tokens: torch.Tensor, frequencies: int) -> torch.Tensor:

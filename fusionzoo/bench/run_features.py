@@ -16,7 +16,9 @@ import torch
 
 from ..encoders import TextEncoder, VisionEncoder
 from ..features.cache import FeatureCache
-from .features import add_position_channels, image_features, image_preprocessing, pool_image_tokens, text_features
+from .features import (add_position_channels, grid_note, image_features, image_preprocessing, pool_image_tokens,
+                       text_features)
+from .config import spec_name
 from .loop import FeatureView, as_tensor
 from .settings import TASK_SETTINGS
 from .standardize import channel_stats
@@ -37,8 +39,9 @@ class Features:
             ``--train-encoders``, ``tail_inputs`` (U, T, Dt).
         train_encoders: ``--train-encoders`` (0 = frozen encoders).
         image_tail_inputs: with ``--train-encoders``: (U, ...) the image encoder's tail inputs.
-        image_grid, image_positions: how image tokens are finished after the encoder
-            (:func:`pool_image_tokens`, :func:`add_position_channels`); the tails' rows do it in the model.
+        image_grid, image_positions, image_prefix_tokens: how image tokens are finished after the encoder
+            (:func:`pool_image_tokens`, dropping the encoder's prefix tokens, and :func:`add_position_channels`);
+            the tails' rows do it in the model.
     """
 
     image_tokens: torch.Tensor
@@ -48,6 +51,7 @@ class Features:
     image_tail_inputs: torch.Tensor | None = None
     image_grid: int | None = None
     image_positions: int = 0
+    image_prefix_tokens: int = 0
 
     @property
     def image_dim(self) -> int:
@@ -109,17 +113,20 @@ def extract_features(tasks: Sequence[BenchTask], vision: VisionEncoder, text: Te
     images = image_features(cache, vision, paths, data_config, device=device, progress=progress, stage=image_stage,
                             tail=train_encoders or None)
     image_tail_inputs = None
+    prefix = vision.num_prefix_tokens if image_stage is None else 0  # a stage's map has no prefix tokens
     if train_encoders:
         image_tail_inputs = as_tensor(images["tail_inputs"])  # (U, ...)
         pooled, encoder_tokens = untrained_image_tokens(vision.tail(train_encoders), image_tail_inputs, image_grid,
-                                                        device=device, progress=progress)
+                                                        device=device, progress=progress, prefix_tokens=prefix)
     else:
-        pooled, encoder_tokens = pool_image_tokens(images["tokens"], image_grid), list(images["tokens"].shape[1:])
+        pooled = pool_image_tokens(images["tokens"], image_grid, prefix_tokens=prefix)
+        encoder_tokens = list(images["tokens"].shape[1:])
     image_tokens = add_position_channels(pooled, image_positions)
     info: dict[str, Any] = {"images": len(paths), "image_size": image_size,
                             "encoder_tokens": encoder_tokens, "image_stage": image_stage,
                             "position_channels": 4 * max(0, image_positions),
-                            "image_tokens": list(image_tokens.shape[1:])}
+                            "image_tokens": list(image_tokens.shape[1:]),
+                            "image_tokens_note": grid_note(spec_name(vision.spec), encoder_tokens[0], prefix, image_grid)}
     if train_encoders:
         info["tail_inputs"] = {"blocks": train_encoders, "image": list(image_tail_inputs.shape[1:])}
     texts: dict[bool, tuple[dict[str, torch.Tensor], dict[str, int]]] = {}
@@ -141,5 +148,5 @@ def extract_features(tasks: Sequence[BenchTask], vision: VisionEncoder, text: Te
         info["captions" if causal else "texts"] = len(wanted)
     features = Features(image_tokens=image_tokens, image_row={p: i for i, p in enumerate(paths)},
                         texts=texts, train_encoders=train_encoders, image_tail_inputs=image_tail_inputs,
-                        image_grid=image_grid, image_positions=image_positions)
+                        image_grid=image_grid, image_positions=image_positions, image_prefix_tokens=prefix)
     return features, info

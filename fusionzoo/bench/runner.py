@@ -185,6 +185,8 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
                                               device,
                                               config.progress, image_grid, suite.image_stage,
                                               suite.image_positions, config.train_encoders)
+    if feature_info.get("image_tokens_note"):
+        echo(feature_info["image_tokens_note"])  # e.g. a ViT's prefix tokens dropped before pooling
     if not cache.enabled:
         echo(f"feature cache off (--no-cache): extracted features in {cache.extraction_seconds:.1f}s")
     elif cache.misses == 0:

@@ -99,7 +99,8 @@ def check_tail_blocks(train_encoders: int, vision: VisionEncoder, text: TextEnco
 # --------------------------------------------------------------------------------------
 @torch.no_grad()
 def untrained_image_tokens(tail: nn.Module, tail_inputs: Tensor, grid: int | None, *, device: torch.device,
-                           batch_size: int = 256, progress: bool = True) -> tuple[Tensor, list[int]]:
+                           batch_size: int = 256, progress: bool = True, prefix_tokens: int = 0
+                           ) -> tuple[Tensor, list[int]]:
     """The (untrained) image tail over every cached row, pooled to ``grid`` as the run's features are.
 
     Args:
@@ -119,7 +120,7 @@ def untrained_image_tokens(tail: nn.Module, tail_inputs: Tensor, grid: int | Non
             x = tail_inputs[begin: begin + batch_size].to(device, torch.float32)
             tokens = tail(x).float()  # (b, N, Di)
             shape = list(tokens.shape[1:])
-            pooled = pool_image_tokens(tokens, grid).cpu()  # (b, G, Di)
+            pooled = pool_image_tokens(tokens, grid, prefix_tokens=prefix_tokens).cpu()  # (b, G, Di)
             if out is None:
                 out = torch.from_numpy(np.empty((len(tail_inputs), *pooled.shape[1:]), dtype=FEATURE_DTYPE))
             out[begin: begin + len(x)] = pooled.to(out.dtype)
@@ -170,6 +171,7 @@ class EncoderTailsModel(nn.Module):
         text_tail: the row's own copy of :meth:`TextEncoder.tail` (trainable).
         image_grid: the suite's token grid (None / 0 = every token).
         image_positions: position-channel frequencies per axis (0 = none).
+        image_prefix_tokens: the image encoder's prefix tokens, dropped before pooling to the grid.
         replaced_parameters: parameters of the frozen encoders' blocks that the tails stand in
             for (they are in ``model`` but never run), left out of the row's total.
     """
@@ -178,19 +180,22 @@ class EncoderTailsModel(nn.Module):
     ENCODER_PREFIXES = ("vision_tail.", "text_tail.")
 
     def __init__(self, model: FusionModel, vision_tail: nn.Module, text_tail: nn.Module,
-                 image_grid: int | None = None, image_positions: int = 0, replaced_parameters: int = 0) -> None:
+                 image_grid: int | None = None, image_positions: int = 0, replaced_parameters: int = 0,
+                 image_prefix_tokens: int = 0) -> None:
         super().__init__()
         self.model = model
         self.vision_tail = vision_tail
         self.text_tail = text_tail
         self.image_grid = image_grid
         self.image_positions = image_positions
+        self.image_prefix_tokens = image_prefix_tokens
         self.replaced_parameters = replaced_parameters
 
     def image_states(self, image_tail_inputs: Tensor) -> Tensor:
         """(B, ...) image tail inputs -> the image tokens (B, G, Di) the fusion is fed."""
         tokens = self.vision_tail(image_tail_inputs)  # (B, N, Di)
-        return add_position_channels(pool_image_tokens(tokens, self.image_grid), self.image_positions)
+        pooled = pool_image_tokens(tokens, self.image_grid, prefix_tokens=self.image_prefix_tokens)
+        return add_position_channels(pooled, self.image_positions)
 
     def text_states(self, text_tail_inputs: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, T, Dt) text tail inputs and their (B, T) mask -> states (B, T, Dt), padding as zeros (as cached)."""
@@ -221,7 +226,8 @@ class EncoderTailsModel(nn.Module):
 
 
 def with_encoder_tails(model: FusionModel, vision_tail: nn.Module, text_tail: nn.Module,
-                       image_grid: int | None = None, image_positions: int = 0) -> EncoderTailsModel:
+                       image_grid: int | None = None, image_positions: int = 0,
+                       image_prefix_tokens: int = 0) -> EncoderTailsModel:
     """``model`` behind trainable deep copies of the run's (frozen, shared) tails.
 
     Call it under the row's seed, where the model is built; the shared tails are not touched.
@@ -232,4 +238,4 @@ def with_encoder_tails(model: FusionModel, vision_tail: nn.Module, text_tail: nn
         own.requires_grad_(True)
         copies.append(own)
     replaced = sum(p.numel() for tail in (vision_tail, text_tail) for p in tail.parameters())
-    return EncoderTailsModel(model, copies[0], copies[1], image_grid, image_positions, replaced)
+    return EncoderTailsModel(model, copies[0], copies[1], image_grid, image_positions, replaced, image_prefix_tokens)
