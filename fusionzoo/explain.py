@@ -138,8 +138,9 @@ def explain(model: nn.Module, image: Image.Image, question: str | None = None, *
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     rollout = getattr(model.fusion, "attention_rollout", None)
+    fusion = model.fusion.registry_name or type(model.fusion).__name__
     if method == "attention" and rollout is None:
-        raise ValueError(f"fusion {model.config['fusion']!r} has no attention over image tokens to roll out "
+        raise ValueError(f"fusion {fusion!r} has no attention over image tokens to roll out "
                          "(no attention_rollout); use method='gradient'")
     use_rollout = rollout is not None and method != "gradient"
     causal = bool(model.head.causal)
@@ -170,7 +171,7 @@ def explain(model: nn.Module, image: Image.Image, question: str | None = None, *
     maps = torch.where(totals > 0, maps / totals.clamp_min(1e-30), torch.full_like(maps, 1.0 / (rows * cols)))
     return Explanation(method=ROLLOUT if use_rollout else GRADIENT, targets=_target_names(model, targets, causal),
                        maps=maps.cpu(), image=image, crop_box=crop_box(image.size, model.vision.data_config),
-                       question=question, fusion=str(model.config.get("fusion", "")))
+                       question=question, fusion=fusion)
 
 
 # -- what is explained ----------------------------------------------------------------------------

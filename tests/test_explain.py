@@ -143,6 +143,7 @@ def test_every_fusion_explains(task: str, fusion: str) -> None:
                                 max_new_tokens=3)
     assert model.training and model.fusion.training  # modes restored
     assert explanation.method == (ROLLOUT if hasattr(model.fusion, "attention_rollout") else GRADIENT)
+    assert explanation.fusion == fusion
     assert explanation.maps.shape == (len(explanation.targets), 8, 8)
     assert torch.allclose(explanation.maps.sum(dim=(1, 2)), torch.ones(len(explanation.targets)), atol=1e-5)
     if task == "captioning":
