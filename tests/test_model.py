@@ -242,7 +242,8 @@ def test_inference_methods_fit_the_task() -> None:
 def test_save_load_round_trip(task: str, fusion: str, tmp_path) -> None:
     model = cached_model(task, fusion)
     folder = model.save_pretrained(tmp_path / "model")
-    assert {p.name for p in folder.iterdir()} == {CONFIG_NAME, WEIGHTS_NAME, "text_encoder", "tokenizer"}
+    # README.md: the model card
+    assert {p.name for p in folder.iterdir()} == {CONFIG_NAME, WEIGHTS_NAME, "text_encoder", "tokenizer", "README.md"}
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging folders left behind
     config = json.loads((folder / CONFIG_NAME).read_text())
     assert config["format_version"] == 1 and config["fusionzoo_version"] == fusionzoo.__version__
