@@ -25,6 +25,7 @@ transformers (ViLT, BLIP)::
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -45,6 +46,7 @@ from .layers import KVCache
 from .losses import IGNORE_INDEX, itc_loss
 from .explain import Explanation, explain
 from .hub import upload_model_folder
+from .lora import LoraSpec, add_lora, merge_lora as fold_lora
 from .model_card import write_model_card
 from .model_folder import load_folder, save_folder
 from .registry import TASKS
@@ -472,8 +474,18 @@ class FusionModel(nn.Module):
         return logits.double(), past
 
     # -- checkpoints ----------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+    def add_lora(self, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 targets: Sequence[str] = ("vision", "text")) -> "FusionModel":
+        """Add LoRA adapters to ``targets`` and freeze their base weights; see :func:`fusionzoo.lora.add_lora`."""
+        return add_lora(self, LoraSpec(r, alpha, dropout, LoraSpec.parse_targets(targets)))
+
+    def save_pretrained(self, directory: str | os.PathLike, *, merge_lora: bool = False) -> Path:
         """Write config.json, model.safetensors, text_encoder/ and tokenizer/ into ``directory``.
+
+        A model with LoRA adapters writes ``adapters.safetensors`` instead of model.safetensors
+        (the adapters, fusion and head; the encoders' base weights come from their presets,
+        or ``base.safetensors`` where a preset does not rebuild them: :mod:`fusionzoo.lora`);
+        ``merge_lora=True`` writes an ordinary folder with the adapters folded into the weights.
 
         The files are written into a temporary folder next to ``directory`` and
         moved in afterwards, ``config.json`` last (an existing one is removed
@@ -484,6 +496,9 @@ class FusionModel(nn.Module):
         Returns:
             the folder, as a Path.
         """
+        if merge_lora and self.config.get("lora"):
+            merged = fold_lora(copy.deepcopy(self))
+            return save_folder(directory, merged, merged.text, merged.config)
         return save_folder(directory, self, self.text, self.config)
 
     @classmethod

@@ -42,6 +42,10 @@ def card_metadata(config: dict[str, Any], run: dict[str, Any] | None = None) -> 
                             "task": task, "fusion": fusion, "encoders": {"vision": vision, "text": text}}
     if task in PIPELINE_TAGS:
         meta["pipeline_tag"] = PIPELINE_TAGS[task]
+    lora = config.get("lora")
+    if isinstance(lora, dict):
+        meta["tags"].append("lora")
+        meta["lora"] = {k: lora.get(k) for k in ("r", "alpha", "dropout", "targets")}
     dataset = run_config.get("data")
     if dataset:
         meta["datasets"] = [str(dataset)]
@@ -69,6 +73,11 @@ def model_card(config: dict[str, Any], run: dict[str, Any] | None = None, repo_i
              f"`{meta['encoders']['text']}`."]
     if meta.get("datasets"):
         lines += ["", f"Trained on `{meta['datasets'][0]}`."]
+    if meta.get("lora"):
+        lora = meta["lora"]
+        lines += ["", f"Fine-tuned with LoRA adapters (rank {lora['r']}, alpha {lora['alpha']:g}) on "
+                  f"{', '.join(lora['targets'])}: `adapters.safetensors` holds them with the fusion and head; "
+                  "an encoder's base weights come from its preset (or `base.safetensors`). Loading needs `peft`."]
     if meta.get("metrics"):
         lines += ["", "Its last evaluation:", "", "| metric | value |", "|---|---|"]
         lines += [f"| {name} | {value:.4g} |" for name, value in meta["metrics"].items()]

@@ -39,6 +39,8 @@ from .encoders.saved_vision import rebuild_saved_vision_encoder
 from .encoders.text import CONFIG_DIR, TOKENIZER_DIR
 from .errors import MissingModelFileError, ModelFolderError
 from .hub import resolve_model_folder
+from .lora import (ADAPTERS_NAME, BASE_NAME, ENCODER_PARTS, LoraSpec, add_lora, check_sources, load_base,
+                   preset_encoders, split_state, verify_base)
 from .model_card import CARD_NAME, model_card, read_card_sources
 from .model_config import check_vocabulary
 from .registry import FUSIONS, HEADS, TASKS, RegistryError
@@ -68,7 +70,10 @@ def save_folder(directory: str | os.PathLike, model: nn.Module, text: TextEncode
     config["text"] = {**config.get("text", {}), "tokenizer_size": len(text.tokenizer)}
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-", dir=directory.parent))
     try:
-        safetensors.torch.save_model(model, str(staging / WEIGHTS_NAME), force_contiguous=True)
+        if config.get("lora"):
+            config["lora"] = {**config["lora"], "base": _save_lora_tensors(model, staging)}
+        else:
+            safetensors.torch.save_model(model, str(staging / WEIGHTS_NAME), force_contiguous=True)
         text.save_config(staging)
         # The card: the run's dataset and last evaluation come from a run.json already in the folder.
         _, run = read_card_sources(directory) if directory.is_dir() else (None, None)
@@ -78,6 +83,19 @@ def save_folder(directory: str | os.PathLike, model: nn.Module, text: TextEncode
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def _save_lora_tensors(model: nn.Module, staging: Path) -> dict[str, Any]:
+    """adapters.safetensors (and base.safetensors where a preset does not rebuild the base); the sources."""
+    adapters, base, sources = split_state(model, preset_encoders(model))
+    shared = {t.data_ptr() for t in base.values()} | {
+        p.data_ptr() for part in ENCODER_PARTS for p in getattr(model, part).parameters()}
+    # a tensor tied to an encoder's base (a head sharing the word embeddings) comes back with that base
+    adapters = {k: v for k, v in adapters.items() if v.data_ptr() not in shared or ".lora_" in k}
+    safetensors.torch.save_file({k: v.detach().contiguous() for k, v in adapters.items()}, str(staging / ADAPTERS_NAME))
+    if base:
+        safetensors.torch.save_file({k: v.detach().contiguous() for k, v in base.items()}, str(staging / BASE_NAME))
+    return sources
 
 
 def _apply_umask(staging: Path) -> None:
@@ -176,7 +194,10 @@ def load_folder(directory: str | os.PathLike, build: Callable[..., M], *, allow_
     model_config = {k: v for k, v in config.items() if k not in ("format_version", "fusionzoo_version")}
     with _as_folder_error(config_path, "task", "does not describe a model that fits together"):
         model = build(vision, text, fusion, head, model_config, align=align)
-    _load_weights(model, folder / WEIGHTS_NAME, config_path)
+    if config.get("lora") is not None:
+        _load_lora(model, folder, config_path, config["lora"])
+    else:
+        _load_weights(model, folder / WEIGHTS_NAME, config_path)
     if config.get("freeze_encoders"):
         vision.freeze()
         text.freeze()
@@ -224,18 +245,31 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value
 
 
+def weight_files(folder: Path, config: dict[str, Any] | None = None) -> list[Path]:
+    """The weight files a saved folder loads: model.safetensors, or a LoRA model's adapters (and base)."""
+    lora = (config if config is not None else _read_json(folder / CONFIG_NAME)).get("lora")
+    if not lora:
+        return [folder / WEIGHTS_NAME]
+    return [folder / name for name in (ADAPTERS_NAME, BASE_NAME) if name == ADAPTERS_NAME or (folder / name).exists()]
+
+
 def _read_config(folder: Path) -> dict[str, Any]:
-    """config.json of ``folder``, once it and model.safetensors are known to be files inside it."""
+    """config.json of ``folder``, once it and its weights (model.safetensors) are known to be files inside it."""
     if not folder.is_dir():
         raise MissingModelFileError(f"no saved fusionzoo model at {folder}: the folder does not exist")
-    for path in (folder / CONFIG_NAME, folder / WEIGHTS_NAME):
-        if not path.is_file():
-            raise MissingModelFileError(
-                f"{path} not found: a model saved by FusionModel.save_pretrained has {CONFIG_NAME} and "
-                f"{WEIGHTS_NAME} (a folder without {CONFIG_NAME} is an incomplete save)"
-            )
-        _check_inside(folder, path)
-    return _read_json(folder / CONFIG_NAME)
+    _require_file(folder, folder / CONFIG_NAME, WEIGHTS_NAME)
+    config = _read_json(folder / CONFIG_NAME)
+    for path in weight_files(folder, config):
+        _require_file(folder, path, path.name)
+    return config
+
+
+def _require_file(folder: Path, path: Path, weights: str) -> None:
+    if not path.is_file():
+        raise MissingModelFileError(
+            f"{path} not found: a model saved by FusionModel.save_pretrained has {CONFIG_NAME} and "
+            f"{weights} (a folder without {CONFIG_NAME} is an incomplete save)")
+    _check_inside(folder, path)
 
 
 def _get(config: dict[str, Any], config_path: Path, key: str, kind: type | tuple[type, ...] | None = None,
@@ -358,6 +392,50 @@ def _load_text_encoder(folder: Path, config_path: Path, spec: Any, tokenizer_siz
             "comes from another model (save_pretrained writes the tokenizer the model was trained with)"
         )
     return text
+
+
+def _load_lora(model: nn.Module, folder: Path, config_path: Path, lora: Any) -> None:
+    """Base weights (from the presets or base.safetensors), then the adapters, loaded so every tensor is set."""
+    if not isinstance(lora, dict):
+        raise ModelFolderError(f"{config_path}: key 'lora' must be an object, got {lora!r}")
+    with _as_folder_error(config_path, "lora", "does not describe LoRA adapters"):
+        spec = LoraSpec(**{k: v for k, v in lora.items() if k != "base"})
+        sources = check_sources(lora.get("base"), str(config_path))
+    with _as_folder_error(config_path, "lora.base", "names a preset that does not build"):
+        for part, encoder in preset_encoders(model).items():
+            if sources[part]["source"] == "preset":
+                load_base(model, part, encoder)
+    model.config.pop("lora", None)  # add_lora records it again, less the base sources
+    add_lora(model, spec)
+    tensors = {}
+    for name in (ADAPTERS_NAME, BASE_NAME):
+        path = folder / name
+        if name == ADAPTERS_NAME or any(s["source"] == "saved" for s in sources.values()):
+            _check_inside(folder, path)
+            if not path.is_file():
+                raise MissingModelFileError(f"{path}: missing (config.json {config_path} has key 'lora')")
+            tensors.update(safetensors.torch.load_file(str(path)))
+    from_presets = {n for part in ENCODER_PARTS if sources[part]["source"] == "preset"
+                    for n, _ in getattr(model, part).named_parameters(prefix=part) if ".lora_" not in n}
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:
+        raise ModelFolderError(f"{folder / ADAPTERS_NAME} does not fit the architecture {config_path} "
+                               f"describes: {exc}") from exc
+    tied = _tied_names(model)
+    left = [k for k in missing if k not in from_presets and k not in tied]
+    if left or unexpected:
+        raise ModelFolderError(f"{folder / ADAPTERS_NAME} does not fit the architecture {config_path} describes: "
+                               f"missing {left[:5]}, unexpected {list(unexpected)[:5]}")
+    with _as_folder_error(config_path, "lora.base", "does not match the base weights"):
+        verify_base(model, sources, str(config_path))
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """State-dict names of tensors that share storage with an encoder's parameters (tied weights)."""
+    encoder_ptrs = {p.data_ptr() for part in ENCODER_PARTS for p in getattr(model, part).parameters()}
+    return {k for k, v in model.state_dict().items()
+            if v.data_ptr() in encoder_ptrs and not k.startswith(ENCODER_PARTS)}
 
 
 def _load_weights(model: nn.Module, weights_path: Path, config_path: Path) -> None:

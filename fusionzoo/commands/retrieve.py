@@ -254,9 +254,9 @@ def list_images(folder: Path) -> list[ImageFile]:
 def _key_parts(model: FusionModel, model_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """What identifies the model (its weights' content hash, its config) and how images are turned into tokens."""
     from ..features.keys import fingerprint_files
-    from ..model_folder import WEIGHTS_NAME
+    from ..model_folder import weight_files
 
-    encoder = {"weights": fingerprint_files([str(model_dir / WEIGHTS_NAME)]), "config": model.config}
+    encoder = {"weights": fingerprint_files([str(p) for p in weight_files(Path(model_dir))]), "config": model.config}
     preprocessing = {"index_format": INDEX_FORMAT, "data_config": model.vision.data_config,
                      "tokens_dtype": "float16"}
     return encoder, preprocessing

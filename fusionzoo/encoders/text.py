@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from ..lora import keep_base_in_eval
 from ..registry import TEXT_ENCODERS, RegistryError
 
 CONFIG_DIR = "text_encoder"  # save_config: HF model config under <directory>/text_encoder/config.json
@@ -275,8 +276,12 @@ class TextEncoder(nn.Module):
             p.requires_grad_(True)
 
     def train(self, mode: bool = True) -> TextEncoder:
-        """Like ``nn.Module.train``, except that a frozen encoder stays in eval mode."""
-        return super().train(mode and not self.frozen)
+        """Like ``nn.Module.train``, except that a frozen encoder stays in eval mode, and an encoder
+        with LoRA adapters trains only their dropout (its base keeps its eval behaviour)."""
+        super().train(mode and not self.frozen)
+        if getattr(self, "lora_base_eval", False):
+            keep_base_in_eval(self)
+        return self
 
     # -- saving -------------------------------------------------------------
     def save_config(self, directory: str | os.PathLike) -> None:

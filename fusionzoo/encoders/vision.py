@@ -57,6 +57,7 @@ from timm.models.efficientnet import EfficientNet
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from ..lora import keep_base_in_eval
 from ..registry import VISION_ENCODERS, RegistryError
 
 
@@ -282,8 +283,12 @@ class VisionEncoder(nn.Module):
             p.requires_grad_(True)
 
     def train(self, mode: bool = True) -> VisionEncoder:
-        """Like ``nn.Module.train``, except that a frozen encoder stays in eval mode."""
-        return super().train(mode and not self.frozen)
+        """Like ``nn.Module.train``, except that a frozen encoder stays in eval mode, and an encoder
+        with LoRA adapters trains only their dropout (its base keeps its eval behaviour)."""
+        super().train(mode and not self.frozen)
+        if getattr(self, "lora_base_eval", False):
+            keep_base_in_eval(self)
+        return self
 
     # -- where the tokens come from ----------------------------------------
     @property

@@ -47,6 +47,20 @@ class TrainConfig:
     """A saved model or ALBEF pretraining output to initialise from (matching weights are loaded)."""
     freeze_encoders: bool = True
     """Keep the image and text encoders fixed (their features can then be cached)."""
+    peft: Literal["none", "lora"] = "none"
+    """Parameter-efficient fine-tuning: ``lora`` adds LoRA adapters (the ``peft`` library) to
+    ``lora_targets`` and freezes their base weights; ``freeze_encoders`` is then ignored (encoders
+    not in ``lora_targets`` stay frozen) and the final model saves the adapters alone."""
+    lora_r: int = 8
+    """LoRA rank of each adapted layer's update."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: the update is multiplied by ``lora_alpha / lora_r``."""
+    lora_dropout: float = 0.0
+    """Dropout on an adapted layer's input to its LoRA update."""
+    lora_targets: str = "vision,text"
+    """Comma-separated parts that get adapters: vision, text, fusion (their Linear and 1-group Conv2d layers)."""
+    lora_merge: bool = False
+    """Save the final model with the adapters folded into the weights (an ordinary folder) instead."""
     max_text_len: int = 32
 
     # data
@@ -385,6 +399,13 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"key 'rerank_k' must be >= 1 candidates per query or 'all', got {config.rerank_k}")
     if config.rerank_batch_size < 1:
         raise ConfigError(f"key 'rerank_batch_size' must be >= 1 pairs, got {config.rerank_batch_size}")
+    if config.peft == "lora":
+        from ..lora import LoraSpec
+
+        try:
+            LoraSpec(config.lora_r, config.lora_alpha, config.lora_dropout, LoraSpec.parse_targets(config.lora_targets))
+        except ValueError as exc:
+            raise ConfigError(f"key {str(exc).split()[0]!r}: {exc}") from exc
     from ..decoding import DecodingOptions
 
     DecodingOptions.from_config(config)  # a bad decoding option is an error before anything runs

@@ -116,7 +116,7 @@ class RetrievalRecipe(PretrainRecipe):
 
     def export(self, accelerator: Any, model: nn.Module, directory: Path) -> None:
         if accelerator.is_main_process:
-            self.model.save_pretrained(directory)
+            self.model.save_pretrained(directory, merge_lora=self.config.lora_merge)
 
     def result(self, final_eval: dict[str, Any], train_losses: dict[str, float], step: int) -> dict[str, Any]:
         return final_eval

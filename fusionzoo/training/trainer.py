@@ -143,9 +143,9 @@ class FinetuneRecipe(Recipe):
                 plain = dataclasses.replace(self.config, init_from=None)
                 export = _build_model(plain, self.task, self.data, init=False)
                 export.load_state_dict(state)
-                export.save_pretrained(directory)
+                export.save_pretrained(directory, merge_lora=self.config.lora_merge)
         elif accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(directory)
+            accelerator.unwrap_model(model).save_pretrained(directory, merge_lora=self.config.lora_merge)
 
 
 #: ``head_kwargs.output_ids`` value that gives a text-generating head the tokens of the training captions.
@@ -189,7 +189,7 @@ def _build_model(config: TrainConfig, task: Any, data: Any, *, init: bool) -> nn
     try:
         model = create_model(
             config.task, config.fusion, vision=config.vision, text=config.text,
-            freeze_encoders=config.freeze_encoders, fusion_kwargs=dict(config.fusion_kwargs),
+            freeze_encoders=config.freeze_encoders and config.peft != "lora", fusion_kwargs=dict(config.fusion_kwargs),
             head_kwargs=head_kwargs, max_text_len=config.max_text_len, **vocab_kwargs,
         )
         if from_train:
@@ -202,6 +202,11 @@ def _build_model(config: TrainConfig, task: Any, data: Any, *, init: bool) -> nn
                           f" and head_kwargs={dict(config.head_kwargs)}: {type(exc).__name__}: {exc}") from exc
     if init and config.init_from:
         load_matching_weights(model, config.init_from, verbose=True)
+    if config.peft == "lora":  # after init_from: the adapters start at zero on the initialised weights
+        from fusionzoo.lora import LoraSpec
+
+        model.add_lora(config.lora_r, config.lora_alpha, config.lora_dropout,
+                       LoraSpec.parse_targets(config.lora_targets))
     return model
 
 

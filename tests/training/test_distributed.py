@@ -34,6 +34,9 @@ TASKS = ("vqa", "classification", "captioning", "retrieval")
 BUILT_IN = ("albef", "attention_weighted", "co_attention", "early_concat", "late_voting", "merged_transformer")
 #: Feature-level fusions whose 2-process losses must equal the 1-process ones (no batch-level auxiliary loss).
 EQUAL = ("early_concat", "co_attention", "merged_transformer")
+#: LoRA fine-tuning (adapters on both tiny encoders, which then run at every step): two fusions.
+EQUAL_LORA = ("co_attention", "merged_transformer")
+LORA = ["peft=lora", "lora_r=2", "lora_alpha=4"]
 #: Retrieval (ITC over the gathered batch + ITM with hard negatives drawn per global row): an
 #: Alignment-based fusion and one that aligns itself.
 EQUAL_RETRIEVAL = ("merged_transformer", "albef")
@@ -133,6 +136,8 @@ def launched(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     jobs = [{"kind": "train", "overrides": _pair_args(task, fusion, data, out / f"{task}-{fusion}")}
             for task in TASKS for fusion in FUSIONS.list() if fusion in BUILT_IN]
     jobs += [{"kind": "train", "overrides": _equal_args(fusion, data, out / f"equal-{fusion}", 8)} for fusion in EQUAL]
+    jobs += [{"kind": "train", "overrides": [*_equal_args(fusion, data, out / f"equal-lora-{fusion}", 8), *LORA]}
+             for fusion in EQUAL_LORA]
     jobs.append({"kind": "pretrain", "overrides": _pretrain_args(data, out / "equal-pretrain", 4)})
     jobs.append({"kind": "pretrain", "overrides": _pretrain_args(data, out / "equal-pretrain-merged", 4,
                                                                  "merged_transformer")})
@@ -179,6 +184,20 @@ def test_two_processes_at_batch_8_train_like_one_at_16(launched: Path, data: Pat
     # all-reduce shows in the weights more than in the losses (with the frozen encoders' float16 features
     # from the feature cache, up to ~2e-6 here).
     assert run_two["param_checksums"][0] == pytest.approx(run_one["param_checksums"][0], rel=1e-5)
+
+
+@pytest.mark.parametrize("fusion", EQUAL_LORA)
+def test_lora_on_two_processes_at_batch_8_trains_like_one_at_16(launched: Path, data: Path, tmp_path: Path,
+                                                               fusion: str) -> None:
+    one = tmp_path / "one"
+    train(load_config(None, [*_equal_args(fusion, data, one, 16), *LORA, "cpu=true"]))
+    _compare_logs(one, launched / f"equal-lora-{fusion}", ("train/loss", "train/vqa"))
+    run_one = json.loads((one / "final" / "run.json").read_text())
+    run_two = json.loads((launched / f"equal-lora-{fusion}" / "final" / "run.json").read_text())
+    assert run_two["param_checksums"][0] == pytest.approx(run_one["param_checksums"][0], rel=1e-5)
+    # both saved the adapters, not the encoders' base weights from the model file
+    assert (launched / f"equal-lora-{fusion}" / "final" / "adapters.safetensors").is_file()
+    assert not (one / "final" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("fusion", ["albef", "merged_transformer"])
