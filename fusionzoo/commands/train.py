@@ -28,6 +28,8 @@ configuration: an optional YAML file, then key=value overrides applied in order
   max_steps | epochs, batch_size, lr, seed, mixed_precision (no | bf16 | fp16 | auto)
   compile         true | default | reduce-overhead | max-autotune: torch.compile the trained modules
                   (fusion, head; encoders only when trained); eager, with a warning, where it fails
+  modality_dropout  P in [0, 1): per training sample, the chance of removing its image (zeroed
+                  tokens) or its question (the empty question), half the time each (VQA, classification)
   freeze_encoders, save_every (steps), keep_last, init_from
   feature_cache   with frozen encoders, image tokens (and text states) are extracted once into
                   the on-disk feature cache and read from it (unset: where the data allows it;

@@ -114,6 +114,10 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
     max_grad_norm: float = 1.0
+    modality_dropout: float = 0.0
+    """Chance in [0, 1) that a training sample loses one modality, its image or its question (half the
+    time each; :mod:`fusionzoo.training.modality_dropout`): training for a missing modality. VQA and
+    classification; 0 = off."""
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
     """Autocast precision; ``auto``: bf16 on GPUs that have it (else fp16) and on CPUs with AMX /
@@ -397,6 +401,9 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(f"key 'save_every' must be >= 1 step, got {config.save_every}")
     if config.rerank_k != "all" and config.rerank_k < 1:
         raise ConfigError(f"key 'rerank_k' must be >= 1 candidates per query or 'all', got {config.rerank_k}")
+    if not 0.0 <= config.modality_dropout < 1.0:
+        raise ConfigError(f"key 'modality_dropout' must be a probability in [0, 1) (the chance that a training "
+                          f"sample loses its image or its question), got {config.modality_dropout}")
     if config.rerank_batch_size < 1:
         raise ConfigError(f"key 'rerank_batch_size' must be >= 1 pairs, got {config.rerank_batch_size}")
     if config.peft == "lora":

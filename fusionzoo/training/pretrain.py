@@ -133,6 +133,9 @@ def evaluate_pretraining(model: nn.Module, loader: DataLoader, accelerator: Any,
 
 def check_pretrain_config(config: TrainConfig, num_processes: int) -> None:
     """A ConfigError unless the loss weights, ``distill_alpha`` and the global batch suit ITC + ITM + MLM."""
+    if config.modality_dropout > 0:
+        raise ConfigError("key 'modality_dropout' is for VQA and classification fine-tuning; pretraining and "
+                          "task=retrieval learn from image-text pairs, which a dropped modality would not be")
     for key in ("itc_weight", "itm_weight", "mlm_weight"):
         if getattr(config, key) < 0:
             raise ConfigError(f"key '{key}' must be >= 0, got {getattr(config, key)}")

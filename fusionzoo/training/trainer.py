@@ -22,6 +22,7 @@ from ..hub import resolve_model_folder
 from ..data.common import SkipBadImages
 from .config import ConfigError, TrainConfig
 from .features import FrozenFeatures
+from .modality_dropout import EmptyText, drop_modalities, modality_drops
 from .step import seed_everything
 from .loop import (
     NonFiniteLossError,
@@ -85,6 +86,10 @@ class FinetuneRecipe(Recipe):
         check_names(config)
         self.task = get_task(config.task)
         self.label = f"train {config.task}/{config.fusion}"
+        if config.modality_dropout > 0 and self.task.generates_text:
+            raise ConfigError(f"key 'modality_dropout': task={config.task} reads its text as the target, so it has "
+                              "no question to drop; modality_dropout is for VQA and classification")
+        self.empty_text: EmptyText | None = None  # modality_dropout: the empty question, made at the first step
 
     def build_model(self, config: TrainConfig, accelerator: Any) -> nn.Module:
         with accelerator.main_process_first():
@@ -121,7 +126,15 @@ class FinetuneRecipe(Recipe):
                 context: StepContext) -> StepOutput:
         from fusionzoo.data.common import model_inputs
 
-        out = model(**model_inputs(batch))
+        inputs = model_inputs(batch)
+        if self.config.modality_dropout > 0:  # per sample, seeded by its row in the global batch
+            rows = len(batch["input_ids"])
+            if self.empty_text is None:
+                self.empty_text = EmptyText.of(unwrapped.text, with_states=inputs.get("text_states") is not None)
+            drops = modality_drops(self.config.seed, context.step, context.micro, context.processes.index * rows,
+                                   rows, self.config.modality_dropout)
+            inputs = drop_modalities(inputs, drops, self.empty_text)
+        out = model(**inputs)
         return StepOutput(loss=out.loss, losses=out.losses, num_samples=len(batch["input_ids"]))
 
     def evaluate(self, model: nn.Module, loader: DataLoader, accelerator: Any, config: TrainConfig) -> dict[str, float]:

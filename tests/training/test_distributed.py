@@ -34,6 +34,8 @@ TASKS = ("vqa", "classification", "captioning", "retrieval")
 BUILT_IN = ("albef", "attention_weighted", "co_attention", "early_concat", "late_voting", "merged_transformer")
 #: Feature-level fusions whose 2-process losses must equal the 1-process ones (no batch-level auxiliary loss).
 EQUAL = ("early_concat", "co_attention", "merged_transformer")
+#: Equality jobs trained with ``modality_dropout`` (images and questions dropped per global row).
+MODALITY_DROPOUT = {"co_attention": 0.5}
 #: LoRA fine-tuning (adapters on both tiny encoders, which then run at every step): two fusions.
 EQUAL_LORA = ("co_attention", "merged_transformer")
 LORA = ["peft=lora", "lora_r=2", "lora_alpha=4"]
@@ -82,6 +84,7 @@ def _equal_args(fusion: str, data: Path, out: Path, batch: int) -> list[str]:
     # warmup then cosine over 10 steps: the learning rate changes at all but one step
     return ["task=vqa", f"fusion={fusion}", *_data_args("vqa", data), *QUIET, *NO_DROPOUT, "fusion_kwargs.dim=16",
             f"batch_size={batch}", "max_steps=10", "warmup_ratio=0.3", "lr=3e-3", "max_eval_samples=0",
+            *([f"modality_dropout={MODALITY_DROPOUT[fusion]}"] if fusion in MODALITY_DROPOUT else []),
             f"output_dir={out}"]
 
 
