@@ -70,6 +70,11 @@ class BenchConfig:
         shard: ``"I/N"``: run only the I-th of N disjoint parts of the run's rows x seeds (whole
             rows with ``tune``) and write that part to ``out``; ``fusionzoo bench merge`` makes the
             report of the N parts (:mod:`fusionzoo.bench.shards`). None = the whole run.
+        robustness: score every trained VQA / classification row again on corrupted test inputs
+            (image removed or noisy, question removed or its words dropped or shuffled), without
+            retraining: :mod:`fusionzoo.bench.robustness`.
+        modality_dropout: train every VQA / classification row with this chance per sample of
+            losing its image or its question (:mod:`fusionzoo.training.modality_dropout`); 0 = off.
         progress: show progress bars.
     """
 
@@ -99,6 +104,8 @@ class BenchConfig:
     train_encoders: int = 0
     compile: bool = False
     shard: str | None = None
+    robustness: bool = False
+    modality_dropout: float = 0.0
     progress: bool = True
 
 

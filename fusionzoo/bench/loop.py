@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from ..hardware import RssSampler
 from ..model import FusionModel
 from ..tasks.passes import Stopwatch, caption_pass, logits_pass
+from ..training.modality_dropout import EmptyText, drop_modalities, modality_drops
 from ..training.optim import ENCODER_PREFIXES, build_optimizer
 from ..training.step import (  # noqa: F401  (PRECISIONS, autocast: the bench's names for them)
     PRECISIONS,
@@ -216,6 +217,8 @@ def train_model(
     encoder_prefixes: tuple[str, ...] = ENCODER_PREFIXES,
     max_grad_norm: float = 1.0,
     compile: bool = False,
+    modality_dropout: float = 0.0,
+    empty_text: EmptyText | None = None,
 ) -> TrainStats:
     """Train the trainable parameters of ``model`` on ``view``: its fusion and head (the frozen encoders
     never run), and with ``--train-encoders`` the encoder tails of an
@@ -242,6 +245,9 @@ def train_model(
         compile: compile the modules that train (``fusionzoo train``'s ``compile=true``,
             :class:`~fusionzoo.training.step.CompiledModules`): eager again if compiling fails, and
             eager when this returns; the seconds spent compiling are ``compile_seconds``, not ``seconds``.
+        modality_dropout: per sample, the chance that its image or its question is removed
+            (``fusionzoo train``'s ``modality_dropout``: :func:`~fusionzoo.training.modality_dropout.modality_drops`,
+            seeded by ``seed``, the step and the sample's place in the batch); ``empty_text`` is the removed question.
 
     Raises:
         NonFiniteLossError: the loss became NaN or infinite (a :class:`~fusionzoo.errors.FusionZooError`).
@@ -273,6 +279,9 @@ def train_model(
             for index in _batches(len(view), batch_size, steps, generator, drop_last):
                 rates.set(len(losses))
                 inputs = view.batch(index, device)
+                if modality_dropout > 0:
+                    drops = modality_drops(seed, len(losses), 0, 0, len(index), modality_dropout)
+                    inputs = drop_modalities(inputs, drops, empty_text)
                 if extra_inputs is not None:
                     inputs.update(extra_inputs(len(losses), index))
                 out = compiled.step(functools.partial(take, inputs))

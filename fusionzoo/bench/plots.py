@@ -5,6 +5,8 @@
 * :func:`plot_retrieval_cost` -- ``score_vs_seconds_<task>.png``: retrieval r_mean against milliseconds
   per query, reranked and all pairs;
 * :func:`plot_breakdowns` -- ``per_type_<task>.png``: accuracy per answer / question type or label;
+* :func:`plot_robustness` -- ``robustness_<task>.png`` (``--robustness``): the score against each
+  corruption's level, one line per fusion;
 * :func:`place_labels` / :func:`label_points` -- a name beside each point, off the other labels,
   points, error bars and prior lines.
 """
@@ -18,6 +20,7 @@ from typing import Any, Sequence
 from .formatting import (BREAKDOWNS, PERCENT, breakdown_groups, format_number, headline_score, headline_std,
                          is_reference, mean_and_std, ordered, row_label, scored_split)
 from .priors import plot_priors
+from .robustness import CLEAN, CORRUPTIONS, trained_on
 
 #: Line styles of the priors in the plots.
 PRIOR_STYLES = {"majority": {"color": "black", "linestyle": ":", "linewidth": 1.3},
@@ -365,6 +368,64 @@ def plot_breakdowns(rows: Sequence[dict[str, Any]], task: str, path: Path,
         handles.append(Line2D([], [], **PRIOR_STYLES["majority"]))
         labels.append(f"always \"{majority['answer']}\" (majority prior)")
     reserve = _legend_below(fig, handles, labels, ncol=min(5, max(3, math.ceil(len(labels) / 2))))
+    fig.tight_layout(rect=(0, reserve, 1, 1))
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return True
+
+
+def _robustness_panels() -> list[tuple[str, str, list[tuple[Any, str]]]]:
+    """The panels of :func:`plot_robustness`: (title, x label, [(x, score key)]), clean first in each."""
+    noise = [(c.level, c.name) for c in CORRUPTIONS if c.kind == "noise"]
+    dropout = sorted((c.level, c.name) for c in CORRUPTIONS if c.kind == "dropout")
+    other = [c.name for c in CORRUPTIONS if c.kind not in ("noise", "dropout")]
+    return [("image noise", "Gaussian noise (sd of each channel)", [(0.0, CLEAN), *noise]),
+            ("word dropout", "chance of dropping each word (1 = empty question)", [(0.0, CLEAN), *dropout]),
+            ("removed / shuffled", "", [(i, name) for i, name in enumerate([CLEAN, *other])])]
+
+
+def plot_robustness(rows: Sequence[dict[str, Any]], task: str, path: Path) -> bool:
+    """``robustness_<task>.png``: the headline score against each corruption's level, one line per fusion;
+    False when no row was scored on corrupted inputs (``--robustness``).
+
+    Three panels: image noise (0, 0.5, 1, 2 sd), word dropout (0, 0.25, 0.5, 1 = the empty question) and
+    the rest (image zeros, image mean, word shuffle) beside the clean score; error bars over seeds.
+    """
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in ordered(rows) if r["metrics"].get("robustness")]
+    if not rows:
+        return False
+    metric = rows[0]["config"]["headline_metric"]
+    seeds = len(rows[0]["seeds"])
+    panels = _robustness_panels()
+    fig, axes = plt.subplots(1, len(panels), figsize=(13.5, 4.4), squeeze=False, dpi=DPI)
+    cmap = plt.get_cmap("tab10")
+    handles = []
+    for ax, (title, xlabel, points) in zip(axes[0], panels):
+        handles = []
+        for k, row in enumerate(rows):
+            means, stds = mean_and_std(row["metrics"]["robustness"])
+            kept = [(x, key) for x, key in points if key in means]
+            xs, values = [x for x, _ in kept], [means[key] for _, key in kept]
+            errors = [stds.get(key, 0.0) for _, key in kept]
+            handle = ax.errorbar(xs, values, yerr=_error_bars(values, errors, metric in PERCENT), marker="o",
+                                 markersize=4, capsize=2, lw=1.3, color=cmap(k % 10),
+                                 linestyle="--" if is_reference(row) else "-")
+            handles.append(handle)
+        if isinstance(points[-1][0], int) and not xlabel:  # categories
+            ax.set_xticks([x for x, _ in points], [key for _, key in points], rotation=15)
+        else:
+            ax.set_xticks([x for x, _ in points])
+            ax.set_xlabel(xlabel)
+        ax.set_title(title)
+        ax.set_ylabel(_axis_label(metric))
+        if metric in PERCENT:
+            ax.set_ylim(0, 102)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{task}: {scored_split(rows)} {metric} on corrupted inputs ({trained_on(rows)})"
+                 + (f", mean ± sd over {seeds} seeds" if seeds > 1 else ""), fontsize=11)
+    reserve = _legend_below(fig, handles, [row_label(r) for r in rows], ncol=min(8, len(rows)))
     fig.tight_layout(rect=(0, reserve, 1, 1))
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

@@ -16,6 +16,7 @@ Files written to the output folder:
   over seeds, the priors as lines), ``score_vs_params.png``,
   ``score_vs_throughput.png`` (labels kept apart, :func:`label_points`),
   ``per_type_<task>.png`` (VQA per answer and question type, classification per label),
+  ``robustness_<task>.png`` (``--robustness``: the score against each corruption's level, one line per fusion),
   ``score_vs_seconds_<task>.png`` (retrieval: r_mean against milliseconds per query, reranked
   and all pairs, :func:`plot_retrieval_cost`);
 * ``scores_<task>_<row>_seed<seed>.npz`` -- retrieval: each row's score matrices (``i2t``,
@@ -48,13 +49,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..training.checkpoint import run_metadata, write_json_atomic
-from .plots import plot_breakdowns, plot_retrieval_cost, plot_scatter, plot_scores
+from .plots import plot_breakdowns, plot_retrieval_cost, plot_robustness, plot_scatter, plot_scores
 from .priors import plot_priors
 from .tables import markdown
 
 #: The names a report writes into ``--out`` (shell patterns); a new report removes the previous one's.
 REPORT_FILES = ("results.json", "results.md", "run.json", "captions.json", "score_*.png", "per_type_*.png",
-                "scores_*.npz", "vqa_results_*.json")
+                "robustness_*.png", "scores_*.npz", "vqa_results_*.json")
 
 
 def is_report_file(name: str) -> bool:
@@ -136,6 +137,8 @@ def _write_files(folder: Path, rows: Sequence[dict[str, Any]], run: dict[str, An
         names.append(f"score_{task}.png")
         if plot_breakdowns(task_rows, task, folder / f"per_type_{task}.png", run.get("majority_prior", {}).get(task)):
             names.append(f"per_type_{task}.png")
+        if plot_robustness(task_rows, task, folder / f"robustness_{task}.png"):
+            names.append(f"robustness_{task}.png")
         if task_rows[0]["config"]["model_task"] == "retrieval":
             plot_retrieval_cost(task_rows, task, folder / f"score_vs_seconds_{task}.png")
             names.append(f"score_vs_seconds_{task}.png")

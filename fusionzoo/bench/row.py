@@ -28,6 +28,7 @@ from ..tasks import get_task
 from ..training.optim import ENCODER_PREFIXES
 from .baselines import REFERENCES
 from .loop import PeakMemory, generate_captions, predict_logits, seeded, train_model
+from .robustness import ROBUST_TASKS, empty_text, robustness_scores
 from .run_features import Features
 from .settings import TEXT_ENCODER, VISION_ENCODER, TrainSettings, fusion_kwargs_for
 from .standardize import StandardizedFusion
@@ -109,6 +110,9 @@ def run_prediction_row(task: BenchTask, fusion: str, settings: TrainSettings, fe
     trained = features.train_encoders  # --train-encoders N: last blocks each model trains
     if trained and (task_object.generates_text or task.task == "retrieval"):  # run_bench refuses these first
         raise BenchError(f"--train-encoders does not train {task.task} rows ({task.name})")
+    robust = settings.robustness and task.task in ROBUST_TASKS  # run_bench refuses --train-encoders with them
+    dropout = settings.modality_dropout if task.task in ROBUST_TASKS else 0.0
+    empty = empty_text(features) if dropout > 0 else None
     for seed in seeds:
         with seeded(seed, device):
             model = build_bench_model(task, fusion, encoders["vision"], text, kwargs, settings.max_text_len,
@@ -126,7 +130,8 @@ def run_prediction_row(task: BenchTask, fusion: str, settings: TrainSettings, fe
                                       precision=precision, device=device, seed=seed,
                                       desc=f"{task.name} {fusion} seed {seed}", progress=progress,
                                       encoder_prefixes=EncoderTailsModel.ENCODER_PREFIXES if trained
-                                      else ENCODER_PREFIXES, compile=settings.compile)
+                                      else ENCODER_PREFIXES, compile=settings.compile,
+                                      modality_dropout=dropout, empty_text=empty)
             if task_object.generates_text:
                 outputs, eval_seconds = generate_captions(
                     model, test_view, batch_size=settings.eval_batch_size, precision=precision, device=device,
@@ -135,6 +140,10 @@ def run_prediction_row(task: BenchTask, fusion: str, settings: TrainSettings, fe
                 outputs, eval_seconds = predict_logits(model, test_view, batch_size=settings.eval_batch_size,
                                                        precision=precision, device=device)
         metrics = task_object.bench_metrics(task, task.test, outputs)
+        if robust:  # the same model on corrupted test inputs (--robustness)
+            metrics["robustness"] = robustness_scores(
+                model, task, test_view, features, feature_stats, metrics[task.metric],
+                batch_size=settings.eval_batch_size, precision=precision, device=device)
         if answers is None and task.test.question_ids is not None:  # logits (S, A) over task.vocabulary
             answers = [{"question_id": int(q), "answer": task.vocabulary[a]}
                        for q, a in zip(task.test.question_ids, outputs.argmax(dim=-1).tolist())]

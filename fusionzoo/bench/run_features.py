@@ -9,7 +9,7 @@ with lookups from image path / text to row, and gives each split's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -42,6 +42,8 @@ class Features:
         image_grid, image_positions, image_prefix_tokens: how image tokens are finished after the encoder
             (:func:`pool_image_tokens`, dropping the encoder's prefix tokens, and :func:`add_position_channels`);
             the tails' rows do it in the model.
+        corrupted_texts: ``--robustness``: text corruption name -> test question -> its corrupted
+            question, every one of them in ``texts[False]`` (:mod:`fusionzoo.bench.robustness`).
     """
 
     image_tokens: torch.Tensor
@@ -52,6 +54,7 @@ class Features:
     image_grid: int | None = None
     image_positions: int = 0
     image_prefix_tokens: int = 0
+    corrupted_texts: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def image_dim(self) -> int:

@@ -51,6 +51,7 @@ from .config import BenchConfig, resolve_device, resolve_fusions, resolve_jobs, 
 from .loop import resolve_precision
 from .priors import majority_prior
 from .report import write_report
+from .robustness import CORRUPTIONS, prepare_texts
 from .row import ANSWERS_KEY, SCORES_KEY, combine_seed_rows
 from .run_features import Features, extract_features
 from .settings import QUICK_EPOCHS, TASK_SETTINGS, TrainSettings, settings_for
@@ -85,7 +86,7 @@ def tune_settings(work: list[tuple[int, str, TrainSettings]], tasks: Sequence[Be
     for index, (t, fusion, settings) in enumerate(work):
         for trial in grid_trials(grids[tasks[t].name]):
             trials.append((index, trial))
-            trial_work.append((len(tasks) + t, fusion, apply_trial(settings, trial, cap)))
+            trial_work.append((len(tasks) + t, fusion, apply_trial(replace(settings, robustness=False), trial, cap)))
     echo(f"--tune: {len(trial_work)} trials ({len(work)} rows x their task's grid) on the validation split, "
          f"seed {config.seeds[0]}")
     scores: dict[int, float] = {}
@@ -134,6 +135,12 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
             raise BenchError(f"{option} must be a whole number of images >= 1, got {limit!r}")
     if config.vision_weights not in ("pretrained", "random"):
         raise BenchError(f"--vision-weights must be pretrained or random, got {config.vision_weights!r}")
+    if not 0.0 <= config.modality_dropout < 1.0:
+        raise BenchError(f"--modality-dropout must be a probability in [0, 1) (the chance that a training sample "
+                         f"loses its image or its question), got {config.modality_dropout}")
+    if config.train_encoders and (config.robustness or config.modality_dropout):
+        raise BenchError("--robustness and --modality-dropout act on the cached final features, which "
+                         "--train-encoders replaces by the encoders' tail inputs; leave --train-encoders out")
     check_tail_tasks(config.train_encoders, suite, task_names)  # --train-encoders: which suites and tasks
     if config.tune:
         if config.eval_split != "test":
@@ -185,6 +192,9 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
                                               device,
                                               config.progress, image_grid, suite.image_stage,
                                               suite.image_positions, config.train_encoders)
+    if config.robustness or config.modality_dropout > 0:  # the empty question, the corrupted test questions
+        feature_info["corrupted_texts"] = prepare_texts(tasks, features, text, cache, device, config.progress,
+                                                        config.robustness)
     if feature_info.get("image_tokens_note"):
         echo(feature_info["image_tokens_note"])  # e.g. a ViT's prefix tokens dropped before pooling
     if not cache.enabled:
@@ -195,7 +205,8 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
         echo(f"feature cache: {cache.hits} hits, {cache.misses} misses -- extracted in "
              f"{cache.extraction_seconds:.1f}s, stored in {cache.root}")
 
-    work = [(t, fusion, replace(settings_for(task.name, fusion, config.epochs, config.quick), compile=config.compile))
+    work = [(t, fusion, replace(settings_for(task.name, fusion, config.epochs, config.quick), compile=config.compile,
+                                modality_dropout=config.modality_dropout, robustness=config.robustness))
             for t, task in enumerate(tasks) for fusion in task_rows(task, fusions)]
     context = dict(image_size=image_size, image_grid=image_grid, image_stage=suite.image_stage,
                    image_positions=suite.image_positions, eval_split=config.eval_split,
@@ -210,6 +221,7 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
         "fusions": fusions,
         "seeds": list(config.seeds),
         "quick": config.quick,
+        "robustness": [c.name for c in CORRUPTIONS] if config.robustness else [],
         "precision": precision,
         "machine": describe_machine(device),
         "features": feature_info,

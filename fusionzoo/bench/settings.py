@@ -42,6 +42,10 @@ class TrainSettings:
         compile: compile the trained modules for the training step (``fusionzoo train``'s
             ``compile``; :func:`~fusionzoo.bench.loop.train_model`); the seconds spent compiling
             are left out of the row's training seconds.
+        modality_dropout: the chance that a training sample loses its image or its question
+            (``--modality-dropout``; :mod:`fusionzoo.training.modality_dropout`); VQA and classification rows.
+        robustness: score the trained row again on corrupted test inputs (``--robustness``;
+            :mod:`fusionzoo.bench.robustness`); VQA and classification rows.
     """
 
     epochs: float
@@ -53,6 +57,8 @@ class TrainSettings:
     eval_batch_size: int = 1024
     decoding: DecodingOptions = DecodingOptions()
     compile: bool = False
+    modality_dropout: float = 0.0
+    robustness: bool = False
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 from .formatting import (BREAKDOWNS, PERCENT, breakdown_groups, format_number, headline_score, is_reference,
                          mean_and_std, ordered, row_label, scored_split)
+from .robustness import CLEAN, CORRUPTIONS, DROPS, trained_on
 from .verdicts import best_baseline, difference_cells, verdict_lines
 
 #: Extra metric columns shown in results.md per model task.
@@ -168,6 +169,26 @@ def _breakdown_tables(task_rows: Sequence[dict[str, Any]], majority: dict[str, A
     return lines
 
 
+def robustness_lines(task_rows: Sequence[dict[str, Any]]) -> list[str]:
+    """``--robustness``: the table of each fusion's score on every corruption and its relative drops; [] without."""
+    task_rows = [r for r in ordered(task_rows) if r["metrics"].get("robustness")]
+    if not task_rows:
+        return []
+    metric = task_rows[0]["config"]["headline_metric"]
+    keys = [CLEAN, *[c.name for c in CORRUPTIONS], *DROPS.values()]
+    keys = [k for k in keys if any(k in r["metrics"]["robustness"] for r in task_rows)]
+    lines = [f"robustness: {scored_split(task_rows)} {metric} on corrupted inputs, without retraining "
+             f"({trained_on(task_rows)}); a drop is the mean over the family's corruptions of "
+             "100 (clean - corrupted) / clean:", "",
+             "| fusion | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    for row in task_rows:
+        means, stds = mean_and_std(row["metrics"]["robustness"])
+        cells = [("-" if k not in means else f"{means[k]:.1f}" + (f" ± {stds[k]:.1f}" if k in stds else ""))
+                 for k in keys]
+        lines.append(f"| {row_label(row)} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def _precision_lines(rows: Sequence[dict[str, Any]], run: dict[str, Any]) -> list[str]:
     """A line naming the fusions that trained in another precision than the run's, and why."""
     from ..training.step import BF16_UNSAFE
@@ -237,6 +258,7 @@ def markdown(rows: Sequence[dict[str, Any]], run: dict[str, Any]) -> str:
         lines += [*task_table(task_rows, majority), ""]
         lines += verdict_lines(task_rows, best_baseline(task_rows, majority))
         lines += _breakdown_tables(task_rows, majority)
+        lines += robustness_lines(task_rows)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -255,6 +277,8 @@ def results_tables(rows: Sequence[dict[str, Any]], run: dict[str, Any]) -> str:
                   *task_table(task_rows, majority), "",
                   *verdict_lines(task_rows, best_baseline(task_rows, majority)), *_prior_lines(task, run, metric),
                   *_retrieval_lines(task_rows)]
+        robustness = robustness_lines(task_rows)
+        lines += ([""] if lines[-1] else []) + robustness if robustness else []
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -57,6 +57,8 @@ examples:
   fusionzoo bench --fusions co_attention,albef,text_only --seeds 3 --epochs 3
   fusionzoo bench --suite easy-vqa --train-encoders 1 --device cuda   fine-tune the encoders' last blocks too
   fusionzoo bench compare bench-results other-results    metric differences between two reports
+  fusionzoo bench --suite easy-vqa --robustness   each fusion on missing / noisy images and questions
+  fusionzoo bench --suite easy-vqa --robustness --modality-dropout 0.3   the same, trained with modality dropout
   fusionzoo bench --shard 2/4 --out parts/2        the 2nd of 4 parts of a run (on another machine)
   fusionzoo bench merge parts/1 parts/2 parts/3 parts/4    the report of the 4 parts
 """
@@ -221,6 +223,17 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                         "trials included) and write that part to --out: run every part with the same options (on "
                         "any machines, e.g. as a job array), then `fusionzoo bench merge` their folders into the "
                         "report (default: the whole run)")
+    p.add_argument("--robustness", action="store_true",
+                   help="score every trained VQA / classification row again, without retraining, on corrupted test "
+                        "inputs: image tokens zeroed, set to the training mean, or with Gaussian noise of 0.5, 1 and "
+                        "2 sd; the question emptied, its words dropped (p 0.25, 0.5) or shuffled (re-encoded by the "
+                        "frozen text encoder, cached); the report adds a table per task (each corruption's score "
+                        "and the relative drop per fusion) and robustness_<task>.png (default: off)")
+    p.add_argument("--modality-dropout", type=float, default=0.0, metavar="P",
+                   help="train every VQA / classification row with chance P per sample (0 <= P < 1) of losing its "
+                        "image (zeroed tokens) or its question (the empty question), half the time each, as "
+                        "`fusionzoo train modality_dropout=P`; compare the --robustness tables of runs with and "
+                        "without it (default: 0, off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_bench)
     actions = p.add_subparsers(dest="bench_action", metavar="{compare,merge}", required=False,
@@ -300,6 +313,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         max_train=args.max_train, max_test=args.max_test,
         progress=not args.no_progress, vision_weights=args.vision_weights, tune=args.tune or args.tune_grid is not None,
         tune_grid=args.tune_grid, train_encoders=args.train_encoders, shard=args.shard, compile=args.compile,
+        robustness=args.robustness, modality_dropout=args.modality_dropout,
     )
     try:
         run_bench(config)
