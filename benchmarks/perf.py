@@ -45,6 +45,15 @@ Usage::
     python benchmarks/perf.py --quick --vs-vilt --out /tmp/perf.json   # smoke run, seconds
     python benchmarks/perf.py --fusions merged_transformer --vs-vilt --compile
     python benchmarks/perf.py --fusions merged_transformer --vs-vilt --compile --compile-vilt   # both compiled
+    python benchmarks/perf.py --int8 runs/vqa/final   # INT8 against float32: CPU batch-predict latency, size
+    python benchmarks/perf.py --int8 --quick          # the same on a tiny random VQA model, seconds
+
+With ``--int8 [MODEL]`` it measures only that: a saved float model (or, without MODEL, a tiny
+random VQA ``merged_transformer``) and its INT8 copy (:mod:`fusionzoo.quantize`) answer the
+same batch of images and questions with ``predict`` on the CPU, one call of each per round
+(``--repeats`` rounds, interleaved as everywhere here), and both are saved to compare the
+bytes of their ``model.safetensors``; the last stdout line has ``int8_latency_ratio`` and
+``int8_size_ratio`` (INT8 / float32) and how many of the batch's answers agree.
 """
 
 from __future__ import annotations
@@ -700,6 +709,59 @@ def print_vilt(report: dict[str, Any]) -> None:
         )
 
 
+# -- INT8 against float32 -------------------------------------------------------
+def measure_int8(model_dir: str | None, cfg: PerfConfig, batch: int, threads: int) -> dict[str, Any]:
+    """CPU batch-predict latency and saved size of a float model and its INT8 copy (see the module docstring)."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from fusionzoo.model_folder import WEIGHTS_NAME
+    from fusionzoo.quantize import quantize_model
+
+    if model_dir is None:
+        torch.manual_seed(0)
+        model = fusionzoo.create_model("vqa", "merged_transformer", "tiny", "tiny",
+                                       answers=[f"answer {i}" for i in range(cfg.num_answers)]).eval()
+    else:
+        model = fusionzoo.load_model(model_dir)
+    if model.head.causal:
+        raise SystemExit(f"--int8 times predict (VQA, classification); {model_dir} is a {model.task} model")
+    int8 = quantize_model(model)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(batch)]
+    words = ["what", "color", "shape", "is", "the", "there", "a", "red", "circle", "in", "image"]
+    questions = [" ".join(rng.choice(words, size=6)) + "?" for _ in range(batch)]
+    with tempfile.TemporaryDirectory(prefix="perf-int8-") as tmp:
+        sizes = {name: (m.save_pretrained(Path(tmp) / name) / WEIGHTS_NAME).stat().st_size
+                 for name, m in (("fp32", model), ("int8", int8))}
+    answers = {name: m.predict(images, questions) for name, m in (("fp32", model), ("int8", int8))}
+    timings = time_interleaved({name: (lambda m=m: m.predict(images, questions)) for name, m in
+                                (("fp32", model), ("int8", int8))}, torch.device("cpu"), cfg)
+    agree = sum(a == b for a, b in zip(answers["fp32"], answers["int8"]))
+    return {
+        "model": model_dir or "tiny random vqa/merged_transformer", "batch": batch, "threads": threads,
+        "quantized_layers": int8.config["quantization"]["quantized_layers"],
+        "fp32_ms": 1e3 * timings["fp32"].median_s, "int8_ms": 1e3 * timings["int8"].median_s,
+        "fp32_samples_ms": [1e3 * t for t in timings["fp32"].samples],
+        "int8_samples_ms": [1e3 * t for t in timings["int8"].samples],
+        "int8_latency_ratio": timings["int8"].median_s / timings["fp32"].median_s,
+        "fp32_bytes": sizes["fp32"], "int8_bytes": sizes["int8"], "int8_size_ratio": sizes["int8"] / sizes["fp32"],
+        "answers_agree": agree,
+    }
+
+
+def print_int8(report: dict[str, Any]) -> None:
+    print(f"INT8 against float32: {report['model']}, {report['quantized_layers']} Linear layers quantised")
+    print(f"  predict, batch {report['batch']}, CPU, {report['threads']} threads: float32 {report['fp32_ms']:.1f} ms, "
+          f"INT8 {report['int8_ms']:.1f} ms -> {report['int8_latency_ratio']:.3f}x "
+          f"({len(report['int8_samples_ms'])} interleaved rounds)")
+    print(f"  saved weights (model.safetensors): float32 {report['fp32_bytes']:,} bytes, INT8 {report['int8_bytes']:,} bytes "
+          f"-> {report['int8_size_ratio']:.3f}x")
+    print(f"  answers agreeing on the batch: {report['answers_agree']} of {report['batch']}")
+
+
 # -- main --------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -716,6 +778,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory worker process")
     parser.add_argument("--out", default="perf.json", help="where to write the JSON results")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--int8", nargs="?", const="", default=None, metavar="MODEL",
+                        help="only time CPU batch predict and compare the saved size of MODEL (a saved float VQA or "
+                        "classification model; none: a tiny random one) against its INT8 copy (fusionzoo quantize)")
+    parser.add_argument("--batch", type=int, default=0, help="with --int8: images per predict call (default: the config's)")
     args = parser.parse_args(argv)
     if args.compile_vilt and not (args.vs_vilt and args.compile):
         parser.error("--compile-vilt compiles ViLT beside our compiled model: give it with --vs-vilt --compile")
@@ -740,6 +806,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = QUICK if args.quick else FULL
     if args.repeats:
         cfg = replace(cfg, repeats=args.repeats)
+    if args.int8 is not None:  # INT8 against float32 only, on the CPU
+        machine = describe_machine(torch.device("cpu"))
+        print(f"machine: {machine['cpu']} ({machine['cpu_cores']} cores, {threads} torch threads, "
+              f"{machine['cpu_capability']}); torch {machine['torch']}; load average {machine['loadavg_start']}")
+        report = {"machine": machine, **measure_int8(args.int8 or None, cfg, args.batch or cfg.batch, threads)}
+        print_int8(report)
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps({k: report[k] for k in ("int8_latency_ratio", "int8_size_ratio", "fp32_ms", "int8_ms",
+                                                 "fp32_bytes", "int8_bytes", "answers_agree", "batch", "threads")}))
+        return report
     fusions = fusionzoo.list_fusions() if args.fusions == "all" else [f.strip() for f in args.fusions.split(",")]
     for name in fusions:
         fusionzoo.FUSIONS.get(name)  # unknown names fail here, listing what exists

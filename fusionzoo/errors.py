@@ -47,6 +47,10 @@ class OutputDirError(FusionZooError, ValueError):
     """An ``output_dir`` that holds another run's checkpoints or model (nothing there is touched)."""
 
 
+class QuantizedModelError(FusionZooError, RuntimeError):
+    """A quantised (INT8) model asked to do what only a float model does: train, resume, leave the CPU."""
+
+
 class TrainingStopped(FusionZooError, RuntimeError):
     """Training stopped early after saving a checkpoint (a non-finite loss, an interrupt)."""
 

@@ -198,9 +198,12 @@ class Attention(nn.Module):
         return x.view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
 
     def _project(self, x: Tensor, layers: tuple[nn.Linear, ...]) -> tuple[Tensor, ...]:
-        """``layers`` applied to ``x`` (B, L, Din) as one product, each result split into heads (B, H, L, Dh)."""
-        if len(layers) == 1:
-            return (self._heads(layers[0](x)),)
+        """``layers`` applied to ``x`` (B, L, Din) as one product, each result split into heads (B, H, L, Dh).
+
+        Layers that are not float Linears (INT8 ones, :mod:`fusionzoo.quantize`) run one by one.
+        """
+        if len(layers) == 1 or not all(isinstance(layer, nn.Linear) for layer in layers):
+            return tuple(self._heads(layer(x)) for layer in layers)
         weight = torch.cat([layer.weight for layer in layers])  # (n * D, Din)
         bias = torch.cat([layer.bias for layer in layers])
         b, l, _ = x.shape

@@ -49,6 +49,7 @@ from .hub import upload_model_folder
 from .lora import LoraSpec, add_lora, merge_lora as fold_lora
 from .model_card import write_model_card
 from .model_folder import load_folder, save_folder
+from .quantize import check_quantize, quantize_model, saved_quantized
 from .registry import TASKS
 
 
@@ -508,6 +509,7 @@ class FusionModel(nn.Module):
         device: str | torch.device | None = None,
         *,
         allow_download: bool = False,
+        quantize: str | None = None,
     ) -> "FusionModel":
         """Rebuild a model saved by :meth:`save_pretrained` and load its weights strictly.
 
@@ -523,8 +525,11 @@ class FusionModel(nn.Module):
             allow_download: let an ``hf-hub:`` image encoder name in config.json fetch its timm
                 config from the Hugging Face hub. Without it nothing is downloaded, and such a
                 folder is refused with an error that says so.
+            quantize: ``"int8"``: quantise the loaded model's Linear layers for CPU inference
+                (:func:`fusionzoo.quantize.quantize_model`). A folder saved quantised loads quantised
+                whatever this says (its config.json has ``quantization``).
         Returns:
-            the model, in eval mode (call ``.train()`` to fine-tune it further).
+            the model, in eval mode (call ``.train()`` to fine-tune it further; not a quantised one).
         Raises:
             ModelFolderError: config.json is not JSON, misses a key, holds a value of the wrong
                 kind, comes from a newer checkpoint format, gives timm a keyword it may not, names
@@ -534,7 +539,10 @@ class FusionModel(nn.Module):
                 ``FileNotFoundError``. Each message names the file and the key.
             RegistryError: config.json names a fusion, head, task or encoder that is not registered.
         """
-        model = load_folder(directory, cls, allow_download=allow_download)
+        quantize = check_quantize(quantize)
+        model = load_folder(directory, saved_quantized(cls, f"{directory}/config.json"), allow_download=allow_download)
+        if quantize is not None:
+            model = quantize_model(model, quantize, inplace=True, source=directory)
         if device is not None:
             model.to(device)
         return model.eval()
@@ -569,10 +577,12 @@ def load_model(
     device: str | torch.device | None = None,
     *,
     allow_download: bool = False,
+    quantize: str | None = None,
 ) -> FusionModel:
     """Load a model saved by :meth:`FusionModel.save_pretrained` (see :meth:`FusionModel.from_pretrained`).
 
     The folder's files are treated as untrusted data; nothing is downloaded unless
-    ``allow_download=True`` (only an ``hf-hub:`` image encoder name needs it).
+    ``allow_download=True`` (only an ``hf-hub:`` image encoder name needs it); ``quantize="int8"``
+    gives an INT8 model for the CPU (:mod:`fusionzoo.quantize`).
     """
-    return FusionModel.from_pretrained(directory, device=device, allow_download=allow_download)
+    return FusionModel.from_pretrained(directory, device=device, allow_download=allow_download, quantize=quantize)

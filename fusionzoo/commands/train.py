@@ -78,6 +78,10 @@ file). Useful keys:
   references=PATH the scored split's gold answers / captions in the schema `fusionzoo score`
                   reads (VQA: give the one file as --questions and --annotations; captions:
                   --annotations), for data without official files (easy-VQA, JSONL, Karpathy)
+  quantize=int8   score the INT8 model (`fusionzoo quantize`) beside the float one; the same
+                  happens for an INT8 folder (its float model: config.json quantization.source).
+                  Both run on the CPU with the same keys; the JSON has the INT8 scores, "float"
+                  and "int8_minus_float" (results= files are the INT8 model's)
 A split without answers (VQA test-dev, an unlabeled classification file) is predicted and written,
 not scored. VQA scores add per_answer_type and per_question_type (the official report's).
 captioning: num_beams, max_new_tokens, min_new_tokens, length_penalty, no_repeat_ngram_size,
@@ -153,9 +157,13 @@ def _run_config(checkpoint: str) -> Any:
     """The TrainConfig of the run that saved ``checkpoint`` (its run.json, or its parent's), or None."""
     from ..training.config import from_dict
 
+    from .quantize import float_source
+
     run_json = Path(checkpoint) / "run.json"
     if not run_json.is_file():
         run_json = Path(checkpoint).parent / "run.json"
+    if not run_json.is_file() and float_source(checkpoint) is not None:  # an INT8 folder: its float run's
+        run_json = float_source(checkpoint) / "run.json"
     if not run_json.is_file():
         return None
     return from_dict(json.loads(run_json.read_text())["config"], str(run_json))
@@ -163,18 +171,21 @@ def _run_config(checkpoint: str) -> Any:
 
 def _run_eval(args: argparse.Namespace) -> int:
     from ..training.config import load_config
+    from .quantize import quantized_eval_job, take_quantize
 
     try:
+        quantize, overrides = take_quantize(args.overrides)
         base = _run_config(args.checkpoint)
         if base is not None:
             base.max_eval_samples = None
-        config = load_config(None, args.overrides, base=base)
+        config = load_config(None, overrides, base=base)
     except ConfigError as exc:
         print(f"fusionzoo eval: error: {exc}", file=sys.stderr)
         return 2
     from ..training.trainer import evaluate_checkpoint
 
-    code = _report("eval", lambda c: evaluate_checkpoint(args.checkpoint, c), config)
+    job = quantized_eval_job(args.checkpoint, quantize) or (lambda c: evaluate_checkpoint(args.checkpoint, c))
+    code = _report("eval", job, config)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
@@ -197,6 +208,8 @@ Unreadable images are reported by name and skipped. score: the answer's soft sco
 label's probability (classification), the caption's beam score (captioning).
 decoding (captioning): key=value overrides, right after RUN, of the run's num_beams, max_new_tokens,
 min_new_tokens, length_penalty, no_repeat_ngram_size, repetition_penalty (transformers' meanings).
+quantize=int8 (also right after RUN): run the INT8 model of a float folder (quantised at load) on the
+CPU; an INT8 folder (`fusionzoo quantize`) always runs as INT8, on the CPU.
 """
 
 
@@ -213,7 +226,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoint", help="a saved model folder (with config.json) or a run's output_dir")
-    p.add_argument("overrides", nargs="*", help="decoding key=value overrides (num_beams=3, ...), before the options")
+    p.add_argument("overrides", nargs="*",
+                   help="decoding key=value overrides (num_beams=3, ...) and quantize=int8, before the options")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--image", help="path of one image")
     where.add_argument("--images", metavar="DIR_OR_GLOB", help="a folder of images or a glob")
@@ -253,12 +267,16 @@ def _run_predict(args: argparse.Namespace) -> int:
     from ..tasks import get_task
     from ..training.trainer import resolve_model_dir
     from .predict import list_images, open_images, plan_inputs, predict_files, read_lines
+    from .quantize import saved_quantization, take_quantize
 
+    quantize, args.overrides = take_quantize(args.overrides)
     decoding = _decoding(args.checkpoint, args)
     if args.images is not None and not args.out:
         raise ConfigError("--images writes JSON Lines: give --out FILE")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(resolve_model_dir(args.checkpoint), device=device)
+    folder = resolve_model_dir(args.checkpoint)
+    int8 = quantize is not None or saved_quantization(folder) is not None  # INT8 kernels are CPU kernels
+    device = args.device or ("cuda" if torch.cuda.is_available() and not int8 else "cpu")
+    model = load_model(folder, device=device, quantize=quantize)
     task = get_task(model.task)
     texts = [args.question] if args.question else None
     if args.questions or args.texts:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import CheckpointError, FusionZooError
 from ..hub import resolve_model_folder
+from ..quantize import refuse_quantized_weights
 from ..data.common import SkipBadImages
 from .config import ConfigError, TrainConfig
 from .features import FrozenFeatures
@@ -255,6 +256,7 @@ def load_matching_weights(model: nn.Module, source: str | Path, verbose: bool = 
         else:
             raise CheckpointError(f"init_from={source!r}: no model.safetensors there (nor under final/); "
                                   "expected a saved model folder or a run's output_dir")
+    refuse_quantized_weights(weights, f"init_from={source!r}")
     saved = safetensors.torch.load_file(str(weights))
     for source_prefix, target_prefix in getattr(model, "init_aliases", {}).items():  # e.g. itm.head. -> head.linear.
         for key in [k for k in saved if k.startswith(source_prefix)]:
