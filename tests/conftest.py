@@ -39,6 +39,7 @@ SHARED_FIXTURE_MODULES = frozenset({
     "tests/tasks/test_retrieval.py",
     "tests/commands/test_retrieve.py",
     "tests/bench/test_bench_train_encoders.py",
+    "tests/test_explain.py",
 })
 
 

@@ -183,3 +183,14 @@ def test_peft_lora_training_moves_only_the_adapters_fusion_and_head(tmp_path: Pa
     base = safetensors.torch.load_file(str(out / "final" / "base.safetensors"))
     fresh_state = fresh.state_dict()
     assert all(torch.equal(v, fresh_state[k.replace(".base_layer.", ".")]) for k, v in base.items())
+
+
+def test_adapters_train_at_lr_and_the_base_not_at_all() -> None:
+    from fusionzoo.training.optim import parameter_groups
+
+    model = _tiny().add_lora(r=2, targets="text")
+    groups = parameter_groups(model, lr=1e-3, weight_decay=0.1, encoder_lr=1e-5)
+    rates = {id(p): g["lr"] for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert rates.get(id(p)) == (1e-3 if p.requires_grad else None), name
+    assert any(".lora_" in n for n, p in model.named_parameters() if id(p) in rates)

@@ -2,7 +2,7 @@
 
 As in nanoGPT and BERT: weights of matrices (2-D and up) decay; biases, norms,
 embeddings' position/type tables and learned scalars (temperature) do not.
-Unfrozen encoders get their own learning rate (``encoder_lr``).
+Unfrozen encoders get their own learning rate (``encoder_lr``); LoRA adapters in them train at ``lr``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def parameter_groups(
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_encoder = name.startswith(encoder_prefixes)
+        # LoRA adapters are new weights (their B starts at zero): they train at ``lr``, not the encoders' rate
+        is_encoder = name.startswith(encoder_prefixes) and ".lora_" not in name
         no_decay = p.ndim < 2 or "position" in name or "type_embed" in name or "norm" in name.lower()
         groups.setdefault((is_encoder, not no_decay), []).append(p)
     out = []

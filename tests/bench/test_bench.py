@@ -205,6 +205,7 @@ def test_bench_quick_coco(tmp_path: Path, coco_mini: Path, capsys) -> None:
     assert main(["bench", "--suite", "coco", "--data-dir", str(coco_mini), "--quick", "--no-progress",
                  "--tasks", "coco-yesno,coco-captioning,coco-match",  # retrieval: test_bench_retrieval.py
                  "--max-train", "60", "--max-test", "20",  # images: the rows, not the subset size, are tested
+                 "--vision", "tiny", "--text", "tiny",  # the rows and the report are tested, not the encoders
                  "--fusions", fusions, "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
     printed = capsys.readouterr().out
     rows = _rows(out)

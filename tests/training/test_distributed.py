@@ -44,6 +44,8 @@ LORA = ["peft=lora", "lora_r=2", "lora_alpha=4"]
 EQUAL_RETRIEVAL = ("merged_transformer", "albef")
 #: Streamed pretraining (webdataset shards, each reader its share): one aligning itself, one through an Alignment.
 STREAMED = ("albef", "co_attention")
+#: ITC-only pretraining: the fusing layers (ITM, MLM) get no gradient, which the run tells DDP.
+ITC_ONLY = ["itm_weight=0", "mlm_weight=0"]
 QUIET = ["vision=tiny", "text=tiny", "log_with=none", "log_every=1", "seed=1"]
 NO_DROPOUT = ["fusion_kwargs.dropout=0.0", "head_kwargs.dropout=0.0"]
 #: Retrieval models that ``fusionzoo eval`` scores on 2 processes and on 1: one aligning itself, one through
@@ -142,6 +144,7 @@ def launched(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     jobs += [{"kind": "train", "overrides": [*_equal_args(fusion, data, out / f"equal-lora-{fusion}", 8), *LORA]}
              for fusion in EQUAL_LORA]
     jobs.append({"kind": "pretrain", "overrides": _pretrain_args(data, out / "equal-pretrain", 4)})
+    jobs.append({"kind": "pretrain", "overrides": [*_pretrain_args(data, out / "equal-pretrain-itc", 4), *ITC_ONLY]})
     jobs.append({"kind": "pretrain", "overrides": _pretrain_args(data, out / "equal-pretrain-merged", 4,
                                                                  "merged_transformer")})
     jobs += [{"kind": "train", "overrides": _retrieval_args(fusion, data, out / f"equal-retrieval-{fusion}", 4)}
@@ -211,6 +214,19 @@ def test_pretraining_on_two_processes_equals_one(launched: Path, data: Path, tmp
     pretrain(load_config(None, [*_pretrain_args(data, one, 8, fusion), "cpu=true"], base=pretrain_base_config()))
     two = launched / ("equal-pretrain" if fusion == "albef" else "equal-pretrain-merged")
     _compare_logs(one, two, ("train/loss", "train/itc", "train/itm", "train/mlm", "train/itm_accuracy"))
+
+
+def test_itc_only_pretraining_on_two_processes_equals_one(launched: Path, data: Path, tmp_path: Path) -> None:
+    """2 processes x 4 pairs == 1 process x 8 pairs with ITC alone: the gather of the other process's
+    embeddings is differentiable, and the unused fusing layers do not stop DDP."""
+    one = tmp_path / "one"
+    pretrain(load_config(None, [*_pretrain_args(data, one, 8), *ITC_ONLY, "cpu=true"], base=pretrain_base_config()))
+    two = launched / "equal-pretrain-itc"
+    _compare_logs(one, two, ("train/loss", "train/itc"))
+    run_one = json.loads((one / "final" / "run.json").read_text())
+    run_two = json.loads((two / "final" / "run.json").read_text())
+    assert run_two["num_processes"] == 2 and len(set(run_two["param_checksums"])) == 1
+    assert run_two["param_checksums"][0] == pytest.approx(run_one["param_checksums"][0], rel=1e-6)
 
 
 @pytest.mark.parametrize("fusion", EQUAL_RETRIEVAL)
