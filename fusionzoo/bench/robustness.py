@@ -155,35 +155,11 @@ def corrupt_image_tokens(tokens: Tensor, corruption: Corruption, mean: Tensor, s
 # --------------------------------------------------------------------------------------
 # The run's corrupted questions, encoded once
 # --------------------------------------------------------------------------------------
-def add_texts(features: Features, texts: Sequence[str], text: Any, cache: FeatureCache, max_length: int,
-              device: torch.device, progress: bool) -> int:
-    """Encode the strings of ``texts`` that ``features`` lacks (one cache entry) and add them to its
-    (non-causal) text arrays; returns how many were added."""
-    arrays, row = features.texts[False]
-    missing = sorted({t for t in texts if t not in row})
-    if not missing:
-        return 0
-    entry = text_features(cache, text, missing, max_length=max_length, device=device, progress=progress)
-    added = {name: as_tensor(entry[name]) for name in ("input_ids", "mask", "states")}
-    width = max(arrays["input_ids"].shape[1], added["input_ids"].shape[1])
-    merged = {}
-    for name in ("input_ids", "mask", "states"):
-        parts = []
-        for part in (arrays[name], added[name]):
-            pad = width - part.shape[1]
-            if pad:
-                part = torch.cat([part, part.new_zeros(part.shape[0], pad, *part.shape[2:])], dim=1)
-            parts.append(part)
-        merged[name] = torch.cat(parts)
-    start = len(row)
-    features.texts[False] = (merged, {**row, **{t: start + i for i, t in enumerate(missing)}})
-    return len(missing)
-
-
 def prepare_texts(tasks: Sequence[BenchTask], features: Features, text: Any, cache: FeatureCache,
                   device: torch.device, progress: bool, robustness: bool) -> int:
     """Give ``features`` the empty question (for ``--modality-dropout``) and, with ``robustness``, every
-    test question's corrupted versions (``features.corrupted_texts``); returns the new texts encoded."""
+    test question's corrupted versions (``features.corrupted_texts``), encoded into one cache entry of
+    their own (``features.extra_texts``, so the clean arrays stay as they are); returns how many."""
     tasks = [t for t in tasks if t.task in ROBUST_TASKS and not t.causal_text and t.test.texts is not None]
     if not tasks or False not in features.texts:
         return 0
@@ -196,12 +172,16 @@ def prepare_texts(tasks: Sequence[BenchTask], features: Features, text: Any, cac
                 features.corrupted_texts[corruption.name] = mapping
                 wanted.update(mapping.values())
     max_length = max(TASK_SETTINGS[task.name].max_text_len for task in tasks)
-    return add_texts(features, sorted(wanted), text, cache, max_length, device, progress)
+    texts = sorted(wanted)
+    entry = text_features(cache, text, texts, max_length=max_length, device=device, progress=progress)
+    features.extra_texts = ({name: as_tensor(entry[name]) for name in ("input_ids", "mask", "states")},
+                            {t: i for i, t in enumerate(texts)})
+    return len(texts)
 
 
 def empty_text(features: Features) -> EmptyText:
     """The run's empty question (:func:`prepare_texts` encoded it): ids and cached states."""
-    arrays, row = features.texts[False]
+    arrays, row = features.extra_texts
     index = row[""]
     mask = arrays["mask"][index].bool()
     return EmptyText(input_ids=arrays["input_ids"][index][mask].long(), states=arrays["states"][index][mask].float())
@@ -221,7 +201,7 @@ def corrupted_view(view: FeatureView, split_texts: Sequence[str] | None, corrupt
         return replace(view, image_tokens=tokens.to(features.image_tokens.dtype), image_rows=inverse)
     if view.text_rows is None or split_texts is None:
         return view
-    arrays, row = features.texts[False]
+    arrays, row = features.extra_texts
     mapping = features.corrupted_texts[corruption.name]
     rows = torch.as_tensor([row[mapping[q]] for q in split_texts], dtype=torch.long)
     return replace(view, text_rows=rows, text_states=arrays["states"], text_ids=arrays["input_ids"],

@@ -43,7 +43,9 @@ class Features:
             (:func:`pool_image_tokens`, dropping the encoder's prefix tokens, and :func:`add_position_channels`);
             the tails' rows do it in the model.
         corrupted_texts: ``--robustness``: text corruption name -> test question -> its corrupted
-            question, every one of them in ``texts[False]`` (:mod:`fusionzoo.bench.robustness`).
+            question (:mod:`fusionzoo.bench.robustness`).
+        extra_texts: ``--robustness`` / ``--modality-dropout``: (arrays, text -> row) of the empty
+            question and the corrupted questions, arrays as ``texts``' (their own cache entry).
     """
 
     image_tokens: torch.Tensor
@@ -55,6 +57,7 @@ class Features:
     image_positions: int = 0
     image_prefix_tokens: int = 0
     corrupted_texts: dict[str, dict[str, str]] = field(default_factory=dict)
+    extra_texts: tuple[dict[str, torch.Tensor], dict[str, int]] | None = None
 
     @property
     def image_dim(self) -> int:

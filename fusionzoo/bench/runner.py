@@ -193,7 +193,7 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
                                               config.progress, image_grid, suite.image_stage,
                                               suite.image_positions, config.train_encoders)
     if config.robustness or config.modality_dropout > 0:  # the empty question, the corrupted test questions
-        feature_info["corrupted_texts"] = prepare_texts(tasks, features, text, cache, device, config.progress,
+        feature_info["extra_texts"] = prepare_texts(tasks, features, text, cache, device, config.progress,
                                                         config.robustness)
     if feature_info.get("image_tokens_note"):
         echo(feature_info["image_tokens_note"])  # e.g. a ViT's prefix tokens dropped before pooling
