@@ -194,3 +194,11 @@ def test_adapters_train_at_lr_and_the_base_not_at_all() -> None:
     for name, p in model.named_parameters():
         assert rates.get(id(p)) == (1e-3 if p.requires_grad else None), name
     assert any(".lora_" in n for n, p in model.named_parameters() if id(p) in rates)
+
+
+def test_pretraining_refuses_peft() -> None:
+    from fusionzoo.training.pretrain import check_pretrain_config, pretrain_base_config
+
+    config = load_config(None, ["peft=lora", "vision=tiny", "text=tiny"], base=pretrain_base_config())
+    with pytest.raises(ConfigError, match="key 'peft'.*fusionzoo train"):
+        check_pretrain_config(config, 1)

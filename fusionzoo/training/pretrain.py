@@ -136,6 +136,9 @@ def check_pretrain_config(config: TrainConfig, num_processes: int) -> None:
     if config.modality_dropout > 0:
         raise ConfigError("key 'modality_dropout' is for VQA and classification fine-tuning; pretraining and "
                           "task=retrieval learn from image-text pairs, which a dropped modality would not be")
+    if config.peft != "none":
+        raise ConfigError(f"key 'peft': {config.peft} adapters are for fusionzoo train (fine-tuning a task); "
+                          "pretraining trains every weight of the fusion and, with freeze_encoders=false, the encoders")
     for key in ("itc_weight", "itm_weight", "mlm_weight"):
         if getattr(config, key) < 0:
             raise ConfigError(f"key '{key}' must be >= 0, got {getattr(config, key)}")
