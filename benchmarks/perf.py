@@ -53,7 +53,8 @@ random VQA ``merged_transformer``) and its INT8 copy (:mod:`fusionzoo.quantize`)
 same batch of images and questions with ``predict`` on the CPU, one call of each per round
 (``--repeats`` rounds, interleaved as everywhere here), and both are saved to compare the
 bytes of their ``model.safetensors``; the last stdout line has ``int8_latency_ratio`` and
-``int8_size_ratio`` (INT8 / float32) and how many of the batch's answers agree.
+``int8_size_ratio`` (INT8 / float32), ``int8_after_vision_ratio`` (the same forward from the image
+encoder's tokens on: the text encoder, fusion and head) and how many of the batch's answers agree.
 """
 
 from __future__ import annotations
@@ -737,16 +738,32 @@ def measure_int8(model_dir: str | None, cfg: PerfConfig, batch: int, threads: in
         sizes = {name: (m.save_pretrained(Path(tmp) / name) / WEIGHTS_NAME).stat().st_size
                  for name, m in (("fp32", model), ("int8", int8))}
     answers = {name: m.predict(images, questions) for name, m in (("fp32", model), ("int8", int8))}
-    timings = time_interleaved({name: (lambda m=m: m.predict(images, questions)) for name, m in
-                                (("fp32", model), ("int8", int8))}, torch.device("cpu"), cfg)
+    # The same models after the image encoder (its tokens given): the text encoder, fusion and head, where
+    # the Linear layers are; an EfficientNet image encoder is convolutions, the same in both.
+    with torch.no_grad():
+        image_states = model.vision(model.vision.preprocess(images)).tokens  # (B, N, Di)
+    text = model.text.tokenize(questions, max_length=model.max_text_len)
+
+    def after_vision(m: nn.Module) -> Callable[[], object]:
+        def run() -> None:
+            with torch.no_grad():
+                m(image_states=image_states, **text)
+        return run
+
+    calls = {"fp32": lambda: model.predict(images, questions), "int8": lambda: int8.predict(images, questions),
+             "fp32_after_vision": after_vision(model), "int8_after_vision": after_vision(int8)}
+    timings = time_interleaved(calls, torch.device("cpu"), cfg)
+    ms = {name: 1e3 * t.median_s for name, t in timings.items()}
     agree = sum(a == b for a, b in zip(answers["fp32"], answers["int8"]))
     return {
         "model": model_dir or "tiny random vqa/merged_transformer", "batch": batch, "threads": threads,
         "quantized_layers": int8.config["quantization"]["quantized_layers"],
-        "fp32_ms": 1e3 * timings["fp32"].median_s, "int8_ms": 1e3 * timings["int8"].median_s,
+        "fp32_ms": ms["fp32"], "int8_ms": ms["int8"],
         "fp32_samples_ms": [1e3 * t for t in timings["fp32"].samples],
         "int8_samples_ms": [1e3 * t for t in timings["int8"].samples],
-        "int8_latency_ratio": timings["int8"].median_s / timings["fp32"].median_s,
+        "int8_latency_ratio": ms["int8"] / ms["fp32"],
+        "fp32_after_vision_ms": ms["fp32_after_vision"], "int8_after_vision_ms": ms["int8_after_vision"],
+        "int8_after_vision_ratio": ms["int8_after_vision"] / ms["fp32_after_vision"],
         "fp32_bytes": sizes["fp32"], "int8_bytes": sizes["int8"], "int8_size_ratio": sizes["int8"] / sizes["fp32"],
         "answers_agree": agree,
     }
@@ -757,6 +774,9 @@ def print_int8(report: dict[str, Any]) -> None:
     print(f"  predict, batch {report['batch']}, CPU, {report['threads']} threads: float32 {report['fp32_ms']:.1f} ms, "
           f"INT8 {report['int8_ms']:.1f} ms -> {report['int8_latency_ratio']:.3f}x "
           f"({len(report['int8_samples_ms'])} interleaved rounds)")
+    print(f"  the same after the image encoder (text encoder, fusion, head): float32 "
+          f"{report['fp32_after_vision_ms']:.1f} ms, INT8 {report['int8_after_vision_ms']:.1f} ms -> "
+          f"{report['int8_after_vision_ratio']:.3f}x")
     print(f"  saved weights (model.safetensors): float32 {report['fp32_bytes']:,} bytes, INT8 {report['int8_bytes']:,} bytes "
           f"-> {report['int8_size_ratio']:.3f}x")
     print(f"  answers agreeing on the batch: {report['answers_agree']} of {report['batch']}")
@@ -814,7 +834,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print_int8(report)
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-        print(json.dumps({k: report[k] for k in ("int8_latency_ratio", "int8_size_ratio", "fp32_ms", "int8_ms",
+        print(json.dumps({k: report[k] for k in ("int8_latency_ratio", "int8_size_ratio", "int8_after_vision_ratio",
+                                                 "fp32_ms", "int8_ms", "fp32_after_vision_ms", "int8_after_vision_ms",
                                                  "fp32_bytes", "int8_bytes", "answers_agree", "batch", "threads")}))
         return report
     fusions = fusionzoo.list_fusions() if args.fusions == "all" else [f.strip() for f in args.fusions.split(",")]

@@ -226,6 +226,8 @@ def test_perf_int8_mode_reports_latency_and_size_ratios(saved: dict, tmp_path: P
     assert summary["int8_bytes"] == (saved["int8_dir"] / WEIGHTS_NAME).stat().st_size
     assert summary["int8_size_ratio"] == pytest.approx(summary["int8_bytes"] / summary["fp32_bytes"])
     assert summary["int8_latency_ratio"] == pytest.approx(summary["int8_ms"] / summary["fp32_ms"])
+    assert summary["int8_after_vision_ratio"] == pytest.approx(summary["int8_after_vision_ms"]
+                                                               / summary["fp32_after_vision_ms"])
     assert summary["batch"] == 3 and 0 <= summary["answers_agree"] <= 3
     assert len(report["int8_samples_ms"]) == len(report["fp32_samples_ms"]) >= 1  # interleaved rounds
     assert json.loads(out.read_text())["int8_bytes"] == summary["int8_bytes"]
