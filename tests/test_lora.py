@@ -183,6 +183,13 @@ def test_peft_lora_training_moves_only_the_adapters_fusion_and_head(tmp_path: Pa
     base = safetensors.torch.load_file(str(out / "final" / "base.safetensors"))
     fresh_state = fresh.state_dict()
     assert all(torch.equal(v, fresh_state[k.replace(".base_layer.", ".")]) for k, v in base.items())
+    # init_from=<the run>: a plain model starts from the weights with the adapters folded in
+    from fusionzoo.training.trainer import load_matching_weights
+
+    stats = load_matching_weights(fresh, out)
+    assert stats["missing"] == 0 and stats["skipped"] == 0
+    torch.testing.assert_close(fresh.eval().choice_logits(IMAGES, QUESTIONS), model.choice_logits(IMAGES, QUESTIONS),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_adapters_train_at_lr_and_the_base_not_at_all() -> None:

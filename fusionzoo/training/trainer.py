@@ -241,13 +241,15 @@ def load_matching_weights(model: nn.Module, source: str | Path, verbose: bool = 
 
     Used to start a task from another task's or ALBEF pretraining's weights: the
     encoders and fusion carry over, a head of another shape does not. With
-    ``verbose`` the main process prints what was loaded, per top-level module.
+    ``verbose`` the main process prints what was loaded, per top-level module. A folder of LoRA
+    adapters gives its weights with the adapters folded in.
     """
-    from collections import Counter
-
     import safetensors.torch
 
     path = resolve_model_folder(source)  # a Hub repo id: its snapshot in the Hub cache
+    for folder in (path, path / "final"):
+        if (folder / "adapters.safetensors").is_file() and (folder / "config.json").is_file():
+            return _load_matching(model, _merged_lora_state(folder), folder / "adapters.safetensors", verbose)
     weights = path / "model.safetensors" if path.is_dir() else path
     if not weights.is_file():
         final = path / "final" / "model.safetensors"
@@ -257,7 +259,21 @@ def load_matching_weights(model: nn.Module, source: str | Path, verbose: bool = 
             raise CheckpointError(f"init_from={source!r}: no model.safetensors there (nor under final/); "
                                   "expected a saved model folder or a run's output_dir")
     refuse_quantized_weights(weights, f"init_from={source!r}")
-    saved = safetensors.torch.load_file(str(weights))
+    return _load_matching(model, safetensors.torch.load_file(str(weights)), weights, verbose)
+
+
+def _merged_lora_state(folder: Path) -> dict[str, Any]:
+    """The weights of a LoRA model's folder with its adapters folded in (what ``lora_merge=true`` saves)."""
+    from fusionzoo.lora import merge_lora
+    from fusionzoo.model import load_model
+
+    return merge_lora(load_model(folder)).state_dict()
+
+
+def _load_matching(model: nn.Module, saved: dict[str, Any], weights: Path, verbose: bool) -> dict[str, int]:
+    """Copy the tensors of ``saved`` (read from ``weights``) whose name and shape match ``model``'s."""
+    from collections import Counter
+
     for source_prefix, target_prefix in getattr(model, "init_aliases", {}).items():  # e.g. itm.head. -> head.linear.
         for key in [k for k in saved if k.startswith(source_prefix)]:
             saved.setdefault(target_prefix + key[len(source_prefix):], saved[key])
