@@ -50,6 +50,8 @@ from .version import __version__
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+#: What marks a multi-task model's folder (one model folder per task inside; :mod:`fusionzoo.multitask`).
+MULTITASK_NAME = "multitask.json"
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -234,7 +236,7 @@ def _check_inside(folder: Path, path: Path) -> None:
         )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
     """The JSON object in ``path``, or a ModelFolderError naming the file."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
@@ -247,7 +249,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def weight_files(folder: Path, config: dict[str, Any] | None = None) -> list[Path]:
     """The weight files a saved folder loads: model.safetensors, or a LoRA model's adapters (and base)."""
-    lora = (config if config is not None else _read_json(folder / CONFIG_NAME)).get("lora")
+    lora = (config if config is not None else read_json_object(folder / CONFIG_NAME)).get("lora")
     if not lora:
         return [folder / WEIGHTS_NAME]
     return [folder / name for name in (ADAPTERS_NAME, BASE_NAME) if name == ADAPTERS_NAME or (folder / name).exists()]
@@ -257,8 +259,14 @@ def _read_config(folder: Path) -> dict[str, Any]:
     """config.json of ``folder``, once it and its weights (model.safetensors) are known to be files inside it."""
     if not folder.is_dir():
         raise MissingModelFileError(f"no saved fusionzoo model at {folder}: the folder does not exist")
+    if not (folder / CONFIG_NAME).is_file() and (folder / MULTITASK_NAME).is_file():
+        tasks = sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file())
+        raise MissingModelFileError(
+            f"{folder} holds a multi-task model ({MULTITASK_NAME}): load one task's model from its folder "
+            f"({', '.join(str(folder / t) for t in tasks)}) or all of them with "
+            "fusionzoo.multitask.load_multitask_model")
     _require_file(folder, folder / CONFIG_NAME, WEIGHTS_NAME)
-    config = _read_json(folder / CONFIG_NAME)
+    config = read_json_object(folder / CONFIG_NAME)
     for path in weight_files(folder, config):
         _require_file(folder, path, path.name)
     return config
@@ -337,8 +345,8 @@ def _check_text_files(folder: Path) -> None:
     for path in expected:
         if not path.is_file():
             raise MissingModelFileError(f"{path} not found: TextEncoder.save_config writes it into every saved model")
-    _read_json(folder / CONFIG_DIR / CONFIG_NAME)
-    tokenizer_config = _read_json(tokenizer_dir / TOKENIZER_CONFIG)
+    read_json_object(folder / CONFIG_DIR / CONFIG_NAME)
+    tokenizer_config = read_json_object(tokenizer_dir / TOKENIZER_CONFIG)
     backend = tokenizer_config.get("backend", "tokenizers")
     if backend == "tokenizers" and not (tokenizer_dir / TOKENIZER_FILE).is_file():
         raise MissingModelFileError(

@@ -13,7 +13,11 @@ from ..errors import ConfigError
 CONFIG_HELP = """\
 configuration: an optional YAML file, then key=value overrides applied in order
 (nested: fusion_kwargs.num_layers=4). Main keys:
-  task            vqa | captioning | classification | retrieval | a task registered with --import
+  task            vqa | captioning | classification | retrieval | a task registered with --import;
+                  several joined by '+' (vqa+captioning): one model, one head per task, one dataset
+                  per task (data=vqa-jsonl+karpathy-captions; task_data.<task>={data_dir: ...} for
+                  a task's own data keys); task_weights=proportional | vqa:1,captioning:3 says which
+                  task each batch comes from; final/<task>/ is each task's model
   fusion          a registered fusion (fusionzoo list)
   data            a dataset name (easy-vqa, vqa-jsonl, vqa-v2, coco-captions,
                   karpathy-captions, classification-jsonl, caption-match, image-text-jsonl,
@@ -82,6 +86,8 @@ file). Useful keys:
                   happens for an INT8 folder (its float model: config.json quantization.source).
                   Both run on the CPU with the same keys; the JSON has the INT8 scores, "float"
                   and "int8_minus_float" (results= files are the INT8 model's)
+A multi-task run (task=vqa+captioning) scores every task on its own data (keys <task>/<metric>);
+RUN/final/<task> scores that task alone.
 A split without answers (VQA test-dev, an unlabeled classification file) is predicted and written,
 not scored. VQA scores add per_answer_type and per_question_type (the official report's).
 captioning: num_beams, max_new_tokens, min_new_tokens, length_penalty, no_repeat_ngram_size,
@@ -166,7 +172,10 @@ def _run_config(checkpoint: str) -> Any:
         run_json = float_source(checkpoint) / "run.json"
     if not run_json.is_file():
         return None
-    return from_dict(json.loads(run_json.read_text())["config"], str(run_json))
+    from ..training.multitask import sub_config
+
+    # a multi-task run's task folder (final/<task>) is evaluated with that task's data
+    return sub_config(from_dict(json.loads(run_json.read_text())["config"], str(run_json)), checkpoint)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -184,7 +193,16 @@ def _run_eval(args: argparse.Namespace) -> int:
         return 2
     from ..training.trainer import evaluate_checkpoint
 
-    job = quantized_eval_job(args.checkpoint, quantize) or (lambda c: evaluate_checkpoint(args.checkpoint, c))
+    from ..training.multitask import evaluate_multitask, multitask_folder
+
+    if multitask_folder(args.checkpoint) is not None:  # every task of a multi-task run, each on its data
+        if quantize:
+            print("fusionzoo eval: error: key 'quantize': evaluate one task's folder of a multi-task run "
+                  "(RUN/final/<task>) quantised", file=sys.stderr)
+            return 2
+        job = lambda c: evaluate_multitask(args.checkpoint, c)  # noqa: E731
+    else:
+        job = quantized_eval_job(args.checkpoint, quantize) or (lambda c: evaluate_checkpoint(args.checkpoint, c))
     code = _report("eval", job, config)
     from accelerate import PartialState
 

@@ -32,7 +32,17 @@ class TrainConfig:
 
     # what to build
     task: str = "vqa"
-    """``vqa``, ``captioning`` or ``classification``."""
+    """``vqa``, ``captioning`` or ``classification`` (a registered task); several joined by ``+``
+    (``vqa+captioning``) train one model with a head per task (``fusionzoo.training.multitask``)."""
+    task_weights: str = "proportional"
+    """Several tasks: which task each batch comes from. ``proportional``: every batch of every task
+    once per epoch, in a seeded random order (each task in proportion to its batches);
+    ``vqa:1,captioning:3``: each batch's task drawn with those weights (an epoch is as many batches
+    as all tasks have; a task's loader starts again when it runs out)."""
+    task_data: dict = field(default_factory=dict)
+    """Several tasks: per-task values of the data keys (``data``, ``data_dir``, ``data_files``,
+    ``data_kwargs``, ``split``, ``eval_split``, ``max_train_samples``, ``max_eval_samples``, ``head_kwargs``),
+    e.g. ``task_data.vqa={data: vqa-jsonl, data_dir: d1}``. ``data=a+b`` names one dataset per task."""
     fusion: str = "merged_transformer"
     """A registered fusion name (``fusionzoo list``)."""
     fusion_kwargs: dict = field(default_factory=dict)

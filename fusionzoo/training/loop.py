@@ -116,6 +116,12 @@ class RecipeData:
             evaluates (a stream has no end every process reaches together).
         feature_cache: what the run read from the feature cache (hits, misses, entries), written
             to ``final/run.json``; None when it reads none (:mod:`fusionzoo.training.features`).
+        batches: the recipe's own source of training batches instead of a loader over ``train``
+            (several loaders: :class:`~fusionzoo.training.multitask.TaskMixture`), already prepared
+            for this process: ``len()`` batches per process per epoch, ``set_epoch(epoch)`` and
+            ``skipping(n)`` (an iterator past the first ``n`` batches of the epoch).
+        eval_loaders: with ``batches``, what the recipe's ``evaluate`` gets as its loader (None: no
+            evaluation).
 
     ``train`` and ``eval`` may be ``torch.utils.data.IterableDataset`` s that read this
     process's share of a stream themselves (:class:`~fusionzoo.data.streaming.ImageTextStream`):
@@ -133,6 +139,8 @@ class RecipeData:
     note: str | None = None
     eval_batches: int | None = None
     feature_cache: dict[str, Any] | None = None
+    batches: Any | None = None
+    eval_loaders: Any | None = None
 
 
 class Recipe:
@@ -317,26 +325,30 @@ def evaluate_model(recipe: Recipe, model: nn.Module, loader: DataLoader, acceler
 
 
 class _Running:
-    """Sums of logged values weighted by samples, reduced over processes when a log line is written."""
+    """Sums of logged values weighted by samples, reduced over processes when a log line is written.
+
+    Each value counts its own samples: a value logged by some steps only (one task's loss in a
+    multi-task run) is the mean over the samples of those steps.
+    """
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
-        self.samples = 0
+        self.counts: dict[str, int] = {}
 
     def add(self, values: dict[str, Tensor], samples: int) -> None:
         for name, value in values.items():
             self.sums[name] = self.sums.get(name, 0.0) + value.detach().float().item() * samples
-        self.samples += samples
+            self.counts[name] = self.counts.get(name, 0) + samples
 
     def means(self, accelerator: Any) -> dict[str, float]:
         """Mean of each value over every process's samples since the last call."""
         names = sorted(self.sums)  # the same names on every process
-        local = torch.tensor([self.sums[k] for k in names] + [float(self.samples)], dtype=torch.float64,
-                             device=accelerator.device)
+        local = torch.tensor([self.sums[k] for k in names] + [float(self.counts[k]) for k in names],
+                             dtype=torch.float64, device=accelerator.device)
         total = accelerator.reduce(local, "sum") if accelerator.num_processes > 1 else local
-        count = max(total[-1].item(), 1.0)
-        self.sums, self.samples = {}, 0
-        return {name: value / count for name, value in zip(names, total[:-1].tolist())}
+        sums, counts = total[:len(names)].tolist(), total[len(names):].tolist()
+        self.sums, self.counts = {}, {}
+        return {name: value / max(count, 1.0) for name, value, count in zip(names, sums, counts)}
 
 
 def _record_eval(metrics: dict[str, Any], accelerator: Any, step: int, epoch: int, out_dir: Path,
@@ -452,21 +464,26 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
     if data.note:
         accelerator.print(data.note)
 
-    streamed = isinstance(data.train, IterableDataset)  # reads its own share of a stream, without end
+    own = data.batches is not None  # the recipe's own batches (several tasks' loaders), prepared by it
+    streamed = not own and isinstance(data.train, IterableDataset)  # reads its own share of a stream, without end
     if streamed and config.max_steps is None:
         raise ConfigError(f"key 'max_steps': data={config.data!r} is streamed and has no length, so epochs "
                           "cannot be counted; set max_steps=<optimizer steps>")
     # The loader draws its workers' base seed from its own generator, never from the global RNG
     # (which a resumed run restores before making its loader: one draw would shift every dropout mask).
     generator = torch.Generator().manual_seed(config.seed)
-    if streamed:  # every process's share, split over its workers the same way (a stream has full batches)
+    if own:
+        train_loader = data.batches
+    elif streamed:  # every process's share, split over its workers the same way (a stream has full batches)
         train_loader = StreamBatches(data.train, config.batch_size, data.collate, num_workers=config.num_workers,
                                      generator=generator)
     else:
         train_loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, collate_fn=data.collate,
                                   num_workers=config.num_workers, generator=generator, drop_last=data.drop_last)
     eval_loader = None
-    if isinstance(data.eval, IterableDataset):
+    if own:
+        eval_loader = data.eval_loaders
+    elif isinstance(data.eval, IterableDataset):
         eval_loader = OnDevice(StreamBatches(data.eval, config.effective_eval_batch_size, data.eval_collate,
                                              num_workers=config.num_workers, key="eval_batch_size",
                                              batches=data.eval_batches), accelerator.device)
@@ -479,8 +496,10 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
     if streamed:  # the whole run is one "epoch" (a stream repeats its passes itself)
         plan = plan_steps(config.max_steps, epochs=1, warmup_ratio=config.warmup_ratio, max_steps=config.max_steps)
     else:
-        # Batches per process per epoch: prepare() shards the loader over processes.
-        if data.drop_last:
+        # Batches per process per epoch: prepare() shards the loader over processes (the recipe's own are sharded).
+        if own:
+            batches_per_epoch = len(train_loader)
+        elif data.drop_last:
             batches_per_epoch = len(train_loader) // accelerator.num_processes
         else:
             batches_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes)
@@ -489,7 +508,7 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
     steps_per_epoch, total_steps = plan.per_epoch, plan.total
     rates = LearningRates(optimizer, plan)  # base rates read before prepare() wraps the optimizer
 
-    if streamed:
+    if streamed or own:
         model, optimizer = accelerator.prepare(model, optimizer)
     else:
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
@@ -557,7 +576,9 @@ def run(recipe: Recipe, config: TrainConfig, *, end_process_group: bool = True) 
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch)
             # A resumed stream re-reads (and drops) the batches done: it gives the same batches in the same order.
-            if streamed:
+            if own:
+                loader = train_loader.skipping(batches_done)
+            elif streamed:
                 loader = OnDevice(train_loader.skipping(batches_done), accelerator.device)
             else:
                 loader = accelerator.skip_first_batches(train_loader, batches_done) if batches_done else train_loader

@@ -186,20 +186,7 @@ def _build_model(config: TrainConfig, task: Any, data: Any, *, init: bool) -> nn
     """
     from fusionzoo.factory import create_model
 
-    vocabulary = task.vocabulary(data)
-    vocab_kwargs = {task.vocabulary_key: vocabulary} if task.vocabulary_key else {}
-    if getattr(task, "aligns", False):
-        vocab_kwargs["align_kwargs"] = dict(config.align_kwargs)
-    head_kwargs = dict(config.head_kwargs)
-    from_train = head_kwargs.get("output_ids") == OUTPUT_IDS_FROM_TRAIN
-    if from_train:
-        if not getattr(task, "generates_text", False):
-            raise ConfigError(f"key 'head_kwargs.output_ids': {OUTPUT_IDS_FROM_TRAIN!r} is for a task that writes "
-                              f"text (captioning); task={config.task} does not")
-        del head_kwargs["output_ids"]
-    elif isinstance(head_kwargs.get("output_ids"), str):
-        raise ConfigError(f"key 'head_kwargs.output_ids': expected {OUTPUT_IDS_FROM_TRAIN!r} (the training "
-                          f"captions' tokens) or a list of token ids, got {head_kwargs['output_ids']!r}")
+    vocab_kwargs, head_kwargs, from_train = head_options(config, task, data)
     try:
         model = create_model(
             config.task, config.fusion, vision=config.vision, text=config.text,
@@ -207,8 +194,7 @@ def _build_model(config: TrainConfig, task: Any, data: Any, *, init: bool) -> nn
             head_kwargs=head_kwargs, max_text_len=config.max_text_len, **vocab_kwargs,
         )
         if from_train:
-            captions = data.pairs(config.train_split).with_format(None)["caption"]
-            model.set_output_ids(caption_token_ids(model.text, captions, config.max_text_len))
+            model.set_output_ids(train_output_ids(config, model.text, data))
     except (TypeError, ValueError) as exc:
         if isinstance(exc, FusionZooError):
             raise
@@ -224,15 +210,44 @@ def _build_model(config: TrainConfig, task: Any, data: Any, *, init: bool) -> nn
     return model
 
 
+def train_output_ids(config: TrainConfig, text: Any, data: Any) -> list[int]:
+    """``head_kwargs.output_ids=train``: the token ids of the ``train_split`` captions (:func:`caption_token_ids`)."""
+    captions = data.pairs(config.train_split).with_format(None)["caption"]
+    return caption_token_ids(text, captions, config.max_text_len)
+
+
+def head_options(config: TrainConfig, task: Any, data: Any) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """What ``create_model`` needs from the task and data: the vocabulary keyword (and ``align_kwargs``),
+    the head's keywords, and whether ``head_kwargs.output_ids=train`` asks for :func:`train_output_ids`."""
+    vocabulary = task.vocabulary(data)
+    vocab_kwargs = {task.vocabulary_key: vocabulary} if task.vocabulary_key else {}
+    if getattr(task, "aligns", False):
+        vocab_kwargs["align_kwargs"] = dict(config.align_kwargs)
+    head_kwargs = dict(config.head_kwargs)
+    from_train = head_kwargs.get("output_ids") == OUTPUT_IDS_FROM_TRAIN
+    if from_train:
+        if not getattr(task, "generates_text", False):
+            raise ConfigError(f"key 'head_kwargs.output_ids': {OUTPUT_IDS_FROM_TRAIN!r} is for a task that writes "
+                              f"text (captioning); task={config.task} does not")
+        del head_kwargs["output_ids"]
+    elif isinstance(head_kwargs.get("output_ids"), str):
+        raise ConfigError(f"key 'head_kwargs.output_ids': expected {OUTPUT_IDS_FROM_TRAIN!r} (the training "
+                          f"captions' tokens) or a list of token ids, got {head_kwargs['output_ids']!r}")
+    return vocab_kwargs, head_kwargs, from_train
+
+
 def train(config: TrainConfig, **run_options: Any) -> dict[str, Any]:
     """Train ``config.task`` with ``config.fusion``; return the final evaluation metrics (``run_options``: see ``run``).
 
     The task names the recipe that trains it (``Task.recipe``, a name in ``RECIPES``):
-    :class:`FinetuneRecipe` for most, ITC + ITM for retrieval.
+    :class:`FinetuneRecipe` for most, ITC + ITM for retrieval; several tasks joined by ``+`` train
+    with the ``multitask`` recipe.
     """
     from fusionzoo.registry import RECIPES
     from fusionzoo.tasks import get_task
 
+    if "+" in config.task:  # several tasks, one model: fusionzoo.training.multitask
+        return run(RECIPES.get("multitask")(), config, **run_options)
     return run(RECIPES.get(get_task(config.task).recipe)(), config, **run_options)
 
 

@@ -38,6 +38,8 @@ EQUAL = ("early_concat", "co_attention", "merged_transformer")
 MODALITY_DROPOUT = {"co_attention": 0.5}
 #: LoRA fine-tuning (adapters on both tiny encoders, which then run at every step): two fusions.
 EQUAL_LORA = ("co_attention", "merged_transformer")
+#: fusions whose 2-process vqa+captioning run is compared with 1 process (the task of each step, every loss)
+EQUAL_MULTITASK = ("co_attention", "merged_transformer")
 LORA = ["peft=lora", "lora_r=2", "lora_alpha=4"]
 #: Retrieval (ITC over the gathered batch + ITM with hard negatives drawn per global row): an
 #: Alignment-based fusion and one that aligns itself.
@@ -88,6 +90,15 @@ def _equal_args(fusion: str, data: Path, out: Path, batch: int) -> list[str]:
             f"batch_size={batch}", "max_steps=10", "warmup_ratio=0.3", "lr=3e-3", "max_eval_samples=0",
             *([f"modality_dropout={MODALITY_DROPOUT[fusion]}"] if fusion in MODALITY_DROPOUT else []),
             f"output_dir={out}"]
+
+
+def _multitask_args(fusion: str, data: Path, out: Path, batch: int) -> list[str]:
+    # 10 VQA and 5 caption batches of 16 an epoch: the 10 steps take a mix of both
+    return ["task=vqa+captioning", f"fusion={fusion}", "data=vqa-jsonl+karpathy-captions",
+            f"task_data.vqa={{data_dir: {data / 'vqa'}, head_kwargs: {{dropout: 0.0}}}}",
+            f"task_data.captioning={{data_dir: {data / 'cap'}}}", "max_text_len=12", *QUIET,
+            "fusion_kwargs.dim=16", "fusion_kwargs.dropout=0.0", f"batch_size={batch}", "max_steps=10",
+            "warmup_ratio=0.3", "lr=3e-3", "max_eval_samples=0", f"output_dir={out}"]
 
 
 def _retrieval_args(fusion: str, data: Path, out: Path, batch: int) -> list[str]:
@@ -143,6 +154,8 @@ def launched(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     jobs += [{"kind": "train", "overrides": _equal_args(fusion, data, out / f"equal-{fusion}", 8)} for fusion in EQUAL]
     jobs += [{"kind": "train", "overrides": [*_equal_args(fusion, data, out / f"equal-lora-{fusion}", 8), *LORA]}
              for fusion in EQUAL_LORA]
+    jobs += [{"kind": "train", "overrides": _multitask_args(fusion, data, out / f"equal-multitask-{fusion}", 8)}
+             for fusion in EQUAL_MULTITASK]
     jobs.append({"kind": "pretrain", "overrides": _pretrain_args(data, out / "equal-pretrain", 4)})
     jobs.append({"kind": "pretrain", "overrides": [*_pretrain_args(data, out / "equal-pretrain-itc", 4), *ITC_ONLY]})
     jobs.append({"kind": "pretrain", "overrides": _pretrain_args(data, out / "equal-pretrain-merged", 4,
@@ -204,6 +217,23 @@ def test_lora_on_two_processes_at_batch_8_trains_like_one_at_16(launched: Path, 
     # both saved the adapters, not the encoders' base weights from the model file
     assert (launched / f"equal-lora-{fusion}" / "final" / "adapters.safetensors").is_file()
     assert not (one / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("fusion", EQUAL_MULTITASK)
+def test_multitask_on_two_processes_at_batch_8_trains_like_one_at_16(launched: Path, data: Path, tmp_path: Path,
+                                                                    fusion: str) -> None:
+    one, two = tmp_path / "one", launched / f"equal-multitask-{fusion}"
+    train(load_config(None, [*_multitask_args(fusion, data, one, 16), "cpu=true"]))
+    log_one, log_two = train_log(one), train_log(two)
+    tasks = ["vqa" if "train/vqa" in log_one[s] else "captioning" for s in range(1, 11)]
+    assert set(tasks) == {"vqa", "captioning"}  # both tasks within the compared steps
+    for step, task in zip(range(1, 11), tasks):
+        assert f"train/{task}" in log_two[step], step  # the same task at the same step
+    _compare_logs(one, two, ("train/loss",))
+    run_one = json.loads((one / "final" / "run.json").read_text())
+    run_two = json.loads((two / "final" / "run.json").read_text())
+    assert run_two["param_checksums"][0] == pytest.approx(run_one["param_checksums"][0], rel=1e-5)
+    assert (two / "final" / "multitask.json").is_file()
 
 
 @pytest.mark.parametrize("fusion", ["albef", "merged_transformer"])
