@@ -320,6 +320,13 @@ def resolve_model_dir(run: str | Path) -> Path:
     if not (path / "config.json").is_file() and (path / "final" / "config.json").is_file():
         path = path / "final"
     if not (path / "config.json").is_file():
+        from fusionzoo.model_folder import MULTITASK_NAME
+
+        for folder in (Path(run), Path(run) / "final"):
+            if (folder / MULTITASK_NAME).is_file():  # a multi-task run: each task's model has its folder
+                tasks = sorted(p.name for p in folder.iterdir() if (p / "config.json").is_file())
+                raise CheckpointError(f"{run} is a multi-task run: give one task's model, "
+                                      f"{' or '.join(str(folder / t) for t in tasks)}")
         raise CheckpointError(f"{run} is not a saved model or a finished run: no config.json there nor in "
                               "final/; expected the output_dir of `fusionzoo train` or its final/ folder")
     return path

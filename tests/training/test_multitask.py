@@ -290,6 +290,21 @@ def test_eval_of_a_multitask_run_scores_every_task_like_the_run(run, capsys: pyt
     assert "one results file per task" in capsys.readouterr().err
 
 
+def test_predict_on_each_task_of_a_multitask_run(run, capsys: pytest.CaptureFixture[str]) -> None:
+    from fusionzoo.cli import main as fusionzoo
+
+    data, out, final = run
+    image = str(next((data / "vqa" / "images").iterdir()))
+    assert fusionzoo(["predict", str(out / "final" / "vqa"), "--image", image, "--question", "what colour?"]) == 0
+    from fixtures import COLOURS
+
+    assert capsys.readouterr().out.strip().splitlines()[-1] in COLOURS  # an answer of the training data
+    assert fusionzoo(["predict", str(out / "final" / "captioning"), "max_new_tokens=4", "--image", image]) == 0
+    assert capsys.readouterr().out.strip()
+    assert fusionzoo(["predict", str(out), "--image", image]) == 2
+    assert "multi-task run" in capsys.readouterr().err
+
+
 def test_a_resumed_multitask_run_continues_step_for_step(run, tmp_path: Path) -> None:
     from fusionzoo.training.trainer import train
 
