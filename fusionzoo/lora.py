@@ -131,6 +131,20 @@ def has_lora(model: nn.Module) -> bool:
     return bool(model.config.get("lora")) if isinstance(getattr(model, "config", None), dict) else False
 
 
+def adapt_module(module: nn.Module, spec: LoraSpec) -> list[str]:
+    """Inject LoRA adapters (rank, alpha, dropout of ``spec``) into every :func:`adaptable_layers` layer of
+    ``module`` in place and freeze everything else in it; the names adapted (none: nothing changed)."""
+    peft = _peft()
+    names = adaptable_layers(module)
+    if not names:
+        return []
+    config = peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=names)
+    peft.inject_adapter_in_model(config, module)
+    for name, p in module.named_parameters():  # peft marks adapters trainable; the base is frozen
+        p.requires_grad_(".lora_" in f".{name}")
+    return names
+
+
 def add_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     """Inject LoRA adapters into ``model`` (a FusionModel) in place, freeze the base weights, record ``spec``.
 
@@ -139,7 +153,6 @@ def add_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     config gains ``lora`` (the spec) and ``freeze_encoders`` becomes false (the adapted
     encoders run in training mode). Returns ``model``.
     """
-    peft = _peft()
     if has_lora(model) or lora_layers(model):
         raise ValueError("the model already has LoRA adapters")
     for part in ENCODER_PARTS:
@@ -150,14 +163,9 @@ def add_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
             encoder.unfreeze()
     for part in spec.targets:
         inner = _inner(model, part)
-        names = adaptable_layers(inner)
-        if not names:
+        if not adapt_module(inner, spec):
             raise ValueError(f"lora_targets names {part!r}, but its {type(inner).__name__} has no Linear or "
                              "1-group Conv2d layer to adapt")
-        config = peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=names)
-        peft.inject_adapter_in_model(config, inner)
-        for name, p in inner.named_parameters():  # peft marks adapters trainable; the base is frozen
-            p.requires_grad_(".lora_" in f".{name}")
         if part in ENCODER_PARTS:
             encoder = getattr(model, part)
             encoder.lora_base_eval = True

@@ -64,6 +64,8 @@ class BenchConfig:
         train_encoders: 0 = frozen encoders; N > 0 = fine-tune the last N blocks of both encoders
             with every row (each row its own copy; the cache keeps the inputs of those blocks;
             VQA and classification tasks only; meant for a GPU): :mod:`fusionzoo.bench.tails`.
+        encoder_lora: with ``train_encoders`` N: the rank of the LoRA adapters those blocks train
+            through instead of their weights (``--train-encoders lora:N``, ``--lora-r``); 0 = their weights.
         compile: ``torch.compile`` every row's trained modules for its training steps
             (:class:`~fusionzoo.training.step.CompiledModules`; eager where compiling fails, with a
             warning); the seconds spent compiling are left out of a row's ``train_seconds``.
@@ -102,6 +104,7 @@ class BenchConfig:
     tune: bool = False
     tune_grid: dict[str, list[Any]] | None = None
     train_encoders: int = 0
+    encoder_lora: int = 0
     compile: bool = False
     shard: str | None = None
     robustness: bool = False

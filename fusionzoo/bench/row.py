@@ -119,7 +119,8 @@ def run_prediction_row(task: BenchTask, fusion: str, settings: TrainSettings, fe
                                       feature_stats, head_kwargs, image_dim=features.image_dim)
             if trained:  # the tails are copied under the seed, as the fusion and head are built
                 model = with_encoder_tails(model, encoders["vision_tail"], encoders["text_tail"],
-                                           features.image_grid, features.image_positions, features.image_prefix_tokens)
+                                           features.image_grid, features.image_positions, features.image_prefix_tokens,
+                                           lora=encoders.get("tail_lora"))
             model = model.to(device)
         params = count_parameters(model)
         if trained:  # the frozen blocks the tails stand in for never run: the same total as a frozen row
@@ -173,6 +174,7 @@ def run_prediction_row(task: BenchTask, fusion: str, settings: TrainSettings, fe
         "train_samples": len(train_view),
         "test_samples": len(test_view),
         "train_encoders": trained,
+        "encoder_lora": encoders["tail_lora"].r if trained and encoders.get("tail_lora") else 0,
     })
     if answers is not None:
         row[ANSWERS_KEY] = answers

@@ -44,6 +44,7 @@ from ..encoders import build_text_encoder, build_vision_encoder
 from ..features.cache import FeatureCache
 from ..features.layout import default_cache_dir
 from ..hardware import describe_machine
+from ..lora import LoraSpec
 from ..registry import RegistryError
 from ..tasks.scoring import question_prior
 from ..training.checkpoint import git_commit
@@ -142,6 +143,10 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
         raise BenchError("--robustness and --modality-dropout act on the cached final features, which "
                          "--train-encoders replaces by the encoders' tail inputs; leave --train-encoders out")
     check_tail_tasks(config.train_encoders, suite, task_names)  # --train-encoders: which suites and tasks
+    if config.encoder_lora and (isinstance(config.encoder_lora, bool) or not isinstance(config.encoder_lora, int)
+                                or config.encoder_lora < 0 or not config.train_encoders):
+        raise BenchError(f"--lora-r {config.encoder_lora!r}: LoRA adapters of rank >= 1 go on the blocks "
+                         "--train-encoders lora:N trains")
     if config.tune:
         if config.eval_split != "test":
             raise BenchError("--tune scores the validation split itself, then the test split: leave --eval-split "
@@ -181,7 +186,9 @@ def run_bench(config: BenchConfig, echo: Callable[[str], None] = print) -> list[
     encoders = {"vision": vision.to(device), "text": text.to(device),
                 "causal_text": causal_text.to(device) if causal_text is not None else None}
     if config.train_encoders:  # views of the frozen encoders' last blocks; every row trains a copy
-        encoders.update(vision_tail=vision.tail(config.train_encoders), text_tail=text.tail(config.train_encoders))
+        encoders.update(vision_tail=vision.tail(config.train_encoders), text_tail=text.tail(config.train_encoders),
+                        tail_lora=LoraSpec(config.encoder_lora, 2.0 * config.encoder_lora) if config.encoder_lora
+                        else None)
 
     cache = FeatureCache(Path(config.cache_dir) if config.cache_dir else default_cache_dir(),
                          enabled=not config.no_cache)

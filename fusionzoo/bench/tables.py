@@ -209,7 +209,10 @@ def markdown(rows: Sequence[dict[str, Any]], run: dict[str, Any]) -> str:
                   f"{cache['hits']} hits, {cache['misses']} misses ({cache['extraction_seconds']:.0f}s extracting)")
     features = run["features"]
     trained = run.get("config", {}).get("train_encoders") or 0  # --train-encoders N
+    lora = run.get("config", {}).get("encoder_lora") or 0  # --train-encoders lora:N
     encoders = f"last {trained} block{'s' if trained > 1 else ''} trained" if trained else "frozen"
+    if trained and lora:
+        encoders = f"last {trained} block{'s' if trained > 1 else ''} through LoRA adapters of rank {lora}"
     lines = [
         f"# fusionzoo bench: {run['suite']} suite{' (--quick)' if run['quick'] else ''}",
         "",

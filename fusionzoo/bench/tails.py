@@ -33,6 +33,12 @@ Training choices:
 * the tails keep the encoders' own dropout (BERT's hidden and attention dropout, 0.1 in MiniLM;
   a timm model's drop-path rate, 0 unless its spec sets one).
 
+``--train-encoders lora:N`` trains the same N blocks through LoRA adapters instead (rank
+``--lora-r``, alpha twice the rank, as ``fusionzoo train peft=lora``; :func:`fusionzoo.lora.adapt_module`):
+every Linear and 1-group Conv2d of the tails gets an adapter, their own weights stay frozen and
+in eval mode (no dropout, BatchNorm statistics kept), and the adapters train at the row's
+learning rate (they start at zero: the first step is the frozen model's).
+
 Supported: VQA and classification tasks (the rows scored through
 :func:`~fusionzoo.bench.loop.predict_logits`). Captioning generates with the live text
 encoder and retrieval embeds galleries apart, neither through a tail; a suite that reads an
@@ -52,6 +58,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..encoders import TextEncoder, VisionEncoder
+from ..lora import LoraSpec, adapt_module, keep_base_in_eval
 from ..model import FusionModel, ModelOutput
 from .features import FEATURE_DTYPE, add_position_channels, pool_image_tokens
 from .suites import MODEL_TASKS, BenchError, Suite
@@ -64,6 +71,22 @@ TAIL_MODEL_TASKS = ("vqa", "classification")
 # --------------------------------------------------------------------------------------
 # Checks, before any data is read
 # --------------------------------------------------------------------------------------
+def parse_train_encoders(value: str) -> tuple[int, bool]:
+    """``--train-encoders``: ``N`` (the last N blocks' weights) or ``lora:N`` (their LoRA adapters;
+    ``lora`` alone is ``lora:1``) -> (N, with LoRA)."""
+    text = value.strip()
+    lora = text == "lora" or text.startswith("lora:")
+    number = text.partition(":")[2] if lora else text
+    try:
+        blocks = int(number) if number else 1
+    except ValueError:
+        raise BenchError(f"--train-encoders takes N (the last N blocks of both encoders) or lora:N (the same blocks "
+                         f"through LoRA adapters), got {value!r}") from None
+    if lora and blocks < 1:
+        raise BenchError(f"--train-encoders lora:N takes N >= 1 blocks, got {value!r}")
+    return blocks, lora
+
+
 def check_tail_tasks(train_encoders: int, suite: Suite, task_names: Sequence[str]) -> None:
     """A :class:`BenchError` unless ``--train-encoders`` can run ``task_names`` of ``suite``."""
     if isinstance(train_encoders, bool) or not isinstance(train_encoders, int) or train_encoders < 0:
@@ -174,6 +197,8 @@ class EncoderTailsModel(nn.Module):
         image_prefix_tokens: the image encoder's prefix tokens, dropped before pooling to the grid.
         replaced_parameters: parameters of the frozen encoders' blocks that the tails stand in
             for (they are in ``model`` but never run), left out of the row's total.
+        lora: the tails carry LoRA adapters (``--train-encoders lora:N``): their base weights stay in
+            eval mode in training, as :func:`~fusionzoo.lora.keep_base_in_eval` keeps them.
     """
 
     #: Parameter-name prefixes of the tails: the optimiser's encoder group, at a tenth of the lr.
@@ -181,8 +206,9 @@ class EncoderTailsModel(nn.Module):
 
     def __init__(self, model: FusionModel, vision_tail: nn.Module, text_tail: nn.Module,
                  image_grid: int | None = None, image_positions: int = 0, replaced_parameters: int = 0,
-                 image_prefix_tokens: int = 0) -> None:
+                 image_prefix_tokens: int = 0, lora: LoraSpec | None = None) -> None:
         super().__init__()
+        self.lora = lora
         self.model = model
         self.vision_tail = vision_tail
         self.text_tail = text_tail
@@ -219,6 +245,9 @@ class EncoderTailsModel(nn.Module):
     def train(self, mode: bool = True) -> EncoderTailsModel:
         """``nn.Module.train``, with the image tail's BatchNorm statistics kept (see the module docstring)."""
         super().train(mode)
+        if self.lora is not None:  # the adapted tails' own weights compute what they did untrained
+            keep_base_in_eval(self.vision_tail)
+            keep_base_in_eval(self.text_tail)
         for module in self.vision_tail.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.train(False)
@@ -227,15 +256,21 @@ class EncoderTailsModel(nn.Module):
 
 def with_encoder_tails(model: FusionModel, vision_tail: nn.Module, text_tail: nn.Module,
                        image_grid: int | None = None, image_positions: int = 0,
-                       image_prefix_tokens: int = 0) -> EncoderTailsModel:
+                       image_prefix_tokens: int = 0, lora: LoraSpec | None = None) -> EncoderTailsModel:
     """``model`` behind trainable deep copies of the run's (frozen, shared) tails.
 
     Call it under the row's seed, where the model is built; the shared tails are not touched.
+    With ``lora``, the copies get LoRA adapters and only those train (``--train-encoders lora:N``).
     """
     copies = []
-    for tail in (vision_tail, text_tail):
+    for name, tail in (("image", vision_tail), ("text", text_tail)):
         own = copy.deepcopy(tail)
-        own.requires_grad_(True)
+        own.requires_grad_(lora is None)
+        if lora is not None and not adapt_module(own, lora):
+            raise BenchError(f"--train-encoders lora: the {name} encoder's last blocks have no Linear or "
+                             "1-group Conv2d layer to adapt; train their weights (--train-encoders N)")
         copies.append(own)
     replaced = sum(p.numel() for tail in (vision_tail, text_tail) for p in tail.parameters())
-    return EncoderTailsModel(model, copies[0], copies[1], image_grid, image_positions, replaced, image_prefix_tokens)
+    tails = EncoderTailsModel(model, copies[0], copies[1], image_grid, image_positions, replaced, image_prefix_tokens,
+                              lora)
+    return tails.train(model.training)

@@ -56,6 +56,7 @@ examples:
   fusionzoo bench --suite vqav2 --data-dir /data/vqa --max-train 5000 --max-test 1000   a slice of VQA v2
   fusionzoo bench --fusions co_attention,albef,text_only --seeds 3 --epochs 3
   fusionzoo bench --suite easy-vqa --train-encoders 1 --device cuda   fine-tune the encoders' last blocks too
+  fusionzoo bench --suite easy-vqa --train-encoders lora:2 --device cuda   the same blocks through LoRA adapters
   fusionzoo bench compare bench-results other-results    metric differences between two reports
   fusionzoo bench --suite easy-vqa --robustness   each fusion on missing / noisy images and questions
   fusionzoo bench --suite easy-vqa --robustness --modality-dropout 0.3   the same, trained with modality dropout
@@ -208,12 +209,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="the grid --tune tries, e.g. 'epochs=2,6 lr=1e-3,2e-3' (settings: epochs, lr, batch_size, "
                         "weight_decay, warmup_ratio) (default: each task's: 2 epoch counts x 2 learning rates, x 2 "
                         "batch sizes on easy-VQA)")
-    p.add_argument("--train-encoders", type=int, default=0, metavar="N",
+    p.add_argument("--train-encoders", default="0", metavar="N | lora:N",
                    help="fine-tune the last N blocks of both encoders with every fusion and head (each row its own "
-                        "copy, at a tenth of the row's learning rate); the cache keeps the inputs of those blocks, "
-                        "so only they run per step: meant for a GPU. VQA and classification tasks only (easy-vqa, "
-                        "coco-yesno, coco-match, vqav2, flickr30k-match), not captioning, retrieval or "
-                        "sort-of-clevr (its stage-2 features lie before the last blocks) (default: 0, frozen)")
+                        "copy, at a tenth of the row's learning rate); lora:N trains LoRA adapters on those blocks "
+                        "instead (rank --lora-r, at the row's rate; their weights frozen). The cache keeps the inputs "
+                        "of those blocks, so only they run per step: meant for a GPU. VQA and classification tasks "
+                        "only (easy-vqa, coco-yesno, coco-match, vqav2, flickr30k-match), not captioning, retrieval "
+                        "or sort-of-clevr (its stage-2 features lie before the last blocks) (default: 0, frozen)")
+    p.add_argument("--lora-r", type=int, default=8, metavar="R",
+                   help="rank of the adapters of --train-encoders lora:N (alpha 2R, as peft=lora) (default: 8)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each row's fusion and head for its training steps (eager again, with one "
                         "warning, where compiling fails); train seconds leave the compile time out and results.json "
@@ -293,11 +297,15 @@ def _run_bench(args: argparse.Namespace) -> int:
     # 15.2 s for half an epoch of early_concat); it helps only when other processes share the cores.
     from ..bench import BenchConfig, run_bench
     from ..bench.suites import BenchError
+    from ..bench.tails import parse_train_encoders
     from ..data.checks import DataError
 
     try:
         check_device(args.device)
         seeds = bench_seeds(args.seeds, args.first_seed, args.quick)
+        train_encoders, tail_lora = parse_train_encoders(args.train_encoders)
+        if tail_lora and args.lora_r < 1:
+            raise BenchError(f"--lora-r takes a rank >= 1 for --train-encoders {args.train_encoders}, got {args.lora_r}")
         if args.shard is not None:
             from ..bench.shards import parse_shard
 
@@ -312,7 +320,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         image_grid=args.image_grid, jobs=args.jobs, eval_split=args.eval_split, vision=args.vision, text=args.text,
         max_train=args.max_train, max_test=args.max_test,
         progress=not args.no_progress, vision_weights=args.vision_weights, tune=args.tune or args.tune_grid is not None,
-        tune_grid=args.tune_grid, train_encoders=args.train_encoders, shard=args.shard, compile=args.compile,
+        tune_grid=args.tune_grid, train_encoders=train_encoders, encoder_lora=args.lora_r if tail_lora else 0,
+        shard=args.shard, compile=args.compile,
         robustness=args.robustness, modality_dropout=args.modality_dropout,
     )
     try:

@@ -130,6 +130,44 @@ def test_train_encoders_run_trains_a_copy_of_the_tails_per_row(tmp_path: Path, l
         torch.testing.assert_close(text, expected["text_states"], **FLOAT16)
 
 
+def test_train_encoders_lora_trains_adapters_on_the_tails_only(tmp_path: Path, loaded: list, monkeypatch) -> None:
+    seen: list[tuple[EncoderTailsModel, dict[str, torch.Tensor]]] = []
+    real_train = bench_row.train_model
+
+    def train_model(model, view, **kwargs):
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        stats = real_train(model, view, **kwargs)
+        seen.append((model, before))
+        return stats
+
+    monkeypatch.setattr(bench_row, "train_model", train_model)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    run = [*RUN[: RUN.index("--fusions")], "--fusions", "early_concat", *RUN[RUN.index("--fusions") + 2:]]
+    assert main([*run, "--train-encoders", "lora:1", "--lora-r", "2", "--out", str(out), "--cache-dir", str(cache)]) == 0
+    (row,) = _rows(out)
+    assert row["config"]["train_encoders"] == 1 and row["config"]["encoder_lora"] == 2
+    assert "- encoders (last 1 block through LoRA adapters of rank 2): tiny" in (out / "results.md").read_text()
+    (model, before), = seen
+    adapters, base = {}, {}
+    for name, p in model.named_parameters():
+        if name.startswith(model.ENCODER_PREFIXES):
+            (adapters if ".lora_" in name else base)[name] = p
+    # one A (r x in) and one B (out x r) per Linear of the tails (the tiny ViT block's qkv, proj, fc1, fc2, and
+    # the BERT layer's six projections), counted from the tails themselves
+    linears = [m for tail in (model.vision_tail, model.text_tail) for m in tail.modules()
+               if hasattr(m, "base_layer") and isinstance(m.base_layer, torch.nn.Linear)]
+    assert len(linears) == 4 + 6
+    assert sum(p.numel() for p in adapters.values()) == sum(2 * (m.base_layer.in_features + m.base_layer.out_features)
+                                                            for m in linears)
+    assert all(p.requires_grad for p in adapters.values()) and not any(p.requires_grad for p in base.values())
+    assert all(torch.equal(p, before[name]) for name, p in base.items())  # the blocks' own weights did not move
+    assert any(not torch.equal(p, before[name]) for name, p in adapters.items() if "lora_B" in name)
+    model.train()  # the tails' own dropout (BERT's) stays off in training; lora dropout 0 is an Identity
+    dropouts = [m for tail in (model.vision_tail, model.text_tail) for m in tail.modules()
+                if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and not any(m.training for m in dropouts)
+
+
 @pytest.mark.slow
 def test_pooled_tail_tokens_are_the_frozen_encoders_features(tmp_path: Path, easy_vqa_tasks: list) -> None:
     """EfficientNet-Lite0's last two blocks: tail inputs -> tails -> 2x2 grid + position channels = frozen features."""
@@ -189,6 +227,9 @@ def test_train_encoders_errors_come_before_any_data_is_read(tmp_path: Path, monk
     assert "--text tiny has only 2 blocks (choose 1..2)" in error("--suite", "easy-vqa", "--train-encoders", "3")
     assert "--vision tiny has only 6 blocks" in error("--suite", "easy-vqa", "--train-encoders", "7")
     assert "number of last blocks >= 0, got -1" in error("--suite", "easy-vqa", "--train-encoders", "-1")
+    assert "or lora:N" in error("--suite", "easy-vqa", "--train-encoders", "lora:x")
+    assert "N >= 1 blocks" in error("--suite", "easy-vqa", "--train-encoders", "lora:0")
+    assert "--lora-r takes a rank >= 1" in error("--suite", "easy-vqa", "--train-encoders", "lora:1", "--lora-r", "0")
     assert main(["bench", "--suite", "easy-vqa", "--vision", "test_resnet", "--vision-weights", "random",
                  "--text", "tiny", "--train-encoders", "1", *out]) == 2
     assert "--train-encoders with --vision test_resnet" in capsys.readouterr().err
