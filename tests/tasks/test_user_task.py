@@ -37,18 +37,41 @@ def _write_entailment(root: Path, sizes: dict[str, int]) -> None:
         (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def _fusionzoo(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fusionzoo", "--import", str(EXAMPLE), *args],
-                          capture_output=True, text=True, timeout=300, env=ENV)
+#: Runs the ``fusionzoo`` command lines given as JSON one after another in this one process, each with its own
+#: captured stdout and stderr; prints one JSON list of them. (A process start costs seconds of imports.)
+SEQUENCE = """
+import contextlib, io, json, sys
+from fusionzoo.cli import main
+done = []
+for argv in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code
+    done.append({"returncode": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
+print(json.dumps(done))
+"""
+
+
+def _fusionzoo(*commands: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
+    """``fusionzoo --import EXAMPLE`` with each of ``commands`` in turn, in one new process."""
+    argvs = [["--import", str(EXAMPLE), *args] for args in commands]
+    run = subprocess.run([sys.executable, "-c", SEQUENCE, json.dumps(argvs)], capture_output=True, text=True,
+                         timeout=300, env=ENV)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return [subprocess.CompletedProcess(argv, **done) for argv, done in
+            zip(argvs, json.loads(run.stdout.strip().splitlines()[-1]))]
 
 
 def test_user_file_task_trains_evaluates_and_predicts(tmp_path: Path) -> None:
     data = tmp_path / "ve"
     _write_entailment(data, {"train": 36, "test": 9})
     out = tmp_path / "run"
-    trained = _fusionzoo("train", "task=snli-ve", f"data={data}", "fusion=early_concat", "vision=tiny", "text=tiny",
-                         "fusion_kwargs.dim=16", "batch_size=6", "max_steps=6", "lr=1e-3", "log_with=none",
-                         f"output_dir={out}")
+    [trained] = _fusionzoo(("train", "task=snli-ve", f"data={data}", "fusion=early_concat", "vision=tiny",
+                            "text=tiny", "fusion_kwargs.dim=16", "batch_size=6", "max_steps=6", "lr=1e-3",
+                            "log_with=none", f"output_dir={out}"))
     assert trained.returncode == 0, trained.stderr[-3000:]
     metrics = json.loads(trained.stdout.strip().splitlines()[-1])
     assert metrics["num_samples"] == 9
@@ -57,11 +80,13 @@ def test_user_file_task_trains_evaluates_and_predicts(tmp_path: Path) -> None:
     saved = json.loads((out / "final" / "config.json").read_text())
     assert saved["task"] == "snli-ve" and saved["labels"] == ["entailment", "neutral", "contradiction"]
 
-    scored = _fusionzoo("eval", str(out), "split=test")
+    # A new process that did not train (only its --import knows the task): eval, then predict in it.
+    scored, said = _fusionzoo(("eval", str(out), "split=test"),
+                              ("predict", str(out), "--image", str(data / "images" / "0.png"), "--question",
+                               "the square is red"))
     assert scored.returncode == 0, scored.stderr[-3000:]
     final = {k: v for k, v in metrics.items() if k not in ("step", "epoch")}
     assert json.loads(scored.stdout.strip().splitlines()[-1]) == final  # the same model, the same split
 
-    said = _fusionzoo("predict", str(out), "--image", str(data / "images" / "0.png"), "--question", "the square is red")
     assert said.returncode == 0, said.stderr[-3000:]
     assert said.stdout.strip() in ("entailment", "neutral", "contradiction")
