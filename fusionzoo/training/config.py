@@ -55,8 +55,9 @@ class TrainConfig:
     """Text encoder preset, hub id or local folder, or ``tiny``."""
     init_from: str | None = None
     """A saved model or ALBEF pretraining output to initialise from (matching weights are loaded)."""
-    freeze_encoders: bool = True
-    """Keep the image and text encoders fixed (their features can then be cached)."""
+    freeze_encoders: bool | Literal["vision", "text"] = True
+    """Keep the image and text encoders fixed (their features can then be cached); ``vision`` or
+    ``text``: keep only that one fixed and fine-tune the other (``fusionzoo train``)."""
     peft: Literal["none", "lora"] = "none"
     """Parameter-efficient fine-tuning: ``lora`` adds LoRA adapters (the ``peft`` library) to
     ``lora_targets`` and freezes their base weights; ``freeze_encoders`` is then ignored (encoders

@@ -38,7 +38,7 @@ from ..errors import FusionZooError
 from .config import ConfigError, TrainConfig, apply
 from .loop import Recipe, RecipeData, StepContext, StepOutput
 from .step import seed_everything
-from .trainer import FinetuneRecipe, head_options, load_matching_weights, train_output_ids
+from .trainer import FinetuneRecipe, freeze_one, head_options, load_matching_weights, train_output_ids
 
 #: The keys ``task_data.<task>`` may set for one task.
 TASK_DATA_KEYS = ("data", "data_dir", "data_files", "data_kwargs", "split", "eval_split", "max_train_samples",
@@ -223,9 +223,11 @@ class MultiTaskRecipe(Recipe):
                 from_train.append(name)
         try:
             model = create_multitask_model(self.tasks, config.fusion, config.vision, config.text,
-                                           freeze_encoders=config.freeze_encoders, vocabularies=vocabularies,
+                                           freeze_encoders=config.freeze_encoders is True,
+                                           vocabularies=vocabularies,
                                            fusion_kwargs=dict(config.fusion_kwargs), head_kwargs=heads,
                                            max_text_len=config.max_text_len)
+            freeze_one(model, config)
             for name in from_train:
                 model.set_output_ids(name, train_output_ids(self.configs[name], model.text, self.parts[name].data))
         except (TypeError, ValueError) as exc:

@@ -139,6 +139,9 @@ def check_pretrain_config(config: TrainConfig, num_processes: int) -> None:
     if config.peft != "none":
         raise ConfigError(f"key 'peft': {config.peft} adapters are for fusionzoo train (fine-tuning a task); "
                           "pretraining trains every weight of the fusion and, with freeze_encoders=false, the encoders")
+    if config.freeze_encoders in ("vision", "text"):
+        raise ConfigError(f"key 'freeze_encoders': {config.freeze_encoders} (one encoder frozen) is for fine-tuning a "
+                          "task; pretraining and task=retrieval freeze both encoders (true) or neither (false)")
     for key in ("itc_weight", "itm_weight", "mlm_weight"):
         if getattr(config, key) < 0:
             raise ConfigError(f"key '{key}' must be >= 0, got {getattr(config, key)}")

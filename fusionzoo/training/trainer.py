@@ -190,9 +190,11 @@ def _build_model(config: TrainConfig, task: Any, data: Any, *, init: bool) -> nn
     try:
         model = create_model(
             config.task, config.fusion, vision=config.vision, text=config.text,
-            freeze_encoders=config.freeze_encoders and config.peft != "lora", fusion_kwargs=dict(config.fusion_kwargs),
-            head_kwargs=head_kwargs, max_text_len=config.max_text_len, **vocab_kwargs,
+            freeze_encoders=config.freeze_encoders is True and config.peft != "lora",
+            fusion_kwargs=dict(config.fusion_kwargs), head_kwargs=head_kwargs, max_text_len=config.max_text_len,
+            **vocab_kwargs,
         )
+        freeze_one(model, config)
         if from_train:
             model.set_output_ids(train_output_ids(config, model.text, data))
     except (TypeError, ValueError) as exc:
@@ -208,6 +210,16 @@ def _build_model(config: TrainConfig, task: Any, data: Any, *, init: bool) -> nn
         model.add_lora(config.lora_r, config.lora_alpha, config.lora_dropout,
                        LoraSpec.parse_targets(config.lora_targets))
     return model
+
+
+def freeze_one(model: nn.Module, config: TrainConfig) -> None:
+    """``freeze_encoders=vision`` / ``text``: freeze that encoder of ``model`` (the other one trains).
+
+    The saved config records ``freeze_encoders: false`` (the model is not frozen whole); with
+    ``peft=lora`` the adapters decide what trains, so this does nothing.
+    """
+    if config.freeze_encoders in ("vision", "text") and config.peft != "lora":
+        getattr(model, config.freeze_encoders).freeze()
 
 
 def train_output_ids(config: TrainConfig, text: Any, data: Any) -> list[int]:

@@ -42,7 +42,7 @@ def test_unknown_key_names_source_and_suggests(tmp_path: Path) -> None:
         ("batch_size=many", "key 'batch_size' expects an integer, got 'many'"),
         ("lr=fast", "key 'lr' expects a number"),
         ("mixed_precision=fp8", "key 'mixed_precision' must be one of 'no', 'bf16', 'fp16'"),
-        ("freeze_encoders=maybe", "key 'freeze_encoders' expects true or false"),
+        ("freeze_encoders=maybe", "key 'freeze_encoders' expects bool or 'vision' | 'text', got 'maybe'"),
         ("batch_size=0", "key 'batch_size' must be >= 1"),
         ("fusion_kwargs=3", "key 'fusion_kwargs' expects a mapping"),
     ],
