@@ -10,11 +10,13 @@ with :func:`fusionzoo.model.load_model` instead.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 from .alignment import Alignment
 from .encoders import build_text_encoder, build_vision_encoder
 from .fusions.base import FusionModule
+from .init_weights import load_matching_weights
 from .model import FusionModel
 from .model_config import check_vocabulary, model_config
 from .registry import FUSIONS, HEADS, TASKS
@@ -50,6 +52,7 @@ def create_model(
     head_kwargs: dict[str, Any] | None = None,
     align_kwargs: dict[str, Any] | None = None,
     max_text_len: int = 32,
+    init_from: str | os.PathLike | None = None,
 ) -> FusionModel:
     """Build a model for ``task`` with the named fusion and encoders.
 
@@ -75,6 +78,10 @@ def create_model(
             that embeds images and texts apart (``retrieval``) builds when the fusion does not
             align its own streams (``embed_dim``, ``temperature``, ``text_summary``, ``image_summary``).
         max_text_len: tokens kept per question / text in ``predict``.
+        init_from: a saved model folder, a run's output_dir, a LoRA adapters folder or a Hub repo
+            id (``owner/name[@revision]``, from the Hub cache; offline with ``HF_HUB_OFFLINE=1``):
+            every tensor of it whose name and shape match this model's is copied in
+            (:func:`fusionzoo.init_weights.load_matching_weights`), as ``fusionzoo train init_from=``.
     Raises:
         RegistryError: unknown task or fusion (lists what exists).
         ValueError / TypeError: a missing, empty, duplicated or misplaced vocabulary, or a
@@ -110,4 +117,7 @@ def create_model(
     config = model_config(task, fusion, fusion_module, vision_encoder, text_encoder, max_text_len=max_text_len,
                           freeze_encoders=freeze_encoders, head_kwargs=head_kwargs, vocabulary=vocabulary,
                           align=align)
-    return FusionModel(vision_encoder, text_encoder, fusion_module, head, config, align=align)
+    model = FusionModel(vision_encoder, text_encoder, fusion_module, head, config, align=align)
+    if init_from is not None:
+        load_matching_weights(model, init_from)
+    return model

@@ -105,6 +105,22 @@ def test_hub_id_not_in_the_cache_offline_is_a_clear_error(offline_cache) -> None
         fusionzoo.load_model("someone/never-downloaded")
 
 
+def test_commands_take_a_hub_repo_id(saved, offline_cache, tmp_path, capsys) -> None:
+    from PIL import Image
+
+    from fusionzoo.cli import main as fusionzoo_cli
+
+    model, folder = saved
+    as_hub_cache(folder, offline_cache, "someone/vqa-coattn")
+    image = tmp_path / "red.png"
+    Image.new("RGB", (32, 32), (220, 30, 30)).save(image)
+    assert fusionzoo_cli(["predict", "someone/vqa-coattn", "--image", str(image), "--question", "what colour?"]) == 0
+    answer = capsys.readouterr().out.strip().splitlines()[-1]
+    assert answer == model.predict([Image.open(image).convert("RGB")], ["what colour?"])[0]
+    assert fusionzoo_cli(["predict", "someone/not-cached", "--image", str(image), "--question", "q"]) != 0
+    assert "not in the Hub cache" in capsys.readouterr().err
+
+
 def test_init_from_a_hub_repo_id(saved, offline_cache) -> None:
     from fusionzoo.training.trainer import load_matching_weights
 
@@ -117,6 +133,21 @@ def test_init_from_a_hub_repo_id(saved, offline_cache) -> None:
     assert stats["missing"] == 0
     for name, value in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], value), name
+    # the same from create_model, for another task: the encoders and fusion carry over; the head's output
+    # layer (2 labels, not 3 answers) keeps the initialisation it gets without init_from
+    def classifier(**kwargs):
+        torch.manual_seed(2)
+        return fusionzoo.create_model("classification", "co_attention", pretrained=False, labels=["no", "yes"],
+                                      fusion_kwargs={"dim": 32}, **kwargs).state_dict()
+
+    other, plain = classifier(init_from="someone/vqa-coattn"), classifier()
+    saved_state = model.state_dict()
+    for name, value in other.items():
+        if name.startswith(("vision.", "text.", "fusion.")):
+            assert torch.equal(value, saved_state[name]), name
+        elif saved_state.get(name) is None or saved_state[name].shape != value.shape:
+            assert torch.equal(value, plain[name]), name
+    assert any(saved_state.get(n) is not None and saved_state[n].shape != v.shape for n, v in other.items())
 
 
 @pytest.fixture()
