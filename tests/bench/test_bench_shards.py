@@ -75,7 +75,7 @@ def _table_scores(out: Path) -> list[str]:
             if line.startswith("| ")]
 
 
-def test_two_shards_merged_give_the_report_of_one_run(tmp_path: Path, capsys) -> None:
+def test_two_shards_merged_give_the_report_of_one_run(tmp_path: Path, tasks_loaded_once, capsys) -> None:
     cache = tmp_path / "cache"
     base = ["bench", "--suite", "easy-vqa", "--quick", *TINY, "--no-progress", "--cache-dir", str(cache),
             "--mixed-precision", "no", "--fusions", "early_concat,text_only", "--seeds", "2", "--jobs", "1"]
@@ -117,7 +117,7 @@ def test_two_shards_merged_give_the_report_of_one_run(tmp_path: Path, capsys) ->
     assert not (tmp_path / "bad").exists()  # a refused merge writes nothing
 
 
-def test_tuned_run_in_shards(tmp_path: Path, capsys) -> None:
+def test_tuned_run_in_shards(tmp_path: Path, tasks_loaded_once, capsys) -> None:
     # --tune: a part holds whole rows, tuned in that part on the validation split.
     base = ["bench", "--suite", "easy-vqa", "--quick", *TINY, "--no-progress", "--cache-dir", str(tmp_path / "cache"),
             "--mixed-precision", "no", "--fusions", "early_concat,text_only", "--tune-grid", "lr=1e-3,3e-3",

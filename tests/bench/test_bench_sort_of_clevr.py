@@ -64,7 +64,8 @@ def test_eval_split_must_be_test_or_val() -> None:
 
 
 @pytest.mark.slow
-def test_bench_quick_sort_of_clevr_reports_types_and_scores_val(tmp_path: Path, capsys) -> None:
+def test_bench_quick_sort_of_clevr_reports_types_and_scores_val(tmp_path: Path, tasks_loaded_once,
+                                                             capsys) -> None:
     data, cache = tmp_path / "scenes", tmp_path / "features"
     fusions = "early_concat,merged_transformer,late_voting,text_only,image_only"
     args = ["bench", "--suite", "sort-of-clevr", "--quick", "--no-progress", "--data-dir", str(data),

@@ -51,14 +51,21 @@ def test_trials_choice_and_record() -> None:
     assert fallback == {"epochs": [2.0, 4], "lr": [5e-4, 2e-3]}
 
 
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One generated Sort-of-CLEVR set for the module's bench runs (the same default parameters)."""
+    return tmp_path_factory.mktemp("scenes")
+
+
 def _results(folder: Path) -> list[dict]:
     return json.loads((folder / "results.json").read_text())
 
 
 @pytest.mark.slow
-def test_tune_scores_validation_then_test_as_separate_runs_do(tmp_path: Path, capsys) -> None:
+def test_tune_scores_validation_then_test_as_separate_runs_do(tmp_path: Path, scenes: Path, tasks_loaded_once,
+                                                              capsys) -> None:
     common = ["bench", "--suite", "sort-of-clevr", "--quick", "--no-progress", "--jobs", "1",
-              "--data-dir", str(tmp_path / "scenes"), "--cache-dir", str(tmp_path / "cache"),
+              "--data-dir", str(scenes), "--cache-dir", str(tmp_path / "cache"),
               "--vision", "tiny", "--text", "tiny", "--fusions", "early_concat,text_only"]
     # A grid of two epoch counts: each row's trials are validation runs, its row a test run.
     assert main([*common, "--out", str(tmp_path / "tuned"), "--tune-grid", "epochs=1,2"]) == 0
@@ -99,10 +106,10 @@ def test_tune_options_fail_clearly(tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.slow
-def test_timm_model_with_random_weights_runs_the_bench(tmp_path: Path, capsys) -> None:
+def test_timm_model_with_random_weights_runs_the_bench(tmp_path: Path, scenes: Path, capsys) -> None:
     """A timm name offline: ``--vision-weights random`` builds it (under seed 0) and the bench runs end to end."""
     args = ["bench", "--suite", "sort-of-clevr", "--quick", "--no-progress", "--jobs", "1",
-            "--data-dir", str(tmp_path / "scenes"), "--cache-dir", str(tmp_path / "cache"),
+            "--data-dir", str(scenes), "--cache-dir", str(tmp_path / "cache"),
             "--vision", "test_vit", "--vision-weights", "random", "--text", "tiny",
             "--fusions", "co_attention,image_only", "--epochs", "1", "--out", str(tmp_path / "a")]
     assert main(args) == 0
