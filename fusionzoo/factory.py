@@ -10,6 +10,8 @@ with :func:`fusionzoo.model.load_model` instead.
 
 from __future__ import annotations
 
+import inspect
+import logging
 import os
 from typing import Any, Sequence
 
@@ -20,6 +22,8 @@ from .init_weights import load_matching_weights
 from .model import FusionModel
 from .model_config import check_vocabulary, model_config
 from .registry import FUSIONS, HEADS, TASKS
+
+logger = logging.getLogger(__name__)
 
 
 def _fusion_kwargs_for_head(fusion_cls: type[FusionModule], head_cls: type, given: dict[str, Any] | None
@@ -36,6 +40,20 @@ def _fusion_kwargs_for_head(fusion_cls: type[FusionModule], head_cls: type, give
             f"({reads!r}); leave it out (the default is what the head reads) or pass 'all'"
         )
     return kwargs
+
+
+def fusion_kwargs_for_tokens(fusion_cls: type[FusionModule], vision: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` plus, for a fusion with an image position table (``max_image_tokens``) too small for
+    ``vision``'s tokens (a DINOv2 ViT: 256 patches, a class and 4 register tokens), a table that fits."""
+    default = inspect.signature(fusion_cls).parameters.get("max_image_tokens")
+    if default is None or "max_image_tokens" in given or not isinstance(default.default, int):
+        return given
+    tokens = vision.num_tokens()
+    if tokens <= default.default:
+        return given
+    logger.info("%s: %d image tokens, more than the default max_image_tokens=%d; building the fusion with %d",
+                vision.spec, tokens, default.default, tokens)
+    return {**given, "max_image_tokens": tokens}
 
 
 def create_model(
@@ -103,6 +121,7 @@ def create_model(
             f"{text_encoder.spec}"
         )
     fusion_kwargs = _fusion_kwargs_for_head(fusion_cls, head_cls, fusion_kwargs)
+    fusion_kwargs = fusion_kwargs_for_tokens(fusion_cls, vision_encoder, fusion_kwargs)
     fusion_module = fusion_cls(text_encoder.out_dim, vision_encoder.out_dim, **fusion_kwargs)
     head = head_cls.from_parts(fusion_module, text_encoder, vocabulary, **head_kwargs)
     align = None

@@ -366,3 +366,21 @@ def test_create_model_errors_are_clear() -> None:
     with pytest.raises(ValueError, match=r"head_reads='text_tokens' would leave out what the VQAHead reads"):
         create_model("vqa", "early_concat", pretrained=False, answers=["yes"],
                      fusion_kwargs={"head_reads": "text_tokens"})
+
+
+def test_a_vit_with_register_tokens_gets_a_fusion_position_table_that_fits() -> None:
+    """DINOv2 with registers at 224 px: 16 x 16 patches + a class and 4 register tokens = 261 image tokens,
+    more than merged_transformer's default table of 256 positions."""
+    vit = {"name": "vit_small_patch14_reg4_dinov2", "kwargs": {"img_size": 224, "depth": 1}}
+    model = create_model("vqa", "merged_transformer", vision=vit, text="tiny", pretrained=False, answers=["a", "b"],
+                         fusion_kwargs={"dim": 16, "num_layers": 1})
+    assert model.vision.num_tokens() == 16 * 16 + 1 + 4
+    assert model.fusion.max_image_tokens == 261 and model.fusion.config["max_image_tokens"] == 261
+    batch = model.text.tokenize(["what?"], max_length=8)
+    logits = model(pixel_values=torch.zeros(1, 3, 224, 224), **batch).logits
+    assert logits.shape == (1, 2) and torch.isfinite(logits).all()
+    small = create_model("vqa", "merged_transformer", pretrained=False, answers=["a", "b"], fusion_kwargs={"dim": 16})
+    assert small.fusion.max_image_tokens == 256  # the default where the tokens fit
+    given = create_model("vqa", "merged_transformer", vision=vit, text="tiny", pretrained=False, answers=["a", "b"],
+                         fusion_kwargs={"dim": 16, "num_layers": 1, "max_image_tokens": 300})
+    assert given.fusion.max_image_tokens == 300  # a value the user gives is kept

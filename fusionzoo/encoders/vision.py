@@ -291,6 +291,19 @@ class VisionEncoder(nn.Module):
         return self
 
     # -- where the tokens come from ----------------------------------------
+    @torch.no_grad()
+    def num_tokens(self) -> int:
+        """How many tokens :meth:`forward` gives for an image of the preprocessing size
+        (``data_config["input_size"]``): one forward of a blank image, in eval mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            device = next(self.parameters()).device
+            blank = torch.zeros(1, *self.data_config["input_size"], device=device)
+            return int(self.forward(blank).tokens.shape[1])
+        finally:
+            self.train(was_training)
+
     @property
     def num_prefix_tokens(self) -> int:
         """Tokens ahead of the patch grid: a ViT's class and register tokens (timm's

@@ -91,6 +91,7 @@ from torch import Tensor, nn
 from ..encoders import TextEncoder, VisionEncoder, build_text_encoder, build_vision_encoder
 from ..alignment import MAX_TEMPERATURE, MIN_TEMPERATURE, Alignment, clamp_straight_through
 from ..fusions.base import FusionModule
+from ..factory import fusion_kwargs_for_tokens
 from ..losses import (
     IGNORE_INDEX,
     Generators,
@@ -531,7 +532,8 @@ def build_pretrain_model(config: TrainConfig, pretrained: bool = True) -> Pretra
         raise ValueError(f"max_text_len={config.max_text_len} exceeds the {text.max_length} positions of "
                          f"text encoder {text.spec}")
     fusion_cls = FUSIONS.get(config.fusion)
-    fusion = fusion_cls(text.out_dim, vision.out_dim, **dict(config.fusion_kwargs))
+    fusion = fusion_cls(text.out_dim, vision.out_dim, **fusion_kwargs_for_tokens(fusion_cls, vision,
+                                                                                 dict(config.fusion_kwargs)))
     align = None if fusion.aligns else Alignment(text.out_dim, vision.out_dim, **dict(config.align_kwargs))
     if config.freeze_encoders:
         vision.freeze()
