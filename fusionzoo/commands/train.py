@@ -34,7 +34,8 @@ configuration: an optional YAML file, then key=value overrides applied in order
                   (fusion, head; encoders only when trained); eager, with a warning, where it fails
   modality_dropout  P in [0, 1): per training sample, the chance of removing its image (zeroed
                   tokens) or its question (the empty question), half the time each (VQA, classification)
-  freeze_encoders, save_every (steps), keep_last, init_from
+  freeze_encoders true | false | vision | text (keep only that encoder fixed, fine-tune the other)
+  save_every (steps), keep_last, init_from (a folder, a run, a LoRA folder or a Hub repo id)
   feature_cache   with frozen encoders, image tokens (and text states) are extracted once into
                   the on-disk feature cache and read from it (unset: where the data allows it;
                   false: encode every step); cache_dir= its folder (default $FUSIONZOO_CACHE
