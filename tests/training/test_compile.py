@@ -185,7 +185,7 @@ def _config(data: Path, out: Path, *extra: str):
 
 @needs_inductor
 def test_fusionzoo_train_resumes_an_eager_checkpoint_compiled(tmp_path: Path) -> None:
-    data = write_vqa_jsonl(tmp_path / "data", {"train": 28, "val": 4})
+    data = write_vqa_jsonl(tmp_path / "data", {"train": 32, "val": 4})
     train(_config(data, tmp_path / "eager"))
     # The eager run's checkpoint at step 2, continued compiled: steps 3 and 4 as the eager run took them.
     checkpoint = tmp_path / "eager/checkpoints/step-00000002"
