@@ -84,3 +84,31 @@ def coco_mini() -> Path:
     if not root.is_dir():
         pytest.skip(f"{root} not present (only in the project's CI and dev machines)")
     return root
+
+
+@pytest.fixture
+def tasks_loaded_once(monkeypatch: pytest.MonkeyPatch) -> dict[tuple, int]:
+    """For the test's length, each bench task loader reads a (data folder, split) once; later runs get a copy.
+
+    Sort-of-CLEVR's 40,000 questions take seconds to read, easy-VQA's too: a test comparing several
+    bench runs on the same data paid that each run. Returns the count of real loads by (task, folder, split).
+    """
+    import copy
+
+    from fusionzoo.bench import suites
+
+    loads: dict[tuple, int] = {}
+    kept: dict[tuple, object] = {}
+
+    def once(name: str, loader):
+        def load(data_dir, eval_split: str = "test"):
+            key = (name, str(data_dir), eval_split)
+            if key not in kept:
+                kept[key] = loader(data_dir, eval_split)
+                loads[key] = loads.get(key, 0) + 1
+            return copy.deepcopy(kept[key])  # what a run does to its task never reaches the next run
+        return load
+
+    for name, loader in list(suites.TASK_LOADERS.items()):
+        monkeypatch.setitem(suites.TASK_LOADERS, name, once(name, loader))
+    return loads
