@@ -80,13 +80,32 @@ def test_user_file_task_trains_evaluates_and_predicts(tmp_path: Path) -> None:
     saved = json.loads((out / "final" / "config.json").read_text())
     assert saved["task"] == "snli-ve" and saved["labels"] == ["entailment", "neutral", "contradiction"]
 
-    # A new process that did not train (only its --import knows the task): eval, then predict in it.
-    scored, said = _fusionzoo(("eval", str(out), "split=test"),
-                              ("predict", str(out), "--image", str(data / "images" / "0.png"), "--question",
-                               "the square is red"))
+    # A new process that did not train (only its --import knows the task): eval, then predict in it; then
+    # the user's task and VQA trained as one model (task=snli-ve+vqa).
+    vqa = tmp_path / "vqa"
+    vqa.mkdir()
+    for split in ("train", "test"):
+        lines = [json.dumps({"question_id": k, "image": f"images/{k}.png", "question": "what colour is the square?",
+                             "answers": [list(COLOURS)[k % 3]]}) for k in range(9 if split == "test" else 36)]
+        (vqa / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    multi = tmp_path / "multi"
+    scored, said, joint = _fusionzoo(
+        ("eval", str(out), "split=test"),
+        ("predict", str(out), "--image", str(data / "images" / "0.png"), "--question", "the square is red"),
+        ("train", "task=snli-ve+vqa", f"data={data}+vqa-jsonl",
+         f"task_data.vqa={{data_dir: {vqa}, data_kwargs: {{image_root: {data}}}}}", "fusion=early_concat",
+         "vision=tiny", "text=tiny", "fusion_kwargs.dim=16", "batch_size=6", "max_steps=4", "lr=1e-3",
+         "log_with=none", f"output_dir={multi}"))
     assert scored.returncode == 0, scored.stderr[-3000:]
     final = {k: v for k, v in metrics.items() if k not in ("step", "epoch")}
     assert json.loads(scored.stdout.strip().splitlines()[-1]) == final  # the same model, the same split
 
     assert said.returncode == 0, said.stderr[-3000:]
     assert said.stdout.strip() in ("entailment", "neutral", "contradiction")
+
+    assert joint.returncode == 0, joint.stderr[-3000:]
+    both = json.loads(joint.stdout.strip().splitlines()[-1])
+    assert {"snli-ve/accuracy_entailment", "snli-ve/macro_f1", "vqa/accuracy"} <= set(both)
+    assert both["snli-ve/num_samples"] == 9 and both["vqa/num_samples"] == 9
+    assert json.loads((multi / "final" / "multitask.json").read_text())["tasks"] == ["snli-ve", "vqa"]
+    assert json.loads((multi / "final" / "snli-ve" / "config.json").read_text())["labels"] == saved["labels"]
