@@ -203,9 +203,11 @@ def test_adapters_train_at_lr_and_the_base_not_at_all() -> None:
     assert any(".lora_" in n for n, p in model.named_parameters() if id(p) in rates)
 
 
-def test_pretraining_refuses_peft() -> None:
+def test_pretraining_takes_peft_but_not_with_momentum_copies() -> None:
     from fusionzoo.training.pretrain import check_pretrain_config, pretrain_base_config
 
     config = load_config(None, ["peft=lora", "vision=tiny", "text=tiny"], base=pretrain_base_config())
-    with pytest.raises(ConfigError, match="key 'peft'.*fusionzoo train"):
+    check_pretrain_config(config, 1)  # tests/training/test_pretrain.py trains it
+    config.momentum_distill = True
+    with pytest.raises(ConfigError, match="key 'peft'.*momentum_distill"):
         check_pretrain_config(config, 1)

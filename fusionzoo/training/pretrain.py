@@ -136,9 +136,9 @@ def check_pretrain_config(config: TrainConfig, num_processes: int) -> None:
     if config.modality_dropout > 0:
         raise ConfigError("key 'modality_dropout' is for VQA and classification fine-tuning; pretraining and "
                           "task=retrieval learn from image-text pairs, which a dropped modality would not be")
-    if config.peft != "none":
-        raise ConfigError(f"key 'peft': {config.peft} adapters are for fusionzoo train (fine-tuning a task); "
-                          "pretraining trains every weight of the fusion and, with freeze_encoders=false, the encoders")
+    if config.peft == "lora" and config.momentum_distill:
+        raise ConfigError("key 'peft': peft=lora with momentum_distill=true would need momentum copies of the "
+                          "adapters, which are not kept; pretrain with one of them")
     if config.freeze_encoders in ("vision", "text"):
         raise ConfigError(f"key 'freeze_encoders': {config.freeze_encoders} (one encoder frozen) is for fine-tuning a "
                           "task; pretraining and task=retrieval freeze both encoders (true) or neither (false)")
@@ -178,6 +178,11 @@ class PretrainRecipe(Recipe):
         if config.init_from:
             load_matching_weights(model, config.init_from, verbose=True)
             model.reset_momentum()  # the momentum copies start from the loaded weights
+        if config.peft == "lora":  # after init_from: the adapters start at zero on the loaded weights
+            from fusionzoo.lora import LoraSpec, add_lora
+
+            add_lora(model, LoraSpec(config.lora_r, config.lora_alpha, config.lora_dropout,
+                                     LoraSpec.parse_targets(config.lora_targets)))
         return model
 
     def prepare_data(self, config: TrainConfig, model: nn.Module, accelerator: Any) -> RecipeData:

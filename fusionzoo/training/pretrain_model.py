@@ -492,8 +492,11 @@ class PretrainModel(nn.Module):
 
         Momentum copies and the queue are training state (in the checkpoints), not part of the export.
         """
+        from ..lora import lora_layers, merge_lora
+
         skip = ("momentum.", "image_queue", "text_queue", "id_queue", "queue_ptr", "queue_len")
-        state = self.state_dict()
+        # LoRA adapters (peft=lora) are folded into a copy's weights: the export is a plain model's names
+        state = (merge_lora(copy.deepcopy(self)) if lora_layers(self) else self).state_dict()
         return {k: v.detach().cpu().clone().contiguous() for k, v in state.items() if not k.startswith(skip)}
 
     def save_pretrained(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
@@ -503,6 +506,8 @@ class PretrainModel(nn.Module):
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
         config = {"format_version": FORMAT_VERSION, "fusionzoo_version": __version__, **self.config, **(extra or {})}
+        if "lora" in config:  # exported with the adapters folded in (export_state_dict)
+            config["lora_merged"] = config.pop("lora")
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-", dir=directory.parent))
         try:
             safetensors.torch.save_file(self.export_state_dict(), str(staging / WEIGHTS_NAME),

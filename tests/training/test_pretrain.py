@@ -173,6 +173,57 @@ def test_momentum_distillation_resumes_exactly(captions: Path, tmp_path: Path) -
     assert not any(k.startswith("momentum.") or "queue" in k for k in final_a)
 
 
+def test_lora_pretraining_trains_adapters_and_exports_them_folded_in(captions: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from fusionzoo.lora import lora_layers
+    from fusionzoo.training.pretrain import PretrainRecipe
+
+    seen = {}
+    real_build = PretrainRecipe.build_model
+
+    def build(self, config, accelerator):
+        model = real_build(self, config, accelerator)
+        seen["model"], seen["before"] = model, {n: p.detach().clone() for n, p in model.named_parameters()}
+        return model
+
+    monkeypatch.setattr(PretrainRecipe, "build_model", build)
+    out = tmp_path / "run"
+    pretrain(load_config(None, [f"data_dir={captions}", "vision=tiny", "text=tiny", *FUSION, "batch_size=4",
+                                "max_steps=4", "lr=1e-2", "warmup_ratio=0", "peft=lora", "lora_targets=text",
+                                "lora_r=2", "lora_alpha=4", "max_eval_samples=0", *QUIET, f"output_dir={out}"],
+                         base=pretrain_base_config()))
+    model, before = seen["model"], seen["before"]
+    encoders = {n: p for n, p in model.named_parameters() if n.startswith(("vision.", "text."))}
+    adapters = {n for n in encoders if ".lora_" in n}
+    assert adapters and all(n.startswith("text.") for n in adapters)
+    for name, p in encoders.items():  # only the adapters train; every base weight stays as it was
+        assert p.requires_grad == (name in adapters), name
+        assert name in adapters or torch.equal(p, before[name]), name
+    assert all(not torch.equal(encoders[n], before[n]) for n in adapters if "lora_B" in n)  # B leaves zero
+
+    exported = safetensors.torch.load_file(str(out / "final" / "model.safetensors"))
+    assert not any(".lora_" in k or "base_layer" in k for k in exported)
+    name, layer = lora_layers(model)[0]
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    torch.testing.assert_close(exported[f"{name}.weight"], layer.base_layer.weight + (4 / 2) * b @ a)
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert "lora" not in config and config["lora_merged"]["r"] == 2
+
+
+def test_lora_retrieval_training_saves_its_adapters(captions: Path, tmp_path: Path) -> None:
+    """task=retrieval (pretraining's ITC + ITM step on a FusionModel) takes peft=lora like fine-tuning."""
+    from fusionzoo.model import load_model
+    from fusionzoo.training.trainer import train
+
+    out = tmp_path / "run"
+    train(load_config(None, ["task=retrieval", "data=karpathy-captions", f"data_dir={captions}", "vision=tiny",
+                             "text=tiny", 'fusion_kwargs={"dim": 16, "num_layers": 1, "num_heads": 2}',
+                             "fusion=merged_transformer", "align_kwargs.embed_dim=8", "batch_size=4", "max_steps=2",
+                             "peft=lora", "lora_r=2", "max_eval_samples=0", *QUIET, f"output_dir={out}"]))
+    assert (out / "final" / "adapters.safetensors").is_file() and not (out / "final" / "model.safetensors").exists()
+    assert load_model(out / "final").config["lora"]["r"] == 2
+
+
 def test_nan_loss_stops_after_saving_the_last_good_state(captions: Path, tmp_path: Path) -> None:
     import fusionzoo
     from fusionzoo.fusions.albef import AlbefFusion
