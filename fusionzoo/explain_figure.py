@@ -7,6 +7,7 @@ so a figure says how its map was made.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -25,6 +26,14 @@ WORDS_PER_ROW = 6
 
 def draw_explanation(explanation: Explanation, path: str | os.PathLike, alpha: float = 0.55) -> Path:
     """Write the figure of ``explanation`` to ``path`` (PNG), atomically; returns the path."""
+    target = Path(path)
+    with atomic_write(target, "wb", encoding=None) as handle:
+        handle.write(explanation_png(explanation, alpha))
+    return target
+
+
+def explanation_png(explanation: Explanation, alpha: float = 0.55) -> bytes:
+    """The figure of ``explanation`` as PNG bytes (what :func:`draw_explanation` writes)."""
     image = np.asarray(explanation.image.convert("RGB"))
     count = len(explanation.targets)
     columns = min(count, WORDS_PER_ROW)
@@ -46,8 +55,7 @@ def draw_explanation(explanation: Explanation, path: str | os.PathLike, alpha: f
         title = f"Q: {explanation.question}\nA: {explanation.answer}"
     fig.suptitle(f"{title}\n{explanation.method} ({explanation.fusion})", fontsize=10)
     fig.tight_layout()
-    target = Path(path)
-    with atomic_write(target, "wb", encoding=None) as handle:
-        fig.savefig(handle, format="png", dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    return target
+    return buffer.getvalue()
