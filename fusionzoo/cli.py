@@ -96,10 +96,11 @@ from .commands.retrieve import _add_retrieve  # noqa: E402
 from .commands.data import _add_data  # noqa: E402
 from .commands.explain import _add_explain, _add_push  # noqa: E402
 from .commands.quantize import _add_quantize  # noqa: E402
+from .commands.demo import _add_demo  # noqa: E402
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_list, _add_train, _add_eval, _add_predict, _add_pretrain, _add_score, _add_bench, _add_cache,
-    _add_retrieve, _add_data, _add_explain, _add_push, _add_quantize,
+    _add_retrieve, _add_data, _add_explain, _add_push, _add_quantize, _add_demo,
 ]
 
 
