@@ -146,7 +146,9 @@ def serve(page: Any, host: str = "127.0.0.1", port: int | None = None) -> str:
     try:
         _, url, _ = page.queue().launch(server_name=host, server_port=port, share=False, inbrowser=False,
                                         prevent_thread_lock=True, quiet=True, show_error=True, ssr_mode=False)
-    except OSError as exc:
-        where = f"{host}:{port}" if port is not None else host
-        raise ConfigError(f"cannot serve the demo on {where}: {' '.join(str(exc).split())}") from None
+    except OSError as exc:  # Gradio's "Cannot find empty port in range: ...", or the host's bind error
+        where = f"{host}:{port}" if port is not None else f"{host}, ports 7860-7959"
+        reason = " ".join(str(exc).split()).split(". ")[0]
+        raise ConfigError(f"cannot serve the demo on {where} ({reason}): the port is taken or the address "
+                          "cannot be bound; pass another --port or --host") from None
     return url

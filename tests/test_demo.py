@@ -83,6 +83,27 @@ def test_without_gradio_the_command_names_the_extra(monkeypatch: pytest.MonkeyPa
     assert 'needs gradio: pip install "fusionzoo[demo]"' in err
 
 
+def test_help_explains_the_page_and_why_no_share(capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["demo", "--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert 'pip install "fusionzoo[demo]"' in text and "There is no --share" in text and "--port" in text
+
+
+def test_a_taken_port_is_a_config_error() -> None:
+    from fusionzoo.demo import build_demo, serve
+    from fusionzoo.errors import ConfigError
+
+    page = build_demo(_model("retrieval", "early_concat"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot serve the demo on 127.0.0.1:{port} .*pass another --port"):
+            serve(page, port=port)
+
+
 def test_vqa_page_served_by_the_command(photo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         capsys) -> None:
     """`fusionzoo demo RUN --port N`: the page answers as model.predict does and shows explain's figure."""
