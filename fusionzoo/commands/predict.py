@@ -126,8 +126,10 @@ def predict_files(model: Any, task: Any, inputs: Sequence[Input], out: Path, *, 
     todo = [item for item in inputs if item not in done]
     counts = {"written": 0, "already_done": len(inputs) - len(todo), "unreadable": 0}
     out.parent.mkdir(parents=True, exist_ok=True)
+    # The bar goes to stderr on a terminal and in a log file alike (as training's does), so a long run
+    # under nohup or a batch scheduler still says how far it is.
     with out.open("a", encoding="utf-8") as handle, tqdm(total=len(todo), unit="input", desc="predict",
-                                                         disable=not progress or None) as bar:
+                                                         file=sys.stderr, disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             images, bad = open_images([item.path for item in batch])

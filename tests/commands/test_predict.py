@@ -108,6 +108,16 @@ def test_captions_one_line_per_image_with_decoding_keys(photos: Path, tmp_path: 
     assert [line["score"] for line in lines] == pytest.approx(decoded.scores.tolist(), abs=1e-6)
 
 
+def test_the_progress_bar_reaches_a_log_file(photos: Path, tmp_path: Path, capsys) -> None:
+    """stderr redirected to a file (not a terminal, as under nohup or a scheduler) still gets the bar."""
+    folder, _ = _saved(tmp_path, "captioning")
+    capsys.readouterr()
+    assert main(["predict", str(folder), "max_new_tokens=2", "--images", str(photos),
+                 "--out", str(tmp_path / "c.jsonl"), "--batch-size", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "predict: 100%" in err and "5/5" in err
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--images", "nowhere/*.png", "--out", "o.jsonl"], "--images: nowhere/*.png is neither a folder nor a glob"),
     (["--images", "{photos}"], "--images writes JSON Lines: give --out FILE"),
