@@ -45,10 +45,13 @@ class Explanation:
 
     Attributes:
         method: ``"attention rollout"`` or ``"input x gradient"``.
-        targets: what each map explains: the answer / label, or each caption word in order.
+        targets: what each map explains: the answer / label, or each caption token in order (WordPiece
+            pieces as the tokenizer has them: ``surf``, ``##board``).
         maps: (K, h, w) float32, one map per target over the encoder's patch grid, each summing to 1.
         image: the image explained (RGB).
         crop_box: (left, top, right, bottom) in ``image`` pixels: the part the grid covers.
+        answer: the answer or label; for captioning the caption as ``model.generate`` (and so
+            ``fusionzoo predict``) writes it, decoded by the tokenizer from the tokens of ``targets``.
         question: the question or text asked (None for captioning).
         fusion: the model's fusion, by registry name.
     """
@@ -58,13 +61,9 @@ class Explanation:
     maps: Tensor
     image: Image.Image
     crop_box: tuple[float, float, float, float]
+    answer: str
     question: str | None = None
     fusion: str = ""
-
-    @property
-    def answer(self) -> str:
-        """The answer or label; for captioning, the caption (the targets joined)."""
-        return " ".join(self.targets).replace(" ##", "")
 
     def heatmap(self, index: int = 0) -> np.ndarray:
         """(H, W) float32 over the pixels of :attr:`image`: map ``index`` spread bilinearly over
@@ -119,7 +118,7 @@ def crop_box(size: tuple[int, int], data_config: dict[str, Any]) -> tuple[float,
 
 
 def explain(model: nn.Module, image: Image.Image, question: str | None = None, *, method: str = "auto",
-            max_new_tokens: int = 20, num_beams: int = 1) -> Explanation:
+            **decoding: Any) -> Explanation:
     """Map how much the model's answer (or each word of its caption) depends on each image region.
 
     Args:
@@ -128,7 +127,9 @@ def explain(model: nn.Module, image: Image.Image, question: str | None = None, *
         question: the question (VQA), the text (classification, retrieval); None for captioning.
         method: ``"auto"`` (rollout where the fusion has ``attention_rollout``, else gradients),
             ``"attention"`` or ``"gradient"``.
-        max_new_tokens, num_beams: how the caption is generated (captioning).
+        decoding: how the caption is generated (captioning): the fields of
+            :class:`~fusionzoo.decoding.DecodingOptions` (``num_beams``, ``max_new_tokens``, ...), as
+            ``model.generate`` takes them, so the caption explained is the one it writes.
     Returns:
         :class:`Explanation`. The model's modes are restored afterwards.
     Raises:
@@ -156,7 +157,7 @@ def explain(model: nn.Module, image: Image.Image, question: str | None = None, *
         pixels = model.vision.preprocess([image]).to(model.device, model.dtype)  # (1, 3, H, W)
         with torch.no_grad():
             tokens = model.vision(pixels).tokens  # (1, N, Di)
-        ids, mask, positions, targets = _text_and_targets(model, pixels, question, max_new_tokens, num_beams)
+        ids, mask, positions, targets = _text_and_targets(model, pixels, question, decoding)
         if use_rollout:
             relevance = _rollout(model, tokens, ids, mask, positions, causal)
         else:
@@ -169,14 +170,17 @@ def explain(model: nn.Module, image: Image.Image, question: str | None = None, *
     maps = relevance[:, prefix:].float().clamp_min(0).reshape(-1, rows, cols)  # (K, h, w)
     totals = maps.sum(dim=(1, 2), keepdim=True)
     maps = torch.where(totals > 0, maps / totals.clamp_min(1e-30), torch.full_like(maps, 1.0 / (rows * cols)))
-    return Explanation(method=ROLLOUT if use_rollout else GRADIENT, targets=_target_names(model, targets, causal),
-                       maps=maps.cpu(), image=image, crop_box=crop_box(image.size, model.vision.data_config),
-                       question=question, fusion=fusion)
+    names = _target_names(model, targets, causal)
+    # a caption as model.generate decodes it ("the ocean.", not the tokens joined: "the ocean .")
+    answer = model.text.tokenizer.decode(targets, skip_special_tokens=True).strip() if causal else names[0]
+    return Explanation(method=ROLLOUT if use_rollout else GRADIENT, targets=names, maps=maps.cpu(), image=image,
+                       crop_box=crop_box(image.size, model.vision.data_config), answer=answer, question=question,
+                       fusion=fusion)
 
 
 # -- what is explained ----------------------------------------------------------------------------
-def _text_and_targets(model: nn.Module, pixels: Tensor, question: str | None, max_new_tokens: int,
-                      num_beams: int) -> tuple[Tensor, Tensor, list[int], list[int]]:
+def _text_and_targets(model: nn.Module, pixels: Tensor, question: str | None, decoding: dict[str, Any]
+                      ) -> tuple[Tensor, Tensor, list[int], list[int]]:
     """The text ids and mask (1, T) of the forward, the position each target is read from, the targets.
 
     VQA / classification: the question, position -1 (the pooled vector), the argmax answer.
@@ -188,7 +192,7 @@ def _text_and_targets(model: nn.Module, pixels: Tensor, question: str | None, ma
         with torch.no_grad():
             logits = _forward(model, model.vision(pixels).tokens, ids, mask, causal=False)[0]  # (1, C)
         return ids, mask, [-1], [int(logits[0].argmax())]
-    generated = model.generate_ids(pixels, max_new_tokens=max_new_tokens, num_beams=num_beams)[0]  # (1 + L,)
+    generated = model.generate_ids(pixels, **decoding)[0]  # (1 + L,)
     special = {model.text.eos_token_id, model.text.pad_token_id}
     words = [int(i) for i in generated[1:].tolist()]
     words = words[: next((k for k, w in enumerate(words) if w in special), len(words))]

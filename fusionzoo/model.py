@@ -550,7 +550,8 @@ class FusionModel(nn.Module):
     # -- explaining and sharing (fusionzoo.explain, fusionzoo.hub) -------------
     def explain(self, image: Image.Image, question: str | None = None, **options: Any) -> Explanation:
         """Map how much the answer (or each caption word) depends on each image region; see
-        :func:`fusionzoo.explain.explain` (``method``, ``max_new_tokens``, ``num_beams``)."""
+        :func:`fusionzoo.explain.explain` (``method``, and for a caption the decoding options:
+        ``num_beams``, ``max_new_tokens``, ...)."""
         return explain(self, image, question, **options)
 
     def push_to_hub(self, repo_id: str, **options: Any) -> str:

@@ -150,6 +150,42 @@ def test_every_fusion_explains(task: str, fusion: str) -> None:
         assert 1 <= len(explanation.targets) <= 3
 
 
+def _tiny_captioner() -> fusionzoo.FusionModel:
+    torch.manual_seed(0)
+    return fusionzoo.create_model("captioning", "merged_transformer", vision=GRID_VISION, text="tiny",
+                                  pretrained=False, fusion_kwargs={"dim": 32}).eval()
+
+
+def test_the_caption_is_the_one_generate_writes(monkeypatch) -> None:
+    """The caption reads as model.generate (and predict) decode it, not as its tokens joined."""
+    model = _tiny_captioner()
+    words = model.text.tokenizer("the ocean. it's", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([[model.text.tokenizer.cls_token_id, *words, model.text.eos_token_id]])
+    monkeypatch.setattr(model, "generate_ids", lambda *args, **kwargs: ids)
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+    explanation = model.explain(image)
+    assert explanation.targets == model.text.tokenizer.convert_ids_to_tokens(words)
+    assert explanation.answer == model.generate([image])[0]
+    assert explanation.answer != " ".join(explanation.targets)  # "the ocean ." was printed before
+
+
+def test_explain_command_decodes_as_predict(tmp_path, capsys) -> None:
+    """Decoding keys after RUN reach the caption: the one printed is model.generate's with those keys."""
+    from fusionzoo.cli import main
+
+    model = _tiny_captioner()
+    model.save_pretrained(tmp_path / "model")
+    image = Image.new("RGB", (64, 64), (30, 200, 30))
+    image.save(tmp_path / "green.png")
+    out = tmp_path / "words.png"
+    assert main(["explain", str(tmp_path / "model"), "num_beams=2", "max_new_tokens=4", "--image",
+                 str(tmp_path / "green.png"), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == model.generate([image], num_beams=2, max_new_tokens=4)[0]
+    assert main(["explain", str(tmp_path / "model"), "beams=2", "--image", str(tmp_path / "green.png"),
+                 "--out", str(out)]) == 2
+    assert "fusionzoo explain takes the decoding keys" in capsys.readouterr().err
+
+
 def test_attention_method_needs_a_fusion_with_attention() -> None:
     model = fusionzoo.create_model("vqa", "early_concat", pretrained=False, answers=["a"])
     with pytest.raises(ValueError, match="no attention over image tokens"):

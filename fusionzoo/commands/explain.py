@@ -11,11 +11,15 @@ from ..errors import ConfigError
 EXPLAIN_EPILOG = """\
 how: attention rollout for fusions with attention over the image tokens (merged_transformer,
 co_attention, albef), input x gradient on the image tokens for the others; the figure says which.
-A captioning model gets a strip of small maps, one per generated word.
+A captioning model gets a strip of small maps, one per generated word. Its caption is decoded with
+the run's own settings (its run.json), then the decoding keys given right after RUN (num_beams,
+max_new_tokens, min_new_tokens, length_penalty, no_repeat_ngram_size, repetition_penalty), as
+`fusionzoo predict` decodes it, so the caption explained is the one predict writes.
 
 examples:
   fusionzoo explain runs/vqa --image photo.jpg --question "what color is the shape?" --out map.png
   fusionzoo explain runs/cap --image photo.jpg --out words.png --method gradient
+  fusionzoo explain runs/cap num_beams=3 no_repeat_ngram_size=3 --image photo.jpg --out words.png
   fusionzoo explain owner/model-on-the-hub --image photo.jpg --question "..." --out map.png
 """
 
@@ -30,13 +34,14 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoint", help="a saved model folder, a run's output_dir, or a Hub repo id (owner/name)")
+    p.add_argument("overrides", nargs="*", help="decoding key=value overrides (num_beams=3, ...), before the options")
     p.add_argument("--image", required=True, help="path of the image")
     p.add_argument("--question", help="the question (VQA) or text (classification); none for captioning")
     p.add_argument("--out", required=True, help="the PNG to write")
     p.add_argument("--method", choices=("auto", "attention", "gradient"), default="auto",
                    help="auto (default): attention rollout where the fusion has it, else input x gradient")
-    p.add_argument("--max-new-tokens", type=int, default=20, help="longest caption (captioning; default 20)")
-    p.add_argument("--num-beams", type=int, default=1, help="beams of the caption (captioning; default 1)")
+    p.add_argument("--max-new-tokens", type=int, help="the same as max_new_tokens=N (default: the run's, else 20)")
+    p.add_argument("--num-beams", type=int, help="the same as num_beams=N (default: the run's, else 1)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.set_defaults(func=_run_explain)
 
@@ -55,6 +60,7 @@ def _run_explain(args: argparse.Namespace) -> int:
 
     from ..explain_figure import draw_explanation
     from ..model import load_model
+    from .train import _decoding
 
     try:
         image = Image.open(args.image)
@@ -62,10 +68,12 @@ def _run_explain(args: argparse.Namespace) -> int:
     except (OSError, UnidentifiedImageError) as exc:
         raise ConfigError(f"--image {args.image}: cannot read the image ({exc})") from exc
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(_model_folder(args.checkpoint), device=device)
+    folder = _model_folder(args.checkpoint)
+    decoding = _decoding(str(folder), args, command="explain")
+    model = load_model(folder, device=device)
     try:
         explanation = model.explain(image, args.question, method=args.method,
-                                    max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+                                    **(decoding if model.head.causal else {}))
     except ValueError as exc:  # a question where none is taken, a method the fusion has not
         raise ConfigError(f"fusionzoo explain: {exc}") from exc
     draw_explanation(explanation, args.out)

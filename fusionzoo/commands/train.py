@@ -262,8 +262,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_predict)
 
 
-def _decoding(checkpoint: str, args: argparse.Namespace) -> dict[str, Any]:
-    """The run's decoding options (its run.json, where there is one), then the command line's."""
+def _decoding(checkpoint: str, args: argparse.Namespace, command: str = "predict") -> dict[str, Any]:
+    """The run's decoding options (its run.json, where there is one), then the command line's
+    (``args.overrides``, ``--num-beams``, ``--max-new-tokens``) for ``fusionzoo <command>``."""
     from ..decoding import DecodingOptions
     from ..training.config import TrainConfig, apply, parse_overrides
 
@@ -271,7 +272,7 @@ def _decoding(checkpoint: str, args: argparse.Namespace) -> dict[str, Any]:
     updates = parse_overrides(args.overrides)
     unknown = [key for key in updates if key not in DecodingOptions.names()]
     if unknown:
-        raise ConfigError(f"command line: fusionzoo predict takes the decoding keys {', '.join(DecodingOptions.names())}; "
+        raise ConfigError(f"command line: fusionzoo {command} takes the decoding keys {', '.join(DecodingOptions.names())}; "
                           f"got {', '.join(repr(k) for k in unknown)}")
     flags = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
     updates.update({key: value for key, value in flags.items() if value is not None})
