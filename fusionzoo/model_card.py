@@ -4,7 +4,8 @@
 and, where the folder has one, the ``run.json`` that ``fusionzoo train`` writes beside it
 (the dataset and the metrics of the run's last evaluation). The metadata block follows the
 Hub's model card fields: ``library_name``, ``pipeline_tag``, ``tags``, ``datasets`` and
-``model-index`` with one result per metric.
+``model-index`` with one result per score (the run's bookkeeping, :data:`NOT_SCORES`, stays in
+``metrics`` only, so the Hub's evaluation results do not list the step or the sample count).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from .io import write_text_atomic
 
 CARD_NAME = "README.md"
 RUN_NAME = "run.json"
+
+#: Entries of an evaluation's metrics that say when and on how much it ran, not how well.
+NOT_SCORES = ("step", "epoch", "num_samples")
 
 #: The Hub's pipeline tag of each built-in task.
 PIPELINE_TAGS = {"vqa": "visual-question-answering", "captioning": "image-to-text",
@@ -57,7 +61,8 @@ def card_metadata(config: dict[str, Any], run: dict[str, Any] | None = None) -> 
             "task": {"type": meta.get("pipeline_tag", task)},
             "dataset": {"name": str(dataset or "unknown"), "type": str(dataset or "unknown"),
                         "split": str(run_config.get("eval_split") or run_config.get("split") or "")},
-            "metrics": [{"type": name, "value": value} for name, value in metrics.items()],
+            "metrics": [{"type": name, "value": value} for name, value in metrics.items()
+                        if name not in NOT_SCORES],
         }]}]
     return meta
 
