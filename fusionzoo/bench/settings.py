@@ -208,7 +208,13 @@ TASK_FUSION_KWARGS: dict[str, dict[str, dict[str, Any]]] = {
     # Transformer gets two layers -- with one, the [CLS] state must find the asked object and
     # the one nearest to it in the same attention step (validation, 4 epochs: relational 81.8%
     # with one layer; 86.5% with two after 8 epochs).
-    "sort-of-clevr": {"early_concat": {"num_layers": 0}, "merged_transformer": {"num_layers": 2}},
+    # ALBEF without its in-batch ITC loss: every scene shows all six colours and every question is
+    # one of six templates, so no question picks out its scene and ITC has nothing to learn; its
+    # gradient into the shared image projection left one seed in three on the position plateau
+    # (left/right at chance) in bf16 and in float32. Validation, bf16, seeds 0-2: 89.85 +- 0.24
+    # (non-relational 97.9, left/right 96.6 +- 0.5) with itc_weight=0.
+    "sort-of-clevr": {"early_concat": {"num_layers": 0}, "merged_transformer": {"num_layers": 2},
+                      "albef": {"itc_weight": 0.0}},
 }
 #: Per-fusion changes for every task (applied last).
 FUSION_KWARGS: dict[str, dict[str, Any]] = {}

@@ -270,6 +270,20 @@ def test_row_settings_and_fusion_kwargs_precedence(monkeypatch) -> None:
     assert bench_settings.fusion_kwargs_for("early_concat", "other") == {"dim": 128, "num_layers": 1}
 
 
+def test_sort_of_clevr_albef_row_trains_without_its_itc_loss() -> None:
+    # Sort-of-CLEVR's questions cannot pick out their scene, so its ALBEF row drops the ITC term;
+    # the other suites keep ALBEF's default weight.
+    from fusionzoo.fusions.albef import AlbefFusion
+
+    kwargs = bench_settings.fusion_kwargs_for("albef", "sort-of-clevr")
+    assert kwargs["itc_weight"] == 0.0
+    fusion = AlbefFusion(text_dim=8, image_dim=6, **{**kwargs, "dim": 16})
+    text, image = torch.randn(3, 4, 8), torch.randn(3, 5, 6)
+    assert fusion.aux_loss(fusion(text, torch.ones(3, 4, dtype=torch.bool), image)) == {}
+    easy = AlbefFusion(text_dim=8, image_dim=6, **{**bench_settings.fusion_kwargs_for("albef", "easy-vqa"), "dim": 16})
+    assert set(easy.aux_loss(easy(text, torch.ones(3, 4, dtype=torch.bool), image))) == {"itc"}
+
+
 def test_resolve_jobs() -> None:
     cpu = torch.device("cpu")
     assert resolve_jobs(3, cpu, rows=2) == 2  # never more workers than rows
