@@ -265,6 +265,12 @@ def _read_config(folder: Path) -> dict[str, Any]:
             f"{folder} holds a multi-task model ({MULTITASK_NAME}): load one task's model from its folder "
             f"({', '.join(str(folder / t) for t in tasks)}) or all of them with "
             "fusionzoo.multitask.load_multitask_model")
+    final = folder / "final"
+    if not (folder / CONFIG_NAME).is_file() and ((final / CONFIG_NAME).is_file() or (final / MULTITASK_NAME).is_file()):
+        # the commands take a run's output_dir for its final/; load_model takes the model folder itself
+        raise MissingModelFileError(
+            f"{folder} is a training run's output_dir, not a saved model: its model is {final} "
+            f"(fusionzoo.load_model({str(final)!r}); the fusionzoo commands take either)")
     _require_file(folder, folder / CONFIG_NAME, WEIGHTS_NAME)
     config = read_json_object(folder / CONFIG_NAME)
     for path in weight_files(folder, config):

@@ -328,6 +328,16 @@ def test_missing_files_are_also_file_not_found_errors(tmp_path: Path, folder: Pa
         load_model(folder)
 
 
+def test_a_runs_output_dir_names_its_final_folder(tmp_path: Path, folder: Path) -> None:
+    """load_model of a training run's output_dir says where the model is (the commands resolve it themselves)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.move(str(folder), run / "final")
+    with pytest.raises(ModelFolderError, match=r"training run's output_dir.*load_model\('.*final'\)"):
+        load_model(run)
+    assert isinstance(load_model(run / "final"), FusionModel)
+
+
 # -- encoders that must still load --------------------------------------------------------------
 
 def test_round_trip_is_identical_and_offline(template: tuple[FusionModel, Path], folder: Path,
