@@ -407,7 +407,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     machine = describe_machine(device)  # its load average is the start's
     fusion, = resolve_fusions([args.fusion])
     task_name = SUITES[SUITE].tasks[0]
-    precision = row_precision(fusion, resolve_precision(args.precision, device), auto=args.precision == "auto")
+    precision = row_precision(fusion, resolve_precision(args.precision, device), auto=args.precision == "auto",
+                              fusion_kwargs=fusion_kwargs_for(fusion, task_name))
     settings = settings_for(task_name, fusion)
     torch.manual_seed(0)  # as fusionzoo bench builds its encoders
     vision = build_vision_encoder(VISION_ENCODER, pretrained=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..decoding import DecodingOptions
-from ..training.step import BF16_UNSAFE
+from ..training.step import bf16_unsafe
 
 #: The frozen encoders of a run (``--vision``, ``--text``).
 VISION_ENCODER = "efficientnet-lite0"
@@ -240,10 +240,10 @@ def settings_for(task: str, fusion: str, epochs: float | None = None, quick: boo
     return settings
 
 
-def row_precision(fusion: str, precision: str, auto: bool) -> str:
-    """The precision a row trains in: ``precision``, except float32 (``no``) for a fusion of
-    :data:`~fusionzoo.training.step.BF16_UNSAFE` when ``--mixed-precision auto`` chose bf16
-    (an explicit bf16 is kept), as ``fusionzoo train`` does."""
-    if auto and precision == "bf16" and fusion in BF16_UNSAFE:
+def row_precision(fusion: str, precision: str, auto: bool, fusion_kwargs: dict[str, Any] | None = None) -> str:
+    """The precision a row trains in: ``precision``, except float32 (``no``) for a fusion that
+    :func:`~fusionzoo.training.step.bf16_unsafe` names with the row's ``fusion_kwargs`` when
+    ``--mixed-precision auto`` chose bf16 (an explicit bf16 is kept), as ``fusionzoo train`` does."""
+    if auto and precision == "bf16" and bf16_unsafe(fusion, fusion_kwargs):
         return "no"
     return precision

@@ -28,7 +28,7 @@ from .config import BenchConfig
 from .retrieval import ITC_ROW, row_names, run_retrieval_row
 from .row import combine_seed_rows, run_prediction_row
 from .run_features import Features
-from .settings import TrainSettings, row_precision
+from .settings import TrainSettings, fusion_kwargs_for, row_precision
 from .suites import BenchTask
 
 
@@ -40,8 +40,9 @@ def run_row(task: BenchTask, fusion: str, settings: TrainSettings, features: Fea
     :func:`~fusionzoo.bench.row.run_prediction_row`; the aggregated results row.
 
     ``auto_precision``: ``precision`` is what ``--mixed-precision auto`` chose, which a fusion
-    unsafe in bf16 (:data:`~fusionzoo.bench.settings.BF16_UNSAFE`) runs in float32 instead."""
-    precision = row_precision(fusion, precision, auto_precision)
+    unsafe in bf16 with the row's fusion arguments (:func:`~fusionzoo.training.step.bf16_unsafe`)
+    runs in float32 instead."""
+    precision = row_precision(fusion, precision, auto_precision, fusion_kwargs_for(fusion, task.name))
     if task.task == "retrieval":
         return run_retrieval_row(task, fusion, settings, features, encoders, seeds, precision, device, progress)
     return run_prediction_row(task, fusion, settings, features, encoders, seeds, precision, device, progress,

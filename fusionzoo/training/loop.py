@@ -224,7 +224,7 @@ def make_accelerator(config: TrainConfig, with_trackers: bool = True, find_unuse
     return Accelerator(
         mixed_precision=resolve_precision(config.mixed_precision,
                                           "cuda" if not cpu and torch.cuda.is_available() else "cpu",
-                                          fusion=config.fusion),
+                                          fusion=config.fusion, fusion_kwargs=config.fusion_kwargs),
         cpu=cpu,
         gradient_accumulation_steps=config.grad_accum,
         log_with=log_with,

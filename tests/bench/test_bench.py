@@ -282,6 +282,9 @@ def test_sort_of_clevr_albef_row_trains_without_its_itc_loss() -> None:
     assert fusion.aux_loss(fusion(text, torch.ones(3, 4, dtype=torch.bool), image)) == {}
     easy = AlbefFusion(text_dim=8, image_dim=6, **{**bench_settings.fusion_kwargs_for("albef", "easy-vqa"), "dim": 16})
     assert set(easy.aux_loss(easy(text, torch.ones(3, 4, dtype=torch.bool), image))) == {"itc"}
+    # and so, where auto picks bf16, the Sort-of-CLEVR ALBEF row trains in bf16, easy-VQA's in float32
+    assert bench_settings.row_precision("albef", "bf16", True, kwargs) == "bf16"
+    assert bench_settings.row_precision("albef", "bf16", True, bench_settings.fusion_kwargs_for("albef", "easy-vqa")) == "no"
 
 
 def test_resolve_jobs() -> None:

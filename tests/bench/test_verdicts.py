@@ -93,6 +93,9 @@ def test_auto_keeps_bf16_unsafe_fusions_in_float32_and_the_report_says_so() -> N
     assert row_precision("albef", "bf16", auto=False) == "bf16"  # asked for explicitly
     assert row_precision("co_attention", "bf16", auto=True) == "bf16"
     assert row_precision("albef", "no", auto=True) == "no"
+    # without its ITC loss ALBEF's bf16 runs agreed with float32: auto keeps bf16 for such a row
+    assert row_precision("albef", "bf16", auto=True, fusion_kwargs={"itc_weight": 0.0}) == "bf16"
+    assert row_precision("albef", "bf16", auto=True, fusion_kwargs={"itc_weight": 0.1}) == "no"
     rows = [_row("albef", 50.0, None), _row("co_attention", 40.0, None)]
     rows[0]["config"]["precision"], rows[1]["config"]["precision"] = "no", "bf16"
     lines = tables._precision_lines(rows, {"precision": "bf16"})
@@ -108,3 +111,5 @@ def test_train_auto_precision_keeps_albef_in_float32(monkeypatch) -> None:
     assert step.resolve_precision("auto", "cpu", fusion="albef") == "no"
     assert step.resolve_precision("auto", "cpu", fusion="co_attention") == "bf16"
     assert step.resolve_precision("bf16", "cpu", fusion="albef") == "bf16"
+    assert step.resolve_precision("auto", "cpu", fusion="albef", fusion_kwargs={"itc_weight": 0}) == "bf16"
+    assert step.resolve_precision("auto", "cpu", fusion="albef", fusion_kwargs={"num_layers": 2}) == "no"
